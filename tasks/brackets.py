@@ -1,0 +1,154 @@
+"""Bracket closing: the bounded Dyck language Dyck-(k, m)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from toylab.registry import register_task
+from toylab.task import IGNORE, Batch, Label, Task
+
+PAD, BOS, EOS = 0, 1, 2
+OPEN = 3
+_OPEN_CHARS, _CLOSE_CHARS = "([{<", ")]}>"
+
+
+@dataclass(frozen=True)
+class BracketsConfig:
+    k: int = 2
+    """Number of bracket types."""
+    m: int = 4
+    """Maximum depth (number of unclosed brackets)."""
+    max_length: int = 32
+    """Brackets per sequence at most; longer strings are cut to this prefix."""
+    min_length: int = 8
+    """Brackets per sequence at least; shorter strings are resampled (rejection sampling)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.m < 1:
+            raise ValueError(f"k and m must be >= 1 (got k={self.k}, m={self.m})")
+        if not 1 <= self.min_length <= self.max_length:
+            raise ValueError(f"need 1 <= min_length <= max_length (got {self.min_length}, {self.max_length})")
+
+
+@register_task("brackets")
+class Brackets(Task):
+    """Dyck-(k, m): strings of k bracket types nested at most m deep; the model must close them.
+
+    The standard bounded-Dyck sampler: with an empty stack each open bracket weighs 1/k and
+    ending weighs 1; with a full stack only the matching close is allowed; otherwise all opens
+    together weigh 1 and the matching close weighs 1. Sequences start with <bos> and end with
+    <eos> (or are cut at max_length). Labels give the state after reading each token.
+    """
+
+    Config = BracketsConfig
+    primary_metric = "closing_accuracy"
+    config: BracketsConfig
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        k = self.config.k
+        opens = [_OPEN_CHARS[i] if k <= 4 else f"({i}" for i in range(k)]
+        closes = [_CLOSE_CHARS[i] if k <= 4 else f"{i})" for i in range(k)]
+        return ("<pad>", "<bos>", "<eos>", *opens, *closes)
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.max_length + 2
+
+    @property
+    def labels(self) -> dict[str, Label]:
+        k, m, n = self.config.k, self.config.m, self.seq_len
+        types = tuple(self.vocab[OPEN : OPEN + k])
+        ordinal = lambda count: tuple(str(i) for i in range(count))  # noqa: E731
+        return {
+            "token_type": Label("token_type", "state", "the current token", self.vocab),
+            "position": Label("position", "state", "index of the token in the sequence", ordinal(n), ordinal=True),
+            "depth": Label("depth", "function", "number of unclosed brackets", ordinal(m + 1), ordinal=True),
+            "stack_top": Label(
+                "stack_top", "function", "type of the innermost unclosed bracket (the one to close next)",
+                (*types, "empty"),
+            ),
+            "match_distance": Label(
+                "match_distance", "function", "for a closing bracket, how far back its open bracket is",
+                ordinal(n), ordinal=True,
+            ),
+        }
+
+    def sample(self, n: int, seed: int) -> Batch:
+        rng = np.random.default_rng(seed)
+        chunks, have = [], 0
+        while have < n:
+            tokens, labels = self._generate(max(2 * n, 256), rng)
+            keep = ((tokens >= OPEN).sum(1) >= self.config.min_length).nonzero()[0]
+            chunks.append((tokens[keep], {name: v[keep] for name, v in labels.items()}))
+            have += len(keep)
+        tokens = np.concatenate([c[0] for c in chunks])[:n]
+        labels = {name: np.concatenate([c[1][name] for c in chunks])[:n] for name in chunks[0][1]}
+        targets = np.concatenate([tokens[:, 1:], np.full((n, 1), PAD)], axis=1)
+        return Batch(tokens, targets, targets != PAD, labels)
+
+    def _generate(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the sampler for `n` sequences, vectorized over the batch, tracking the stack."""
+        k, m, length = self.config.k, self.config.m, self.config.max_length
+        rows = np.arange(n)
+        tokens = np.full((n, length + 2), PAD)
+        tokens[:, 0] = BOS
+        stack_types = np.zeros((n, m), dtype=np.int64)
+        stack_positions = np.zeros((n, m), dtype=np.int64)
+        depth = np.zeros(n, dtype=np.int64)
+        alive = np.ones(n, dtype=bool)
+        depths = np.full(tokens.shape, IGNORE)
+        tops = np.full(tokens.shape, IGNORE)
+        distances = np.full(tokens.shape, IGNORE)
+        depths[:, 0], tops[:, 0] = 0, k
+        for t in range(1, length + 2):
+            opens = (rng.random(n) < 0.5) & (depth < m) & alive
+            kinds = rng.integers(k, size=n)
+            closes = ~opens & (depth > 0) & alive
+            ends = ~opens & (depth == 0) & alive
+            if t == length + 1:  # no room for another bracket: the string is cut here
+                opens[:] = closes[:] = False
+            top = stack_types[rows, np.maximum(depth - 1, 0)]
+            distances[closes, t] = t - stack_positions[rows, np.maximum(depth - 1, 0)][closes]
+            stack_types[rows[opens], depth[opens]] = kinds[opens]
+            stack_positions[rows[opens], depth[opens]] = t
+            tokens[opens, t] = OPEN + kinds[opens]
+            tokens[closes, t] = OPEN + k + top[closes]
+            tokens[ends, t] = EOS
+            depth += opens.astype(np.int64) - closes
+            written = opens | closes | ends
+            depths[written, t] = depth[written]
+            tops[written, t] = np.where(depth > 0, stack_types[rows, np.maximum(depth - 1, 0)], k)[written]
+            alive &= ~ends
+        written = tokens != PAD
+        labels = {
+            "token_type": np.where(written, tokens, IGNORE),
+            "position": np.where(written, np.arange(length + 2), IGNORE),
+            "depth": depths,
+            "stack_top": tops,
+            "match_distance": distances,
+        }
+        return tokens, labels
+
+    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """Closing-bracket accuracy (Hewitt et al. 2020; Yao et al. 2021).
+
+        At every position with a non-empty stack, the probability of the correct close divided
+        by the probability of all closes must exceed 0.8. `closing_accuracy` counts sequences
+        correct at every such position; `closing_token_accuracy` counts positions.
+        """
+        k = self.config.k
+        depth = torch.from_numpy(batch.labels["depth"])
+        top = torch.from_numpy(batch.labels["stack_top"])
+        close_probs = logits.float().softmax(-1)[..., OPEN + k : OPEN + 2 * k]
+        correct = close_probs.gather(-1, top.clamp(0, k - 1).unsqueeze(-1)).squeeze(-1)
+        good = correct / close_probs.sum(-1) > 0.8
+        scored = depth > 0
+        sequence_ok = (good | ~scored).all(1)[scored.any(1)]
+        return {
+            "closing_accuracy": sequence_ok.float().mean().item(),
+            "closing_token_accuracy": good[scored].float().mean().item(),
+        }

@@ -1,0 +1,138 @@
+"""A small decoder-only transformer whose feed-forward slot is a dense MLP or an MoE layer.
+
+    x_0 = W_E[tokens] + W_pos                                  hook_embed + hook_pos_embed
+    x_mid = x + Attn(LN1(x))                                   blocks.{l}.hook_resid_mid
+    x_post = x_mid + FFN(LN2(x_mid))                           blocks.{l}.hook_resid_post
+    logits = LN_final(x_L) W_U
+
+The FFN reads `blocks.{l}.ln2.hook_normalized`, so a router's input is that hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toylab.models.hooks import HookedModule, HookPoint
+from toylab.models.moe import ACTIVATIONS, MoE
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    max_len: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int = 128
+    ffn: Literal["dense", "moe"] = "dense"
+    n_experts: int = 4
+    top_k: int = 1
+    d_expert: int | None = None
+    """Expert hidden size; default d_mlp // top_k, so active parameters match the dense MLP."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+    @property
+    def expert_size(self) -> int:
+        return self.d_expert or self.d_mlp // self.top_k
+
+
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, d_model: int) -> None:
+        super().__init__(d_model)
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(super().forward(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.W_QKV = nn.Linear(d_model, 3 * d_model)
+        self.W_O = nn.Linear(d_model, d_model)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [batch, pos, head, d_head]
+        self.hook_pattern = HookPoint()  # [batch, head, query, key]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, pos, _ = x.shape
+        q, k, v = self.W_QKV(x).view(batch, pos, 3, self.n_heads, self.d_head).unbind(2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
+        causal = torch.ones(pos, pos, dtype=torch.bool, device=x.device).tril()
+        pattern = self.hook_pattern(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
+        return self.W_O(z.reshape(batch, pos, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int, activation: str = "gelu") -> None:
+        super().__init__()
+        self.W_in, self.W_out, self.act = nn.Linear(d_model, d_mlp), nn.Linear(d_mlp, d_model), ACTIVATIONS[activation]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.W_out(self.hook_post(self.act(self.hook_pre(self.W_in(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = LayerNorm(cfg.d_model), Attention(cfg.d_model, cfg.n_heads), LayerNorm(cfg.d_model)
+        if cfg.ffn == "moe":
+            self.mlp: nn.Module = MoE(
+                cfg.d_model, cfg.expert_size, cfg.n_experts, cfg.top_k, cfg.activation,
+                cfg.load_balance_weight, cfg.z_loss_weight,
+            )
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+
+
+class Transformer(HookedModule):
+    """Decoder-only transformer over token ids `[batch, pos]` returning logits `[batch, pos, vocab]`."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.W_pos = nn.Parameter(torch.randn(cfg.max_len, cfg.d_model) * 0.02)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model)
+        self.W_U = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.W_E.weight, std=0.02)
+        self.setup_hooks()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.hook_embed(self.W_E(tokens)) + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.W_U(self.ln_final(x))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted MoE auxiliary losses of the last forward pass (0 for a dense model)."""
+        losses = [loss for block in self.blocks if isinstance(block.mlp, MoE) for loss in block.mlp.aux_losses.values()]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def moe_layers(self) -> list[int]:
+        return [layer for layer, block in enumerate(self.blocks) if isinstance(block.mlp, MoE)]

@@ -1,0 +1,132 @@
+"""The task interface: seeded batches of sequences with targets, a loss mask and ground-truth labels.
+
+A task is one small class in one file under `tasks/` (or in a third-party package, registered
+through the `toylab.tasks` entry-point group). It declares its options as a `Config` dataclass,
+its labels as `Label` metadata, and samples `Batch`es deterministically from a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from toylab.config import build
+
+IGNORE = -1
+"""Label value at positions where a label is undefined (padding, or e.g. match distance of an open bracket)."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """Metadata of one per-token ground-truth label.
+
+    `kind` is "state" when the label can be read off the input tokens (token identity,
+    position), "function" when it is what the model must compute. Categorical labels name
+    their classes; ordinal labels (depth, distance) are integers whose classes are "0".."n-1".
+    Multi-hot labels (a set of classes, e.g. tied optimal moves) are arrays `[batch, pos, n_classes]`.
+    """
+
+    name: str
+    kind: Literal["state", "function"]
+    description: str
+    classes: tuple[str, ...]
+    ordinal: bool = False
+    multi_hot: bool = False
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Batch:
+    """A batch of sequences. Arrays are numpy; `inputs` are int tokens `[batch, pos]` or real vectors `[batch, pos, d]`.
+
+    `targets` are next tokens `[batch, pos]` (or real vectors), scored where `loss_mask` is true.
+    `labels` maps each label name to `[batch, pos]` ints (IGNORE where undefined) or
+    `[batch, pos, n_classes]` 0/1 for multi-hot labels.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: Any) -> Batch:
+        return Batch(
+            self.inputs[index],
+            self.targets[index],
+            self.loss_mask[index],
+            {name: value[index] for name, value in self.labels.items()},
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(inputs, targets, loss_mask)` as torch tensors."""
+        return (
+            torch.from_numpy(np.ascontiguousarray(self.inputs)),
+            torch.from_numpy(np.ascontiguousarray(self.targets)),
+            torch.from_numpy(np.ascontiguousarray(self.loss_mask)),
+        )
+
+
+class Task(ABC):
+    """A synthetic task with planted, known ground truth.
+
+    Subclasses set `name`, a `Config` dataclass of options, `labels`, and implement `sample`.
+    Token tasks also set `vocab`; `metrics` scores a model's logits with the task's own metric.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    primary_metric: ClassVar[str] = "token_accuracy"
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        if config is None or isinstance(config, Mapping):
+            config = build(self.Config, config, **options)
+        self.config = config
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @property
+    @abstractmethod
+    def labels(self) -> dict[str, Label]:
+        """Label name -> metadata."""
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int:
+        """Number of positions in every sampled sequence (padded)."""
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        """Token strings, indexed by token id (token tasks only)."""
+        raise NotImplementedError(f"task '{self.name}' has real-valued inputs, not tokens")
+
+    @abstractmethod
+    def sample(self, n: int, seed: int) -> Batch:
+        """Sample `n` sequences; the same `(n, seed)` gives the same batch."""
+
+    def decode(self, inputs: np.ndarray) -> list[str]:
+        """Readable strings for one sequence's inputs."""
+        return [self.vocab[t] for t in inputs]
+
+    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """The task's metrics for model logits `[batch, pos, vocab]`; default: next-token accuracy."""
+        _, targets, mask = batch.tensors()
+        correct = (logits.argmax(-1) == targets) & mask
+        return {"token_accuracy": (correct.sum() / mask.sum()).item()}
+
+    def describe(self) -> str:
+        """One paragraph for `toylab tasks show`."""
+        return (self.__doc__ or self.name).strip().split("\n\n")[0]

@@ -1,0 +1,206 @@
+"""Training sequence models on a task with PyTorch Lightning.
+
+`train(task, model_config, train_config, out_dir)` seeds everything, trains, validates with the
+task's own metric, and leaves in `out_dir`: `config.json`, `metrics.csv` (Lightning's CSV log),
+`model.safetensors`, and `final.json` (written last: its presence marks the run finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+from toylab import io
+from toylab.config import build, config_hash, to_dict
+from toylab.errors import DivergenceError, ToylabError
+from toylab.models import Transformer, TransformerConfig
+from toylab.registry import get_task
+from toylab.task import Batch, Task
+
+for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    n_train: int = 20000
+    n_val: int = 1000
+    eval_every: int = 250
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "n_train", "n_val", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number (got {self.lr})")
+
+
+def data_seed(seed: int, split: str) -> int:
+    """Distinct, stable data seeds per training seed and split."""
+    return int(np.random.SeedSequence([seed, {"train": 1, "val": 2}[split]]).generate_state(1)[0])
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Train and validation batches sampled from a task with seeds derived from the run's seed."""
+
+    def __init__(self, task: Task, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.task, self.cfg = task, cfg
+        self.train_batch = task.sample(cfg.n_train, data_seed(cfg.seed, "train"))
+        self.val_batch = task.sample(cfg.n_val, data_seed(cfg.seed, "val"))
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = RandomSampler(range(self.cfg.n_train), generator=torch.Generator().manual_seed(self.cfg.seed))
+        batches = BatchSampler(sampler, self.cfg.batch_size, drop_last=True)
+        return DataLoader(TensorDataset(*self.train_batch.tensors()), sampler=batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(self.cfg.n_val)), batch_size=self.cfg.n_val)
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored positions."""
+    return F.cross_entropy(logits[mask], targets[mask])
+
+
+class SequenceModel(pl.LightningModule):
+    """A hooked transformer trained on next-token prediction plus its MoE auxiliary losses."""
+
+    def __init__(self, model: Transformer, task: Task, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.task, self.cfg = model, task, cfg
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        tokens, targets, mask = batch
+        lm_loss = sequence_loss(self.model(tokens), targets, mask)
+        aux = self.model.aux_loss()
+        loss = lm_loss + aux
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"training diverged: loss is {loss.item()} at step {self.global_step}; "
+                f"try a lower lr (now {self.cfg.lr})"
+            )
+        self.log_dict({"train_loss": lm_loss, "train_aux_loss": aux}, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        val = self.trainer.datamodule.val_batch[batch[0].cpu().numpy()]
+        tokens, targets, mask = (t.to(self.device) for t in val.tensors())
+        logits = self.model(tokens)
+        metrics = {f"val_{k}": v for k, v in self.task.metrics(logits.cpu(), val).items()}
+        self.log_dict({"val_loss": sequence_loss(logits, targets, mask), **metrics}, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup, total = self.cfg.warmup_steps, self.cfg.steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
+    """A transformer sized for the task's vocabulary and sequence length."""
+    cfg = build(TransformerConfig, model_options, vocab_size=len(task.vocab), max_len=task.seq_len)
+    return Transformer(cfg)
+
+
+@dataclass
+class TrainedModel:
+    model: Transformer
+    task: Task
+    metrics: dict[str, float]
+    run_dir: Path
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / "final.json").is_file()
+
+
+def train(
+    task: Task,
+    model_options: dict[str, Any],
+    cfg: TrainConfig,
+    run_dir: Path,
+    progress: bool = True,
+) -> TrainedModel:
+    """Train one model, or load it if `run_dir` already holds this finished run."""
+    run_dir = Path(run_dir)
+    config = {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}
+    if is_finished(run_dir) and io.read_json(run_dir / "config.json") == config:
+        return load_trained(run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(task, model_options)
+    io.write_json(run_dir / "config.json", config)
+    trainer = pl.Trainer(
+        max_steps=cfg.steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        val_check_interval=cfg.eval_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=cfg.grad_clip,
+        logger=CSVLogger(run_dir, name="", version=""),
+        log_every_n_steps=min(50, cfg.eval_every),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        deterministic=True,
+        default_root_dir=run_dir,
+    )
+    module = SequenceModel(model, task, cfg)
+    trainer.fit(module, datamodule=TaskDataModule(task, cfg))
+    model.cpu().eval()
+    metrics = evaluate(model, task, task.sample(cfg.n_val, data_seed(cfg.seed, "val")))
+    io.save_tensors(run_dir / "model.safetensors", model.state_dict())
+    io.write_json(run_dir / "final.json", {"metrics": metrics, "config_hash": config_hash(config)})
+    return TrainedModel(model, task, metrics, run_dir)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, task: Task, batch: Batch) -> dict[str, float]:
+    """The task's metrics and the loss of `model` on `batch`."""
+    tokens, targets, mask = batch.tensors()
+    logits = model(tokens)
+    return {"loss": sequence_loss(logits, targets, mask).item(), **task.metrics(logits, batch)}
+
+
+def load_trained(run_dir: Path) -> TrainedModel:
+    """Load a finished run: its task, model weights (safetensors) and final metrics."""
+    run_dir = Path(run_dir)
+    if not is_finished(run_dir):
+        raise ToylabError(f"no finished run in {run_dir} (final.json missing)")
+    config = io.read_json(run_dir / "config.json")
+    task = get_task(config["task"], config["task_options"])
+    model = build_model(task, config["model"])
+    try:
+        model.load_state_dict(io.load_tensors(run_dir / "model.safetensors"))
+    except RuntimeError as error:
+        raise ToylabError(f"checkpoint {run_dir / 'model.safetensors'} does not match its config: {error}") from None
+    return TrainedModel(model.eval(), task, io.read_json(run_dir / "final.json")["metrics"], run_dir)
