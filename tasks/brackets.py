@@ -133,6 +133,9 @@ class Brackets(Task):
         }
         return tokens, labels
 
+    def positions(self, batch: Batch) -> np.ndarray:
+        return batch.inputs != PAD
+
     def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Closing-bracket accuracy (Hewitt et al. 2020; Yao et al. 2021).
 

@@ -117,6 +117,10 @@ class Task(ABC):
     def sample(self, n: int, seed: int) -> Batch:
         """Sample `n` sequences; the same `(n, seed)` gives the same batch."""
 
+    def positions(self, batch: Batch) -> np.ndarray:
+        """Bool `[batch, pos]`: the real (non-padding) positions, where activations are analysed."""
+        return np.ones(batch.inputs.shape[:2], dtype=bool)
+
     def decode(self, inputs: np.ndarray) -> list[str]:
         """Readable strings for one sequence's inputs."""
         return [self.vocab[t] for t in inputs]

@@ -32,6 +32,7 @@ for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ class TrainConfig:
     seed: int = 0
     accelerator: str = "cpu"
     devices: int = 1
+    threads: int = 1
+    """CPU threads for torch; small models train fastest on one (more threads only add synchronization)."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "n_train", "n_val", "eval_every"):
+        for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -156,6 +159,7 @@ def train(
     if is_finished(run_dir) and io.read_json(run_dir / "config.json") == config:
         return load_trained(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_num_threads(cfg.threads)
     model = build_model(task, model_options)
     io.write_json(run_dir / "config.json", config)
     trainer = pl.Trainer(
@@ -167,7 +171,7 @@ def train(
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.grad_clip,
         logger=CSVLogger(run_dir, name="", version=""),
-        log_every_n_steps=min(50, cfg.eval_every),
+        log_every_n_steps=max(1, min(50, cfg.eval_every, cfg.n_train // cfg.batch_size)),
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,

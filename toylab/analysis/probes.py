@@ -1,0 +1,211 @@
+"""Linear probes: how well a label is linearly decodable from activations, against a baseline and a control.
+
+`probe(acts, labels)` fits a multinomial logistic regression (or, for ordinal targets, a ridge
+regression whose prediction is rounded) on a training split and scores the held-out split. Every
+result carries the majority-class baseline and a shuffled-label control (the same probe fit and
+scored after permuting the labels), so a probe is read as "above the baseline, and above what it
+finds without any signal". `probe_residual_stream` runs this for every layer and position type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from toylab.errors import ToylabError
+from toylab.task import IGNORE
+
+ProbeKind = Literal["logistic", "ridge"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Held-out scores of one probe. `r2` is set for ridge probes only."""
+
+    accuracy: float
+    baseline: float
+    """Accuracy of always predicting the training split's majority class."""
+    shuffled: float
+    """Held-out accuracy of the same probe trained and scored on permuted labels."""
+    n_train: int
+    n_test: int
+    n_classes: int
+    r2: float | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def split(n: int, test_fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices; with `groups` (e.g. sequence ids) whole groups go to one side."""
+    if not 0 < test_fraction < 1:
+        raise ToylabError(f"test_fraction must be in (0, 1) (got {test_fraction})")
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n) if groups is None else np.asarray(groups)
+    unique = np.unique(ids)
+    test_ids = rng.permutation(unique)[: max(1, int(round(test_fraction * len(unique))))]
+    test = np.isin(ids, test_ids)
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0, max_iter: int = 500) -> nn.Linear:
+    """Multinomial logistic regression by L-BFGS, with scikit-learn's objective `C * sum(CE) + |W|^2 / 2`."""
+    x = x.double()
+    linear = nn.Linear(x.shape[1], n_classes, dtype=torch.float64)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(linear(x), y) + linear.weight.pow(2).sum() / (2 * C * len(x))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return linear.requires_grad_(False)
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression `min |y - x w - b|^2 + alpha |w|^2` in closed form; returns `(w, b)`."""
+    x, y = x.double(), y.double()
+    mean_x, mean_y = x.mean(0), y.mean()
+    centered = x - mean_x
+    gram = centered.T @ centered + alpha * torch.eye(x.shape[1], dtype=x.dtype)
+    w = torch.linalg.solve(gram, centered.T @ (y - mean_y))
+    return w, mean_y - mean_x @ w
+
+
+def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(a - mean) / std for a in (train, *others)]
+
+
+def _accuracy(
+    x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
+    kind: ProbeKind, C: float, alpha: float,
+) -> tuple[float, float | None]:
+    """Held-out accuracy (and R^2 for ridge) of one probe fit on standardized activations."""
+    if kind == "ridge":
+        w, b = fit_ridge(x_train, torch.from_numpy(y_train), alpha)
+        predicted = (x_test.double() @ w + b).numpy()
+        rounded = np.clip(np.rint(predicted), y_train.min(), y_train.max())
+        residual = ((y_test - predicted) ** 2).sum()
+        total = ((y_test - y_test.mean()) ** 2).sum()
+        return float((rounded == y_test).mean()), float(1 - residual / total) if total > 0 else None
+    classes, y_index = np.unique(y_train, return_inverse=True)
+    if len(classes) == 1:
+        return float((y_test == classes[0]).mean()), None
+    linear = fit_logistic(x_train, torch.from_numpy(y_index), len(classes), C)
+    predicted = classes[linear(x_test.double()).argmax(-1).numpy()]
+    return float((predicted == y_test).mean()), None
+
+
+def probe(
+    acts: torch.Tensor | np.ndarray,
+    labels: np.ndarray,
+    kind: ProbeKind = "logistic",
+    groups: np.ndarray | None = None,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    C: float = 1.0,
+    alpha: float = 1.0,
+) -> ProbeResult:
+    """Fit a linear probe from activations `[n, d]` to integer labels `[n]` and score it on a held-out split.
+
+    `kind="logistic"`: multinomial logistic regression (inverse L2 strength `C`) over the classes of
+    the training split. `kind="ridge"`: ridge regression (strength `alpha`) on the label value,
+    rounded to the nearest class; also reports held-out R^2. Activations are standardized with
+    training-split statistics. `groups` keeps related rows (one sequence's positions) on one side.
+    """
+    if kind not in ("logistic", "ridge"):
+        raise ToylabError(f"unknown probe kind '{kind}'; valid: logistic, ridge")
+    x = torch.as_tensor(acts).reshape(len(labels), -1).double()
+    labels = np.asarray(labels)
+    if len(labels) < 4:
+        raise ToylabError(f"a probe needs at least 4 labelled rows (got {len(labels)})")
+    train, test = split(len(labels), test_fraction, seed, groups)
+    x_train, x_test = _standardize(x[train], x[test])
+    accuracy, r2 = _accuracy(x_train, labels[train], x_test, labels[test], kind, C, alpha)
+    shuffled_labels = np.random.default_rng(seed + 1).permutation(labels)
+    shuffled, _ = _accuracy(x_train, shuffled_labels[train], x_test, shuffled_labels[test], kind, C, alpha)
+    values, counts = np.unique(labels[train], return_counts=True)
+    return ProbeResult(
+        accuracy=accuracy,
+        baseline=float((labels[test] == values[counts.argmax()]).mean()),
+        shuffled=shuffled,
+        n_train=len(train),
+        n_test=len(test),
+        n_classes=len(values),
+        r2=r2,
+    )
+
+
+def multi_hot_classes(labels: np.ndarray) -> np.ndarray:
+    """Multi-hot labels `[..., k]` as one class per set (bit mask), IGNORE where any entry is IGNORE."""
+    codes = (np.maximum(labels, 0) << np.arange(labels.shape[-1])).sum(-1)
+    return np.where((labels == IGNORE).any(-1), IGNORE, codes)
+
+
+def ahead(labels: np.ndarray, offset: int) -> np.ndarray:
+    """Labels `[batch, pos, ...]` moved `offset` positions back: position t holds the label of t + offset."""
+    out = np.full_like(labels, IGNORE)
+    if offset < labels.shape[1]:
+        out[:, : labels.shape[1] - offset] = labels[:, offset:]
+    return out
+
+
+@torch.no_grad()
+def residual_stream(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Residual stream `[n_layers + 1, batch, pos, d_model]`: the embeddings, then after each block.
+
+    Read from the hooks `blocks.0.hook_resid_pre` and `blocks.{l}.hook_resid_post`.
+    """
+    _, cache = model.run_with_cache(tokens, names=["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"])
+    layers = [cache["blocks.0.hook_resid_pre"]]
+    layers += [cache[f"blocks.{layer}.hook_resid_post"] for layer in range(len(cache) - 1)]
+    return torch.stack(layers)
+
+
+def probe_residual_stream(
+    resid: torch.Tensor,
+    labels: np.ndarray,
+    position_types: np.ndarray,
+    type_names: Sequence[str],
+    kind: ProbeKind = "logistic",
+    min_rows: int = 40,
+    **options: float,
+) -> list[dict[str, float | int | str | None]]:
+    """Probe `labels` `[batch, pos]` at every layer of `resid` `[layers, batch, pos, d]` and every position type.
+
+    `position_types` `[batch, pos]` gives each position's type (an index into `type_names`, IGNORE
+    to skip); only positions where the label is defined are used, split by sequence. Types with
+    fewer than `min_rows` such positions are skipped. Returns one row per (layer, type), with
+    `layer` counting the blocks applied (0 = embeddings). `options` go to `probe`.
+    """
+    if labels.ndim == 3:
+        labels = multi_hot_classes(labels)
+    if labels.shape != position_types.shape or resid.shape[1:3] != labels.shape:
+        raise ToylabError(
+            f"shapes do not match: resid {tuple(resid.shape)}, labels {labels.shape}, position_types {position_types.shape}"
+        )
+    sequence = np.broadcast_to(np.arange(labels.shape[0])[:, None], labels.shape)
+    rows = []
+    for type_index, type_name in enumerate(type_names):
+        keep = (position_types == type_index) & (labels != IGNORE)
+        if keep.sum() < min_rows:
+            continue
+        index = torch.from_numpy(np.flatnonzero(keep))
+        for layer, acts in enumerate(resid):
+            result = probe(acts.reshape(-1, acts.shape[-1])[index], labels[keep], kind, groups=sequence[keep], **options)
+            rows.append({"layer": layer, "position": type_name, **result.as_dict()})
+    return rows

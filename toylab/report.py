@@ -1,0 +1,94 @@
+"""Report building blocks: markdown tables, intervals as text, and the standard figures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def fmt_ci(stat: Mapping[str, float], digits: int = 3) -> str:
+    """`mean [low, high]` from a `mean_ci` dict."""
+    if math.isnan(stat.get("ci_low", math.nan)):
+        return fmt(stat["mean"], digits)
+    return f"{fmt(stat['mean'], digits)} [{fmt(stat['ci_low'], digits)}, {fmt(stat['ci_high'], digits)}]"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub-flavoured markdown table with the keys of the first row as columns."""
+    if not rows:
+        return "(no rows)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def training_curves(metrics_files: Mapping[str, Path], metrics: Sequence[str]) -> plt.Figure:
+    """One panel per metric; one line per run, from Lightning's `metrics.csv` logs."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run, path in metrics_files.items():
+            frame = pd.read_csv(path)
+            if metric in frame:
+                points = frame[["step", metric]].dropna()
+                ax.plot(points["step"], points[metric], label=run, alpha=0.8)
+        ax.set(title=metric, xlabel="step")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def interval_bars(frame: pd.DataFrame, x: str, hue: str, col: str, title: str, reference: float | None = None) -> plt.Figure:
+    """Bars of `mean` with `[ci_low, ci_high]` error bars, grouped by `x` and `hue`, one panel per `col` value."""
+    panels = list(dict.fromkeys(frame[col]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.9 * frame[x].nunique() * len(panels) * 1.4, 3.8), squeeze=False)
+    hues = list(dict.fromkeys(frame[hue]))
+    palette = sns.color_palette("colorblind", len(hues))
+    width = 0.8 / len(hues)
+    for ax, panel in zip(axes[0], panels):
+        sub = frame[frame[col] == panel]
+        xs = list(dict.fromkeys(sub[x]))
+        for i, h in enumerate(hues):
+            rows = sub[sub[hue] == h].set_index(x).reindex(xs)
+            pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
+            err = np.nan_to_num(np.stack([rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]]))
+            ax.bar(pos, rows["mean"], width, yerr=err, capsize=2, label=h, color=palette[i])
+        ax.set_xticks(np.arange(len(xs)), xs, rotation=30, ha="right")
+        ax.set_title(f"{col} {panel}")
+        if reference is not None:
+            ax.axhline(reference, color="grey", lw=0.8, ls="--")
+    axes[0][0].set_ylabel(title)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def contingency_heatmaps(tables: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]], title: str) -> plt.Figure:
+    """Expert x class tables as heatmaps, each column normalized: where do a class's tokens go?"""
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.2), squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        table = np.asarray(table, dtype=float)
+        used = table.sum(0) > 0
+        share = table[:, used] / table[:, used].sum(0, keepdims=True)
+        names = [c for c, u in zip(class_names[name], used) if u]
+        sns.heatmap(share, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=False, xticklabels=names,
+                    yticklabels=[f"E{e}" for e in range(len(table))])
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
