@@ -1,0 +1,119 @@
+"""Geometry of features in toy models of superposition (Elhage et al. 2022; Chaudhari et al. 2025).
+
+Every function takes weights `W [..., m, n]` (column W_i is feature i's direction in the m hidden
+dimensions) with any leading dimensions (instances, experts), and returns per-feature
+`[..., n]` or per-matrix `[...]` tensors.
+
+    ||W_i||                                       feature_norms
+    sum_{j != i} (W^_i . W_j)^2                   interference          (W^_i = W_i / ||W_i||)
+    D_i = ||W_i||^2 / sum_j (W^_i . W_j)^2        feature_dimensionality
+    m / ||W||_F^2                                 dimensions_per_feature
+
+D_i is the share of a hidden dimension feature i gets: 1 for a feature with a dimension of its
+own, 1/2 for an antipodal pair, 2/5 for a pentagon in a plane; 0 for a feature not learned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GEOMETRIC_FRACTIONS: dict[str, float] = {
+    "1": 1.0,  # a dimension of its own
+    "3/4": 3 / 4,  # tetrahedron in 3 dimensions
+    "2/3": 2 / 3,  # triangle in a plane
+    "1/2": 1 / 2,  # antipodal pair (digon)
+    "2/5": 2 / 5,  # pentagon in a plane
+    "3/8": 3 / 8,  # square antiprism in 3 dimensions
+}
+"""Feature dimensionalities of the uniform polytopes the paper finds (tetrahedron, triangle, digon, pentagon, ...)."""
+
+REPRESENTED = 0.5
+"""A feature is represented when ||W_i|| exceeds this (the paper's threshold for a learned feature)."""
+
+_EPS = 1e-8
+
+
+def _weights(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(W).detach().double()
+
+
+def feature_norms(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """||W_i|| `[..., n]`."""
+    return _weights(W).norm(dim=-2)
+
+
+def features_represented(W: torch.Tensor | np.ndarray, threshold: float = REPRESENTED) -> torch.Tensor:
+    """Number of features with ||W_i|| > threshold `[...]`."""
+    return (feature_norms(W) > threshold).sum(-1)
+
+
+def gram(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """W^T W `[..., n, n]`, the matrix the paper shows as a heatmap."""
+    W = _weights(W)
+    return torch.einsum("... h f, ... h g -> ... f g", W, W)
+
+
+def _projections(W: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms `[..., n]` and squared projections (W^_i . W_j)^2 `[..., n(i), n(j)]`."""
+    G = gram(W)
+    sq_norms = G.diagonal(dim1=-2, dim2=-1)
+    return sq_norms, G**2 / sq_norms.clamp_min(_EPS).unsqueeze(-1)
+
+
+def interference(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """sum_{j != i} (W^_i . W_j)^2 `[..., n]`: how much of the other features lies along feature i."""
+    sq_norms, proj = _projections(W)
+    return proj.sum(-1) - torch.where(sq_norms > _EPS, sq_norms, 0.0)
+
+
+def feature_dimensionality(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """D_i = ||W_i||^2 / sum_j (W^_i . W_j)^2 `[..., n]` (0 for a zero column)."""
+    sq_norms, proj = _projections(W)
+    return torch.where(sq_norms > _EPS, sq_norms / proj.sum(-1).clamp_min(_EPS), 0.0)
+
+
+def dimensions_per_feature(W: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """m / ||W||_F^2 `[...]`: hidden dimensions per (norm-weighted) learned feature."""
+    W = _weights(W)
+    return W.shape[-2] / W.pow(2).sum((-2, -1))
+
+
+def nearest_fraction(D: torch.Tensor | np.ndarray) -> list[str]:
+    """Name of the geometric fraction nearest each dimensionality (flattened), e.g. "1/2"."""
+    names, values = list(GEOMETRIC_FRACTIONS), torch.tensor(list(GEOMETRIC_FRACTIONS.values()), dtype=torch.float64)
+    nearest = (torch.as_tensor(D, dtype=torch.float64).reshape(-1, 1) - values).abs().argmin(-1)
+    return [names[i] for i in nearest.tolist()]
+
+
+def expert_usage(expert_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Share of routing slots each expert receives `[inst, E]`, from `hook_expert_indices [batch, inst, k]`."""
+    counts = F.one_hot(torch.as_tensor(expert_indices), n_experts).sum((0, -2)).double()
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def global_dimensionality(W: torch.Tensor | np.ndarray, usage: torch.Tensor) -> torch.Tensor:
+    """Usage-weighted dimensionality sum_e u_e D_i^(e) `[..., n]` of expert weights `[..., E, m, n]`, usage `[..., E]`."""
+    return torch.einsum("... e f, ... e -> ... f", feature_dimensionality(W), torch.as_tensor(usage, dtype=torch.float64))
+
+
+def monosemanticity(
+    W: torch.Tensor | np.ndarray, tolerance: float = 0.1, threshold: float = REPRESENTED
+) -> torch.Tensor:
+    """Per expert `[..., E]`: share of its represented features (||W_i|| > threshold) with |D_i - 1| < tolerance.
+
+    NaN for an expert that represents no feature.
+    """
+    represented = feature_norms(W) > threshold
+    mono = represented & ((feature_dimensionality(W) - 1).abs() < tolerance)
+    return mono.sum(-1) / represented.sum(-1).double().where(represented.any(-1), torch.nan)
+
+
+def usage_weighted_monosemanticity(
+    W: torch.Tensor | np.ndarray, usage: torch.Tensor, tolerance: float = 0.1, threshold: float = REPRESENTED
+) -> torch.Tensor:
+    """Monosemanticity of a whole MoE `[...]`: per-expert shares weighted by usage, over experts representing features."""
+    mono = monosemanticity(W, tolerance, threshold)
+    usage = torch.as_tensor(usage, dtype=torch.float64).where(~mono.isnan(), 0.0)
+    return (mono.nan_to_num() * usage).sum(-1) / usage.sum(-1)
