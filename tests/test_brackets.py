@@ -79,9 +79,16 @@ def test_closing_accuracy_metric():
     top = torch.from_numpy(batch.labels["stack_top"]).clamp(0, k - 1)
     perfect = torch.full((*batch.inputs.shape, len(task.vocab)), -10.0)
     perfect.scatter_(-1, (OPEN + k + top).unsqueeze(-1), 10.0)
-    assert task.metrics(perfect, batch)["closing_accuracy"] == 1.0
+    assert task.metrics(perfect, batch) == {"closing_accuracy": 1.0, "sequence_accuracy": 1.0}
     uniform = torch.zeros_like(perfect)
-    assert task.metrics(uniform, batch)["closing_accuracy"] == 0.0
+    assert task.metrics(uniform, batch) == {"closing_accuracy": 0.0, "sequence_accuracy": 0.0}
+    one_wrong = perfect.clone()
+    row = int(np.argmax((batch.labels["depth"] > 0).sum(1)))
+    pos = int(np.argmax(batch.labels["depth"][row] > 0))
+    one_wrong[row, pos] = uniform[row, pos]
+    scored = (batch.labels["depth"] > 0).sum()
+    assert task.metrics(one_wrong, batch) == pytest.approx(
+        {"closing_accuracy": 1 - 1 / scored, "sequence_accuracy": 1 - 1 / 200})
     for odds, expected in [(3.9, 0.0), (4.1, 1.0)]:  # p_correct / p_closes = odds / (odds + 1) vs 0.8
         ratio = torch.zeros_like(perfect)
         ratio.scatter_(-1, (OPEN + k + top).unsqueeze(-1), float(np.log(odds)))

@@ -200,11 +200,11 @@ def load_trained(run_dir: Path) -> TrainedModel:
     run_dir = Path(run_dir)
     if not is_finished(run_dir):
         raise ToylabError(f"no finished run in {run_dir} (final.json missing)")
-    config = io.read_json(run_dir / "config.json")
+    config, final = io.read_json(run_dir / "config.json"), io.read_json(run_dir / "final.json")
     task = get_task(config["task"], config["task_options"])
     model = build_model(task, config["model"])
     try:
         model.load_state_dict(io.load_tensors(run_dir / "model.safetensors"))
     except RuntimeError as error:
         raise ToylabError(f"checkpoint {run_dir / 'model.safetensors'} does not match its config: {error}") from None
-    return TrainedModel(model.eval(), task, io.read_json(run_dir / "final.json")["metrics"], run_dir)
+    return TrainedModel(model.eval(), task, final["metrics"], run_dir)

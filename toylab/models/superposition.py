@@ -153,7 +153,7 @@ class ToyMoE(_ToyBase):
     def load_balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch loss per instance `[inst]`: E * sum_e f_e P_e, 1 when routing is uniform."""
         routed = torch.zeros_like(probs).scatter_(-1, experts, 1.0)  # [batch, inst, E]
-        fraction = routed.mean(0) / self.cfg.top_k
+        fraction = routed.mean(0)
         return self.cfg.n_experts * (fraction * probs.mean(0)).sum(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""The command line: one-line errors with exit code 2, exports, and studies end to end."""
+
+import json
+
+import pytest
+
+from cli import app
+from toylab.errors import DivergenceError
+
+TINY = ["--seeds", "2", "--set", "train.steps=16", "--set", "train.n_train=128", "--set", "train.n_val=32",
+        "--set", "train.eval_every=8", "--set", "n_eval=24", "--set", "n_permutations=20",
+        "--set", "model.d_model=16", "--set", "model.d_mlp=32", "-o", "max_length=12", "--no-progress"]
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        app(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tasks", "show", "nope"], "unknown task 'nope'; valid: brackets"),
+    (["tasks", "show", "brackets", "-o", "k=two"], "invalid value 'two' for 'k'"),
+    (["tasks", "show", "brackets", "-o", "depth=3"], "unknown BracketsConfig key 'depth'; valid: k, m"),
+    (["tasks", "show", "brackets", "-o", "k"], "expected KEY=VALUE"),
+    (["tasks", "sample", "brackets", "-n", "0"], "-n"),
+    (["study", "run", "nope"], "unknown study 'nope'; valid: expert-specialization"),
+    (["study", "run", "expert-specialization", "--set", "bogus=1"], "unknown ExpertSpecializationConfig key 'bogus'"),
+    (["study", "run", "expert-specialization", "--set", "train.lr=-1"], "lr must be a positive number"),
+    (["study", "run", "expert-specialization", "--set", "model.width=3"], "unknown TransformerConfig key 'width'"),
+    (["study", "run", "expert-specialization", "--task", "nope"], "unknown task 'nope'"),
+    (["study", "run", "expert-specialization", "--config", "missing.toml"], "config file not found"),
+    (["train", "--model", "sparse"], "unknown model 'sparse'; valid: dense, moe"),
+    (["train", "--set", "colour=red"], "unknown option 'colour'; valid:"),
+])
+def test_bad_input_gives_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_config_file(capsys, tmp_path):
+    bad = tmp_path / "study.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "study", "run", "expert-specialization", "--config", str(bad))
+    assert code == 2 and "cannot parse config file" in err
+
+
+def test_lists_and_show(capsys):
+    code, out, _ = run(capsys, "tasks", "list")
+    assert code == 0 and "brackets" in out
+    code, out, _ = run(capsys, "study", "list")
+    assert code == 0 and "expert-specialization" in out
+    code, out, _ = run(capsys, "tasks", "show", "brackets", "-n", "2")
+    assert code == 0 and "stack_top" in out and "function" in out and "sample 1:" in out
+    code, out, _ = run(capsys, "study", "run", "--help")
+    assert code == 0 and "Examples" in out
+
+
+def test_sample_exports_jsonl(capsys, tmp_path):
+    path = tmp_path / "dyck.jsonl"
+    code, _, _ = run(capsys, "tasks", "sample", "brackets", "-n", "50", "--seed", "3", "--out", str(path), "-o", "k=3")
+    assert code == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 50
+    for row in rows:
+        assert row["tokens"][0] == "<bos>"
+        assert set(row["labels"]) == {"token_type", "position", "depth", "stack_top", "match_distance"}
+        assert all(len(v) == len(row["tokens"]) for v in row["labels"].values())
+        opens = sum(t in "([{" for t in row["tokens"])
+        closes = sum(t in ")]}" for t in row["tokens"])
+        assert row["labels"]["depth"][-1] == opens - closes
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    with pytest.raises(SystemExit) as exit_info:
+        app(["study", "run", "expert-specialization", "--out", str(out), *TINY])
+    assert exit_info.value.code == 0
+    (directory,) = (out / "expert-specialization").iterdir()
+    return directory
+
+
+def test_study_writes_a_complete_run_directory(tiny_study):
+    files = {p.relative_to(tiny_study).as_posix() for p in tiny_study.rglob("*") if p.is_file()}
+    assert {"config.json", "code_version.json", "results.json", "report.md", "timing.json"} <= files
+    assert {"figures/nmi_comparison.png", "figures/training_curves.png", "figures/experts_layer0.png"} <= files
+    for run in ("dense-seed0", "moe-seed0", "dense-seed1", "moe-seed1"):
+        assert {f"models/{run}/model.safetensors", f"models/{run}/metrics.csv", f"models/{run}/final.json"} <= files
+    results = json.loads((tiny_study / "results.json").read_text())
+    layer0 = results["specialization"]["0"]
+    assert set(layer0) == {"token_type", "position", "depth", "stack_top", "match_distance"}
+    assert {"routing_nmi", "kmeans_moe_nmi", "kmeans_dense_nmi", "null_nmi", "verdict"} <= set(layer0["depth"])
+    report = (tiny_study / "report.md").read_text()
+    assert "## Verdicts" in report and "k-means" in report and "![" in report
+    assert f"{layer0['depth']['routing_nmi']['mean']:.3f}" in report  # report numbers come from results.json
+
+
+def test_same_seed_gives_identical_results(tiny_study, tmp_path, capsys):
+    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), *TINY)
+    assert code == 0 and "report:" in out
+    (directory,) = (tmp_path / "expert-specialization").iterdir()
+    assert directory.name == tiny_study.name
+    assert (directory / "results.json").read_bytes() == (tiny_study / "results.json").read_bytes()
+
+
+def test_killed_study_resumes_reusing_finished_runs(tiny_study, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "expert-specialization" / tiny_study.name
+    shutil.copytree(tiny_study, copy)
+    (copy / "results.json").unlink()
+    (copy / "models" / "moe-seed1" / "final.json").unlink()  # this run was cut off before finishing
+    kept = (copy / "models" / "dense-seed0" / "model.safetensors").stat().st_mtime_ns
+    code, _, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), *TINY)
+    assert code == 0
+    assert (copy / "models" / "dense-seed0" / "model.safetensors").stat().st_mtime_ns == kept
+    assert (copy / "models" / "moe-seed1" / "final.json").is_file()
+    assert (copy / "results.json").read_bytes() == (tiny_study / "results.json").read_bytes()
+
+
+def test_diverging_run_fails_alone(tmp_path, capsys, monkeypatch):
+    import toylab.study
+
+    real_train = toylab.study.train
+
+    def train(task, model_options, cfg, run_dir, progress=True):
+        if run_dir.name == "moe-seed1":
+            raise DivergenceError("training diverged: loss is nan at step 3")
+        return real_train(task, model_options, cfg, run_dir, progress)
+
+    monkeypatch.setattr(toylab.study, "train", train)
+    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), *TINY)
+    assert code == 0 and "1 run(s) failed" in out
+    (directory,) = (tmp_path / "expert-specialization").iterdir()
+    results = json.loads((directory / "results.json").read_text())
+    assert results["failed_runs"] == [{"run": "moe-seed1", "error": "training diverged: loss is nan at step 3"}]
+    assert results["specialization"]["0"]["depth"]["routing_nmi"]["n"] == 1
+    assert "## Failed runs" in (directory / "report.md").read_text()
+
+
+def test_fast_study_through_the_cli(tmp_path, capsys):
+    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--fast", "--out", str(tmp_path), "--no-progress")
+    assert code == 0
+    assert "NMI routing" in out and "report:" in out
+    (directory,) = (tmp_path / "expert-specialization").iterdir()
+    results = json.loads((directory / "results.json").read_text())
+    assert len(results["performance"]["moe"]) == 3 and not results["failed_runs"]

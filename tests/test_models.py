@@ -1,0 +1,117 @@
+"""Transformer and MoE: sorted dispatch against a naive reference, 1-expert equivalence, hooks."""
+
+import pytest
+import torch
+
+from toylab.errors import ToylabError
+from toylab.models import MLP, MoE, Transformer, TransformerConfig
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The oracle: loop over experts, each applied to the tokens that chose it (mask over all tokens)."""
+    _, experts, weights = moe.route(x)
+    out = torch.zeros_like(x)
+    for e in range(moe.n_experts):
+        for slot in range(moe.k):
+            mask = experts[..., slot] == e
+            h = moe.act(x[mask] @ moe.W_in[e] + moe.b_in[e])
+            out[mask] += weights[..., slot][mask, None] * (h @ moe.W_out[e] + moe.b_out[e])
+    return out
+
+
+@pytest.mark.parametrize("n_experts,k", [(4, 1), (4, 2), (8, 3), (3, 3)])
+def test_sorted_dispatch_equals_naive_reference(n_experts, k):
+    torch.manual_seed(0)
+    moe = MoE(d_model=12, d_expert=20, n_experts=n_experts, k=k)
+    with torch.no_grad():
+        moe.W_router.normal_()  # make routing uneven and varied
+    x = torch.randn(5, 7, 12, requires_grad=True)
+    fast = moe(x)
+    grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *moe.parameters()])
+    slow = naive_moe(moe, x)
+    grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, *moe.parameters()])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+
+
+def test_one_expert_moe_equals_dense_mlp():
+    torch.manual_seed(1)
+    mlp, moe = MLP(10, 24), MoE(10, 24, n_experts=1, k=1)
+    with torch.no_grad():
+        moe.W_in[0] = mlp.W_in.weight.T
+        moe.b_in[0] = mlp.W_in.bias
+        moe.W_out[0] = mlp.W_out.weight.T
+        moe.b_out[0] = mlp.W_out.bias
+    x = torch.randn(3, 6, 10)
+    torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=1e-5)
+
+
+def test_load_balance_loss_is_one_when_uniform():
+    moe = MoE(4, 8, n_experts=4, k=1, load_balance_weight=1.0)
+    probs = torch.full((64, 4), 0.25)
+    experts = torch.arange(64).remainder(4).view(64, 1)
+    assert moe.load_balance_loss(probs, experts).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(64, 1, dtype=torch.long)
+    assert moe.load_balance_loss(torch.tensor([[1.0, 0, 0, 0]]).expand(64, 4), collapsed).item() == pytest.approx(4.0)
+
+
+def small(ffn: str, **kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(vocab_size=9, max_len=12, d_model=16, n_heads=2, d_mlp=32, ffn=ffn, **kw))
+
+
+def test_hooks_have_fixed_layouts():
+    model = small("moe", n_experts=4, top_k=2)
+    tokens = torch.randint(0, 9, (3, 12))
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.shape == (3, 12, 9)
+    shapes = {
+        "blocks.0.hook_resid_pre": (3, 12, 16),
+        "blocks.1.hook_resid_mid": (3, 12, 16),
+        "blocks.1.ln2.hook_normalized": (3, 12, 16),
+        "blocks.0.attn.hook_pattern": (3, 2, 12, 12),
+        "blocks.0.mlp.hook_router_logits": (3, 12, 4),
+        "blocks.0.mlp.hook_expert_indices": (3, 12, 2),
+        "blocks.0.mlp.hook_expert_weights": (3, 12, 2),
+        "blocks.0.mlp.hook_post": (3, 12, 2, 16),
+        "blocks.0.mlp.hook_expert_out": (3, 12, 2, 16),
+    }
+    for name, shape in shapes.items():
+        assert tuple(cache[name].shape) == shape, name
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_expert_weights"].sum(-1), torch.ones(3, 12))
+    # the top-1 expert is the router's argmax
+    assert torch.equal(cache["blocks.0.mlp.hook_expert_indices"][..., 0], cache["blocks.0.mlp.hook_router_logits"].argmax(-1))
+    _, subset = model.run_with_cache(tokens, names="blocks.*.hook_resid_post")
+    assert sorted(subset) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    with pytest.raises(ToylabError, match="no hook point"):
+        model.run_with_cache(tokens, names="blocks.9.nothing")
+
+
+def test_hooks_can_patch_activations():
+    model = small("moe")
+    tokens = torch.randint(0, 9, (2, 12))
+    clean = model(tokens)
+    zeroed = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.mlp.hook_post", lambda x, hook: torch.zeros_like(x))])
+    _, cache = model.run_with_cache(tokens, names="blocks.1.mlp.hook_expert_out")
+    assert not torch.allclose(clean, zeroed)
+    assert cache["blocks.1.mlp.hook_expert_out"].shape == (2, 12, 1, 16)
+    assert torch.equal(model(tokens), clean)  # hooks are removed afterwards
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_model_is_causal(ffn):
+    model = small(ffn)
+    tokens = torch.randint(0, 9, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 9
+    torch.testing.assert_close(model(tokens)[:, :8], model(changed)[:, :8])
+
+
+def test_dense_has_no_aux_loss_and_moe_has_one():
+    tokens = torch.randint(0, 9, (2, 12))
+    dense, moe = small("dense"), small("moe")
+    dense(tokens)
+    moe(tokens)
+    assert dense.aux_loss().item() == 0 and moe.aux_loss().item() > 0
+    assert moe.moe_layers() == [0, 1] and dense.moe_layers() == []

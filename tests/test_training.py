@@ -1,0 +1,89 @@
+"""Training with Lightning: seeding, checkpoints (safetensors), reuse, divergence and corrupt files."""
+
+import json
+
+import pytest
+import torch
+
+from toylab.errors import DivergenceError, ToylabError
+from toylab.registry import get_task
+from toylab.training import SequenceModel, TrainConfig, build_model, load_trained, train
+
+TINY_MODEL = {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1}
+TINY_TRAIN = TrainConfig(steps=12, batch_size=16, n_train=64, n_val=32, eval_every=6, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("brackets", max_length=10, min_length=2)
+
+
+@pytest.fixture(scope="module")
+def trained(task, tmp_path_factory):
+    return train(task, {**TINY_MODEL, "ffn": "moe"}, TINY_TRAIN, tmp_path_factory.mktemp("run") / "moe", progress=False)
+
+
+def test_run_directory_contents(trained):
+    files = {p.name for p in trained.run_dir.iterdir()}
+    assert {"config.json", "metrics.csv", "model.safetensors", "final.json"} <= files
+    assert set(trained.metrics) >= {"loss", "closing_accuracy", "sequence_accuracy"}
+    header = (trained.run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "train_loss" in header and "val_closing_accuracy" in header
+
+
+def test_checkpoint_round_trip(trained, task):
+    loaded = load_trained(trained.run_dir)
+    tokens = torch.from_numpy(task.sample(4, seed=0).inputs)
+    torch.testing.assert_close(loaded.model(tokens), trained.model(tokens))
+    assert loaded.metrics == trained.metrics
+
+
+def test_same_seed_same_weights_and_reuse(trained, task, tmp_path):
+    again = train(task, {**TINY_MODEL, "ffn": "moe"}, TINY_TRAIN, tmp_path / "again", progress=False)
+    for (name, a), b in zip(trained.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    stamp = (tmp_path / "again" / "model.safetensors").stat().st_mtime_ns
+    train(task, {**TINY_MODEL, "ffn": "moe"}, TINY_TRAIN, tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_half_written_run_is_not_reused(task, tmp_path):
+    run_dir = tmp_path / "half"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "model.safetensors").write_bytes(b"partial")
+    result = train(task, {**TINY_MODEL, "ffn": "dense"}, TINY_TRAIN, run_dir, progress=False)
+    assert (run_dir / "final.json").is_file() and result.metrics["loss"] > 0
+
+
+def test_corrupt_or_missing_checkpoint_gives_clear_error(trained, tmp_path):
+    with pytest.raises(ToylabError, match="no finished run"):
+        load_trained(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "final.json"):
+        (broken / name).write_text((trained.run_dir / name).read_text())
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ToylabError, match="corrupt checkpoint"):
+        load_trained(broken)
+    (broken / "final.json").write_text("{truncated")
+    with pytest.raises(ToylabError, match="corrupt JSON"):
+        load_trained(broken)
+
+
+def test_nan_loss_raises_divergence_error(task):
+    model = build_model(task, {**TINY_MODEL, "ffn": "dense"})
+    with torch.no_grad():
+        model.W_U.weight.fill_(float("nan"))
+    module = SequenceModel(model, task, TINY_TRAIN)
+    batch = tuple(task.sample(4, seed=0).tensors())
+    with pytest.raises(DivergenceError, match="diverged"):
+        module.training_step(batch, 0)
+
+
+def test_diverging_run_fails_alone(task, tmp_path):
+    with pytest.raises(DivergenceError):
+        train(task, {**TINY_MODEL, "ffn": "dense"}, TrainConfig(**{**TINY_TRAIN.__dict__, "lr": 1e30, "grad_clip": 0.0}),
+              tmp_path / "diverge", progress=False)
+    assert not (tmp_path / "diverge" / "final.json").exists()
+    assert json.loads((tmp_path / "diverge" / "config.json").read_text())["train"]["lr"] == 1e30
