@@ -130,10 +130,11 @@ class ExpertSpecialization(Study):
         for layer, labels in results["specialization"].items():
             for label, s in labels.items():
                 v = s["verdict"]
+                amount = {"more": "**more** than", "less": "**less** than", "same": "**as much as**"}.get(v["verdict"], v["verdict"])
                 against_null = "beats" if s["routing_max_p_value"] < 0.05 else "does not clearly beat"
                 lines.append(
-                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}): routing recovers **{v['verdict']}** "
-                    f"than k-means on the router input (ΔNMI = {fmt_ci(v)}, paired t-test over {v['n']} of {n} seeds, "
+                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}): routing recovers {amount} "
+                    f"k-means on the router input (ΔNMI = {fmt_ci(v)}, paired t-test over {v['n']} of {n} seeds, "
                     f"p = {fmt(v['p_value'], 3)}); routing {against_null} the shuffled-assignment null in every seed "
                     f"(largest p = {fmt(s['routing_max_p_value'], 4)})."
                 )
@@ -184,9 +185,9 @@ class ExpertSpecialization(Study):
             f"nulls use {cfg.n_permutations} shuffles.",
             "## Model performance (held-out, mean [95% CI] over seeds)",
             markdown_table(perf_rows),
-            f"The task's metric is `{task.primary_metric}`. " + (task.metrics.__doc__ or "").strip().split("\n\n")[-1].replace("\n", " "),
+            f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split()),
             "## Verdicts",
-            *self.verdict_lines(results),
+            "\n".join(self.verdict_lines(results)),
             "## Results",
             markdown_table(self.summary(results)),
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],

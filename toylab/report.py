@@ -80,12 +80,12 @@ def interval_bars(frame: pd.DataFrame, x: str, hue: str, col: str, title: str, r
 def contingency_heatmaps(tables: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]], title: str) -> plt.Figure:
     """Expert x class tables as heatmaps, each column normalized: where do a class's tokens go?"""
     fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.2), squeeze=False)
-    for ax, (name, table) in zip(axes[0], tables.items()):
+    for i, (ax, (name, table)) in enumerate(zip(axes[0], tables.items())):
         table = np.asarray(table, dtype=float)
         used = table.sum(0) > 0
         share = table[:, used] / table[:, used].sum(0, keepdims=True)
         names = [c for c, u in zip(class_names[name], used) if u]
-        sns.heatmap(share, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=False, xticklabels=names,
+        sns.heatmap(share, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=i == len(tables) - 1, xticklabels=names,
                     yticklabels=[f"E{e}" for e in range(len(table))])
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=6)
