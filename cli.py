@@ -127,7 +127,7 @@ def train(
     model: str = typer.Option("dense", help="Model: dense or moe."),
     option: list[str] = TaskOptions,
     set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (TransformerConfig or TrainConfig field)."),
-    config: Optional[Path] = typer.Option(None, help="JSON/TOML file with `model` and `train` tables."),
+    config: Optional[Path] = typer.Option(None, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
     seed: int = typer.Option(0, help="Training seed."),
     out: Path = typer.Option(Path("runs/train"), help="Parent directory of the run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -139,10 +139,13 @@ def train(
 
     if model not in ("dense", "moe"):
         raise ToylabError(f"unknown model '{model}'; valid: dense, moe")
-    the_task = _task(task, option)
     file = load_file(config) if config else {}
-    if set(file) - {"model", "train"}:
-        raise ToylabError(f"unknown config key '{sorted(set(file) - {'model', 'train'})[0]}'; valid: model, train")
+    if set(file) - {"task_options", "model", "train"}:
+        unknown = sorted(set(file) - {"task_options", "model", "train"})[0]
+        raise ToylabError(f"unknown config key '{unknown}'; valid: task_options, model, train")
+    from toylab.registry import get_task
+
+    the_task = get_task(task, {**file.get("task_options", {}), **parse_assignments(option)})
     model_fields, train_fields = TransformerConfig.__dataclass_fields__, TrainConfig.__dataclass_fields__
     model_options, train_options = dict(file.get("model", {})), {**file.get("train", {}), "seed": seed}
     for key, value in parse_assignments(set_).items():

@@ -149,3 +149,14 @@ def test_fast_study_through_the_cli(tmp_path, capsys):
     (directory,) = (tmp_path / "expert-specialization").iterdir()
     results = json.loads((directory / "results.json").read_text())
     assert len(results["performance"]["moe"]) == 3 and not results["failed_runs"]
+
+
+def test_train_reads_task_options_from_a_config_file(capsys, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text('[task_options]\nk = 3\nmax_length = 10\n[model]\nd_model = 16\nn_heads = 2\n'
+                      '[train]\nsteps = 4\nn_train = 32\nn_val = 8\neval_every = 2\n')
+    code, out, _ = run(capsys, "train", "--model", "moe", "--config", str(config), "--out", str(tmp_path), "--no-progress")
+    assert code == 0 and "closing_accuracy" in out
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["task_options"]["k"] == 3 and saved["model"]["d_model"] == 16 and saved["train"]["steps"] == 4

@@ -56,3 +56,23 @@ def test_unknown_option_is_rejected(task):
 
     with pytest.raises(ToylabError, match="valid:"):
         get_task(task.name, {"no_such_option": 1})
+
+
+def test_third_party_tasks_register_through_entry_points(monkeypatch):
+    from dataclasses import dataclass
+
+    from tasks.brackets import Brackets
+    from toylab import registry
+
+    @dataclass(frozen=True)
+    class EntryPoint:
+        name: str
+
+        def load(self):
+            return type("Plugin", (Brackets,), {"__doc__": "A plugin task."})
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [EntryPoint("plugin")] if group == "toylab.tasks" else [])
+    monkeypatch.setattr(registry.TASKS, "_classes", dict(registry.TASKS._classes))
+    monkeypatch.setattr(registry.TASKS, "_discovered", False)
+    assert "plugin" in registry.list_tasks() and "brackets" in registry.list_tasks()
+    assert registry.get_task("plugin").sample(2, seed=0).inputs.shape[0] == 2
