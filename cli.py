@@ -56,6 +56,13 @@ def _label_text(label: Label) -> str:
     return f"{kind} {{{shown}}}"
 
 
+def _cell(value: Any) -> str:
+    """One label value for display: '.' where undefined, class ids joined for a multi-hot set ('-' if empty)."""
+    if (value < 0).all():
+        return "."
+    return "".join(map(str, value.nonzero()[0])) or "-" if value.ndim else str(value)
+
+
 @tasks_app.command("list", epilog="Example: toylab tasks list")
 def tasks_list() -> None:
     """List the registered tasks."""
@@ -85,8 +92,7 @@ def tasks_show(
         rows = {"token": tokens}
         for label_name, values in batch.labels.items():
             values = values[i][keep]
-            rows[label_name] = ["".join(map(str, v.nonzero()[0])) or "-" if v.ndim else ("." if v < 0 else str(v))
-                                for v in values]
+            rows[label_name] = [_cell(v) for v in values]
         width = max(len(x) for row in rows.values() for x in row) + 1
         typer.echo(f"\nsample {i}:")
         for row_name, row in rows.items():

@@ -87,3 +87,22 @@ def test_diverging_run_fails_alone(task, tmp_path):
               tmp_path / "diverge", progress=False)
     assert not (tmp_path / "diverge" / "final.json").exists()
     assert json.loads((tmp_path / "diverge" / "config.json").read_text())["train"]["lr"] == 1e30
+
+
+def test_changed_config_retrains_and_stale_marker_is_removed_first(trained, task, tmp_path, monkeypatch):
+    import shutil
+
+    import toylab.training
+
+    run_dir = tmp_path / "changed"
+    shutil.copytree(trained.run_dir, run_dir)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while training the new config
+
+    monkeypatch.setattr(toylab.training.pl.Trainer, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(task, {**TINY_MODEL, "ffn": "dense"}, TINY_TRAIN, run_dir, progress=False)
+    assert not (run_dir / "final.json").exists()
+    with pytest.raises(ToylabError, match="no finished run"):
+        load_trained(run_dir)

@@ -158,10 +158,11 @@ def train(
     config = {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}
     if is_finished(run_dir) and io.read_json(run_dir / "config.json") == config:
         return load_trained(run_dir)
+    (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
+    io.write_json(run_dir / "config.json", config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.threads)
     model = build_model(task, model_options)
-    io.write_json(run_dir / "config.json", config)
     trainer = pl.Trainer(
         max_steps=cfg.steps,
         accelerator=cfg.accelerator,
@@ -178,10 +179,10 @@ def train(
         deterministic=True,
         default_root_dir=run_dir,
     )
-    module = SequenceModel(model, task, cfg)
-    trainer.fit(module, datamodule=TaskDataModule(task, cfg))
+    data = TaskDataModule(task, cfg)
+    trainer.fit(SequenceModel(model, task, cfg), datamodule=data)
     model.cpu().eval()
-    metrics = evaluate(model, task, task.sample(cfg.n_val, data_seed(cfg.seed, "val")))
+    metrics = evaluate(model, task, data.val_batch)
     io.save_tensors(run_dir / "model.safetensors", model.state_dict())
     io.write_json(run_dir / "final.json", {"metrics": metrics, "config_hash": config_hash(config)})
     return TrainedModel(model, task, metrics, run_dir)
