@@ -112,3 +112,18 @@ class MoE(nn.Module):
         grouped_post = dispatch.to_experts(post.reshape(-1, post.shape[-1]))
         out = self.hook_expert_out(per_expert(grouped_post, self.W_out, self.b_out))
         return torch.einsum("...k,...kd->...d", weights, out)
+
+
+def reference_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The oracle for `MoE.forward`: loop over experts, each masking all tokens for the ones that chose it.
+
+    Slow by design; tests check the sorted dispatch against it, and benchmarks time both.
+    """
+    _, experts, weights = moe.route(x)
+    out = torch.zeros_like(x)
+    for e in range(moe.n_experts):
+        for slot in range(moe.k):
+            mask = experts[..., slot] == e
+            h = moe.act(x[mask] @ moe.W_in[e] + moe.b_in[e])
+            out[mask] += weights[..., slot][mask, None] * (h @ moe.W_out[e] + moe.b_out[e])
+    return out
