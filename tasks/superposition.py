@@ -54,11 +54,15 @@ class SparseFeatures(Task):
     active together, anticorrelated pairs never. A sample is one position: inputs and targets are
     the same float vectors `[batch, 1, n]`.
 
+    Every label is a "state": `active` and `n_active` are read off the input directly, and so is
+    `group`, the block that holds the nonzero features (groups are disjoint), undefined only for an
+    all-zero input. Nothing is a "function": the model's job is to reproduce its input.
+
     Sampling is one vectorized torch routine with an instance dimension (`generate`), so the
     per-step training data of a whole sweep of sparsities and the seeded `sample` batches come
     from the same code. One uniform u per feature gives both the activity (u < 1 - S) and the value
-    (u / (1 - S), uniform given activity); an anticorrelated pair reads its first feature's u: the
-    first is active when u < 1 - S, the second when 1 - S <= u < 2(1 - S).
+    (1 - u / (1 - S), uniform given activity); an anticorrelated pair reads its first feature's u:
+    the first is active when u < 1 - S, the second when 1 - S <= u < 2(1 - S).
     """
 
     Config = SuperpositionConfig
@@ -91,9 +95,7 @@ class SparseFeatures(Task):
                 "active", "state", "which features are nonzero", tuple(f"f{i}" for i in range(n)), multi_hot=True
             ),
             "group": Label(
-                "group", "state",
-                "the group the sample's active features come from (IGNORE when none is active); a state, "
-                "not a function: it is read off the input as the block holding the nonzero features",
+                "group", "state", "the group the sample's active features come from (IGNORE when none is active)",
                 tuple(str(g) for g in range(self.config.n_groups)),
             ),
             "n_active": Label(
@@ -128,8 +130,8 @@ class SparseFeatures(Task):
             shifted[n_corr + 1 : n_corr + n_anti : 2] = 1.0  # second feature of an anticorrelated pair
             v = u[..., source] - shifted * density
             active = (v >= 0) & (v < density)
-        values = v / density
-        values[..., 1:n_corr:2] = u[..., 1:n_corr:2]  # correlated partners keep their own value
+        values = 1 - v / density  # in (0, 1] where active, so active features are never exactly 0
+        values[..., 1:n_corr:2] = 1 - u[..., 1:n_corr:2]  # correlated partners keep their own value
         if cfg.n_groups > 1:
             group = torch.randint(cfg.n_groups, (len(sparsity), n), generator=generator)
             active &= torch.from_numpy(self.feature_groups) == group.unsqueeze(-1)

@@ -77,4 +77,5 @@ def test_paired_comparison_verdicts():
     assert paired_comparison([0.1, 0.2, 0.15], [0.9, 0.8, 0.85])["verdict"] == "less"
     assert paired_comparison([0.5, 0.1, 0.9], [0.4, 0.3, 0.8])["verdict"] == "same"
     assert paired_comparison([0.3, 0.3], [0.3, 0.3])["verdict"] == "same"
+    assert paired_comparison([0.4, 0.5], [0.3, 0.4])["verdict"] == "more"  # identical differences: no spread
     assert paired_comparison([0.3], [0.1])["verdict"].startswith("undetermined")

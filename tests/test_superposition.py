@@ -13,15 +13,21 @@ from scipy import stats
 from toylab.analysis.superposition import (
     GEOMETRIC_FRACTIONS,
     dimensions_per_feature,
+    expert_group_purity,
     expert_usage,
     feature_dimensionality,
     feature_norms,
     features_represented,
+    fraction_shares,
     global_dimensionality,
     interference,
     monosemanticity,
+    most_important_represented,
     nearest_fraction,
-    usage_weighted_monosemanticity,
+    plateau,
+    rank_trend,
+    represented_dimensionality,
+    usage_weighted_mean,
 )
 from toylab.errors import ToylabError
 from toylab.registry import get_task
@@ -67,6 +73,25 @@ def test_polytopes_have_their_geometric_fraction(W: torch.Tensor, expected: floa
     assert set(nearest_fraction(D)) == {next(k for k, v in GEOMETRIC_FRACTIONS.items() if v == expected)}
 
 
+def test_fraction_shares_and_importance_order() -> None:
+    W = torch.zeros(2, 3, 8, dtype=torch.float64)  # [inst, m, n]
+    W[0, :2, :5] = polygon(5)  # a pentagon, an antipodal pair, and a feature too weak to count
+    W[0, 2, 5], W[0, 2, 6], W[0, 2, 7] = 1.0, -1.0, 0.2
+    W[1, :, [0, 1, 3]] = torch.eye(3, dtype=torch.float64)  # three dedicated features, skipping feature 2
+    names = [*GEOMETRIC_FRACTIONS, "other"]
+    shares = dict(zip(names, fraction_shares(W)[0].tolist()))
+    assert shares == {**dict.fromkeys(names, 0.0), "2/5": 5 / 7, "1/2": 2 / 7}
+    assert fraction_shares(W)[1].tolist() == [1.0] + [0.0] * 6
+    assert nearest_fraction(torch.tensor([0.99, 0.55, 0.2])) == ["1", "other", "other"]
+    importance = 0.7 ** torch.arange(8.0)
+    assert most_important_represented(W, importance).tolist() == [True, False]  # features 0-6; 0, 1, 3
+    assert most_important_represented(W, importance.flip(0)).tolist() == [False, False]
+    W[1, :, 2], W[0, 2, 7] = 0.0, 0.0
+    W[1, 2, [2, 3]] = torch.tensor([1.0, 0.0], dtype=torch.float64)  # now features 0-2
+    assert most_important_represented(W, importance).tolist() == [True, True]
+    assert most_important_represented(W, importance.flip(0)).tolist() == [False, False]
+
+
 def test_metrics_equal_a_naive_loop_over_instances_and_features() -> None:
     W = torch.randn(3, 2, 4, 6, dtype=torch.float64)  # [inst, expert, m, n]
     W[0, 1, :, 2] = 0.0
@@ -91,18 +116,41 @@ def test_expert_usage_counts_slots() -> None:
 
 
 def test_moe_metrics_on_hand_built_experts() -> None:
-    W = torch.zeros(2, 4, 6, dtype=torch.float64)  # [E, m, n]
-    W[0, :, :4] = torch.eye(4)  # expert 0: four dedicated features, features 4 and 5 unlearned
+    W = torch.zeros(2, 5, 6, dtype=torch.float64)  # [E, m, n]
+    W[0, :4, :4] = torch.eye(4)  # expert 0: four dedicated features, feature 5 unlearned,
+    W[0, 4, 4] = 0.3  # and feature 4 orthogonal but too weak to count as represented
     W[1, :2, :] = torch.cat([polygon(5), torch.tensor([[0.0], [0.0]], dtype=torch.float64)], 1)  # pentagon
     W[1, 2, 5] = 1.0  # ... and one dedicated feature
     assert monosemanticity(W).tolist() == pytest.approx([1.0, 1 / 6])
+    assert represented_dimensionality(W).tolist() == pytest.approx([1.0, (5 * 0.4 + 1) / 6])
     usage = torch.tensor([0.25, 0.75], dtype=torch.float64)
-    expected = 0.25 * torch.tensor([1, 1, 1, 1, 0, 0]) + 0.75 * torch.tensor([0.4] * 5 + [1.0])
+    expected = 0.25 * torch.tensor([1, 1, 1, 1, 1, 0]) + 0.75 * torch.tensor([0.4] * 5 + [1.0])
     assert torch.allclose(global_dimensionality(W, usage), expected.double())
-    assert usage_weighted_monosemanticity(W, usage).item() == pytest.approx(0.25 + 0.75 / 6)
+    assert usage_weighted_mean(monosemanticity(W), usage).item() == pytest.approx(0.25 + 0.75 / 6)
     W[1] = 0.0  # an expert with nothing represented is NaN and drops out of the model's share
     assert math.isnan(monosemanticity(W)[1].item())
-    assert usage_weighted_monosemanticity(W, usage).item() == pytest.approx(1.0)
+    assert usage_weighted_mean(monosemanticity(W), usage).item() == pytest.approx(1.0)
+
+
+def test_expert_group_purity_and_rank_trend() -> None:
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    W = torch.zeros(3, 4, 6, dtype=torch.float64)  # [E, m, n]
+    W[0, :3, :3] = torch.eye(3, dtype=torch.float64)  # expert 0: group 0 only
+    W[1, :3, [0, 3, 4]] = torch.eye(3, dtype=torch.float64)  # expert 1: one feature of group 0, two of group 1
+    W[1, 3, 1] = 0.3  # too weak to count
+    purity = expert_group_purity(W, groups)
+    assert purity[:2].tolist() == pytest.approx([1.0, 2 / 3]) and math.isnan(purity[2].item())
+    rising = rank_trend([1, 2, 3, 4, 5, 6], [0.1, 0.3, 0.2, 0.5, 0.7, 0.9])
+    assert rising["rho"] == pytest.approx(stats.spearmanr([1, 2, 3, 4, 5, 6], [0.1, 0.3, 0.2, 0.5, 0.7, 0.9]).statistic)
+    assert rising["rho"] > 0.8 and rising["p_value"] < 0.05
+    assert math.isnan(rank_trend([1, 2, 3], [1.0, 1.0, 1.0])["rho"])
+
+
+def test_plateau_is_the_longest_run_near_the_target() -> None:
+    curve = [1.0, 0.8, 0.52, 0.49, 0.9, 0.51, 0.5, 0.47, 0.3, 0.5]
+    assert plateau(curve, 0.5, 0.05) == (5, 3)
+    assert plateau(curve, 0.5, 0.005) == (6, 1)
+    assert plateau(curve, 0.2, 0.05) == (0, 0)
 
 
 # ---- the task ----

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from toylab.analysis.superposition import feature_dimensionality, feature_norms, features_represented
+from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models.superposition import (
     ToyModel,
@@ -21,15 +23,6 @@ from toylab.models.superposition import (
 from toylab.registry import get_task
 
 FEATURES, HIDDEN = 6, 3
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def features(batch: int, inst: int, seed: int = 0) -> torch.Tensor:
@@ -108,10 +101,13 @@ def test_one_expert_moe_equals_dense_model() -> None:
     assert torch.allclose(moe(x), dense(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("top_k", [1, 3])
-def test_moe_routing_and_mixing_equal_a_per_sample_loop(top_k: int) -> None:
+@pytest.mark.parametrize(("top_k", "gate_weights"), [(1, "renormalized"), (1, "softmax"), (3, "renormalized"), (3, "softmax")])
+def test_moe_routing_and_mixing_equal_a_per_sample_loop(top_k: int, gate_weights: str) -> None:
     E, inst = 5, 2
-    model = ToyMoE(ToyModelConfig(n_features=FEATURES, n_hidden=HIDDEN, n_instances=inst, n_experts=E, top_k=top_k))
+    cfg = ToyModelConfig(
+        n_features=FEATURES, n_hidden=HIDDEN, n_instances=inst, n_experts=E, top_k=top_k, gate_weights=gate_weights
+    )
+    model = ToyMoE(cfg)
     model.b.data = 0.1 * torch.randn(inst, E, FEATURES)
     model.W_gate.data *= 3
     x = features(40, inst, seed=1)
@@ -126,11 +122,11 @@ def test_moe_routing_and_mixing_equal_a_per_sample_loop(top_k: int) -> None:
             probs = torch.softmax(gate[i] @ x[s, i], 0)
             chosen = cache["hook_expert_indices"][s, i]  # the top k, best first (any order among ties)
             assert torch.equal(probs[chosen], probs.sort(descending=True).values[:top_k])
-            weights = probs[chosen] / (probs[chosen].sum() if top_k > 1 else 1)
+            weights = probs[chosen] / (probs[chosen].sum() if top_k > 1 or gate_weights == "renormalized" else 1)
             expected = sum(w * torch.relu(W[i, e].T @ (W[i, e] @ x[s, i]) + b[i, e]) for w, e in zip(weights, chosen))
             assert torch.allclose(out[s, i], expected, atol=1e-5)
-    if top_k > 1:
-        assert torch.allclose(cache["hook_expert_weights"].sum(-1), torch.ones(40, inst))
+    sums = cache["hook_expert_weights"].sum(-1)
+    assert torch.allclose(sums, torch.ones(40, inst)) == (top_k > 1 or gate_weights == "renormalized")
 
 
 def test_load_balance_loss() -> None:
@@ -146,13 +142,27 @@ def test_load_balance_loss() -> None:
     assert torch.allclose(model.aux_loss(), 0.5 * model.load_balance_loss(probs, cache["hook_expert_indices"]))
 
 
-def test_training_is_seeded_and_validates_settings(one_thread: None) -> None:
+@pytest.mark.parametrize(("cls", "options", "message"), [
+    (ToyModelConfig, {"n_experts": 2, "top_k": 3}, "top_k must be in"),
+    (ToyModelConfig, {"n_hidden": 0}, "n_hidden must be >= 1"),
+    (ToyModelConfig, {"activation": "gelu"}, "valid: relu, linear"),
+    (ToyTrainConfig, {"lr": -1}, "lr must be a positive number"),
+    (ToyTrainConfig, {"threads": 0}, "threads must be >= 1"),
+])
+def test_config_errors(cls: type, options: dict, message: str) -> None:
+    with pytest.raises(ToylabError, match=message):
+        build(cls, options)
+
+
+def test_training_is_seeded_and_validates_settings() -> None:
     task = get_task("superposition", n_features=FEATURES)
     cfg = ToyModelConfig(n_features=FEATURES, n_hidden=HIDDEN, n_instances=2)
     train = ToyTrainConfig(steps=30, batch_size=64, log_every=10, n_eval=256)
+    threads = torch.get_num_threads()
     a = train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.1, 0.9])
     b = train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.1, 0.9])
     assert torch.equal(a.model.W, b.model.W) and np.array_equal(a.loss, b.loss)
+    assert torch.get_num_threads() == threads  # training ran on train.threads and restored the setting
     assert a.history.shape == (3, 2) and a.loss.shape == (2,)
     with pytest.raises(ToylabError, match="one value per instance"):
         train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.1])
@@ -160,7 +170,21 @@ def test_training_is_seeded_and_validates_settings(one_thread: None) -> None:
         train_toy_model(build_toy_model(cfg), task, train, importance=np.ones(3))
 
 
-def test_training_finds_the_paper_s_planted_geometry(one_thread: None) -> None:
+def test_finished_runs_are_reused(tmp_path: Path) -> None:
+    task = get_task("superposition", n_features=FEATURES)
+    cfg = ToyModelConfig(n_features=FEATURES, n_hidden=HIDDEN, n_instances=2, n_experts=2)
+    train = ToyTrainConfig(steps=20, batch_size=32, log_every=10, n_eval=64)
+    first = train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.5, 0.9], run_dir=tmp_path)
+    final = json.loads((tmp_path / "final.json").read_text())
+    (tmp_path / "final.json").write_text(json.dumps({**final, "loss": [7.0, 7.0]}))  # marks the stored run
+    again = train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.5, 0.9], run_dir=tmp_path)
+    assert again.loss.tolist() == [7.0, 7.0] and torch.equal(again.model.W, first.model.W)
+    assert np.array_equal(again.history, first.history)
+    other = train_toy_model(build_toy_model(cfg), task, train, sparsity=[0.5, 0.8], run_dir=tmp_path)
+    assert other.loss.tolist() != [7.0, 7.0]
+
+
+def test_training_finds_the_paper_s_planted_geometry() -> None:
     """n=20, m=5, I_i=0.7^i: dense features give the 5 most important orthogonally; sparse ones superpose."""
     task = get_task("superposition")
     sparsity = [0.0] * 3 + [0.99] * 3

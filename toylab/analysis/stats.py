@@ -39,8 +39,11 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = 0.0
     diff = mean_ci(x[keep] - y[keep], 1 - alpha)
     if diff["n"] < 2:
         return {**diff, "p_value": math.nan, "verdict": "undetermined (fewer than 2 seeds)"}
-    if np.all(x[keep] == y[keep]):
-        return {**diff, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0, "verdict": "same"}
+    differences = x[keep] - y[keep]
+    if np.ptp(differences) <= 1e-12:  # no spread: the t-test is undefined and the sign is certain
+        mean = float(differences.mean())
+        verdict = "more" if mean > 1e-12 else "less" if mean < -1e-12 else "same"
+        return {**diff, "ci_low": mean, "ci_high": mean, "p_value": float(verdict == "same"), "verdict": verdict}
     p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
     verdict = "more" if diff["ci_low"] > 0 else "less" if diff["ci_high"] < 0 else "same"
     return {**diff, "p_value": p, "verdict": verdict}

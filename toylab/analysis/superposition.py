@@ -15,9 +15,13 @@ own, 1/2 for an antipodal pair, 2/5 for a pentagon in a plane; 0 for a feature n
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 GEOMETRIC_FRACTIONS: dict[str, float] = {
     "1": 1.0,  # a dimension of its own
@@ -80,11 +84,38 @@ def dimensions_per_feature(W: torch.Tensor | np.ndarray) -> torch.Tensor:
     return W.shape[-2] / W.pow(2).sum((-2, -1))
 
 
-def nearest_fraction(D: torch.Tensor | np.ndarray) -> list[str]:
-    """Name of the geometric fraction nearest each dimensionality (flattened), e.g. "1/2"."""
-    names, values = list(GEOMETRIC_FRACTIONS), torch.tensor(list(GEOMETRIC_FRACTIONS.values()), dtype=torch.float64)
-    nearest = (torch.as_tensor(D, dtype=torch.float64).reshape(-1, 1) - values).abs().argmin(-1)
-    return [names[i] for i in nearest.tolist()]
+def _nearest(D: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Index of the geometric fraction within `tolerance` of each D, or len(GEOMETRIC_FRACTIONS) for none."""
+    values = torch.tensor(list(GEOMETRIC_FRACTIONS.values()), dtype=torch.float64)
+    distance = (D.unsqueeze(-1) - values).abs()
+    nearest = distance.argmin(-1)
+    return torch.where(distance.min(-1).values <= tolerance, nearest, len(values))
+
+
+def nearest_fraction(D: torch.Tensor | np.ndarray, tolerance: float = 0.03) -> list[str]:
+    """Name of the geometric fraction within `tolerance` of each dimensionality (flattened), e.g. "1/2", else "other"."""
+    names = [*GEOMETRIC_FRACTIONS, "other"]
+    return [names[i] for i in _nearest(torch.as_tensor(D, dtype=torch.float64).reshape(-1), tolerance).tolist()]
+
+
+def fraction_shares(
+    W: torch.Tensor | np.ndarray, tolerance: float = 0.03, threshold: float = REPRESENTED
+) -> torch.Tensor:
+    """Share of the represented features at each geometric fraction, then "other" `[..., len(GEOMETRIC_FRACTIONS) + 1]`."""
+    represented = feature_norms(W) > threshold
+    bins = F.one_hot(_nearest(feature_dimensionality(W), tolerance), len(GEOMETRIC_FRACTIONS) + 1)
+    counts = (bins * represented.unsqueeze(-1)).sum(-2).double()
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def most_important_represented(
+    W: torch.Tensor | np.ndarray, importance: torch.Tensor | np.ndarray, threshold: float = REPRESENTED
+) -> torch.Tensor:
+    """Whether the represented features are exactly the most important ones `[...]` (importance `[..., n]`)."""
+    represented = feature_norms(W) > threshold
+    order = torch.as_tensor(importance).argsort(dim=-1, descending=True, stable=True)
+    ranked = represented.gather(-1, order.expand_as(represented))
+    return (ranked[..., 1:] <= ranked[..., :-1]).all(-1)
 
 
 def expert_usage(expert_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -110,10 +141,49 @@ def monosemanticity(
     return mono.sum(-1) / represented.sum(-1).double().where(represented.any(-1), torch.nan)
 
 
-def usage_weighted_monosemanticity(
-    W: torch.Tensor | np.ndarray, usage: torch.Tensor, tolerance: float = 0.1, threshold: float = REPRESENTED
+def represented_dimensionality(W: torch.Tensor | np.ndarray, threshold: float = REPRESENTED) -> torch.Tensor:
+    """Mean D_i over the represented features of each matrix `[...]` (NaN when none is represented)."""
+    represented = feature_norms(W) > threshold
+    total = (feature_dimensionality(W) * represented).sum(-1)
+    return total / represented.sum(-1).double().where(represented.any(-1), torch.nan)
+
+
+def usage_weighted_mean(values: torch.Tensor, usage: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Mean of per-expert values `[..., E]` weighted by usage `[..., E]`, over the experts whose value is not NaN."""
+    usage = torch.as_tensor(usage, dtype=torch.float64).where(~values.isnan(), 0.0)
+    return (values.nan_to_num() * usage).sum(-1) / usage.sum(-1)
+
+
+def plateau(values: Sequence[float], target: float, tolerance: float) -> tuple[int, int]:
+    """`(start, length)` of the longest run of consecutive values within `tolerance` of `target` (length 0: none)."""
+    near = np.abs(np.asarray(values, dtype=np.float64) - target) <= tolerance
+    edges = np.diff(np.concatenate([[0], near.astype(int), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not len(starts):
+        return 0, 0
+    longest = int(np.argmax(ends - starts))
+    return int(starts[longest]), int(ends[longest] - starts[longest])
+
+
+def expert_group_purity(
+    W: torch.Tensor | np.ndarray, feature_groups: np.ndarray | torch.Tensor, threshold: float = REPRESENTED
 ) -> torch.Tensor:
-    """Monosemanticity of a whole MoE `[...]`: per-expert shares weighted by usage, over experts representing features."""
-    mono = monosemanticity(W, tolerance, threshold)
-    usage = torch.as_tensor(usage, dtype=torch.float64).where(~mono.isnan(), 0.0)
-    return (mono.nan_to_num() * usage).sum(-1) / usage.sum(-1)
+    """Per expert `[..., E]`: share of its represented features that lie in its most common feature group.
+
+    1 when an expert represents features of one group only; NaN when it represents none.
+    """
+    represented = (feature_norms(W) > threshold).double()  # [..., E, n]
+    groups = F.one_hot(torch.as_tensor(feature_groups)).double()  # [n, G]
+    per_group = torch.einsum("... e f, f g -> ... e g", represented, groups)
+    total = per_group.sum(-1)
+    return per_group.max(-1).values / total.where(total > 0, torch.nan)
+
+
+def rank_trend(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Spearman rank correlation of y with x and its two-sided p-value (finite pairs only)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return {"rho": math.nan, "p_value": math.nan, "n": int(keep.sum())}
+    result = stats.spearmanr(x[keep], y[keep])
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(keep.sum())}

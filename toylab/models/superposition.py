@@ -15,20 +15,26 @@ The MoE has E such experts and a linear softmax gate on x; each sample uses its 
     y_e = ReLU(W_e^T h_e + b_e)                   hook_expert_out      [batch, inst, E, n]
     x' = sum_j w_j y_{e_j}                        hook_out             [batch, inst, n]
 
-As in `toylab.models.moe`, the weights of the k chosen experts are renormalized to sum to 1 when
-k > 1; with k = 1 the weight is the router probability itself, so the reconstruction loss trains
-the router. Loss: sum over instances of the importance-weighted squared error, mean over samples
-and features, plus the Switch load-balancing loss E * sum_e f_e P_e (optional, weighted).
+The weights of the k chosen experts are renormalized to sum to 1 (`gate_weights="renormalized"`,
+as in Chaudhari et al.; with k = 1 the weight is 1 and the router learns only from the
+load-balancing loss), or, with `gate_weights="softmax"` and k = 1, are the router probability
+itself (Switch, as in `toylab.models.moe`): the reconstruction then trains the router, but the
+output is scaled by p, which the expert weights must undo. Loss: sum over instances of the
+importance-weighted squared error, mean over samples and features, plus the Switch load-balancing
+loss E * sum_e f_e P_e (optional, weighted).
 
-All experts run on every sample and the gate zeroes the unchosen: for experts of a few hundred
-weights one dense einsum is faster than sorting samples by expert (`SortedDispatch`), and it
-keeps every expert's activations in a fixed layout.
+All experts run on every sample and the gate zeroes the unchosen ones: one batched einsum with a
+fixed layout for every expert's activations, at E/k times the arithmetic of the chosen experts,
+which is small at these sizes (no sorting by expert as in `SortedDispatch`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -38,10 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tasks.superposition import SparseFeatures
+from toylab import io
+from toylab.config import to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
 from toylab.training import data_seed
-from tasks.superposition import SparseFeatures
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class ToyModelConfig:
     n_experts: int = 1
     """1 gives the dense model; more give the mixture of experts."""
     top_k: int = 1
+    gate_weights: Literal["renormalized", "softmax"] = "renormalized"
+    """How the chosen experts' outputs are weighted when top_k = 1: weight 1, or the router probability."""
     load_balance_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -146,14 +156,14 @@ class ToyMoE(_ToyBase):
         logits = self.hook_router_logits(torch.einsum("b i f, i e f -> b i e", x, self.W_gate))
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.cfg.top_k, dim=-1)
-        if self.cfg.top_k > 1:
+        if self.cfg.top_k > 1 or self.cfg.gate_weights == "renormalized":
             weights = weights / weights.sum(-1, keepdim=True)
         return probs, self.hook_expert_indices(experts), self.hook_expert_weights(weights)
 
     def load_balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch loss per instance `[inst]`: E * sum_e f_e P_e, 1 when routing is uniform."""
         routed = torch.zeros_like(probs).scatter_(-1, experts, 1.0)  # [batch, inst, E]
-        fraction = routed.mean(0)
+        fraction = routed.mean(0) / self.cfg.top_k
         return self.cfg.n_experts * (fraction * probs.mean(0)).sum(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,9 +193,12 @@ class ToyTrainConfig:
     log_every: int = 100
     n_eval: int = 10000
     seed: int = 0
+    threads: int = 1
+    """Torch intra-op threads while training and evaluating; for models this small, syncing a second
+    thread costs more than it saves (2 threads on 2 busy cores ran a 100-instance sweep 4x slower)."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "n_eval"):
+        for key in ("steps", "batch_size", "log_every", "n_eval", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -258,10 +271,47 @@ def train_toy_model(
     cfg: ToyTrainConfig,
     sparsity: Sequence[float] | torch.Tensor | None = None,
     importance: np.ndarray | torch.Tensor | None = None,
+    run_dir: Path | None = None,
     progress: bool = False,
 ) -> ToyTrainResult:
-    """Train every instance of `model` on `task`'s features at its own sparsity `[inst]` and importance."""
+    """Train every instance of `model` on `task`'s features at its own sparsity `[inst]` and importance.
+
+    With `run_dir`, a finished run there with the same settings is loaded instead, and a new run
+    is saved there: `config.json`, `model.safetensors`, then `final.json` (its presence marks it finished).
+    """
     sparsity, importance = instance_settings(model, task, sparsity, importance)
+    config = {
+        "task": task.name, "task_options": task.options, "model": to_dict(model.cfg), "seeds": model.seeds,
+        "train": to_dict(cfg), "sparsity": sparsity.tolist(), "importance": importance.tolist(),
+    }
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None and (run_dir / "final.json").is_file() and io.read_json(run_dir / "config.json") == config:
+        return load_toy_run(model, run_dir)
+    with torch_threads(cfg.threads):
+        result = _fit(model, task, cfg, sparsity, importance, progress)
+    if run_dir is not None:
+        io.write_json(run_dir / "config.json", config)
+        io.save_tensors(run_dir / "model.safetensors", model.state_dict())
+        io.write_json(run_dir / "final.json", {"loss": result.loss.tolist(), "history": result.history.tolist()})
+    return result
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch intra-op threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(
+    model: ToyModel | ToyMoE, task: SparseFeatures, cfg: ToyTrainConfig,
+    sparsity: torch.Tensor, importance: torch.Tensor, progress: bool,
+) -> ToyTrainResult:
+    """Fit with Lightning, then evaluate on a fresh batch."""
     module = ToyTrainer(model, task, cfg, sparsity, importance)
     trainer = pl.Trainer(
         max_steps=cfg.steps,
@@ -277,6 +327,16 @@ def train_toy_model(
     model.eval()
     loss = evaluate_toy_model(model, task, sparsity, importance, cfg.n_eval, data_seed(cfg.seed, "val"))
     return ToyTrainResult(model, loss, torch.stack(module.history).numpy())
+
+
+def load_toy_run(model: ToyModel | ToyMoE, run_dir: Path) -> ToyTrainResult:
+    """Load a finished run's weights into `model` (built with the run's config) and its losses."""
+    try:
+        model.load_state_dict(io.load_tensors(run_dir / "model.safetensors"))
+    except RuntimeError as error:
+        raise ToylabError(f"checkpoint {run_dir / 'model.safetensors'} does not match its config: {error}") from None
+    final = io.read_json(run_dir / "final.json")
+    return ToyTrainResult(model.eval(), np.array(final["loss"]), np.array(final["history"]))
 
 
 @torch.no_grad()
