@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -156,9 +156,9 @@ def is_shortest_path(maze: nx.Graph, start: Any, goal: Any, path: Sequence[Any])
 class Gridworld(Task):
     """Maze planning: given the start, the goal and the open edges of a maze, output a shortest path cell by cell.
 
-    Sequence: `<bos> S G e_1 .. e_k <pause>*p <path> c_1 .. c_L <eos> <pad>..` with one token per
+    Sequence: `<bos> S G e_1 .. e_k <pause>*p <path> S c_1 .. c_L <eos> <pad>..` with one token per
     open edge (random order) and one per cell; `c_L = G` and `L` is the BFS distance, with ties
-    broken at random. The loss covers the path: `<path>` predicts `c_1`, and `G` predicts `<eos>`.
+    broken at random. The prompt ends at `<path>`; the loss covers the answer `S c_1 .. c_L <eos>`.
     Labels hold after reading each token; on pauses, `<path>` and path cells the agent is at the
     current cell (the start before the path). Edge labels are properties of the whole maze.
     """
@@ -181,8 +181,9 @@ class Gridworld(Task):
 
     @property
     def seq_len(self) -> int:
+        """Room for every edge open and the longest possible path at once: 6 markers + pauses + edges + cells - 1."""
         n = self.config.size
-        return 5 + self.config.pause + 2 * n * (n - 1) + n * n - 1
+        return 6 + self.config.pause + 2 * n * (n - 1) + n * n - 1
 
     @property
     def labels(self) -> dict[str, Label]:
@@ -201,7 +202,7 @@ class Gridworld(Task):
             ),
             "steps_remaining": Label(
                 "steps_remaining", "function", "tokens until the goal is written (distance plus pauses left)",
-                ordinal(m * m + p), ordinal=True,
+                ordinal(m * m + p + 1), ordinal=True,
             ),
             "cell_kind": Label("cell_kind", "function", "dead end, corridor or junction (1, 2, 3+ open moves)", CELL_KINDS),
             "on_path": Label("on_path", "function", "for an edge token: whether the edge lies on a shortest path", ("off", "on")),
@@ -253,16 +254,17 @@ class Gridworld(Task):
             from_start[rows[:, None], v] + 1 + to_goal[rows[:, None], u] == total
         )
 
-        # layout: bos S G edges pauses <path> c_1..c_L eos pad
+        # layout: bos S G edges pauses <path> S c_1..c_L eos pad
         pos = np.arange(self.seq_len)[None, :]
         n_edges = edge_open.sum(1, keepdims=True)
         marker = 3 + n_edges + p
         is_edge = (pos >= 3) & (pos < 3 + n_edges)
         is_pause = (pos >= 3 + n_edges) & (pos < marker)
-        is_step = (pos > marker) & (pos <= marker + total)
-        is_eos = pos == marker + total + 1
+        goal_at = marker + 1 + total
+        is_step = (pos > marker) & (pos <= goal_at)
+        is_eos = pos == goal_at + 1
         segment = is_pause | (pos == marker) | is_step
-        step = np.clip(pos - marker, 0, cells - 1)
+        step = np.clip(pos - marker - 1, 0, cells - 1)
         here = path[rows[:, None], step]
         edge_index = np.clip(pos - 3, 0, order.shape[1] - 1)
 
@@ -292,13 +294,16 @@ class Gridworld(Task):
             "walls": np.where(segment, (here_open << np.arange(4)).sum(-1), IGNORE),
             "distance": np.where(segment, to_goal[rows[:, None], here], IGNORE),
             "next_moves": np.where(segment[..., None], optimal[rows[:, None], here], IGNORE),
-            "steps_remaining": np.where(segment, marker + total - pos, IGNORE),
+            "steps_remaining": np.where(segment, goal_at - pos, IGNORE),
             "cell_kind": np.where(segment, np.minimum(here_open.sum(-1), 3) - 1, IGNORE),
             "on_path": np.where(is_edge, on_path[rows[:, None], edge_index], IGNORE),
         }
         targets = np.concatenate([tokens[:, 1:], np.full((n, 1), PAD)], axis=1)
-        loss_mask = (pos >= marker) & (pos <= marker + total)
+        loss_mask = (pos >= marker) & (pos <= goal_at)
         return Batch(tokens, targets, loss_mask, labels)
+
+    def positions(self, batch: Batch) -> np.ndarray:
+        return batch.inputs != PAD
 
     def cell_of(self, token: int) -> Cell:
         """`(row, col)` on the canvas of a cell token."""
@@ -327,20 +332,21 @@ class Gridworld(Task):
     def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Teacher-forced scores along the given path.
 
-        `move_accuracy`: steps whose top token is a neighbour one move closer to the goal (any of
-        the tied optimal moves); `stop_accuracy`: `<eos>` predicted at the goal; `maze_accuracy`:
-        mazes with every step and the stop right.
+        `move_accuracy`: path cells (before the goal) whose top token is a neighbour one move closer
+        to the goal (any of the tied optimal moves); `stop_accuracy`: `<eos>` predicted at the goal;
+        `maze_accuracy`: mazes with the start, every move and the stop right.
         """
         m = self.canvas
-        mask = torch.from_numpy(batch.loss_mask)
+        _, targets, mask = batch.tensors()
         cell = torch.from_numpy(batch.labels["cell"])
         moves = torch.from_numpy(batch.labels["next_moves"]) == 1
         at_goal = torch.from_numpy(batch.labels["distance"]) == 0
+        marker = torch.from_numpy(batch.inputs) == PATH
         predicted = logits.argmax(-1)
         candidates = CELL + cell.unsqueeze(-1) + torch.tensor([-m, m, -1, 1])
         move_ok = (moves & (predicted.unsqueeze(-1) == candidates)).any(-1)
-        correct = torch.where(at_goal, predicted == EOS, move_ok)
-        steps, stops = mask & ~at_goal, mask & at_goal
+        correct = torch.where(marker, predicted == targets, torch.where(at_goal, predicted == EOS, move_ok))
+        steps, stops = mask & ~at_goal & ~marker, mask & at_goal
         return {
             "move_accuracy": (move_ok & steps).sum().item() / steps.sum().item(),
             "stop_accuracy": (correct & stops).sum().item() / stops.sum().item(),
@@ -348,10 +354,10 @@ class Gridworld(Task):
         }
 
     @torch.no_grad()
-    def solve(self, model: torch.nn.Module, batch: Batch) -> list[list[Cell] | None]:
+    def solve(self, model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> list[list[Cell] | None]:
         """Greedy decoding from each prompt (up to `<path>`), batched over the mazes still being decoded.
 
-        Returns the cells output before `<eos>`, or None for a maze whose output stopped otherwise
+        Returns the cells output before `<eos>` (the start first), or None for a maze whose output stopped otherwise
         (a token that is not a cell, or the end of the sequence).
         """
         inputs = torch.from_numpy(batch.inputs)
@@ -375,7 +381,7 @@ class Gridworld(Task):
             for i in range(n)
         ]
 
-    def solve_rate(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+    def solve_rate(self, model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> dict[str, float]:
         """Greedy decoding scored against BFS (`is_shortest_path`).
 
         `solve_rate`: mazes whose output is a shortest path to the goal followed by `<eos>`;
@@ -384,9 +390,7 @@ class Gridworld(Task):
         solved = reached = 0
         paths = self.solve(model, batch)
         for (maze, start, goal), path in zip(self.mazes(batch.inputs), paths):
-            if path is None:
-                continue
-            walk = [start, *path]
-            solved += is_shortest_path(maze, start, goal, walk)
-            reached += walk[-1] == goal and all(maze.has_edge(a, b) for a, b in zip(walk, walk[1:]))
+            if path:
+                solved += is_shortest_path(maze, start, goal, path)
+                reached += path[0] == start and path[-1] == goal and nx.is_path(maze, path)
         return {"solve_rate": solved / len(paths), "reach_rate": reached / len(paths)}

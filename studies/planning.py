@@ -1,0 +1,324 @@
+"""Study `planning`: where, and how far ahead, do small transformers plan a path through a maze?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks.gridworld import TOKEN_TYPES
+from toylab.analysis.probes import ahead, probe_residual_stream, residual_stream
+from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
+from toylab.analysis.stats import mean_ci, paired_comparison
+from toylab.config import build
+from toylab.errors import ToylabError
+from toylab.models import Transformer, TransformerConfig
+from toylab.registry import get_task, register_study
+from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.study import Study, StudyContext
+from toylab.task import IGNORE, Batch, Task
+from toylab.training import TrainConfig, evaluate
+
+PLAN_POSITIONS = ("pause", "path", "step")
+"""Position types where the agent has a current cell: thinking pauses, `<path>`, and the path cells."""
+SCORES = ("accuracy", "baseline", "shuffled", "r2")
+
+METRIC_NOTES = """\
+- **Solve rate**: share of held-out mazes where greedy decoding from the prompt writes a shortest path (checked against BFS) and then `<eos>`. **Reach rate** accepts any walk along open edges that ends at the goal.
+- **Teacher-forced accuracies**: with the true path as input, `move_accuracy` counts path cells whose top prediction is one of the tied optimal next cells; `maze_accuracy` counts mazes right at every step.
+- **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both.
+- **Move +k**: at a path cell, the optimal move set k cells later (the empty set at the goal), so k = 0 is the move the model is about to make and k ≥ 1 is plan the model does not yet need to output. **Next cell** is the token the model is about to write (the cell after a move), for comparison: what the unembedding reads.
+- **On path**: at an edge token of the maze description, whether that edge lies on some shortest path. The start and goal come before the maze, so this is computable in principle, though each edge token sees only the edges before it.
+- **Expert specialization**: NMI/ARI between the top-1 expert of each MoE layer and each label, against k-means with as many clusters on the router input, k-means on the dense model's same site, and a shuffled-assignment null (see the `expert-specialization` study).
+- **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t confidence interval; comparisons between settings are paired by seed.
+"""
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    size: int = 3
+    """Side of the training mazes."""
+    canvas: int = 4
+    """Side of the grid the vocabulary covers; training mazes sit at random offsets on it."""
+    pause: int = 4
+    """Pause tokens before the path (thinking time)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Other `gridworld` options (generators, p_open)."""
+    seeds: int = 3
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 64, "n_heads": 4, "d_mlp": 128, "n_layers": 2})
+    """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
+    n_experts: int = 4
+    top_k: int = 1
+    train: TrainConfig = TrainConfig(steps=3000, lr=3e-3, eval_every=500)
+    n_eval: int = 500
+    """Held-out mazes for solve rates, probes and the specialization analysis (the same for every seed)."""
+    larger_size: int | None = 4
+    """Also decode mazes of this size on the same canvas (larger than trained on); None to skip."""
+    ahead: int = 3
+    """Probe the optimal move up to this many path cells ahead."""
+    pauses: tuple[int, ...] = ()
+    """Thinking time: also train dense models with these numbers of pause tokens (same budget) and
+    compare them with the main dense model, e.g. `(0,)` for no thinking time."""
+    n_permutations: int = 200
+    eval_seed: int = 20261121
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.n_eval < 8 or self.n_permutations < 1 or self.ahead < 0:
+            raise ValueError("seeds and n_permutations must be >= 1, n_eval >= 8, ahead >= 0")
+
+
+def probe_targets(steps_ahead: int) -> list[tuple[str, str, str, int, tuple[str, ...]]]:
+    """`(target, label, probe kind, offset, position types)` of every probe."""
+    return [
+        ("distance", "distance", "ridge", 0, PLAN_POSITIONS),
+        ("next move", "next_moves", "logistic", 0, PLAN_POSITIONS),
+        ("next cell", "cell", "logistic", 1, ("step",)),
+        *[(f"move +{k}", "next_moves", "logistic", k, ("step",)) for k in range(1, steps_ahead + 1)],
+        ("on path", "on_path", "logistic", 0, ("edge",)),
+    ]
+
+
+def probe_plan(model: Transformer, batch: Batch, steps_ahead: int, seed: int) -> list[dict[str, Any]]:
+    """Probe rows for every target, layer and position type of one model."""
+    resid = residual_stream(model, torch.from_numpy(batch.inputs))
+    types = batch.labels["token_type"]
+    rows = []
+    for target, label, kind, offset, positions in probe_targets(steps_ahead):
+        selected = np.where(np.isin(types, [TOKEN_TYPES.index(p) for p in positions]), types, IGNORE)
+        found = probe_residual_stream(resid, ahead(batch.labels[label], offset), selected, TOKEN_TYPES, kind, seed=seed)
+        rows += [{"target": target, "offset": offset, **row} for row in found]
+    return rows
+
+
+def with_positions(model: Transformer, max_len: int) -> Transformer:
+    """The same weights with zero positional embeddings appended up to `max_len` (positions never trained)."""
+    longer = Transformer(replace(model.cfg, max_len=max_len)).eval()
+    state = model.state_dict()
+    state["W_pos"] = torch.cat([state["W_pos"], state["W_pos"].new_zeros(max_len - len(state["W_pos"]), model.cfg.d_model)])
+    longer.load_state_dict(state)
+    return longer
+
+
+def over_seeds(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Mean and 95% CI over seeds of every probe score, per group of `keys`."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for group, sub in frame.groupby(keys, sort=False):
+        values = {s: mean_ci([np.nan if v is None else v for v in sub[s]]) for s in SCORES}
+        out.append({**dict(zip(keys, group)), **values})
+    return out
+
+
+@register_study("planning")
+class Planning(Study):
+    """Train dense and MoE transformers on maze planning; probe where and how far ahead the path is represented."""
+
+    Config = PlanningConfig
+    fast = {
+        "seeds": 2,
+        "train": {"steps": 100, "n_train": 2000, "n_val": 100, "eval_every": 100},
+        "n_eval": 100,
+        "ahead": 1,
+        "pauses": (0,),
+        "n_permutations": 50,
+    }
+    config: PlanningConfig
+
+    def __init__(self, config: PlanningConfig) -> None:
+        super().__init__(config)
+        overlap = sorted({"size", "canvas", "pause"} & set(config.task_options))
+        if overlap:
+            raise ToylabError(f"set {overlap[0]} as a study option, not in task_options; valid there: generators, p_open")
+        self.task = get_task("gridworld", {**config.task_options, "size": config.size, "canvas": config.canvas,
+                                           "pause": config.pause})
+        self.models = {
+            "dense": {**config.model, "ffn": "dense"},
+            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k},
+        }
+        built = [build(TransformerConfig, options, vocab_size=len(self.task.vocab), max_len=self.task.seq_len)
+                 for options in self.models.values()]  # fails early on a bad model option
+        self.n_layers = built[0].n_layers
+        size, canvas = self.task.config.size, self.task.canvas
+        self.larger: Task | None = None
+        if config.larger_size is not None:
+            if not size < config.larger_size <= canvas:
+                raise ToylabError(
+                    f"larger_size must be in [{size + 1}, canvas={canvas}] (got {config.larger_size}); "
+                    "raise canvas to test larger mazes"
+                )
+            self.larger = get_task("gridworld", {**self.task.options, "size": config.larger_size})
+        if self.task.config.pause in config.pauses or len(set(config.pauses)) < len(config.pauses):
+            raise ToylabError(
+                f"pauses must be distinct and differ from the trained task's pause={self.task.config.pause} "
+                f"(got {config.pauses})"
+            )
+        self.paused = {p: get_task("gridworld", {**self.task.options, "pause": p}) for p in config.pauses}
+
+    def performance(self, model: Transformer, task: Task, batch: Batch, larger: Batch | None) -> dict[str, float]:
+        """Teacher-forced metrics, loss, and greedy solve rates (also on the larger mazes, when given)."""
+        scores = {**evaluate(model, task, batch), **task.solve_rate(model, batch)}
+        if self.larger is not None and larger is not None:
+            found = self.larger.solve_rate(with_positions(model, self.larger.seq_len), larger)
+            scores.update({f"larger_{name}": value for name, value in found.items()})
+        return scores
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg, task = self.config, self.task
+        eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        larger_batch = self.larger.sample(cfg.n_eval, cfg.eval_seed) if self.larger else None
+        jobs = [(f"{kind}-seed{seed}", task, options, seed) for seed in range(cfg.seeds) for kind, options in self.models.items()]
+        jobs += [(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], seed)
+                 for p, paused in self.paused.items() for seed in range(cfg.seeds)]
+        trained = {key: ctx.train(key, job_task, options, replace(cfg.train, seed=seed))
+                   for key, job_task, options, seed in ctx.bar(jobs, len(jobs), "training")}
+
+        performance: dict[str, dict[str, Any]] = {}
+        probes: list[dict[str, Any]] = []
+        for key, job_task, _, seed in ctx.bar(jobs, len(jobs), "evaluating"):
+            run = trained[key]
+            main = job_task is task
+            batch = eval_batch if main else job_task.sample(cfg.n_eval, cfg.eval_seed)
+            performance[key] = self.performance(run.model, job_task, batch, larger_batch if main else None) if run else None
+            if run and main:
+                kind = key.split("-")[0]
+                probes += [{"model": kind, "seed": seed, **row} for row in probe_plan(run.model, eval_batch, cfg.ahead, seed)]
+
+        per_seed = [
+            specialization(trained[f"moe-seed{s}"].model, trained[f"dense-seed{s}"].model, task, eval_batch, cfg.n_permutations, s)
+            if trained[f"moe-seed{s}"] and trained[f"dense-seed{s}"]
+            else None
+            for s in ctx.bar(range(cfg.seeds), cfg.seeds, "specialization")
+        ]
+
+        def scores_of(prefix: str) -> dict[str, list[float]]:
+            runs = [performance[f"{prefix}-seed{s}"] for s in range(cfg.seeds)]
+            metrics = next((r for r in runs if r), {})
+            return {m: [r[m] if r else np.nan for r in runs] for m in metrics}
+
+        settings = {kind: scores_of(kind) for kind in self.models}
+        settings.update({f"dense-pause{p}": scores_of(f"dense-pause{p}") for p in cfg.pauses})
+        return {
+            "task": {"name": task.name, "options": task.options, "seq_len": task.seq_len, "vocab_size": len(task.vocab)},
+            "larger_task": self.larger.options if self.larger else None,
+            "performance": performance,
+            "performance_summary": {name: {m: mean_ci(v) for m, v in s.items()} for name, s in settings.items()},
+            "thinking_time": {
+                str(p): {
+                    metric: paired_comparison(settings[f"dense-pause{p}"][metric], settings["dense"][metric])
+                    for metric in ("solve_rate", "move_accuracy", "maze_accuracy")
+                    if metric in settings[f"dense-pause{p}"] and metric in settings["dense"]
+                }
+                for p in cfg.pauses
+            },
+            "probes": probes,
+            "probe_summary": over_seeds(probes, ["model", "target", "offset", "position", "layer"]) if probes else [],
+            "specialization": summarize(per_seed) if any(per_seed) else {},
+            "per_seed_specialization": per_seed,
+            "runs": {key: str((ctx.directory / "models" / key).relative_to(ctx.directory)) for key, *_ in jobs},
+        }
+
+    def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        last = self.n_layers
+        probe = {(r["model"], r["target"], r["position"], r["layer"]): r for r in results["probe_summary"]}
+        for name, metrics in results["performance_summary"].items():
+            kind = name.split("-")[0]
+            row = {
+                "model": name,
+                "solve rate": fmt_ci(metrics["solve_rate"]),
+                "larger-grid solve rate": fmt_ci(metrics["larger_solve_rate"]) if "larger_solve_rate" in metrics else "n/a",
+            }
+            if name in self.models:
+                for target, position in (("next move", "path"), ("move +1", "step"), ("on path", "edge")):
+                    found = probe.get((kind, target, position, last))
+                    row[f"{target} probe @{position}, layer {last}"] = fmt_ci(found["accuracy"]) if found else "n/a"
+            rows.append(row)
+        return rows
+
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+        cfg, task = self.config, self.task
+        figures = []
+        summary = pd.DataFrame(results["probe_summary"])
+        if len(summary):
+            for kind in self.models:
+                frame = summary[(summary["model"] == kind) & (summary["offset"] == 0)]
+                frame = pd.concat([frame.drop(columns=list(SCORES)), frame["accuracy"].apply(pd.Series)], axis=1)
+                figures.append((f"{kind}: probe accuracy by layer and position type (mean, 95% CI over seeds)",
+                                ctx.figure(f"probes_{kind}", interval_bars(frame, "layer", "position", "target", "accuracy"))))
+            steps = summary[(summary["position"] == "step") & summary["target"].str.startswith(("next move", "move +"))]
+            long = [{"cells ahead": r["offset"], "series": r["model"], "layer": r["layer"], **r["accuracy"]}
+                    for _, r in steps.iterrows()]
+            long += [{"cells ahead": r["offset"], "series": series, "layer": r["layer"], **r[score]}
+                     for series, score in (("majority baseline", "baseline"), ("shuffled control (dense)", "shuffled"))
+                     for _, r in steps[steps["model"] == "dense"].iterrows()]
+            figures.append(("How far ahead: the optimal move k path cells later, probed at path cells (mean, 95% CI)",
+                            ctx.figure("plan_ahead", interval_bars(pd.DataFrame(long), "cells ahead", "series", "layer", "accuracy"))))
+        if results["specialization"]:
+            frame = pd.DataFrame(
+                [{"layer": layer, "label": label, "assignment": kind, **s[f"{kind}_nmi"]}
+                 for layer, labels in results["specialization"].items() for label, s in labels.items() for kind in ASSIGNMENTS]
+                + [{"layer": layer, "label": label, "assignment": "shuffled null", **s["null_nmi"]}
+                   for layer, labels in results["specialization"].items() for label, s in labels.items()]
+            )
+            figures.append(("Expert specialization: NMI of each label with routing, k-means and the null (mean, 95% CI)",
+                            ctx.figure("specialization", interval_bars(frame, "label", "assignment", "layer", "NMI"))))
+        logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
+                if (ctx.directory / path / "metrics.csv").is_file()}
+        if logs:
+            figures.append(("Training curves (training loss; validation maze accuracy, teacher-forced)",
+                            ctx.figure("training_curves", training_curves(logs, ["train_loss", "val_maze_accuracy"]))))
+
+        perf_columns = ["solve_rate", "reach_rate", "move_accuracy", "maze_accuracy", "larger_solve_rate", "larger_reach_rate"]
+        perf_rows = [
+            {"model": name, **{m: fmt_ci(metrics[m], 4) if m in metrics else "" for m in perf_columns}}
+            for name, metrics in results["performance_summary"].items()
+        ]
+        probe_rows = [
+            {"model": r["model"], "target": r["target"], "position": r["position"], "layer": r["layer"],
+             "accuracy": fmt_ci(r["accuracy"]), "baseline": fmt(r["baseline"]["mean"]), "shuffled": fmt(r["shuffled"]["mean"]),
+             "R²": fmt_ci(r["r2"]) if r["r2"]["n"] else ""}
+            for r in results["probe_summary"]
+        ]
+        spec_rows = [
+            {"layer": layer, "label": label, "kind": task.labels[label].kind,
+             "NMI routing": fmt_ci(s["routing_nmi"]), "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]),
+             "NMI k-means (dense)": fmt_ci(s["kmeans_dense_nmi"]), "NMI null": fmt(s["null_nmi"]["mean"]),
+             "routing max p": fmt(s["routing_max_p_value"], 4), "routing vs k-means": s["verdict"]["verdict"]}
+            for layer, labels in results["specialization"].items() for label, s in labels.items()
+        ]
+        sections = [
+            "# Planning in gridworld mazes",
+            "## What was run",
+            f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}",
+            f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
+            f"each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
+            f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
+            + (f"; larger mazes: size {cfg.larger_size} on the same canvas, with positions beyond the training length "
+               "given zero positional embeddings." if self.larger else "."),
+            "## Solving mazes (held-out, mean [95% CI] over seeds)",
+            markdown_table(perf_rows),
+        ]
+        if results["thinking_time"]:
+            sections += [
+                "## Thinking time: pause tokens before the path",
+                markdown_table([
+                    {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses": fmt_ci(c), "p": fmt(c["p_value"]),
+                     "verdict": c["verdict"]}
+                    for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
+                ]),
+            ]
+        sections += [
+            "## Where the plan appears: linear probes",
+            markdown_table(probe_rows),
+            "## Expert specialization on the planning labels",
+            markdown_table(spec_rows) if spec_rows else "(no MoE runs finished)",
+            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
+            "## What the numbers mean",
+            METRIC_NOTES,
+        ]
+        if results["failed_runs"]:
+            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
+        return "\n\n".join(sections) + "\n"

@@ -1,0 +1,54 @@
+"""The planning study: its helpers, its config checks, and a tiny end-to-end run."""
+
+import json
+
+import pytest
+import torch
+
+from studies.planning import probe_targets, with_positions
+from toylab import ToylabError
+from toylab.models import Transformer, TransformerConfig
+from toylab.study import resolve, run_study
+
+
+def test_longer_positions_leave_the_trained_positions_alone() -> None:
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=9, max_len=6, d_model=16, n_heads=2, d_mlp=32)).eval()
+    longer = with_positions(model, 10)
+    tokens = torch.randint(9, (4, 10))
+    torch.testing.assert_close(longer(tokens[:, :6]), model(tokens[:, :6]))
+    assert longer(tokens).shape == (4, 10, 9)
+    assert (longer.W_pos[6:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"larger_size": 3}, {"larger_size": 5}, {"pauses": (4,)}, {"pauses": (0, 0)}, {"seeds": 0}, {"task_options": {"size": 4}},
+     {"canvas": 2}, {"task_options": {"generators": ["bfs"]}}],
+)
+def test_bad_options_are_rejected(overrides: dict) -> None:
+    with pytest.raises(ToylabError):
+        resolve("planning", overrides)
+
+
+def test_tiny_study_end_to_end(tmp_path) -> None:
+    overrides = {
+        "seeds": 2, "n_eval": 40, "ahead": 1, "pauses": (0,), "n_permutations": 20,
+        "train": {"steps": 8, "n_train": 128, "n_val": 32, "eval_every": 8},
+    }
+    outcome = run_study("planning", overrides, out=tmp_path, progress=False)
+    results = json.loads((outcome.directory / "results.json").read_text())
+    assert set(results["performance_summary"]) == {"dense", "moe", "dense-pause0"}
+    assert set(results["performance"]) == {f"{k}-seed{s}" for k in ("dense", "moe", "dense-pause0") for s in (0, 1)}
+    for name in ("dense", "moe"):
+        assert {"solve_rate", "larger_solve_rate", "maze_accuracy"} <= set(results["performance_summary"][name])
+    targets = [t[0] for t in probe_targets(1)]
+    assert {r["target"] for r in results["probes"]} == set(targets)
+    assert len(results["probe_summary"]) * 2 == len(results["probes"])  # one row per seed in each summary row
+    assert set(results["specialization"]) == {"0", "1"}
+    assert set(results["thinking_time"]["0"]) == {"solve_rate", "move_accuracy", "maze_accuracy"}
+    report = (outcome.directory / "report.md").read_text()
+    assert "## Thinking time" in report and "## Expert specialization" in report
+    for figure in ("probes_dense", "probes_moe", "plan_ahead", "specialization", "training_curves"):
+        assert (outcome.directory / "figures" / f"{figure}.png").is_file()
+        assert f"figures/{figure}.png" in report

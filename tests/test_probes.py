@@ -1,0 +1,152 @@
+"""Linear probes: planted linear structure is found, noise is at chance, and the fits match scikit-learn."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from toylab.analysis.probes import (
+    ahead,
+    fit_logistic,
+    fit_ridge,
+    multi_hot_classes,
+    probe,
+    probe_residual_stream,
+    residual_stream,
+    split,
+)
+from toylab.errors import ToylabError
+from toylab.models import Transformer, TransformerConfig
+from toylab.task import IGNORE
+
+
+def planted(n: int, d: int, n_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activations whose class is a random direction plus Gaussian noise, in a random basis."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(n_classes, size=n)
+    directions = rng.normal(size=(n_classes, d))
+    acts = directions[labels] + noise * rng.normal(size=(n, d))
+    return acts.astype(np.float32), labels
+
+
+def test_planted_classes_are_decoded_and_controls_are_at_chance() -> None:
+    acts, labels = planted(3000, 32, 6, noise=1.0, seed=0)
+    result = probe(acts, labels)
+    assert result.accuracy > 0.95
+    assert 0.1 < result.baseline < 0.25 and abs(result.shuffled - 1 / 6) < 0.05
+    assert result.n_train + result.n_test == 3000 and result.n_classes == 6 and result.r2 is None
+
+
+def test_noise_is_at_chance() -> None:
+    rng = np.random.default_rng(1)
+    acts, labels = rng.normal(size=(3000, 32)), rng.integers(4, size=3000)
+    result = probe(acts, labels)
+    assert abs(result.accuracy - 0.25) < 0.05 and abs(result.shuffled - 0.25) < 0.05
+
+
+def test_majority_baseline_with_imbalanced_classes() -> None:
+    rng = np.random.default_rng(2)
+    labels = (rng.random(4000) < 0.1).astype(int)
+    result = probe(rng.normal(size=(4000, 16)), labels)
+    assert result.baseline == pytest.approx(0.9, abs=0.02)
+    assert result.accuracy == pytest.approx(result.baseline, abs=0.02)
+
+
+def test_logistic_fit_matches_scikit_learn() -> None:
+    acts, labels = planted(1500, 12, 4, noise=2.0, seed=3)
+    x = (acts - acts.mean(0)) / acts.std(0, ddof=1)
+    x = x.astype(np.float64)  # scikit-learn fits float32 data in float32
+    for C in (0.1, 1.0):
+        theirs = LogisticRegression(C=C, tol=1e-10, max_iter=5000).fit(x, labels)
+        exact = fit_logistic(torch.from_numpy(x), torch.from_numpy(labels), 4, C, max_iter=2000, tol=1e-9)
+        probs = exact(torch.from_numpy(x).double()).softmax(-1).numpy()
+        np.testing.assert_allclose(probs, theirs.predict_proba(x), atol=1e-5)
+        default = fit_logistic(torch.from_numpy(x), torch.from_numpy(labels), 4, C)
+        assert (default(torch.from_numpy(x).double()).argmax(-1).numpy() == theirs.predict(x)).mean() > 0.99
+
+
+def test_ridge_fit_matches_scikit_learn_and_decodes_ordinal_labels() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(800, 10))
+    y = x @ rng.normal(size=10) + 0.1 * rng.normal(size=800)
+    w, b = fit_ridge(torch.from_numpy(x), torch.from_numpy(y), alpha=3.0)
+    theirs = Ridge(alpha=3.0).fit(x, y)
+    np.testing.assert_allclose(w.numpy(), theirs.coef_, atol=1e-8)
+    assert float(b) == pytest.approx(theirs.intercept_, abs=1e-8)
+
+    distance = rng.integers(0, 9, size=3000)
+    acts = np.outer(distance, rng.normal(size=24)) + 0.05 * rng.normal(size=(3000, 24))
+    result = probe(acts, distance, kind="ridge")
+    assert result.accuracy > 0.95 and result.r2 > 0.99
+    assert result.shuffled < 0.2
+    noise = probe(rng.normal(size=(3000, 24)), distance, kind="ridge")
+    assert noise.r2 < 0.02 and noise.accuracy < 0.2
+
+
+def test_split_keeps_groups_whole() -> None:
+    groups = np.repeat(np.arange(100), 7)
+    train, test = split(len(groups), 0.25, seed=0, groups=groups)
+    assert set(groups[train]).isdisjoint(groups[test])
+    assert len(set(groups[test])) == 25 and len(train) + len(test) == 700
+    plain_train, plain_test = split(40, 0.25, seed=0)
+    assert len(plain_test) == 10 and sorted([*plain_train, *plain_test]) == list(range(40))
+
+
+def test_multi_hot_sets_become_classes() -> None:
+    labels = np.array([[[0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [IGNORE] * 4]])
+    assert multi_hot_classes(labels).tolist() == [[2, 9, 0, IGNORE]]
+
+
+def test_ahead_moves_labels_back() -> None:
+    labels = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert ahead(labels, 0).tolist() == labels.tolist()
+    assert ahead(labels, 1).tolist() == [[1, 2, 3, IGNORE], [5, 6, 7, IGNORE]]
+    assert (ahead(labels, 9) == IGNORE).all()
+    moves = np.arange(16).reshape(1, 4, 4)
+    assert ahead(moves, 2)[0, 0].tolist() == [8, 9, 10, 11] and (ahead(moves, 2)[0, 2:] == IGNORE).all()
+
+
+def test_every_layer_and_position_type_is_probed() -> None:
+    rng = np.random.default_rng(5)
+    batch, pos, d = 1000, 6, 16
+    labels = rng.integers(3, size=(batch, pos))
+    labels[:, 0] = IGNORE
+    types = np.tile(np.array([0, 0, 1, 1, 3, 4]), (batch, 1))  # type 4 has no name: never probed
+    types[:10, 5] = 2  # "rare": fewer rows than min_rows, skipped
+    noise = rng.normal(size=(batch, pos, d))
+    signal = noise.copy()
+    signal[..., :3] += 3 * np.eye(3)[labels.clip(0)]
+    resid = torch.from_numpy(np.stack([noise, signal])).float()
+    rows = probe_residual_stream(resid, labels, types, ["first", "middle", "rare", "last"], min_rows=50)
+    assert [(r["layer"], r["position"]) for r in rows] == [
+        (0, "first"), (1, "first"), (0, "middle"), (1, "middle"), (0, "last"), (1, "last")
+    ]
+    for row in rows:
+        assert row["n_train"] + row["n_test"] == {"first": 1000, "middle": 2000, "last": 1000}[row["position"]]
+        if row["layer"] == 0:
+            assert abs(row["accuracy"] - 1 / 3) < 0.1
+        else:
+            assert row["accuracy"] > 0.95 and abs(row["shuffled"] - 1 / 3) < 0.1
+    with pytest.raises(ToylabError, match="shapes do not match"):
+        probe_residual_stream(resid[:, :10], labels, types, ["first"])
+
+
+def test_residual_stream_reads_embeddings_and_every_block() -> None:
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=11, max_len=8, d_model=16, n_layers=3, n_heads=2, d_mlp=32)).eval()
+    tokens = torch.randint(11, (5, 8))
+    resid = residual_stream(model, tokens)
+    assert resid.shape == (4, 5, 8, 16)
+    x = model.W_E(tokens) + model.W_pos
+    torch.testing.assert_close(resid[0], x)
+    for layer, block in enumerate(model.blocks):
+        x = block(x)
+        torch.testing.assert_close(resid[layer + 1], x)
+
+
+def test_bad_arguments_are_one_line_errors() -> None:
+    acts, labels = planted(100, 4, 2, noise=1.0, seed=6)
+    with pytest.raises(ToylabError, match="valid: logistic, ridge"):
+        probe(acts, labels, kind="lasso")
+    with pytest.raises(ToylabError, match="test_fraction"):
+        probe(acts, labels, test_fraction=1.0)
