@@ -221,20 +221,16 @@ class Planning(Study):
         }
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = []
         last = self.n_layers
         probe = {(r["model"], r["target"], r["position"], r["layer"]): r for r in results["probe_summary"]}
+        rows = []
         for name, metrics in results["performance_summary"].items():
-            kind = name.split("-")[0]
-            row = {
-                "model": name,
-                "solve rate": fmt_ci(metrics["solve_rate"]),
-                "larger-grid solve rate": fmt_ci(metrics["larger_solve_rate"]) if "larger_solve_rate" in metrics else "n/a",
-            }
-            if name in self.models:
-                for target, position in (("next move", "path"), ("move +1", "step"), ("on path", "edge")):
-                    found = probe.get((kind, target, position, last))
-                    row[f"{target} probe @{position}, layer {last}"] = fmt_ci(found["accuracy"]) if found else "n/a"
+            row = {"model": name}
+            for column, metric in (("solve rate", "solve_rate"), ("larger-grid solve rate", "larger_solve_rate")):
+                row[column] = fmt_ci(metrics[metric]) if metric in metrics else "n/a"
+            for target, position in (("next move", "path"), ("move +1", "step"), ("on path", "edge")):
+                found = probe.get((name, target, position, last))
+                row[f"{target} probe @{position}, layer {last}"] = fmt_ci(found["accuracy"]) if found else "n/a"
             rows.append(row)
         return rows
 

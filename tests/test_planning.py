@@ -8,6 +8,7 @@ import torch
 from studies.planning import probe_targets, with_positions
 from toylab import ToylabError
 from toylab.models import Transformer, TransformerConfig
+from toylab.report import markdown_table
 from toylab.study import resolve, run_study
 
 
@@ -47,6 +48,9 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     assert len(results["probe_summary"]) * 2 == len(results["probes"])  # one row per seed in each summary row
     assert set(results["specialization"]) == {"0", "1"}
     assert set(results["thinking_time"]["0"]) == {"solve_rate", "move_accuracy", "maze_accuracy"}
+    assert [row["model"] for row in outcome.summary] == ["dense", "moe", "dense-pause0"]
+    assert all(row.keys() == outcome.summary[0].keys() for row in outcome.summary)
+    assert markdown_table(outcome.summary).count("\n") == 4
     report = (outcome.directory / "report.md").read_text()
     assert "## Thinking time" in report and "## Expert specialization" in report
     for figure in ("probes_dense", "probes_moe", "plan_ahead", "specialization", "training_curves"):
