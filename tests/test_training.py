@@ -106,3 +106,18 @@ def test_changed_config_retrains_and_stale_marker_is_removed_first(trained, task
     assert not (run_dir / "final.json").exists()
     with pytest.raises(ToylabError, match="no finished run"):
         load_trained(run_dir)
+
+
+def test_runs_with_tuple_options_are_reused(tmp_path):
+    maze = get_task("gridworld")  # its `generators` option is a tuple, saved as a JSON list
+    assert isinstance(maze.options["generators"], tuple)
+    first = train(maze, {**TINY_MODEL, "ffn": "dense"}, TINY_TRAIN, tmp_path / "maze", progress=False)
+    stamp = (first.run_dir / "model.safetensors").stat().st_mtime_ns
+    train(maze, {**TINY_MODEL, "ffn": "dense"}, TINY_TRAIN, tmp_path / "maze", progress=False)
+    assert (first.run_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_max_len_gives_room_for_longer_sequences(task):
+    assert build_model(task, {**TINY_MODEL, "max_len": 50}).W_pos.shape[0] == 50
+    with pytest.raises(ToylabError, match="shorter than the task's sequences"):
+        build_model(task, {**TINY_MODEL, "max_len": 3})

@@ -7,6 +7,7 @@ task's own metric, and leaves in `out_dir`: `config.json`, `metrics.csv` (Lightn
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -129,8 +130,10 @@ class SequenceModel(pl.LightningModule):
 
 
 def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
-    """A transformer sized for the task's vocabulary and sequence length."""
-    cfg = build(TransformerConfig, model_options, vocab_size=len(task.vocab), max_len=task.seq_len)
+    """A transformer sized for the task's vocabulary and sequence length (`max_len` may ask for more positions)."""
+    cfg = build(TransformerConfig, {"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
+    if cfg.max_len < task.seq_len:
+        raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
     return Transformer(cfg)
 
 
@@ -155,7 +158,8 @@ def train(
 ) -> TrainedModel:
     """Train one model, or load it if `run_dir` already holds this finished run."""
     run_dir = Path(run_dir)
-    config = {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}
+    config = json.loads(json.dumps(  # JSON-normalized (tuples become lists) so it compares equal to the saved file
+        {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}, default=list))
     if is_finished(run_dir) and io.read_json(run_dir / "config.json") == config:
         return load_trained(run_dir)
     (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
