@@ -194,9 +194,11 @@ def study_run(
     set_: list[str] = typer.Option([], "--set", "-s", help="Study config KEY=VALUE; dotted keys reach nested tables (train.steps=500)."),
     config: Optional[Path] = typer.Option(None, help="JSON/TOML file of study config keys."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
+                                          help="Training runs at once, one process each (default: one per CPU core)."),
 ) -> None:
     """Run a study (resuming finished runs); print a summary table and the report's path."""
-    from toylab.study import merge, nest, run_study
+    from toylab.study import available_cpus, merge, nest, run_study
 
     overrides = merge(load_file(config) if config else {}, nest(parse_assignments(set_)))
     if task is not None:
@@ -205,7 +207,7 @@ def study_run(
         overrides["seeds"] = seeds
     if option:
         overrides["task_options"] = {**overrides.get("task_options", {}), **parse_assignments(option)}
-    outcome = run_study(name, overrides, out, fast=fast, progress=progress)
+    outcome = run_study(name, overrides, out, fast=fast, progress=progress, workers=workers or available_cpus())
     typer.echo(markdown_table(outcome.summary))
     if outcome.results.get("failed_runs"):
         typer.echo(f"{len(outcome.results['failed_runs'])} run(s) failed; see the report.")

@@ -13,7 +13,7 @@ from toylab.config import build
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, training_curves
-from toylab.study import Study, StudyContext
+from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate
 
 ASSIGNMENT_NAMES = {
@@ -74,10 +74,9 @@ class ExpertSpecialization(Study):
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
         eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
-        jobs = [(seed, kind) for seed in range(cfg.seeds) for kind in self.models]
-        trained: dict[tuple[int, str], Any] = {}
-        for seed, kind in ctx.bar(jobs, len(jobs), "training"):
-            trained[seed, kind] = ctx.train(f"{kind}-seed{seed}", task, self.models[kind], replace(cfg.train, seed=seed))
+        models = ctx.train([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
+                          for seed in range(cfg.seeds) for kind, options in self.models.items()])
+        trained = {(seed, kind): models[f"{kind}-seed{seed}"] for seed in range(cfg.seeds) for kind in self.models}
         performance = {
             kind: {
                 f"seed{seed}": evaluate(trained[seed, kind].model, task, eval_batch) if trained[seed, kind] else None
@@ -103,8 +102,7 @@ class ExpertSpecialization(Study):
             },
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed": per_seed,
-            "runs": {f"{kind}-seed{seed}": str((ctx.directory / "models" / f"{kind}-seed{seed}").relative_to(ctx.directory))
-                     for seed, kind in jobs},
+            "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
-from toylab.study import Study, StudyContext
+from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
 from toylab.training import TrainConfig, evaluate
 
@@ -52,7 +52,8 @@ class PlanningConfig:
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
-    train: TrainConfig = TrainConfig(steps=3000, lr=3e-3, eval_every=500)
+    train: TrainConfig = TrainConfig(steps=3000, lr=3e-3, n_train=192_000, eval_every=500)
+    """`n_train` = steps x batch size: every training maze is seen once."""
     n_eval: int = 500
     """Held-out mazes for solve rates, probes and the specialization analysis (the same for every seed)."""
     larger_size: int | None = 4
@@ -169,21 +170,20 @@ class Planning(Study):
         cfg, task = self.config, self.task
         eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
         larger_batch = self.larger.sample(cfg.n_eval, cfg.eval_seed) if self.larger else None
-        jobs = [(f"{kind}-seed{seed}", task, options, seed) for seed in range(cfg.seeds) for kind, options in self.models.items()]
-        jobs += [(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], seed)
+        jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
+                for seed in range(cfg.seeds) for kind, options in self.models.items()]
+        jobs += [TrainJob(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], replace(cfg.train, seed=seed))
                  for p, paused in self.paused.items() for seed in range(cfg.seeds)]
-        trained = {key: ctx.train(key, job_task, options, replace(cfg.train, seed=seed))
-                   for key, job_task, options, seed in ctx.bar(jobs, len(jobs), "training")}
+        trained = ctx.train(jobs)
 
         performance: dict[str, dict[str, Any]] = {}
         probes: list[dict[str, Any]] = []
-        for key, job_task, _, seed in ctx.bar(jobs, len(jobs), "evaluating"):
-            run = trained[key]
-            main = job_task is task
-            batch = eval_batch if main else job_task.sample(cfg.n_eval, cfg.eval_seed)
-            performance[key] = self.performance(run.model, job_task, batch, larger_batch if main else None) if run else None
+        for job in ctx.bar(jobs, len(jobs), "evaluating"):
+            run, main = trained[job.key], job.task is task
+            batch = eval_batch if main else job.task.sample(cfg.n_eval, cfg.eval_seed)
+            performance[job.key] = self.performance(run.model, job.task, batch, larger_batch if main else None) if run else None
             if run and main:
-                kind = key.split("-")[0]
+                kind, seed = job.key.split("-")[0], job.config.seed
                 probes += [{"model": kind, "seed": seed, **row} for row in probe_plan(run.model, eval_batch, cfg.ahead, seed)]
 
         per_seed = [
@@ -217,7 +217,7 @@ class Planning(Study):
             "probe_summary": over_seeds(probes, ["model", "target", "offset", "position", "layer"]) if probes else [],
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed_specialization": per_seed,
-            "runs": {key: str((ctx.directory / "models" / key).relative_to(ctx.directory)) for key, *_ in jobs},
+            "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -100,7 +100,8 @@ def test_study_writes_a_complete_run_directory(tiny_study):
 
 
 def test_same_seed_gives_identical_results(tiny_study, tmp_path, capsys):
-    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), *TINY)
+    """Also with the runs trained in this process instead of worker processes."""
+    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), "--workers", "1", *TINY)
     assert code == 0 and "report:" in out
     (directory,) = (tmp_path / "expert-specialization").iterdir()
     assert directory.name == tiny_study.name
@@ -132,8 +133,8 @@ def test_diverging_run_fails_alone(tmp_path, capsys, monkeypatch):
             raise DivergenceError("training diverged: loss is nan at step 3")
         return real_train(task, model_options, cfg, run_dir, progress)
 
-    monkeypatch.setattr(toylab.study, "train", train)
-    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), *TINY)
+    monkeypatch.setattr(toylab.study, "train", train)  # patched in this process only, hence one worker
+    code, out, _ = run(capsys, "study", "run", "expert-specialization", "--out", str(tmp_path), "-j", "1", *TINY)
     assert code == 0 and "1 run(s) failed" in out
     (directory,) = (tmp_path / "expert-specialization").iterdir()
     results = json.loads((directory / "results.json").read_text())
@@ -149,6 +150,20 @@ def test_fast_study_through_the_cli(tmp_path, capsys):
     (directory,) = (tmp_path / "expert-specialization").iterdir()
     results = json.loads((directory / "results.json").read_text())
     assert len(results["performance"]["moe"]) == 3 and not results["failed_runs"]
+
+
+def test_fast_planning_study_through_the_cli(tmp_path, capsys):
+    code, out, _ = run(capsys, "study", "run", "planning", "--fast", "--out", str(tmp_path), "--no-progress")
+    assert code == 0
+    assert "solve rate" in out and "report:" in out
+    (directory,) = (tmp_path / "planning").iterdir()
+    results = json.loads((directory / "results.json").read_text())
+    assert set(results["performance"]) == {f"{kind}-seed{s}" for kind in ("dense", "moe", "dense-pause0") for s in (0, 1)}
+    assert not results["failed_runs"]
+    report = (directory / "report.md").read_text()
+    assert "## Solving mazes" in report and "## Time" in report
+    timing = json.loads((directory / "timing.json").read_text())
+    assert timing["runs_trained"] == 6 and timing["runs_reused"] == 0
 
 
 def test_train_reads_task_options_from_a_config_file(capsys, tmp_path):

@@ -8,10 +8,13 @@ everything in `<out>/<study>/<config hash>/`, reuses finished training runs, and
 from __future__ import annotations
 
 import io as _io
+import multiprocessing
+import os
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,25 +30,69 @@ from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, ToylabError  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.task import Task  # noqa: E402
-from toylab.training import TrainConfig, TrainedModel, train  # noqa: E402
+from toylab.training import TrainConfig, TrainedModel, is_trained, load_trained, train  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One model a study trains; it lands in `models/<key>/` of the study directory."""
+
+    key: str
+    task: Task
+    model: dict[str, Any]
+    config: TrainConfig
+
+
+def train_or_fail(job: TrainJob, run_dir: Path) -> str | None:
+    """Train one job (in a worker process); the divergence message if it diverged, else None."""
+    try:
+        train(job.task, job.model, job.config, run_dir, progress=False)
+    except DivergenceError as error:
+        return str(error)
+    return None
 
 
 class StudyContext:
     """What a running study may touch: its directory, cached training runs, figures, progress."""
 
-    def __init__(self, directory: Path, progress: bool = True) -> None:
+    def __init__(self, directory: Path, progress: bool = True, workers: int = 1) -> None:
         self.directory = Path(directory)
         self.progress = progress
+        self.workers = workers
         self.failures: list[dict[str, str]] = []
+        self.trained = self.reused = 0
 
-    def train(self, key: str, task: Task, model_options: dict[str, Any], cfg: TrainConfig) -> TrainedModel | None:
-        """Train (or reuse) the model stored under `models/<key>`; a diverging run is recorded and gives None."""
-        try:
-            return train(task, model_options, cfg, self.directory / "models" / key, progress=False)
-        except DivergenceError as error:
-            self.failures.append({"run": key, "error": str(error)})
-            tqdm.write(f"run {key} failed: {error}")
-            return None
+    def run_dir(self, key: str) -> Path:
+        return self.directory / "models" / key
+
+    def train(self, jobs: Sequence[TrainJob]) -> dict[str, TrainedModel | None]:
+        """Train (or reuse) every job; a diverging run is recorded and gives None.
+
+        With `workers > 1` the unfinished jobs train in that many processes at once (one torch thread
+        each by default); every run is seeded on its own, so the results are the same either way.
+        """
+        failed: dict[str, str] = {}
+        pending = [job for job in jobs if not is_trained(job.task, job.model, job.config, self.run_dir(job.key))]
+        self.trained, self.reused = self.trained + len(pending), self.reused + len(jobs) - len(pending)
+        if self.workers > 1 and len(pending) > 1:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(self.workers, len(pending)), mp_context=context) as pool:
+                futures = {pool.submit(train_or_fail, job, self.run_dir(job.key)): job.key for job in pending}
+                try:
+                    for future in self.bar(as_completed(futures), len(futures), f"training ({self.workers} workers)"):
+                        if (error := future.result()) is not None:
+                            failed[futures[future]] = error
+                except BaseException:  # an error or Ctrl-C: start no more runs
+                    pool.shutdown(cancel_futures=True)
+                    raise
+        trained: dict[str, TrainedModel | None] = {}
+        for job in self.bar(jobs, len(jobs), "training"):  # trains what no worker did, loads the rest
+            error = failed.get(job.key) or train_or_fail(job, self.run_dir(job.key))
+            trained[job.key] = None if error else load_trained(self.run_dir(job.key))
+            if error:
+                self.failures.append({"run": job.key, "error": error})
+                tqdm.write(f"run {job.key} failed: {error}")
+        return trained
 
     def bar(self, items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
         return tqdm(items, total=total, desc=description, disable=not self.progress, leave=False)
@@ -128,6 +175,20 @@ def code_version() -> dict[str, str]:
     return info
 
 
+def timing_note(timing: dict[str, Any]) -> str:
+    """The report's closing section: how long this invocation took, on what, and what it reused."""
+    text = f"\n## Time\n\nThis invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
+    if timing["runs_trained"] + timing["runs_reused"]:
+        text += (f" with {timing['workers']} training worker(s); it trained {timing['runs_trained']} model(s) "
+                 f"and reused {timing['runs_reused']} finished in an earlier invocation")
+    return text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.\n"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class StudyOutcome:
     directory: Path
@@ -149,8 +210,15 @@ def run_study(
     out: Path = Path("runs"),
     fast: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> StudyOutcome:
-    """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`."""
+    """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`.
+
+    With `workers > 1`, that many training runs go at once in new (spawned) processes, so a script
+    that calls this must guard its entry point with `if __name__ == "__main__":`.
+    """
+    if workers < 1:
+        raise ToylabError(f"workers must be >= 1 (got {workers})")
     start = time.perf_counter()
     study = resolve(name, overrides, fast)
     config = {"study": name, **to_dict(study.config)}
@@ -161,12 +229,14 @@ def run_study(
         raise ToylabError(f"cannot create output directory {directory}: {error.strerror}") from None
     io.write_json(directory / "config.json", config)
     io.write_json(directory / "code_version.json", code_version())
-    ctx = StudyContext(directory, progress)
+    ctx = StudyContext(directory, progress, workers)
     results = study.run(ctx)
     results["failed_runs"] = ctx.failures
     io.write_json(directory / "results.json", results)
-    io.write_text(directory / "report.md", study.report(results, ctx))
-    seconds = time.perf_counter() - start
-    io.write_json(directory / "timing.json", {"seconds": round(seconds, 2)})
-    return StudyOutcome(directory, results, study.summary(results), seconds)
+    report = study.report(results, ctx)
+    timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "workers": workers,
+              "runs_trained": ctx.trained, "runs_reused": ctx.reused}
+    io.write_json(directory / "timing.json", timing)
+    io.write_text(directory / "report.md", report + timing_note(timing))
+    return StudyOutcome(directory, results, study.summary(results), timing["seconds"])
 

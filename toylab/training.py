@@ -72,13 +72,13 @@ class TaskDataModule(pl.LightningDataModule):
     def __init__(self, task: Task, cfg: TrainConfig) -> None:
         super().__init__()
         self.task, self.cfg = task, cfg
-        self.train_batch = task.sample(cfg.n_train, data_seed(cfg.seed, "train"))
+        self.train_data = TensorDataset(*task.sample(cfg.n_train, data_seed(cfg.seed, "train")).tensors())  # labels dropped
         self.val_batch = task.sample(cfg.n_val, data_seed(cfg.seed, "val"))
 
     def train_dataloader(self) -> DataLoader:
         sampler = RandomSampler(range(self.cfg.n_train), generator=torch.Generator().manual_seed(self.cfg.seed))
         batches = BatchSampler(sampler, self.cfg.batch_size, drop_last=True)
-        return DataLoader(TensorDataset(*self.train_batch.tensors()), sampler=batches, batch_size=None)
+        return DataLoader(self.train_data, sampler=batches, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(self.cfg.n_val)), batch_size=self.cfg.n_val)
@@ -149,6 +149,17 @@ def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / "final.json").is_file()
 
 
+def run_config(task: Task, model_options: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """What identifies a training run, JSON-normalized (tuples become lists) so it compares equal to the saved file."""
+    config = {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}
+    return json.loads(json.dumps(config, default=list))
+
+
+def is_trained(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> bool:
+    """Whether `run_dir` holds this very run, finished."""
+    return is_finished(run_dir) and io.read_json(Path(run_dir) / "config.json") == run_config(task, model_options, cfg)
+
+
 def train(
     task: Task,
     model_options: dict[str, Any],
@@ -158,10 +169,9 @@ def train(
 ) -> TrainedModel:
     """Train one model, or load it if `run_dir` already holds this finished run."""
     run_dir = Path(run_dir)
-    config = json.loads(json.dumps(  # JSON-normalized (tuples become lists) so it compares equal to the saved file
-        {"task": task.name, "task_options": task.options, "model": model_options, "train": to_dict(cfg)}, default=list))
-    if is_finished(run_dir) and io.read_json(run_dir / "config.json") == config:
+    if is_trained(task, model_options, cfg, run_dir):
         return load_trained(run_dir)
+    config = run_config(task, model_options, cfg)
     (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
     io.write_json(run_dir / "config.json", config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
