@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from tasks.gridworld import TOKEN_TYPES
-from toylab.analysis.probes import ahead, probe_residual_stream, residual_stream
+from toylab.analysis.probes import SCORES, ahead, probe_residual_stream, residual_stream, summarize_probes
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
 from toylab.analysis.stats import mean_ci, paired_comparison
 from toylab.config import build
@@ -24,17 +24,18 @@ from toylab.training import TrainConfig, evaluate
 
 PLAN_POSITIONS = ("pause", "path", "step")
 """Position types where the agent has a current cell: thinking pauses, `<path>`, and the path cells."""
-SCORES = ("accuracy", "baseline", "shuffled", "r2")
 
 METRIC_NOTES = """\
 - **Solve rate**: share of held-out mazes where greedy decoding from the prompt writes a shortest path (checked against BFS) and then `<eos>`. **Reach rate** accepts any walk along open edges that ends at the goal.
 - **Teacher-forced accuracies**: with the true path as input, `move_accuracy` counts path cells whose top prediction is one of the tied optimal next cells; `maze_accuracy` counts mazes right at every step.
-- **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both.
+- **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both: **vs controls** compares, paired over seeds, the accuracy with the stronger control of the same seed (*more* when the 95% CI of the difference lies above 0).
 - **Move +k**: at a path cell, the optimal move set k cells later (the empty set at the goal), so k = 0 is the move the model is about to make and k ≥ 1 is plan the model does not yet need to output. **Next cell** is the token the model is about to write (the cell after a move), for comparison: what the unembedding reads.
 - **On path**: at an edge token of the maze description, whether that edge lies on some shortest path. The start and goal come before the maze, so this is computable in principle, though each edge token sees only the edges before it.
 - **Expert specialization**: NMI/ARI between the top-1 expert of each MoE layer and each label, against k-means with as many clusters on the router input, k-means on the dense model's same site, and a shuffled-assignment null (see the `expert-specialization` study).
 - **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t confidence interval; comparisons between settings are paired by seed.
 """
+
+PROBE_VERDICTS = {"more": "beats both controls", "same": "not above the controls", "less": "below the controls"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class PlanningConfig:
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
-    train: TrainConfig = TrainConfig(steps=3000, lr=3e-3, n_train=192_000, eval_every=500)
+    train: TrainConfig = TrainConfig(steps=6000, batch_size=32, lr=3e-3, n_train=192_000, eval_every=1000)
     """`n_train` = steps x batch size: every training maze is seen once."""
     n_eval: int = 500
     """Held-out mazes for solve rates, probes and the specialization analysis (the same for every seed)."""
@@ -101,16 +102,6 @@ def with_positions(model: Transformer, max_len: int) -> Transformer:
     state["W_pos"] = torch.cat([state["W_pos"], state["W_pos"].new_zeros(max_len - len(state["W_pos"]), model.cfg.d_model)])
     longer.load_state_dict(state)
     return longer
-
-
-def over_seeds(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Mean and 95% CI over seeds of every probe score, per group of `keys`."""
-    frame = pd.DataFrame(rows)
-    out = []
-    for group, sub in frame.groupby(keys, sort=False):
-        values = {s: mean_ci([np.nan if v is None else v for v in sub[s]]) for s in SCORES}
-        out.append({**dict(zip(keys, group)), **values})
-    return out
 
 
 @register_study("planning")
@@ -214,7 +205,7 @@ class Planning(Study):
                 for p in cfg.pauses
             },
             "probes": probes,
-            "probe_summary": over_seeds(probes, ["model", "target", "offset", "position", "layer"]) if probes else [],
+            "probe_summary": summarize_probes(probes, ["model", "target", "offset", "position", "layer"]),
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed_specialization": per_seed,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
@@ -234,6 +225,52 @@ class Planning(Study):
             rows.append(row)
         return rows
 
+    def findings(self, results: dict[str, Any]) -> list[str]:
+        """The headline results, each beside its control, as bullet points."""
+        cfg, size, probes = self.config, self.task.config.size, results["probe_summary"]
+        lines = []
+        for kind in self.models:
+            summary = results["performance_summary"][kind]
+            solved = [r["solve_rate"] for s in range(cfg.seeds) if (r := results["performance"][f"{kind}-seed{s}"])]
+            if not solved:
+                continue
+            line = (f"**{kind}** writes a shortest path for {fmt_ci(summary['solve_rate'])} of held-out {size}×{size} mazes "
+                    f"(worst seed {min(solved):.3f})")
+            if "larger_solve_rate" in summary:
+                line += f" and for {fmt_ci(summary['larger_solve_rate'])} of {cfg.larger_size}×{cfg.larger_size} mazes, a size never trained on"
+            lines.append(line + ".")
+        for p, metrics in results["thinking_time"].items():
+            if "solve_rate" in metrics:
+                c = metrics["solve_rate"]
+                lines.append(f"**Thinking time**: with {p} pause tokens instead of {self.task.config.pause}, the dense solve rate "
+                             f"changes by {fmt_ci(c)} (paired over seeds: {c['verdict']}).")
+        questions = [("plan ahead, at path cells", "step", [f"move +{k}" for k in range(1, cfg.ahead + 1)]),
+                     ("before the path, at `<path>`", "path", ["next move", "distance"]),
+                     ("while reading the maze, at edge tokens", "edge", ["on path"])]
+        for kind in self.models:
+            for question, position, targets in questions:
+                claims = []
+                for target in targets:
+                    rows = [r for r in probes if (r["model"], r["position"], r["target"]) == (kind, position, target)]
+                    if rows:
+                        r = max(rows, key=lambda row: row["accuracy"]["mean"])
+                        claims.append(f"{target} {fmt_ci(r['accuracy'])} at layer {r['layer']} vs baseline "
+                                      f"{fmt(r['baseline']['mean'])} and shuffled {fmt(r['shuffled']['mean'])}: "
+                                      f"{PROBE_VERDICTS.get(r['verdict']['verdict'], r['verdict']['verdict'])}")
+                if claims:
+                    lines.append(f"**{kind} probes, {question}** (best layer): " + "; ".join(claims) + ".")
+        pairs = [(f"{label} (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
+        if pairs:
+            verdicts = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v] for v in ("more", "same", "less")}
+            significant = sum(s["routing_max_p_value"] <= 0.05 for _, s in pairs)
+            lines.append(
+                f"**Experts**: top-1 routing aligns with a label more than k-means on the router input for "
+                f"{', '.join(verdicts['more']) or 'none'}; less for {', '.join(verdicts['less']) or 'none'}; "
+                f"the same for {len(verdicts['same'])} of {len(pairs)} (label, layer) pairs. Routing beats its "
+                f"shuffled null (p ≤ 0.05 in every seed) for {significant} of them."
+            )
+        return [f"- {line}" for line in lines]
+
     def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
         cfg, task = self.config, self.task
         figures = []
@@ -241,7 +278,7 @@ class Planning(Study):
         if len(summary):
             for kind in self.models:
                 frame = summary[(summary["model"] == kind) & (summary["offset"] == 0)]
-                frame = pd.concat([frame.drop(columns=list(SCORES)), frame["accuracy"].apply(pd.Series)], axis=1)
+                frame = pd.concat([frame.drop(columns=[*SCORES, "verdict"]), frame["accuracy"].apply(pd.Series)], axis=1)
                 figures.append((f"{kind}: probe accuracy by layer and position type (mean, 95% CI over seeds)",
                                 ctx.figure(f"probes_{kind}", interval_bars(frame, "layer", "position", "target", "accuracy"))))
             steps = summary[(summary["position"] == "step") & summary["target"].str.startswith(("next move", "move +"))]
@@ -275,7 +312,7 @@ class Planning(Study):
         probe_rows = [
             {"model": r["model"], "target": r["target"], "position": r["position"], "layer": r["layer"],
              "accuracy": fmt_ci(r["accuracy"]), "baseline": fmt(r["baseline"]["mean"]), "shuffled": fmt(r["shuffled"]["mean"]),
-             "R²": fmt_ci(r["r2"]) if r["r2"]["n"] else ""}
+             "R²": fmt_ci(r["r2"]) if r["r2"]["n"] else "", "vs controls": r["verdict"]["verdict"]}
             for r in results["probe_summary"]
         ]
         spec_rows = [
@@ -294,6 +331,8 @@ class Planning(Study):
             f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
             + (f"; larger mazes: size {cfg.larger_size} on the same canvas, with positions beyond the training length "
                "given zero positional embeddings." if self.larger else "."),
+            "## Findings",
+            "\n".join(self.findings(results)),
             "## Solving mazes (held-out, mean [95% CI] over seeds)",
             markdown_table(perf_rows),
         ]

@@ -52,7 +52,18 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     assert all(row.keys() == outcome.summary[0].keys() for row in outcome.summary)
     assert markdown_table(outcome.summary).count("\n") == 4
     report = (outcome.directory / "report.md").read_text()
-    assert "## Thinking time" in report and "## Expert specialization" in report
+    assert "## Thinking time" in report and "## Expert specialization" in report and "## Findings" in report
+    assert "**Thinking time**: with 0 pause tokens instead of 4" in report and "**Experts**" in report
+    assert all("verdict" in row for row in results["probe_summary"])
     for figure in ("probes_dense", "probes_moe", "plan_ahead", "specialization", "training_curves"):
         assert (outcome.directory / "figures" / f"{figure}.png").is_file()
         assert f"figures/{figure}.png" in report
+
+
+@pytest.mark.slow
+def test_default_study_solves_95_percent_of_held_out_mazes(tmp_path) -> None:
+    """The issue's acceptance: the default study (here in 2 worker processes) solves >= 95% of held-out mazes."""
+    outcome = run_study("planning", out=tmp_path, progress=False, workers=2)
+    for kind in ("dense", "moe"):
+        assert outcome.results["performance_summary"][kind]["solve_rate"]["mean"] >= 0.95
+    assert not outcome.results["failed_runs"]

@@ -14,6 +14,7 @@ from toylab.analysis.probes import (
     probe_residual_stream,
     residual_stream,
     split,
+    summarize_probes,
 )
 from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
@@ -150,3 +151,26 @@ def test_bad_arguments_are_one_line_errors() -> None:
         probe(acts, labels, kind="lasso")
     with pytest.raises(ToylabError, match="test_fraction"):
         probe(acts, labels, test_fraction=1.0)
+
+
+def test_summary_over_seeds_finds_planted_signal_and_not_noise() -> None:
+    rows = []
+    for seed in range(3):
+        signal = probe(*planted(600, 8, 3, 0.5, seed), seed=seed).as_dict()
+        acts, _ = planted(600, 8, 3, 0.5, seed)
+        noise = probe(acts, np.random.default_rng(seed + 100).integers(3, size=600), seed=seed).as_dict()
+        rows += [{"site": "signal", "seed": seed, **signal}, {"site": "noise", "seed": seed, **noise}]
+    summary = {row["site"]: row for row in summarize_probes(rows, ["site"])}
+    assert summary["signal"]["verdict"]["verdict"] == "more" and summary["noise"]["verdict"]["verdict"] != "more"
+    assert summary["signal"]["accuracy"]["n"] == 3
+    assert summary["signal"]["accuracy"]["mean"] == pytest.approx(np.mean([r["accuracy"] for r in rows if r["site"] == "signal"]))
+    assert summary["signal"]["r2"]["n"] == 0  # logistic probes have no R^2
+
+
+def test_summary_compares_with_the_stronger_control_of_each_seed() -> None:
+    scores = [(0.60, 0.50, 0.40), (0.62, 0.40, 0.52), (0.61, 0.45, 0.50)]  # (accuracy, baseline, shuffled)
+    rows = [{"seed": s, "accuracy": a, "baseline": b, "shuffled": c, "r2": None} for s, (a, b, c) in enumerate(scores)]
+    (summary,) = summarize_probes(rows, [])
+    differences = [a - max(b, c) for a, b, c in scores]
+    assert summary["verdict"]["mean"] == pytest.approx(np.mean(differences))
+    assert summary["verdict"]["verdict"] == "more"

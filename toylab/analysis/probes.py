@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from toylab.analysis.stats import mean_ci, paired_comparison
 from toylab.errors import ToylabError
 from toylab.task import IGNORE
 
@@ -154,6 +155,28 @@ def probe(
         n_classes=len(values),
         r2=r2,
     )
+
+
+SCORES = ("accuracy", "baseline", "shuffled", "r2")
+
+
+def summarize_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Across seeds, per group of `keys`: mean and 95% CI of every score, and whether the probe finds signal.
+
+    `rows` are probe results (`ProbeResult.as_dict()` plus the keys), one per seed. The verdict is a
+    paired comparison over seeds of the accuracy with the stronger control of the same seed,
+    `max(baseline, shuffled)`: "more" means the probe beats both controls (95% CI above 0).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for group, members in groups.items():
+        scores = {s: [np.nan if r[s] is None else r[s] for r in members] for s in SCORES}
+        control = np.maximum(scores["baseline"], scores["shuffled"])
+        out.append({**dict(zip(keys, group)), **{s: mean_ci(v) for s, v in scores.items()},
+                    "verdict": paired_comparison(scores["accuracy"], control)})
+    return out
 
 
 def multi_hot_classes(labels: np.ndarray) -> np.ndarray:
