@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from toylab.registry import get_task, register_study
 from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
-from toylab.training import TrainConfig, evaluate
+from toylab.training import TrainConfig, evaluate, load_trained
 
 PLAN_POSITIONS = ("pause", "path", "step")
 """Position types where the agent has a current cell: thinking pauses, `<path>`, and the path cells."""
@@ -149,33 +150,34 @@ class Planning(Study):
             )
         self.paused = {p: get_task("gridworld", {**self.task.options, "pause": p}) for p in config.pauses}
 
-    def performance(self, model: Transformer, task: Task, batch: Batch, larger: Batch | None) -> dict[str, float]:
-        """Teacher-forced metrics, loss, and greedy solve rates (also on the larger mazes, when given)."""
-        scores = {**evaluate(model, task, batch), **task.solve_rate(model, batch)}
-        if self.larger is not None and larger is not None:
-            found = self.larger.solve_rate(with_positions(model, self.larger.seq_len), larger)
+    def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One finished run (in a worker process): teacher-forced metrics, loss and greedy solve rates
+        on the held-out mazes (and on the larger ones), and, for the main task, its probe rows."""
+        cfg, model = self.config, load_trained(run_dir).model
+        batch = job.task.sample(cfg.n_eval, cfg.eval_seed)
+        scores = {**evaluate(model, job.task, batch), **job.task.solve_rate(model, batch)}
+        if job.task.options != self.task.options:
+            return scores, []
+        if self.larger is not None:
+            found = self.larger.solve_rate(with_positions(model, self.larger.seq_len), self.larger.sample(cfg.n_eval, cfg.eval_seed))
             scores.update({f"larger_{name}": value for name, value in found.items()})
-        return scores
+        kind, seed = job.key.split("-")[0], job.config.seed
+        return scores, [{"model": kind, "seed": seed, **row} for row in probe_plan(model, batch, cfg.ahead, seed)]
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
         eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
-        larger_batch = self.larger.sample(cfg.n_eval, cfg.eval_seed) if self.larger else None
         jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for kind, options in self.models.items()]
         jobs += [TrainJob(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], replace(cfg.train, seed=seed))
                  for p, paused in self.paused.items() for seed in range(cfg.seeds)]
         trained = ctx.train(jobs)
 
-        performance: dict[str, dict[str, Any]] = {}
-        probes: list[dict[str, Any]] = []
-        for job in ctx.bar(jobs, len(jobs), "evaluating"):
-            run, main = trained[job.key], job.task is task
-            batch = eval_batch if main else job.task.sample(cfg.n_eval, cfg.eval_seed)
-            performance[job.key] = self.performance(run.model, job.task, batch, larger_batch if main else None) if run else None
-            if run and main:
-                kind, seed = job.key.split("-")[0], job.config.seed
-                probes += [{"model": kind, "seed": seed, **row} for row in probe_plan(run.model, eval_batch, cfg.ahead, seed)]
+        finished = [job for job in jobs if trained[job.key]]
+        evaluated = dict(zip([job.key for job in finished],
+                             ctx.map(self.evaluate, finished, [ctx.run_dir(job.key) for job in finished], description="evaluating")))
+        performance = {job.key: evaluated[job.key][0] if job.key in evaluated else None for job in jobs}
+        probes = [row for _, rows in evaluated.values() for row in rows]
 
         per_seed = [
             specialization(trained[f"moe-seed{s}"].model, trained[f"dense-seed{s}"].model, task, eval_batch, cfg.n_permutations, s)

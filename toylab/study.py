@@ -13,16 +13,17 @@ import os
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
@@ -31,6 +32,8 @@ from toylab.errors import DivergenceError, ToylabError  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.task import Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_trained, load_trained, train  # noqa: E402
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def train_or_fail(job: TrainJob, run_dir: Path) -> str | None:
 
 
 class StudyContext:
-    """What a running study may touch: its directory, cached training runs, figures, progress."""
+    """What a running study may touch: its directory, cached training runs, worker processes, figures, progress."""
 
     def __init__(self, directory: Path, progress: bool = True, workers: int = 1) -> None:
         self.directory = Path(directory)
@@ -61,37 +64,59 @@ class StudyContext:
         self.workers = workers
         self.failures: list[dict[str, str]] = []
         self.trained = self.reused = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> StudyContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the worker processes (started by the first `map` that needs them)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def run_dir(self, key: str) -> Path:
         return self.directory / "models" / key
 
+    def map(self, function: Callable[..., R], *iterables: Iterable[Any], description: str) -> list[R]:
+        """`list(map(function, *iterables))`, in `workers` processes at once when there are several.
+
+        `function` and its arguments must pickle (a module-level function or a study's method, plain
+        data, tasks); results come back in order. An exception in any call stops the rest and propagates.
+        The processes (one torch thread each) start once and serve every `map` until the context exits.
+        """
+        calls = list(zip(*iterables))
+        if self.workers <= 1 or len(calls) <= 1:
+            return [function(*args) for args in self.bar(calls, len(calls), description)]
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+        futures = [self._pool.submit(function, *args) for args in calls]
+        try:
+            for future in self.bar(as_completed(futures), len(futures), f"{description} ({self.workers} workers)"):
+                future.result()
+        except BaseException:  # an error or Ctrl-C: start no more calls
+            for future in futures:
+                future.cancel()
+            raise
+        return [future.result() for future in futures]
+
     def train(self, jobs: Sequence[TrainJob]) -> dict[str, TrainedModel | None]:
         """Train (or reuse) every job; a diverging run is recorded and gives None.
 
-        With `workers > 1` the unfinished jobs train in that many processes at once (one torch thread
-        each by default); every run is seeded on its own, so the results are the same either way.
+        Unfinished jobs train in `workers` processes at once (one torch thread each by default);
+        every run is seeded on its own, so the results are the same whatever the number of workers.
         """
-        failed: dict[str, str] = {}
         pending = [job for job in jobs if not is_trained(job.task, job.model, job.config, self.run_dir(job.key))]
         self.trained, self.reused = self.trained + len(pending), self.reused + len(jobs) - len(pending)
-        if self.workers > 1 and len(pending) > 1:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(self.workers, len(pending)), mp_context=context) as pool:
-                futures = {pool.submit(train_or_fail, job, self.run_dir(job.key)): job.key for job in pending}
-                try:
-                    for future in self.bar(as_completed(futures), len(futures), f"training ({self.workers} workers)"):
-                        if (error := future.result()) is not None:
-                            failed[futures[future]] = error
-                except BaseException:  # an error or Ctrl-C: start no more runs
-                    pool.shutdown(cancel_futures=True)
-                    raise
+        errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending], description="training")
+        failed = {job.key: error for job, error in zip(pending, errors) if error is not None}
         trained: dict[str, TrainedModel | None] = {}
-        for job in self.bar(jobs, len(jobs), "training"):  # trains what no worker did, loads the rest
-            error = failed.get(job.key) or train_or_fail(job, self.run_dir(job.key))
-            trained[job.key] = None if error else load_trained(self.run_dir(job.key))
-            if error:
-                self.failures.append({"run": job.key, "error": error})
-                tqdm.write(f"run {job.key} failed: {error}")
+        for job in jobs:
+            trained[job.key] = None if job.key in failed else load_trained(self.run_dir(job.key))
+            if job.key in failed:
+                self.failures.append({"run": job.key, "error": failed[job.key]})
+                tqdm.write(f"run {job.key} failed: {failed[job.key]}")
         return trained
 
     def bar(self, items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
@@ -179,7 +204,7 @@ def timing_note(timing: dict[str, Any]) -> str:
     """The report's closing section: how long this invocation took, on what, and what it reused."""
     text = f"\n## Time\n\nThis invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
     if timing["runs_trained"] + timing["runs_reused"]:
-        text += (f" with {timing['workers']} training worker(s); it trained {timing['runs_trained']} model(s) "
+        text += (f" with {timing['workers']} worker process(es); it trained {timing['runs_trained']} model(s) "
                  f"and reused {timing['runs_reused']} finished in an earlier invocation")
     return text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.\n"
 
@@ -214,8 +239,8 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`.
 
-    With `workers > 1`, that many training runs go at once in new (spawned) processes, so a script
-    that calls this must guard its entry point with `if __name__ == "__main__":`.
+    With `workers > 1`, that many training runs (and other `ctx.map` calls) go at once in new (spawned)
+    processes, so a script that calls this must guard its entry point with `if __name__ == "__main__":`.
     """
     if workers < 1:
         raise ToylabError(f"workers must be >= 1 (got {workers})")
@@ -229,8 +254,8 @@ def run_study(
         raise ToylabError(f"cannot create output directory {directory}: {error.strerror}") from None
     io.write_json(directory / "config.json", config)
     io.write_json(directory / "code_version.json", code_version())
-    ctx = StudyContext(directory, progress, workers)
-    results = study.run(ctx)
+    with StudyContext(directory, progress, workers) as ctx:
+        results = study.run(ctx)
     results["failed_runs"] = ctx.failures
     io.write_json(directory / "results.json", results)
     report = study.report(results, ctx)

@@ -89,6 +89,12 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return F.cross_entropy(logits[mask], targets[mask])
 
 
+def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing positions no sequence of the batch scores (padding); exact for a causal model's loss."""
+    length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return tokens[:, :length], targets[:, :length], mask[:, :length]
+
+
 class SequenceModel(pl.LightningModule):
     """A hooked transformer trained on next-token prediction plus its MoE auxiliary losses."""
 
@@ -97,7 +103,7 @@ class SequenceModel(pl.LightningModule):
         self.model, self.task, self.cfg = model, task, cfg
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        tokens, targets, mask = batch
+        tokens, targets, mask = trim_unscored(*batch)
         lm_loss = sequence_loss(self.model(tokens), targets, mask)
         aux = self.model.aux_loss()
         loss = lm_loss + aux

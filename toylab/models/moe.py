@@ -5,8 +5,8 @@
     h_j = act(x W_in[e_j] + b_in[e_j])      expert neurons per slot      [batch, pos, k, d_expert]
     y = sum_j w_j (h_j W_out[e_j] + b_out[e_j])
 
-Dispatch groups the (token, slot) pairs by expert (argsort, bincount, cumsum) and runs all
-experts as one batched matmul over `[n_experts, capacity, d]` blocks; no mask over all tokens.
+Dispatch sorts the (token, slot) pairs by expert (argsort, bincount) and runs each expert as one
+matmul on its contiguous slice, as megablocks does: no mask over all tokens, no capacity padding.
 Auxiliary losses: the Switch load-balancing loss and the router z-loss.
 """
 
@@ -24,28 +24,19 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
 class SortedDispatch:
-    """Slots (token, choice) sorted by expert into contiguous blocks `[n_experts, capacity, ...]`."""
+    """Slots (token, choice) sorted by expert, so each expert runs one matmul on a contiguous slice."""
 
     def __init__(self, experts: torch.Tensor, n_experts: int) -> None:
         flat = experts.flatten()
         self.order = flat.argsort(stable=True)
-        expert_of_sorted = flat[self.order]
-        self.counts = torch.bincount(flat, minlength=n_experts)
-        starts = self.counts.cumsum(0) - self.counts
-        rank = torch.arange(len(flat), device=flat.device) - starts[expert_of_sorted]
-        self.index = (expert_of_sorted, rank)
-        self.capacity = int(self.counts.max())
-        self.n_experts = n_experts
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(len(flat), device=flat.device)
+        self.counts = torch.bincount(flat, minlength=n_experts).tolist()
 
-    def to_experts(self, slots: torch.Tensor) -> torch.Tensor:
-        """`[n_slots, f]` in slot order -> `[n_experts, capacity, f]` (zero-padded)."""
-        grouped = slots.new_zeros(self.n_experts, self.capacity, slots.shape[-1])
-        return grouped.index_put(self.index, slots[self.order])
-
-    def to_slots(self, grouped: torch.Tensor) -> torch.Tensor:
-        """`[n_experts, capacity, f]` -> `[n_slots, f]` in slot order."""
-        slots = grouped.new_empty(len(self.order), grouped.shape[-1])
-        return slots.index_put((self.order,), grouped[self.index])
+    def affine(self, slots: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`slots @ W[e] + b[e]` for every slot with its own expert e: `[n_slots, f_in]` -> `[n_slots, f_out]`."""
+        groups = slots[self.order].split(self.counts)
+        return torch.cat([torch.addmm(b[e], group, W[e]) for e, group in enumerate(groups)])[self.inverse]
 
 
 class MoE(nn.Module):
@@ -102,15 +93,10 @@ class MoE(nn.Module):
         batch_shape, d_model = x.shape[:-1], x.shape[-1]
         dispatch = SortedDispatch(experts, self.n_experts)
         slots = x.unsqueeze(-2).expand(*batch_shape, self.k, d_model).reshape(-1, d_model)
-
-        def per_expert(grouped: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            out = torch.bmm(grouped, W) + b.unsqueeze(1)
-            return dispatch.to_slots(out).view(*batch_shape, self.k, -1)
-
-        pre = self.hook_pre(per_expert(dispatch.to_experts(slots), self.W_in, self.b_in))
+        pre = self.hook_pre(dispatch.affine(slots, self.W_in, self.b_in).view(*batch_shape, self.k, -1))
         post = self.hook_post(self.act(pre))
-        grouped_post = dispatch.to_experts(post.reshape(-1, post.shape[-1]))
-        out = self.hook_expert_out(per_expert(grouped_post, self.W_out, self.b_out))
+        out = dispatch.affine(post.reshape(-1, post.shape[-1]), self.W_out, self.b_out)
+        out = self.hook_expert_out(out.view(*batch_shape, self.k, d_model))
         return torch.einsum("...k,...kd->...d", weights, out)
 
 
