@@ -77,6 +77,23 @@ def test_hooks_have_fixed_layouts():
         model.run_with_cache(tokens, names="blocks.9.nothing")
 
 
+def test_fused_attention_equals_the_explicit_pattern():
+    model = small("dense")
+    tokens = torch.randint(0, 9, (4, 12))
+    fused = model(tokens)
+    grads_fused = torch.autograd.grad(fused.pow(2).sum(), list(model.parameters()))
+    with model.hooks([("blocks.*.attn.hook_pattern", lambda pattern, hook: None)]):  # forces the explicit path
+        explicit = model(tokens)
+        grads_explicit = torch.autograd.grad(explicit.pow(2).sum(), list(model.parameters()))
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    for g_fused, g_explicit in zip(grads_fused, grads_explicit):
+        torch.testing.assert_close(g_fused, g_explicit, atol=1e-5, rtol=1e-4)
+    _, cache = model.run_with_cache(tokens, names="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(4, 2, 12))
+    assert (pattern.triu(1) == 0).all()  # causal
+
+
 def test_hooks_can_patch_activations():
     model = small("moe")
     tokens = torch.randint(0, 9, (2, 12))

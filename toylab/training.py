@@ -43,6 +43,8 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    lr_floor: float = 0.1
+    """Where the cosine schedule ends, as a fraction of `lr`."""
     grad_clip: float = 1.0
     n_train: int = 20000
     n_val: int = 1000
@@ -59,6 +61,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number (got {self.lr})")
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError(f"lr_floor must be in [0, 1] (got {self.lr_floor})")
 
 
 def data_seed(seed: int, split: str) -> int:
@@ -124,12 +128,13 @@ class SequenceModel(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        warmup, total = self.cfg.warmup_steps, self.cfg.steps
+        warmup, total, floor = self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr_floor
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return floor + (1 - floor) * cosine
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

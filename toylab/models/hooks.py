@@ -28,6 +28,11 @@ class HookPoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    @property
+    def active(self) -> bool:
+        """Whether a hook reads or replaces this activation now (lets a model skip computing it otherwise)."""
+        return bool(self._forward_hooks)
+
 
 class HookedModule(nn.Module):
     """Base for models with hook points: names them and runs with caches or hooks."""

@@ -71,10 +71,14 @@ class Attention(nn.Module):
         batch, pos, _ = x.shape
         q, k, v = self.W_QKV(x).view(batch, pos, 3, self.n_heads, self.d_head).unbind(2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
-        causal = torch.ones(pos, pos, dtype=torch.bool, device=x.device).tril()
-        pattern = self.hook_pattern(scores.masked_fill(~causal, float("-inf")).softmax(-1))
-        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
+        if self.hook_pattern.active:  # a hook reads or edits the pattern: compute it
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
+            causal = torch.ones(pos, pos, dtype=torch.bool, device=x.device).tril()
+            pattern = self.hook_pattern(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        else:  # the same computation, fused without materializing the pattern (about 2x faster on CPU)
+            z = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+        z = self.hook_z(z)
         return self.W_O(z.reshape(batch, pos, -1))
 
 
