@@ -7,7 +7,7 @@ import torch
 
 from toylab.errors import DivergenceError, ToylabError
 from toylab.registry import get_task
-from toylab.training import SequenceModel, TrainConfig, build_model, load_trained, train
+from toylab.training import SequenceModel, TrainConfig, build_model, load_trained, sequence_loss, train, trim_unscored
 
 TINY_MODEL = {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1}
 TINY_TRAIN = TrainConfig(steps=12, batch_size=16, n_train=64, n_val=32, eval_every=6, warmup_steps=2)
@@ -121,3 +121,14 @@ def test_max_len_gives_room_for_longer_sequences(task):
     assert build_model(task, {**TINY_MODEL, "max_len": 50}).W_pos.shape[0] == 50
     with pytest.raises(ToylabError, match="shorter than the task's sequences"):
         build_model(task, {**TINY_MODEL, "max_len": 3})
+
+
+def test_trimming_unscored_positions_leaves_a_causal_models_loss_unchanged() -> None:
+    task = get_task("gridworld", size=3, canvas=4)
+    tokens, targets, mask = task.sample(32, seed=0).tensors()
+    trimmed = trim_unscored(tokens, targets, mask)
+    assert trimmed[0].shape[1] < tokens.shape[1] and trimmed[2][:, -1].any()  # padding dropped, nothing scored lost
+    assert trimmed[2].sum() == mask.sum()
+    model = build_model(task, {**TINY_MODEL, "ffn": "dense"})
+    full, short = sequence_loss(model(tokens), targets, mask), sequence_loss(model(trimmed[0]), *trimmed[1:])
+    torch.testing.assert_close(full, short)

@@ -94,7 +94,10 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop the trailing positions no sequence of the batch scores (padding); exact for a causal model's loss."""
+    """Drop the trailing positions no sequence of the batch scores (padding).
+
+    Exact for a causal model's loss; MoE auxiliary losses then see only the kept positions.
+    """
     length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
     return tokens[:, :length], targets[:, :length], mask[:, :length]
 
