@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.gridworld import TOKEN_TYPES
 from toylab.analysis.probes import SCORES, ahead, probe_residual_stream, residual_stream, summarize_probes
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
 from toylab.analysis.stats import mean_ci, paired_comparison
@@ -85,25 +84,16 @@ def probe_targets(steps_ahead: int) -> list[tuple[str, str, str, int, tuple[str,
     ]
 
 
-def probe_plan(model: Transformer, batch: Batch, steps_ahead: int, seed: int) -> list[dict[str, Any]]:
+def probe_plan(model: Transformer, task: Task, batch: Batch, steps_ahead: int, seed: int) -> list[dict[str, Any]]:
     """Probe rows for every target, layer and position type of one model."""
     resid = residual_stream(model, torch.from_numpy(batch.inputs))
-    types = batch.labels["token_type"]
+    types, type_names = batch.labels["token_type"], task.labels["token_type"].classes
     rows = []
     for target, label, kind, offset, positions in probe_targets(steps_ahead):
-        selected = np.where(np.isin(types, [TOKEN_TYPES.index(p) for p in positions]), types, IGNORE)
-        found = probe_residual_stream(resid, ahead(batch.labels[label], offset), selected, TOKEN_TYPES, kind, seed=seed)
+        selected = np.where(np.isin(types, [type_names.index(p) for p in positions]), types, IGNORE)
+        found = probe_residual_stream(resid, ahead(batch.labels[label], offset), selected, type_names, kind, seed=seed)
         rows += [{"target": target, "offset": offset, **row} for row in found]
     return rows
-
-
-def with_positions(model: Transformer, max_len: int) -> Transformer:
-    """The same weights with zero positional embeddings appended up to `max_len` (positions never trained)."""
-    longer = Transformer(replace(model.cfg, max_len=max_len)).eval()
-    state = model.state_dict()
-    state["W_pos"] = torch.cat([state["W_pos"], state["W_pos"].new_zeros(max_len - len(state["W_pos"]), model.cfg.d_model)])
-    longer.load_state_dict(state)
-    return longer
 
 
 @register_study("planning")
@@ -128,13 +118,6 @@ class Planning(Study):
             raise ToylabError(f"set {overlap[0]} as a study option, not in task_options; valid there: generators, p_open")
         self.task = get_task("gridworld", {**config.task_options, "size": config.size, "canvas": config.canvas,
                                            "pause": config.pause})
-        self.models = {
-            "dense": {**config.model, "ffn": "dense"},
-            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k},
-        }
-        built = [build(TransformerConfig, options, vocab_size=len(self.task.vocab), max_len=self.task.seq_len)
-                 for options in self.models.values()]  # fails early on a bad model option
-        self.n_layers = built[0].n_layers
         size, canvas = self.task.config.size, self.task.canvas
         self.larger: Task | None = None
         if config.larger_size is not None:
@@ -150,6 +133,15 @@ class Planning(Study):
                 f"(got {config.pauses})"
             )
         self.paused = {p: get_task("gridworld", {**self.task.options, "pause": p}) for p in config.pauses}
+        # positions up to the longest sequence of any task here exist from the start; the larger mazes' are never trained
+        lengths = [t.seq_len for t in (self.task, self.larger, *self.paused.values()) if t is not None]
+        shared = {**config.model, "max_len": max(lengths)}
+        self.models = {
+            "dense": {**shared, "ffn": "dense"},
+            "moe": {**shared, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k},
+        }
+        built = [build(TransformerConfig, options, vocab_size=len(self.task.vocab)) for options in self.models.values()]
+        self.n_layers = built[0].n_layers  # building fails early on a bad model option
 
     def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """One finished run (in a worker process): teacher-forced metrics, loss and greedy solve rates
@@ -160,10 +152,10 @@ class Planning(Study):
         if job.task.options != self.task.options:
             return scores, []
         if self.larger is not None:
-            found = self.larger.solve_rate(with_positions(model, self.larger.seq_len), self.larger.sample(cfg.n_eval, cfg.eval_seed))
+            found = self.larger.solve_rate(model, self.larger.sample(cfg.n_eval, cfg.eval_seed))
             scores.update({f"larger_{name}": value for name, value in found.items()})
         kind, seed = job.key.split("-")[0], job.config.seed
-        return scores, [{"model": kind, "seed": seed, **row} for row in probe_plan(model, batch, cfg.ahead, seed)]
+        return scores, [{"model": kind, "seed": seed, **row} for row in probe_plan(model, job.task, batch, cfg.ahead, seed)]
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
@@ -332,8 +324,8 @@ class Planning(Study):
             f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
             f"each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
             f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
-            + (f"; larger mazes: size {cfg.larger_size} on the same canvas, with positions beyond the training length "
-               "given zero positional embeddings." if self.larger else "."),
+            + (f"; larger mazes: size {cfg.larger_size} on the same canvas, whose positions beyond the training length "
+               "exist in every model but are never trained." if self.larger else "."),
             "## Findings",
             "\n".join(self.findings(results)),
             "## Solving mazes (held-out, mean [95% CI] over seeds)",

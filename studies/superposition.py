@@ -9,7 +9,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from tasks.superposition import SparseFeatures
 from toylab.analysis.stats import mean_ci, paired_comparison
 from toylab.analysis.superposition import (
     GEOMETRIC_FRACTIONS,
@@ -24,7 +23,7 @@ from toylab.analysis.superposition import (
     most_important_represented,
     plateau,
 )
-from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
+from toylab.models.superposition import SparseFeatures, ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
 from toylab.report import fmt, fmt_ci, markdown_table
 from toylab.study import Study, StudyContext

@@ -190,12 +190,12 @@ class Gridworld(Task):
         m, p = self.canvas, self.config.pause
         cells = tuple(self.vocab[CELL : CELL + m * m])
         ordinal = lambda count: tuple(str(i) for i in range(count))  # noqa: E731
-        walls = tuple("".join(name[0] for d, name in enumerate(MOVES) if bits >> d & 1) or "none" for bits in range(16))
+        open_moves = tuple("".join(name[0] for d, name in enumerate(MOVES) if bits >> d & 1) or "none" for bits in range(16))
         return {
             "token_type": Label("token_type", "state", "role of the token in the sequence", TOKEN_TYPES),
             "cell": Label("cell", "state", "cell the agent is in", cells),
             "goal": Label("goal", "state", "goal cell, once stated", cells),
-            "walls": Label("walls", "state", "open moves out of the current cell (u, d, l, r)", walls),
+            "open_moves": Label("open_moves", "state", "open moves out of the current cell (u, d, l, r)", open_moves),
             "distance": Label("distance", "function", "BFS distance from the current cell to the goal", ordinal(m * m), ordinal=True),
             "next_moves": Label(
                 "next_moves", "function", "moves out of the current cell that start a shortest path", MOVES, multi_hot=True
@@ -291,7 +291,7 @@ class Gridworld(Task):
             "token_type": kind,
             "cell": np.where(segment, canvas_cell(here), IGNORE),
             "goal": np.where((pos >= 2) & (kind != IGNORE), canvas_cell(goal[:, None]), IGNORE),
-            "walls": np.where(segment, (here_open << np.arange(4)).sum(-1), IGNORE),
+            "open_moves": np.where(segment, (here_open << np.arange(4)).sum(-1), IGNORE),
             "distance": np.where(segment, to_goal[rows[:, None], here], IGNORE),
             "next_moves": np.where(segment[..., None], optimal[rows[:, None], here], IGNORE),
             "steps_remaining": np.where(segment, goal_at - pos, IGNORE),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.brackets import BOS, EOS, OPEN, PAD
+from toylab.tasks.brackets import BOS, EOS, OPEN, PAD
 from toylab.errors import ToylabError
 from toylab.registry import get_task
 from toylab.task import IGNORE

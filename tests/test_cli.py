@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cli import app
+from toylab.cli import app
 from toylab.errors import DivergenceError
 
 TINY = ["--seeds", "2", "--set", "train.steps=16", "--set", "train.n_train=128", "--set", "train.n_val=32",

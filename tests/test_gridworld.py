@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.gridworld import CELL, EOS, MOVES, PATH, TOKEN_TYPES, Gridworld, is_shortest_path
+from toylab.tasks.gridworld import CELL, EOS, MOVES, PATH, TOKEN_TYPES, Gridworld, is_shortest_path
 from toylab import ToylabError, get_task
 from toylab.task import IGNORE, Batch
 
@@ -100,7 +100,7 @@ def check_sequence(task: Gridworld, batch: Batch, row: int) -> None:
         goal_known = 2 <= pos < len(types)
         assert labels["goal"][pos] == (goal[0] * m + goal[1] if goal_known else IGNORE)
         if not in_segment:
-            for name in ("cell", "walls", "distance", "steps_remaining", "cell_kind"):
+            for name in ("cell", "open_moves", "distance", "steps_remaining", "cell_kind"):
                 assert labels[name][pos] == IGNORE, (name, pos)
             assert (labels["next_moves"][pos] == IGNORE).all()
         else:
@@ -108,7 +108,7 @@ def check_sequence(task: Gridworld, batch: Batch, row: int) -> None:
             open_moves = {STEP[(b[0] - here[0], b[1] - here[1])] for b in adjacency[here]}
             best = {STEP[(b[0] - here[0], b[1] - here[1])] for b in adjacency[here] if to_goal[b] == to_goal[here] - 1}
             assert labels["cell"][pos] == here[0] * m + here[1]
-            assert labels["walls"][pos] == sum(1 << d for d in open_moves)
+            assert labels["open_moves"][pos] == sum(1 << d for d in open_moves)
             assert labels["distance"][pos] == to_goal[here]
             assert labels["steps_remaining"][pos] == marker + len(path) - pos
             assert labels["cell_kind"][pos] == min(len(open_moves), 3) - 1

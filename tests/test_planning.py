@@ -5,21 +5,18 @@ import json
 import pytest
 import torch
 
-from studies.planning import probe_targets, with_positions
+from toylab.studies.planning import probe_targets
 from toylab import ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.report import markdown_table
 from toylab.study import resolve, run_study
 
 
-def test_longer_positions_leave_the_trained_positions_alone() -> None:
-    torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=9, max_len=6, d_model=16, n_heads=2, d_mlp=32)).eval()
-    longer = with_positions(model, 10)
-    tokens = torch.randint(9, (4, 10))
-    torch.testing.assert_close(longer(tokens[:, :6]), model(tokens[:, :6]))
-    assert longer(tokens).shape == (4, 10, 9)
-    assert (longer.W_pos[6:] == 0).all()
+def test_models_have_positions_for_the_larger_mazes() -> None:
+    study = resolve("planning", {"larger_size": 4, "pauses": (0, 8)}, fast=True)
+    longest = max(study.larger.seq_len, *(task.seq_len for task in study.paused.values()))
+    assert longest > study.task.seq_len
+    assert {options["max_len"] for options in study.models.values()} == {longest}
 
 
 @pytest.mark.parametrize(

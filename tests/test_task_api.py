@@ -61,7 +61,7 @@ def test_unknown_option_is_rejected(task):
 def test_third_party_tasks_register_through_entry_points(monkeypatch):
     from dataclasses import dataclass
 
-    from tasks.brackets import Brackets
+    from toylab.tasks.brackets import Brackets
     from toylab import registry
 
     @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """`python -m toylab ...` runs the command line, like the `toylab` script."""
 
-from cli import app
+from toylab.cli import app
 
 app()

@@ -1,7 +1,7 @@
 """Name -> class registries for tasks and studies.
 
-Built-in tasks live one per file in the `tasks` package and studies in `studies`; both are
-imported on first use, so adding a file is all it takes. Third-party packages register through
+Built-in tasks live one per file in the `toylab.tasks` package (the repository's `tasks/` folder) and
+studies in `toylab.studies` (`studies/`); both are imported on first use, so adding a file is all it takes. Third-party packages register through
 the entry-point groups `toylab.tasks` and `toylab.studies` (`name = "pkg.module:Class"`).
 """
 
@@ -58,8 +58,8 @@ class Registry(Generic[T]):
         return self._classes[name]
 
 
-TASKS: Registry[Any] = Registry("task", "tasks", "toylab.tasks")
-STUDIES: Registry[Any] = Registry("study", "studies", "toylab.studies")
+TASKS: Registry[Any] = Registry("task", "toylab.tasks", "toylab.tasks")
+STUDIES: Registry[Any] = Registry("study", "toylab.studies", "toylab.studies")
 
 register_task = TASKS.register
 register_study = STUDIES.register

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -44,12 +44,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tasks.superposition import SparseFeatures
 from toylab import io
 from toylab.config import to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
 from toylab.training import data_seed
+
+
+class SparseFeatures(Protocol):
+    """What the toy models train on: a task of sparse features with importances (as the `superposition` task)."""
+
+    name: str
+    options: dict[str, Any]
+    config: Any
+    """Has `sparsity`, the default probability that a feature is zero."""
+
+    @property
+    def n_features(self) -> int: ...
+
+    @property
+    def importance(self) -> np.ndarray: ...
+
+    def generate(
+        self, n: int, generator: torch.Generator, sparsity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x [n, inst, n_features]`, `active` of the same shape, `group [n, inst]`."""
 
 
 @dataclass(frozen=True)
