@@ -56,19 +56,54 @@ def test_half_written_run_is_not_reused(task, tmp_path):
     assert (run_dir / "final.json").is_file() and result.metrics["loss"] > 0
 
 
-def test_corrupt_or_missing_checkpoint_gives_clear_error(trained, tmp_path):
+def _nan_weights(run_dir) -> None:
+    from toylab.io import load_tensors, save_tensors
+
+    weights = load_tensors(run_dir / "model.safetensors")
+    save_tensors(run_dir / "model.safetensors", {name: torch.full_like(w, float("nan")) for name, w in weights.items()})
+
+
+def _dense_checkpoint(run_dir, task=None) -> None:
+    from toylab.io import save_tensors
+
+    dense = build_model(get_task("brackets", max_length=10, min_length=2), {**TINY_MODEL, "ffn": "dense"})
+    save_tensors(run_dir / "model.safetensors", dense.state_dict())
+
+
+CORRUPTIONS = {
+    "final.json {}": (lambda d: (d / "final.json").write_text("{}"), "final.json"),
+    "final.json []": (lambda d: (d / "final.json").write_text("[]"), "final.json"),
+    "final.json truncated": (lambda d: (d / "final.json").write_text("{truncated"), "final.json"),
+    "config.json null": (lambda d: (d / "config.json").write_text("null"), "config.json"),
+    "empty metrics.csv": (lambda d: (d / "metrics.csv").write_text(""), "metrics.csv"),
+    "missing metrics.csv": (lambda d: (d / "metrics.csv").unlink(), "metrics.csv"),
+    "garbage checkpoint": (lambda d: (d / "model.safetensors").write_bytes(b"not a checkpoint"), "model.safetensors"),
+    "missing checkpoint": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "NaN weights": (_nan_weights, "model.safetensors"),
+    "another model's checkpoint": (_dense_checkpoint, "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_finished_run_is_named_then_retrained(trained, task, tmp_path, corruption, caplog):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    corrupt, culprit = CORRUPTIONS[corruption]
+    corrupt(run_dir)
+    with pytest.raises(ToylabError, match=culprit) as error:
+        load_trained(run_dir)
+    assert "\n" not in str(error.value)
+    again = train(task, {**TINY_MODEL, "ffn": "moe"}, TINY_TRAIN, run_dir, progress=False)
+    assert f"retraining {run_dir}" in caplog.text and culprit in caplog.text
+    assert again.metrics == trained.metrics  # the same run, trained anew, and now intact
+    assert load_trained(run_dir).metrics == trained.metrics
+
+
+def test_a_missing_run_gives_a_clear_error(tmp_path):
     with pytest.raises(ToylabError, match="no finished run"):
         load_trained(tmp_path)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "final.json"):
-        (broken / name).write_text((trained.run_dir / name).read_text())
-    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ToylabError, match="corrupt checkpoint"):
-        load_trained(broken)
-    (broken / "final.json").write_text("{truncated")
-    with pytest.raises(ToylabError, match="corrupt JSON"):
-        load_trained(broken)
 
 
 def test_nan_loss_raises_divergence_error(task):

@@ -167,7 +167,11 @@ def train(
     model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len")}
     train_cfg = build(TrainConfig, train_options)
     run_dir = out / f"{task}-{model}-{config_hash([the_task.options, model_options, to_dict(train_cfg)])}"
-    result = train_model(the_task, model_options, train_cfg, run_dir, progress=progress)
+    try:
+        result = train_model(the_task, model_options, train_cfg, run_dir, progress=progress)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the run in {run_dir} did not finish; rerun the same command to train it", err=True)
+        raise typer.Exit(130) from None
     typer.echo(markdown_table([{"metric": k, "value": f"{v:.4f}"} for k, v in result.metrics.items()]))
     typer.echo(f"run directory: {run_dir}")
 
@@ -207,7 +211,11 @@ def study_run(
         overrides["seeds"] = seeds
     if option:
         overrides["task_options"] = {**overrides.get("task_options", {}), **parse_assignments(option)}
-    outcome = run_study(name, overrides, out, fast=fast, progress=progress, workers=workers or available_cpus())
+    try:
+        outcome = run_study(name, overrides, out, fast=fast, progress=progress, workers=workers or available_cpus())
+    except KeyboardInterrupt as interrupted:  # `Interrupted` says how many runs finished
+        typer.echo(str(interrupted) or "interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(markdown_table(outcome.summary))
     if outcome.results.get("failed_runs"):
         typer.echo(f"{len(outcome.results['failed_runs'])} run(s) failed; see the report.")

@@ -7,3 +7,7 @@ class ToylabError(Exception):
 
 class DivergenceError(ToylabError):
     """A training run's loss became NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a study: the message says what finished and how to resume (the CLI exits 130)."""

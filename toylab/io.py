@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -47,6 +48,11 @@ def read_json(path: Path) -> Any:
         raise ToylabError(f"file not found: {path}") from None
     except json.JSONDecodeError as error:
         raise ToylabError(f"corrupt JSON file {path}: {error}") from None
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

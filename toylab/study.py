@@ -10,7 +10,10 @@ from __future__ import annotations
 import io as _io
 import multiprocessing
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,10 +31,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
 from toylab.config import build, config_hash, to_dict  # noqa: E402
-from toylab.errors import DivergenceError, ToylabError  # noqa: E402
+from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.task import Task  # noqa: E402
-from toylab.training import TrainConfig, TrainedModel, is_trained, load_trained, train  # noqa: E402
+from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
 
 R = TypeVar("R")
 
@@ -44,6 +47,33 @@ class TrainJob:
     task: Task
     model: dict[str, Any]
     config: TrainConfig
+
+
+def start_worker(parent: int) -> None:
+    """Set up a worker process: one torch thread, Ctrl-C left to the parent, and death with the parent.
+
+    A thread polls the parent's pid: when the parent dies (even by SIGKILL), the worker exits within
+    a second instead of training on as an orphan that could write into a run directory later.
+    """
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="toylab-parent-watch").start()
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down now: cancel what has not started and kill the processes running the rest."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public way to kill them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join()
 
 
 def train_or_fail(job: TrainJob, run_dir: Path) -> str | None:
@@ -69,10 +99,13 @@ class StudyContext:
     def __enter__(self) -> StudyContext:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Stop the worker processes (started by the first `map` that needs them)."""
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """Stop the worker processes (started by the first `map` that needs them); kill them on an error."""
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            if kind is None:
+                self._pool.shutdown(cancel_futures=True)
+            else:
+                stop_workers(self._pool)
             self._pool = None
 
     def run_dir(self, key: str) -> Path:
@@ -90,12 +123,16 @@ class StudyContext:
             return [function(*args) for args in self.bar(calls, len(calls), description)]
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
         futures = [self._pool.submit(function, *args) for args in calls]
         try:
             for future in self.bar(as_completed(futures), len(futures), f"{description} ({self.workers} workers)"):
                 future.result()
-        except BaseException:  # an error or Ctrl-C: start no more calls
+        except KeyboardInterrupt:  # stop every worker now
+            stop_workers(self._pool)
+            self._pool = None
+            raise
+        except BaseException:  # an error: start no more calls
             for future in futures:
                 future.cancel()
             raise
@@ -106,18 +143,23 @@ class StudyContext:
 
         Unfinished jobs train in `workers` processes at once (one torch thread each by default);
         every run is seeded on its own, so the results are the same whatever the number of workers.
+        Ctrl-C raises `Interrupted` saying how many runs finished; if every job fails, ToylabError.
         """
-        pending = [job for job in jobs if not is_trained(job.task, job.model, job.config, self.run_dir(job.key))]
+        found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
+        pending = [job for job in jobs if found[job.key] is None]
         self.trained, self.reused = self.trained + len(pending), self.reused + len(jobs) - len(pending)
-        errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending], description="training")
+        try:
+            errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending], description="training")
+        except KeyboardInterrupt:
+            done = sum(is_finished(self.run_dir(job.key)) for job in jobs)
+            raise Interrupted(f"interrupted: {done} of {len(jobs)} training runs finished; rerun the same command to resume") from None
         failed = {job.key: error for job, error in zip(pending, errors) if error is not None}
-        trained: dict[str, TrainedModel | None] = {}
-        for job in jobs:
-            trained[job.key] = None if job.key in failed else load_trained(self.run_dir(job.key))
-            if job.key in failed:
-                self.failures.append({"run": job.key, "error": failed[job.key]})
-                tqdm.write(f"run {job.key} failed: {failed[job.key]}")
-        return trained
+        if jobs and len(failed) == len(jobs):
+            raise ToylabError(f"all {len(jobs)} training runs failed; first: {jobs[0].key}: {failed[jobs[0].key]}")
+        for key, error in failed.items():
+            self.failures.append({"run": key, "error": error})
+            tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
+        return {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
 
     def bar(self, items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
         return tqdm(items, total=total, desc=description, disable=not self.progress, leave=False)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
@@ -28,6 +36,8 @@ from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task
 from toylab.task import Batch, Task
+
+log = logging.getLogger(__name__)
 
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -169,9 +179,51 @@ def run_config(task: Task, model_options: dict[str, Any], cfg: TrainConfig) -> d
     return json.loads(json.dumps(config, default=list))
 
 
+def trained_run(
+    task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: Path, note: bool = True
+) -> TrainedModel | None:
+    """This very run, loaded from `run_dir` if it is there, finished and intact; else None.
+
+    A finished run that is broken (a corrupt or foreign file, NaN weights) or holds another config
+    is to be retrained; with `note`, one line on stderr says so.
+    """
+    run_dir = Path(run_dir)
+    if not is_finished(run_dir):
+        return None
+    try:
+        found = load_trained(run_dir)
+        if io.read_json(run_dir / "config.json") != run_config(task, model_options, cfg):
+            raise ToylabError("it holds a run of another config")
+        return found
+    except ToylabError as error:
+        if note:
+            log.warning(f"retraining {run_dir}: {error}")
+        return None
+
+
 def is_trained(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> bool:
-    """Whether `run_dir` holds this very run, finished."""
-    return is_finished(run_dir) and io.read_json(Path(run_dir) / "config.json") == run_config(task, model_options, cfg)
+    """Whether `run_dir` holds this very run, finished and intact."""
+    return trained_run(task, model_options, cfg, run_dir, note=False) is not None
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process: another process waits here until it is released.
+
+    An OS file lock (`filelock`), released by the system when its holder dies, so a killed run's lock
+    is taken over at once.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning(f"waiting for {run_dir}: another process is training it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def train(
@@ -181,12 +233,23 @@ def train(
     run_dir: Path,
     progress: bool = True,
 ) -> TrainedModel:
-    """Train one model, or load it if `run_dir` already holds this finished run."""
+    """Train one model, or load it if `run_dir` already holds this finished run.
+
+    The run directory is locked while it is checked and trained (a second process waits, then reuses
+    the run); Lightning logs to a fresh attempt folder, moved into place only when the run finishes.
+    """
     run_dir = Path(run_dir)
-    if is_trained(task, model_options, cfg, run_dir):
-        return load_trained(run_dir)
+    with run_lock(run_dir):
+        found = trained_run(task, model_options, cfg, run_dir)
+        return found if found is not None else _fit(task, model_options, cfg, run_dir, progress)
+
+
+def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainedModel:
     config = run_config(task, model_options, cfg)
     (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
+    for stale in run_dir.glob(".attempt-*"):  # logs of attempts that died
+        shutil.rmtree(stale, ignore_errors=True)
+    attempt = Path(tempfile.mkdtemp(prefix=".attempt-", dir=run_dir))
     io.write_json(run_dir / "config.json", config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.threads)
@@ -199,21 +262,40 @@ def train(
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.grad_clip,
-        logger=CSVLogger(run_dir, name="", version=""),
+        logger=CSVLogger(attempt, name="", version=""),
         log_every_n_steps=max(1, min(50, cfg.eval_every, cfg.n_train // cfg.batch_size)),
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
         deterministic=True,
-        default_root_dir=run_dir,
+        default_root_dir=attempt,
     )
     data = TaskDataModule(task, cfg)
-    trainer.fit(SequenceModel(model, task, cfg), datamodule=data)
+    with lightning_interrupts():
+        trainer.fit(SequenceModel(model, task, cfg), datamodule=data)
     model.cpu().eval()
     metrics = evaluate(model, task, data.val_batch)
     io.save_tensors(run_dir / "model.safetensors", model.state_dict())
-    io.write_json(run_dir / "final.json", {"metrics": metrics, "config_hash": config_hash(config)})
+    os.replace(attempt / "metrics.csv", run_dir / "metrics.csv")
+    shutil.rmtree(attempt, ignore_errors=True)
+    final = {"metrics": metrics, "config_hash": config_hash(config), "weights_sha256": io.sha256(run_dir / "model.safetensors")}
+    io.write_json(run_dir / "final.json", final)
     return TrainedModel(model, task, metrics, run_dir)
+
+
+@contextmanager
+def lightning_interrupts() -> Iterator[None]:
+    """Let Ctrl-C during `trainer.fit` raise KeyboardInterrupt: Lightning turns it into `sys.exit(1)`
+    and ignores SIGINT from then on; undo both."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
 
 
 @torch.no_grad()
@@ -225,15 +307,32 @@ def evaluate(model: Transformer, task: Task, batch: Batch) -> dict[str, float]:
 
 
 def load_trained(run_dir: Path) -> TrainedModel:
-    """Load a finished run: its task, model weights (safetensors) and final metrics."""
+    """Load a finished run: its task, model weights (safetensors) and final metrics.
+
+    A one-line ToylabError names the file when anything is missing or corrupt: `final.json` or
+    `config.json` not of their shape, an empty `metrics.csv`, weights that are another model's
+    (checked by their SHA-256 and shapes) or not finite.
+    """
     run_dir = Path(run_dir)
     if not is_finished(run_dir):
         raise ToylabError(f"no finished run in {run_dir} (final.json missing)")
     config, final = io.read_json(run_dir / "config.json"), io.read_json(run_dir / "final.json")
+    if not (isinstance(final, dict) and isinstance(final.get("metrics"), dict) and "weights_sha256" in final):
+        raise ToylabError(f"corrupt {run_dir / 'final.json'}: expected metrics and weights_sha256")
+    if not (isinstance(config, dict) and {"task", "task_options", "model"} <= set(config)):
+        raise ToylabError(f"corrupt {run_dir / 'config.json'}: expected task, task_options and model")
+    logs = run_dir / "metrics.csv"
+    if not logs.is_file() or len(logs.read_bytes().splitlines()) < 2:
+        raise ToylabError(f"{logs} is missing or empty")
+    weights = run_dir / "model.safetensors"
+    if weights.is_file() and io.sha256(weights) != final["weights_sha256"]:
+        raise ToylabError(f"{weights} is not the checkpoint this run saved (its SHA-256 differs)")
     task = get_task(config["task"], config["task_options"])
     model = build_model(task, config["model"])
     try:
-        model.load_state_dict(io.load_tensors(run_dir / "model.safetensors"))
+        model.load_state_dict(io.load_tensors(weights))
     except RuntimeError as error:
-        raise ToylabError(f"checkpoint {run_dir / 'model.safetensors'} does not match its config: {error}") from None
+        raise ToylabError(f"checkpoint {weights} does not match its config: {str(error).splitlines()[0]}") from None
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
+        raise ToylabError(f"checkpoint {weights} holds NaN or infinite weights")
     return TrainedModel(model.eval(), task, final["metrics"], run_dir)
