@@ -187,7 +187,10 @@ def study_list() -> None:
 
 @study_app.command("run", epilog="Examples: toylab study run expert-specialization  |  "
                    "toylab study run expert-specialization --fast --seeds 2 --out /tmp/runs  |  "
-                   "toylab study run expert-specialization -o m=6 --set train.steps=2000 --set n_experts=8")
+                   "toylab study run expert-specialization -o m=6 --set train.steps=2000 --set n_experts=8  |  "
+                   "toylab study run expert-specialization --sweep n_experts=4,8 --sweep top_k=1,2  |  "
+                   "toylab study run planning --launcher ray --address auto  |  "
+                   "toylab study run planning --launcher slurm --partition cpu --time 30")
 def study_run(
     name: str = typer.Argument(..., help="Study name (see `toylab study list`)."),
     task: Optional[str] = typer.Option(None, help="Task to study (default: the study's own)."),
@@ -200,9 +203,21 @@ def study_run(
     progress: bool = typer.Option(True, help="Show progress bars."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
                                           help="Training runs at once, one process each (default: one per CPU core)."),
+    launcher: str = typer.Option("local", help="Where training runs go: local (processes here), ray or slurm."),
+    address: Optional[str] = typer.Option(None, help="ray: 'auto' or HOST:PORT / ray://HOST:PORT of a running cluster "
+                                          "(default: a local Ray instance)."),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition to submit to."),
+    time_limit: int = typer.Option(60, "--time", help="slurm: time limit of each job in minutes."),
+    sweep: list[str] = typer.Option([], "--sweep", help="Run the grid KEY=V1,V2,... (repeatable; dotted keys as in --set)."),
 ) -> None:
-    """Run a study (resuming finished runs); print a summary table and the report's path."""
+    """Run a study (resuming finished runs); print a summary table and the report's path.
+
+    With --sweep, run every combination of the swept values (each its own run directory) and write a
+    sweep summary (CSV and markdown) beside them.
+    """
+    from toylab.executors import LaunchConfig
     from toylab.study import available_cpus, merge, nest, run_study
+    from toylab.sweep import parse_sweep, run_sweep
 
     overrides = merge(load_file(config) if config else {}, nest(parse_assignments(set_)))
     if task is not None:
@@ -211,8 +226,16 @@ def study_run(
         overrides["seeds"] = seeds
     if option:
         overrides["task_options"] = {**overrides.get("task_options", {}), **parse_assignments(option)}
+    where = build(LaunchConfig, {"launcher": launcher, "workers": workers or (available_cpus() if launcher == "local" else 2),
+                             "address": address, "partition": partition, "time": time_limit})
+    grid = parse_sweep(sweep)
     try:
-        outcome = run_study(name, overrides, out, fast=fast, progress=progress, workers=workers or available_cpus())
+        if grid:
+            swept = run_sweep(name, grid, overrides, out, fast=fast, progress=progress, launcher=where)
+            typer.echo(markdown_table(swept.rows))
+            typer.echo(f"finished in {swept.seconds:.1f} s\nsweep summary: {swept.directory / 'summary.csv'}")
+            return
+        outcome = run_study(name, overrides, out, fast=fast, progress=progress, launcher=where)
     except KeyboardInterrupt as interrupted:  # `Interrupted` says how many runs finished
         typer.echo(str(interrupted) or "interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None

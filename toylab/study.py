@@ -8,16 +8,12 @@ everything in `<out>/<study>/<config hash>/`, reuses finished training runs, and
 from __future__ import annotations
 
 import io as _io
-import multiprocessing
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -26,12 +22,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
 from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
+from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.task import Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
@@ -49,111 +45,88 @@ class TrainJob:
     config: TrainConfig
 
 
-def start_worker(parent: int) -> None:
-    """Set up a worker process: one torch thread, Ctrl-C left to the parent, and death with the parent.
-
-    A thread polls the parent's pid: when the parent dies (even by SIGKILL), the worker exits within
-    a second instead of training on as an orphan that could write into a run directory later.
-    """
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="toylab-parent-watch").start()
-
-
-def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Shut a pool down now: cancel what has not started and kill the processes running the rest."""
-    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public way to kill them
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.kill()
-    for process in processes:
-        process.join()
-
-
-def train_or_fail(job: TrainJob, run_dir: Path) -> str | None:
-    """Train one job (in a worker process); the divergence message if it diverged, else None."""
-    try:
-        train(job.task, job.model, job.config, run_dir, progress=False)
-    except DivergenceError as error:
-        return str(error)
-    return None
+def train_or_fail(job: TrainJob, run_dir: Path) -> None:
+    """Train one job (in a worker); it raises DivergenceError if the run diverges."""
+    train(job.task, job.model, job.config, run_dir, progress=False)
 
 
 class StudyContext:
-    """What a running study may touch: its directory, cached training runs, worker processes, figures, progress."""
+    """What a running study may touch: its directory, cached training runs, workers, figures, progress."""
 
-    def __init__(self, directory: Path, progress: bool = True, workers: int = 1) -> None:
+    def __init__(self, directory: Path, progress: bool = True, workers: int = 1, launcher: LaunchConfig | None = None) -> None:
         self.directory = Path(directory)
         self.progress = progress
-        self.workers = workers
+        self.launcher = launcher or LaunchConfig(workers=workers)
         self.failures: list[dict[str, str]] = []
         self.trained = self.reused = 0
-        self._pool: ProcessPoolExecutor | None = None
+        self._executor: Executor | None = None
 
     def __enter__(self) -> StudyContext:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        """Stop the worker processes (started by the first `map` that needs them); kill them on an error."""
-        if self._pool is not None:
-            if kind is None:
-                self._pool.shutdown(cancel_futures=True)
-            else:
-                stop_workers(self._pool)
-            self._pool = None
+        """Release the workers (started by the first `map` that needs them); stop them on an error."""
+        if self._executor is not None:
+            self._executor.close() if kind is None else self._executor.stop()
+            self._executor = None
 
     def run_dir(self, key: str) -> Path:
         return self.directory / "models" / key
 
-    def map(self, function: Callable[..., R], *iterables: Iterable[Any], description: str) -> list[R]:
-        """`list(map(function, *iterables))`, in `workers` processes at once when there are several.
+    def map(
+        self, function: Callable[..., R], *iterables: Iterable[Any], description: str, errors: str = "raise"
+    ) -> list[Any]:
+        """`list(map(function, *iterables))`, on the study's launcher (parallel where it has several workers).
 
         `function` and its arguments must pickle (a module-level function or a study's method, plain
-        data, tasks); results come back in order. An exception in any call stops the rest and propagates.
-        The processes (one torch thread each) start once and serve every `map` until the context exits.
+        data, tasks); results come back in order. With `errors="raise"`, an exception in any call stops
+        the rest and propagates; with `errors="return"`, a call's exception (or `WorkerLost`) is its result.
+        Workers start once and serve every `map` until the context exits; Ctrl-C stops them all.
         """
         calls = list(zip(*iterables))
-        if self.workers <= 1 or len(calls) <= 1:
-            return [function(*args) for args in self.bar(calls, len(calls), description)]
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
-        futures = [self._pool.submit(function, *args) for args in calls]
+        if self._executor is None:
+            self._executor = self.launcher.executor(self.directory / "launcher")
+        executor, results = self._executor, [None] * len(calls)
+        parallel = f" ({min(executor.parallel, len(calls))} at once)" if executor.parallel > 1 else ""
         try:
-            for future in self.bar(as_completed(futures), len(futures), f"{description} ({self.workers} workers)"):
-                future.result()
-        except KeyboardInterrupt:  # stop every worker now
-            stop_workers(self._pool)
-            self._pool = None
+            for index, error, result in self.bar(executor.run(function, calls), len(calls), description + parallel):
+                if error is not None and errors == "raise":
+                    raise error
+                results[index] = error if error is not None else result
+        except BaseException:  # an error or Ctrl-C: stop everything in flight
+            executor.stop()
+            self._executor = None
             raise
-        except BaseException:  # an error: start no more calls
-            for future in futures:
-                future.cancel()
-            raise
-        return [future.result() for future in futures]
+        return results
 
     def train(self, jobs: Sequence[TrainJob]) -> dict[str, TrainedModel | None]:
-        """Train (or reuse) every job; a diverging run is recorded and gives None.
+        """Train (or reuse) every job; a run that diverges or whose worker dies twice is recorded and gives None.
 
-        Unfinished jobs train in `workers` processes at once (one torch thread each by default);
-        every run is seeded on its own, so the results are the same whatever the number of workers.
+        Unfinished jobs train on the study's launcher (one torch thread each by default); every run is
+        seeded on its own, so the results are the same whatever the launcher and number of workers.
         Ctrl-C raises `Interrupted` saying how many runs finished; if every job fails, ToylabError.
         """
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
         pending = [job for job in jobs if found[job.key] is None]
         self.trained, self.reused = self.trained + len(pending), self.reused + len(jobs) - len(pending)
+        failed: dict[str, str] = {}
         try:
-            errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending], description="training")
+            for attempt in range(2):  # a lost worker takes its calls (with a local pool, all in flight) with it: retry once
+                errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending],
+                                  description="training" if attempt == 0 else "retraining after a lost worker", errors="return")
+                for job, error in zip(pending, errors):
+                    if error is None:
+                        failed.pop(job.key, None)  # a retried run that finished has not failed
+                    elif isinstance(error, (DivergenceError, WorkerLost)):
+                        failed[job.key] = str(error)
+                    else:
+                        raise error
+                pending = [job for job, error in zip(pending, errors) if isinstance(error, WorkerLost)]
+                if not pending:
+                    break
         except KeyboardInterrupt:
             done = sum(is_finished(self.run_dir(job.key)) for job in jobs)
             raise Interrupted(f"interrupted: {done} of {len(jobs)} training runs finished; rerun the same command to resume") from None
-        failed = {job.key: error for job, error in zip(pending, errors) if error is not None}
         if jobs and len(failed) == len(jobs):
             raise ToylabError(f"all {len(jobs)} training runs failed; first: {jobs[0].key}: {failed[jobs[0].key]}")
         for key, error in failed.items():
@@ -246,7 +219,8 @@ def timing_note(timing: dict[str, Any]) -> str:
     """The report's closing section: how long this invocation took, on what, and what it reused."""
     text = f"\n## Time\n\nThis invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
     if timing["runs_trained"] + timing["runs_reused"]:
-        text += (f" with {timing['workers']} worker process(es); it trained {timing['runs_trained']} model(s) "
+        where = f"{timing['workers']} local worker process(es)" if timing["launcher"] == "local" else f"the {timing['launcher']} launcher"
+        text += (f" with {where}; it trained {timing['runs_trained']} model(s) "
                  f"and reused {timing['runs_reused']} finished in an earlier invocation")
     return text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.\n"
 
@@ -278,14 +252,15 @@ def run_study(
     fast: bool = False,
     progress: bool = True,
     workers: int = 1,
+    launcher: LaunchConfig | None = None,
 ) -> StudyOutcome:
     """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`.
 
-    With `workers > 1`, that many training runs (and other `ctx.map` calls) go at once in new (spawned)
-    processes, so a script that calls this must guard its entry point with `if __name__ == "__main__":`.
+    Training runs (and other `ctx.map` calls) go to `launcher`, by default `workers` local processes.
+    Local processes are spawned, so a script that uses several must guard its entry point with
+    `if __name__ == "__main__":`.
     """
-    if workers < 1:
-        raise ToylabError(f"workers must be >= 1 (got {workers})")
+    launcher = launcher or build(LaunchConfig, {"workers": workers})
     start = time.perf_counter()
     study = resolve(name, overrides, fast)
     config = {"study": name, **to_dict(study.config)}
@@ -296,14 +271,13 @@ def run_study(
         raise ToylabError(f"cannot create output directory {directory}: {error.strerror}") from None
     io.write_json(directory / "config.json", config)
     io.write_json(directory / "code_version.json", code_version())
-    with StudyContext(directory, progress, workers) as ctx:
+    with StudyContext(directory, progress, launcher=launcher) as ctx:
         results = study.run(ctx)
     results["failed_runs"] = ctx.failures
     io.write_json(directory / "results.json", results)
     report = study.report(results, ctx)
-    timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "workers": workers,
-              "runs_trained": ctx.trained, "runs_reused": ctx.reused}
+    timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "launcher": launcher.launcher,
+              "workers": launcher.workers, "runs_trained": ctx.trained, "runs_reused": ctx.reused}
     io.write_json(directory / "timing.json", timing)
     io.write_text(directory / "report.md", report + timing_note(timing))
     return StudyOutcome(directory, results, study.summary(results), timing["seconds"])
-

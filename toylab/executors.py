@@ -1,0 +1,270 @@
+"""Where a study's calls run: in this process, in local worker processes, on Ray, or as SLURM jobs.
+
+`StudyContext.map` hands its calls to an `Executor`, which yields `(index, error, result)` as each
+call finishes. Every backend runs a call through `capture`, so a call's own exception comes back as
+its `error` the same way everywhere; a worker that dies (killed, out of memory, a lost node, a job
+past its time limit) comes back as `WorkerLost`. Ctrl-C stops everything in flight.
+
+    LaunchConfig(launcher="local", workers=4)                  # spawned processes (the default)
+    LaunchConfig(launcher="ray", address="auto")               # tasks on a running Ray cluster
+    LaunchConfig(launcher="slurm", partition="gpu", time=120)  # one SLURM job per call (submitit)
+
+Ray and submitit are optional extras (`pip install "toylab[ray]"`, `"toylab[slurm]"`), imported
+only when their launcher is used; the machines they reach must have toylab installed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from toylab.errors import ToylabError
+
+Call = tuple[Any, ...]
+Done = tuple[int, BaseException | None, Any]
+"""A finished call: its index, its exception (None if it returned) and its result."""
+
+
+class WorkerLost(Exception):
+    """The worker running a call died before the call returned."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where a study's training runs and other parallel work go (`toylab study run --launcher ...`)."""
+
+    launcher: Literal["local", "ray", "slurm"] = "local"
+    workers: int = 1
+    """local: processes at once (1 runs everything in this process); ray: CPUs of a local instance."""
+    address: str | None = None
+    """ray: "auto" or "ray://HOST:PORT" of a running cluster; None starts a local instance."""
+    partition: str | None = None
+    """slurm: the partition to submit to (None: the cluster's default)."""
+    time: int = 60
+    """slurm: time limit of each job, in minutes."""
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
+    """slurm: submitit's backend; "local" runs each job as a local process (for trying it out and tests)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {self.workers})")
+        if self.time < 1:
+            raise ValueError(f"time must be >= 1 minute (got {self.time})")
+        if self.address is not None and self.launcher != "ray":
+            raise ValueError(f"address applies to the ray launcher only (launcher is {self.launcher})")
+        if self.partition is not None and self.launcher != "slurm":
+            raise ValueError(f"partition applies to the slurm launcher only (launcher is {self.launcher})")
+
+    def executor(self, folder: Path) -> Executor:
+        """An executor for this launcher; SLURM jobs keep their logs under `folder`."""
+        if self.launcher == "ray":
+            return RayTasks(self.address, self.workers)
+        if self.launcher == "slurm":
+            return SlurmJobs(Path(folder), self.cluster, self.partition, self.time)
+        return LocalProcesses(self.workers) if self.workers > 1 else InProcess()
+
+
+def capture(function: Callable[..., Any], args: Call, threads: int | None = None) -> tuple[BaseException | None, Any]:
+    """Run `function(*args)` (in a worker) and return `(exception, None)` or `(None, result)`."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        return None, function(*args)
+    except Exception as error:  # noqa: BLE001 - handed back to the caller, who decides
+        return error, None
+
+
+class Executor(ABC):
+    """Runs calls somewhere and yields them as they finish."""
+
+    parallel: int = 1
+    """How many calls may run at once (for the progress bar)."""
+
+    @abstractmethod
+    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+        """Start every call and yield `(index, error, result)` as each finishes."""
+
+    def stop(self) -> None:
+        """Stop what is in flight now (after Ctrl-C or an error)."""
+
+    def close(self) -> None:
+        """Release the workers after a normal finish."""
+
+
+class InProcess(Executor):
+    """One call after another in this process."""
+
+    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+        for index, args in enumerate(calls):
+            yield index, *capture(function, args)
+
+
+def start_worker(parent: int) -> None:
+    """Set up a local worker process: one torch thread, Ctrl-C left to the parent, death with the parent.
+
+    A thread polls the parent's pid: when the parent dies (even by SIGKILL), the worker exits within
+    a second instead of training on as an orphan that could write into a run directory later.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="toylab-parent-watch").start()
+
+
+class LocalProcesses(Executor):
+    """A pool of spawned processes, started on first use and kept for every later `run`."""
+
+    def __init__(self, workers: int) -> None:
+        self.parallel = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.parallel, mp_context=context, initializer=start_worker,
+                                             initargs=(os.getpid(),))
+        futures = {self._pool.submit(capture, function, args): index for index, args in enumerate(calls)}
+        broken = False
+        for future in as_completed(futures):
+            try:
+                yield futures[future], *future.result()
+            except BrokenProcessPool as error:  # a worker died: every call still in the pool is lost with it
+                broken = True
+                yield futures[future], WorkerLost(f"a worker process died ({error})"), None
+        if broken:
+            self.stop()  # the next run starts a fresh pool
+
+    def stop(self) -> None:
+        """Cancel what has not started and kill the processes running the rest."""
+        if self._pool is None:
+            return
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())  # no public way to kill them
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join()
+        self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+def reachable(address: str, seconds: float = 5.0) -> None:
+    """Fail fast, in one line, when nothing listens at a Ray address (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except ValueError:
+        raise ToylabError(f"invalid Ray address {address!r}; valid: auto, HOST:PORT, ray://HOST:PORT") from None
+    except OSError as error:
+        raise ToylabError(f"cannot reach a Ray cluster at {address}: {error.strerror or error}; "
+                          "check the address, or leave --address out for a local instance") from None
+
+
+class RayTasks(Executor):
+    """Ray tasks of one CPU each, on a running cluster or on a local instance started here."""
+
+    def __init__(self, address: str | None, workers: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ToylabError('the ray launcher needs Ray: pip install "toylab[ray]"') from None
+        self.ray, self.parallel = ray, workers
+        self._started = False
+        self._pending: list[Any] = []
+        if not ray.is_initialized():
+            if address not in (None, "auto"):
+                reachable(address)
+            options: dict[str, Any] = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+            try:
+                ray.init(**options, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise ToylabError(f"cannot reach a Ray cluster at {address}: {str(error).splitlines()[0]}; "
+                                  "start one (`ray start --head`) or leave --address out for a local instance") from None
+            self._started = True
+            if address:
+                self.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=0)(capture)
+        refs = {remote.remote(function, args, 1): index for index, args in enumerate(calls)}
+        self._pending = list(refs)
+        while self._pending:
+            (ready,), self._pending = ray.wait(self._pending, num_returns=1)
+            try:
+                yield refs[ready], *ray.get(ready)
+            except ray.exceptions.RayError as error:  # the worker or its node died
+                yield refs[ready], WorkerLost(f"a Ray worker died ({str(error).splitlines()[0]})"), None
+
+    def stop(self) -> None:
+        for ref in self._pending:
+            self.ray.cancel(ref, force=True)
+        self._pending = []
+        self.close()
+
+    def close(self) -> None:
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+
+class SlurmJobs(Executor):
+    """One SLURM job per call through submitit; job logs go to `folder`."""
+
+    def __init__(self, folder: Path, cluster: str, partition: str | None, minutes: int) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise ToylabError('the slurm launcher needs submitit: pip install "toylab[slurm]"') from None
+        self.submitit = submitit
+        self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+        parameters: dict[str, Any] = {"timeout_min": minutes, "cpus_per_task": 1, "name": "toylab"}
+        if partition:
+            parameters["slurm_partition"] = partition
+        self.executor.update_parameters(**parameters)
+        self.parallel = 1_000_000  # the scheduler decides
+        self._jobs: list[Any] = []
+
+    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+        try:
+            self._jobs = [self.executor.submit(capture, function, args, 1) for args in calls]
+        except Exception as error:  # noqa: BLE001 - sbatch missing or refusing: one line
+            raise ToylabError(f"cannot submit SLURM jobs: {str(error).splitlines()[0]}") from None
+        index = {id(job): i for i, job in enumerate(self._jobs)}
+        for job in self.submitit.helpers.as_completed(self._jobs, poll_frequency=0.5):
+            try:
+                yield index[id(job)], *job.result()
+            except self.submitit.core.utils.UncompletedJobError as error:  # killed, preempted, out of time
+                yield index[id(job)], WorkerLost(f"SLURM job {job.job_id} did not finish ({str(error).splitlines()[0]})"), None
+            except self.submitit.core.utils.FailedJobError as error:
+                yield index[id(job)], WorkerLost(f"SLURM job {job.job_id} failed ({str(error).splitlines()[0]})"), None
+        self._jobs = []
+
+    def stop(self) -> None:
+        for job in self._jobs:
+            job.cancel(check=False)
+        self._jobs = []
