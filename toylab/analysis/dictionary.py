@@ -1,0 +1,84 @@
+"""Scores of a learned dictionary against planted features (after SAELens' synthetic evaluation).
+
+Directions are rows: learned `D [n_latents, d]`, true `T [n_true, d]`; codes `[N, n_latents]`.
+
+    cos_fl = <T^_f, D^_l>                             cosines            [n_true, n_latents]
+    MMCS = mean_f max_l cos_fl                        mean_max_cosine
+    mean cos over a one-to-one matching               matched_cosine     (Hungarian, scipy)
+    F1 of "latent l > 0" as a detector of feature f   detection_f1       [n_true, n_latents]
+    1 - |x - x'|^2 / |x - mean x|^2                   variance_explained
+    mean number of nonzero latents                    l0
+    latents that never fire / fire on > 10%           dead / dense
+
+`chance_mean_max_cosine` is the null: the same dictionary's MMCS against as many random directions,
+which is far from 0 in few dimensions, so a dictionary recovers features only well above it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+DENSE = 0.1
+"""A latent that fires on more than this share of samples is dense."""
+
+
+def cosines(true: torch.Tensor | np.ndarray, learned: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`[n_true, n_latents]` cosine similarities of true and learned directions (rows)."""
+    t = F.normalize(torch.as_tensor(true, dtype=torch.float64), dim=-1)
+    d = F.normalize(torch.as_tensor(learned, dtype=torch.float64), dim=-1)
+    return (t @ d.T).numpy()
+
+
+def mean_max_cosine(cos: np.ndarray) -> float:
+    """Mean over true features of the best cosine any latent reaches."""
+    return float(cos.max(1).mean())
+
+
+def matched_cosine(cos: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cosine of the best one-to-one matching of true features to latents, and each feature's latent."""
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    match = np.full(cos.shape[0], -1)
+    match[rows] = cols
+    return float(cos[rows, cols].sum() / cos.shape[0]), match
+
+
+def chance_mean_max_cosine(learned: torch.Tensor | np.ndarray, n_true: int, seed: int = 0, draws: int = 20) -> float:
+    """The null for `mean_max_cosine`: this dictionary's MMCS against `n_true` random unit directions.
+
+    Far from 0 in few dimensions, and higher for a dictionary spread evenly over the sphere (as one
+    trained on noise is) than for random latents, so it is measured on the dictionary itself.
+    """
+    learned = torch.as_tensor(learned, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws_ = [mean_max_cosine(cosines(torch.randn(n_true, learned.shape[-1], generator=generator, dtype=torch.float64), learned))
+              for _ in range(draws)]
+    return float(np.mean(draws_))
+
+
+def detection_f1(active: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """`[n_true, n_latents]` F1 of each latent firing (> 0) as a detector of each true feature being active.
+
+    `active` `[N, n_true]` booleans (or a label's one-hot classes); `codes` `[N, n_latents]`.
+    """
+    truth, fires = np.asarray(active, dtype=np.float64), (np.asarray(codes) > 0).astype(np.float64)
+    tp = truth.T @ fires
+    precision_denominator, recall_denominator = fires.sum(0)[None, :], truth.sum(0)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * tp / (precision_denominator + recall_denominator)
+    return np.nan_to_num(f1)
+
+
+def variance_explained(x: torch.Tensor | np.ndarray, reconstruction: torch.Tensor | np.ndarray) -> float:
+    """Fraction of the variance of `x [N, d]` that the reconstruction explains."""
+    x, r = np.asarray(x, dtype=np.float64), np.asarray(reconstruction, dtype=np.float64)
+    return float(1 - ((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def sparsity_stats(codes: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """L0 (mean nonzero latents per sample), and the shares of dead and dense latents."""
+    fires = np.asarray(codes) > 0
+    rate = fires.mean(0)
+    return {"l0": float(fires.sum(1).mean()), "dead": float((rate == 0).mean()), "dense": float((rate > DENSE).mean())}
