@@ -13,6 +13,8 @@ from toylab.analysis.dictionary import (
     chance_mean_max_cosine,
     cosines,
     detection_f1,
+    expert_codes,
+    label_detection,
     matched_cosine,
     mean_max_cosine,
     sparsity_stats,
@@ -106,3 +108,30 @@ def test_switch_sae_routing_shapes_and_load_balance() -> None:
 def test_bad_sae_configs_are_one_line_errors(options: dict, message: str) -> None:
     with pytest.raises(ToylabError, match=message):
         build(SAEConfig, options)
+
+
+def test_expert_neurons_form_one_dictionary() -> None:
+    neurons = np.arange(12, dtype=np.float32).reshape(3, 2, 2)  # 3 tokens, k=2 experts each, 2 neurons
+    experts = np.array([[0, 2], [1, 0], [2, 1]])
+    codes = expert_codes(neurons, experts, n_experts=3)
+    assert codes.shape == (3, 6)
+    assert codes[0].tolist() == [0, 1, 0, 0, 2, 3] and codes[1].tolist() == [6, 7, 4, 5, 0, 0]
+
+
+def test_label_detection_finds_a_planted_class_detector() -> None:
+    label = np.random.default_rng(0).integers(0, 3, 1000)
+    perfect = np.stack([(label == c).astype(float) for c in range(3)], 1)
+    assert label_detection(perfect, label) == pytest.approx(1.0)
+    assert label_detection(np.random.default_rng(1).random((1000, 3)) - 0.5, label) < 0.6
+
+
+@pytest.mark.slow
+def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
+    from toylab.study import run_study
+
+    outcome = run_study("dictionaries", {"seeds": 2}, tmp_path, fast=True, progress=False)
+    results = outcome.results
+    assert {"planted", "tokens"} <= set(results) and (outcome.directory / "report.md").is_file()
+    point = results["planted"]["grid"][0]
+    assert point["switch_vs_sae_mmcs"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
+    assert all(0 <= point[m]["mmcs"]["mean"] <= 1 for m in ("sae", "switch"))

@@ -82,3 +82,39 @@ def sparsity_stats(codes: torch.Tensor | np.ndarray) -> dict[str, float]:
     fires = np.asarray(codes) > 0
     rate = fires.mean(0)
     return {"l0": float(fires.sum(1).mean()), "dead": float((rate == 0).mean()), "dense": float((rate > DENSE).mean())}
+
+
+def score_dictionary(
+    decoder: torch.Tensor | np.ndarray, codes: np.ndarray, data: np.ndarray, reconstruction: np.ndarray,
+    true: np.ndarray, active: np.ndarray, recovered_at: float = 0.9,
+) -> dict[str, float]:
+    """Every score of one dictionary (`decoder [n_latents, d]`) on evaluation data whose true features are known:
+    `true [n_true, d]` directions and their activity `active [N, n_true]`."""
+    cos = cosines(true, decoder)
+    matched, _ = matched_cosine(cos)
+    best_f1 = detection_f1(active, codes).max(1)
+    return {
+        "mmcs": mean_max_cosine(cos),
+        "mmcs_null": chance_mean_max_cosine(decoder, len(true)),
+        "matched_cosine": matched,
+        "recovered": float((cos.max(1) >= recovered_at).mean()),
+        "detection_f1": float(np.median(best_f1)),
+        "variance_explained": variance_explained(data, reconstruction),
+        **sparsity_stats(codes),
+    }
+
+
+def expert_codes(neurons: np.ndarray, experts: np.ndarray, n_experts: int) -> np.ndarray:
+    """The neurons of an MoE layer as one dictionary: `[N, k, d_expert]` activations of the chosen experts
+    `[N, k]` -> `[N, n_experts * d_expert]`, zero for experts a token did not use."""
+    n, k, width = neurons.shape
+    codes = np.zeros((n, n_experts, width), dtype=neurons.dtype)
+    codes[np.arange(n)[:, None], experts] = neurons
+    return codes.reshape(n, n_experts * width)
+
+
+def label_detection(codes: np.ndarray, label: np.ndarray) -> float:
+    """Mean over the classes present of the best latent's F1 as a detector of "this token has class c"."""
+    present = np.unique(label)
+    one_hot = label[:, None] == present[None, :]
+    return float(detection_f1(one_hot, codes).max(1).mean()) if len(present) else float("nan")

@@ -1,0 +1,273 @@
+"""Study `dictionaries`: do SAEs and Switch SAEs recover planted features, and do MoE experts do as well?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from toylab.analysis.clustering import kmeans, nmi
+from toylab.analysis.dictionary import expert_codes, label_detection, score_dictionary
+from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
+from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
+from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
+from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
+from toylab.registry import get_task, register_study
+from toylab.report import fmt, fmt_ci, markdown_table, verdict_text
+from toylab.study import Study, StudyContext, TrainJob
+from toylab.task import IGNORE
+from toylab.training import TrainConfig
+
+METHODS = ("sae", "switch")
+METHOD_NAMES = {"sae": "SAE", "switch": "Switch SAE", "experts": "MoE expert neurons"}
+SCORES = ("mmcs", "mmcs_null", "matched_cosine", "recovered", "detection_f1", "variance_explained", "l0", "dead", "dense")
+
+METRIC_NOTES = """\
+- **Planted features**: a toy model of superposition (Elhage et al. 2022) is trained on the `superposition` task; feature i's true direction in its hidden layer is W_i (column i of W), and it is active when x_i > 0. Dictionaries are trained on hidden activations h = W x and scored on fresh ones.
+- **MMCS**: mean over true features of the best cosine any latent direction reaches (SAELens' synthetic evaluation); **null**: the same dictionary against as many random directions; **matched**: the mean cosine of the best one-to-one matching (Hungarian); **recovered**: share of true features some latent matches with cosine ≥ 0.9.
+- **Detection F1**: per true feature, the best latent's F1 as a detector of the feature being active (latent > 0); median over features. For the token task, per label class (token has class c), mean over classes.
+- **Variance explained**: 1 − |h − h'|² / |h − mean h|²; **L0**: mean nonzero latents per sample; **dead / dense**: shares of latents never firing / firing on more than 10% of samples.
+- **Switch SAE** (Mudide et al. 2024): a router sends each activation to one of E expert SAEs of n/E latents; the same total dictionary size as the SAE. Its router's NMI with the planted feature groups is compared with k-means (E clusters) on the same activations.
+- **Comparisons** are paired over seeds with four outcomes (more / less / equivalent within ±δ / inconclusive, from the 90% interval of the differences).
+"""
+
+
+@dataclass(frozen=True)
+class DictionariesConfig:
+    seeds: int = 3
+    n_features: int = 20
+    n_hidden: int = 10
+    sparsity: float = 0.9
+    n_groups: int = 4
+    """Planted feature groups: a sample's active features come from one group."""
+    toy_train: ToyTrainConfig = ToyTrainConfig(steps=3000, batch_size=1024, lr=3e-3)
+    sizes: tuple[int, ...] = (20, 40)
+    """Dictionary sizes (total latents), here 1x and 2x the number of true features."""
+    l1: tuple[float, ...] = (0.003, 0.01, 0.03)
+    """L1 penalties, trained together as instances of one model."""
+    n_experts: int = 4
+    """Experts of the Switch SAE."""
+    sae_train: SAETrainConfig = SAETrainConfig(steps=2000, batch_size=256)
+    n_samples: int = 20_000
+    """Activations to train each dictionary on; as many fresh ones score it."""
+    margin: float = 0.05
+    """Equivalence margin δ for the comparisons (in MMCS, F1 and NMI units)."""
+    token_task: str | None = "brackets"
+    """Also: dictionaries on a token task's residual stream, against its labels and the MoE's experts (None to skip)."""
+    token_model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2,
+                                                                 "ffn": "moe", "n_experts": 4})
+    token_train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    token_layer: int = 1
+    """The MoE layer whose router input the dictionaries read."""
+    token_size: int = 64
+    token_l1: float = 0.01
+    n_eval: int = 500
+    eval_seed: int = 20261124
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.n_samples < 100 or self.n_eval < 10:
+            raise ValueError("need seeds >= 1, n_samples >= 100 and n_eval >= 10")
+        if not self.n_hidden < self.n_features:
+            raise ValueError(f"need n_hidden < n_features for superposition (got {self.n_hidden}, {self.n_features})")
+        if not self.sizes or any(s % self.n_experts for s in (*self.sizes, self.token_size)):
+            raise ValueError(f"every dictionary size must be divisible by n_experts={self.n_experts} (got {self.sizes}, {self.token_size})")
+        if not self.l1 or any(not value >= 0 for value in (*self.l1, self.token_l1)):
+            raise ValueError(f"l1 penalties must be >= 0 (got {self.l1}, {self.token_l1})")
+        if self.margin <= 0:
+            raise ValueError(f"margin must be > 0 (got {self.margin})")
+
+
+def fit_planted(seed: int, h: np.ndarray, h_eval: np.ndarray, true: np.ndarray, active: np.ndarray, group: np.ndarray,
+                cfg: DictionariesConfig) -> dict[str, Any]:
+    """One seed of the superposition part (in a worker): every (method, size) over the L1 grid, and the Switch router vs groups."""
+    scores: dict[str, Any] = {}
+    grouped = group >= 0
+    for method in METHODS:
+        for size in cfg.sizes:
+            sae_cfg = SAEConfig(d_in=h.shape[1], n_latents=size, n_instances=len(cfg.l1), n_experts=1 if method == "sae" else cfg.n_experts)
+            sae = train_sae(SparseAutoencoder(sae_cfg, [seed] * len(cfg.l1)), h, replace(cfg.sae_train, seed=seed), list(cfg.l1))
+            codes, out = encode(sae, h_eval)
+            rows = []
+            for i, l1 in enumerate(cfg.l1):
+                row = {"l1": l1, **score_dictionary(sae.decoder()[i].detach(), codes[:, i].numpy(), h_eval, out[:, i].numpy(), true, active)}
+                if method == "switch":
+                    _, cache = sae.run_with_cache(torch.as_tensor(h_eval[grouped]), names="hook_expert_indices")
+                    row["router_group_nmi"] = nmi(cache["hook_expert_indices"][:, i].numpy(), group[grouped])
+                rows.append(row)
+            scores[f"{method}-{size}"] = rows
+    scores["kmeans_group_nmi"] = nmi(kmeans(h_eval[grouped], cfg.n_experts, seed), group[grouped])
+    return scores
+
+
+def fit_tokens(seed: int, resid: np.ndarray, resid_eval: np.ndarray, experts: np.ndarray, labels: dict[str, np.ndarray],
+               cfg: DictionariesConfig) -> dict[str, dict[str, float]]:
+    """One seed of the token part (in a worker): label-class detection F1 of SAE, Switch SAE and the MoE's expert neurons."""
+    codes = {"experts": experts}
+    for method in METHODS:
+        sae_cfg = SAEConfig(d_in=resid.shape[1], n_latents=cfg.token_size, n_experts=1 if method == "sae" else cfg.n_experts)
+        sae = train_sae(SparseAutoencoder(sae_cfg, [seed]), resid, replace(cfg.sae_train, seed=seed), cfg.token_l1)
+        codes[method] = encode(sae, resid_eval)[0][:, 0].numpy()
+    shuffle = np.random.default_rng(seed).permutation(len(resid_eval))
+    return {
+        name: {**{method: label_detection(c[label != IGNORE], label[label != IGNORE]) for method, c in codes.items()},
+               "null": label_detection(codes["sae"][label != IGNORE], label[shuffle][label != IGNORE])}
+        for name, label in labels.items()
+    }
+
+
+@register_study("dictionaries")
+class Dictionaries(Study):
+    """SAEs and Switch SAEs against planted features (toy superposition) and labels, next to MoE experts."""
+
+    Config = DictionariesConfig
+    fast = {"seeds": 2, "toy_train": {"steps": 1000}, "sizes": (20,), "l1": (0.01,), "sae_train": {"steps": 300},
+            "n_samples": 4000, "token_train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60},
+            "token_size": 32, "n_eval": 100}
+    config: DictionariesConfig
+
+    def __init__(self, config: DictionariesConfig) -> None:
+        super().__init__(config)
+        self.task = get_task("superposition", n_features=config.n_features, sparsity=config.sparsity,
+                             importance_decay=1.0, n_groups=config.n_groups)
+        self.token_task = get_task(config.token_task) if config.token_task else None
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg = self.config
+        toy = build_toy_model(ToyModelConfig(n_features=cfg.n_features, n_hidden=cfg.n_hidden, n_instances=cfg.seeds), range(cfg.seeds))
+        W = train_toy_model(toy, self.task, cfg.toy_train, run_dir=ctx.directory / "models" / "toy").model.W.detach()
+        x, _, _ = self.task.generate(cfg.n_samples, torch.Generator().manual_seed(cfg.eval_seed))
+        x_eval, active, group = self.task.generate(cfg.n_samples, torch.Generator().manual_seed(cfg.eval_seed + 1))
+        hidden = [torch.einsum("b f, i h f -> b i h", data[:, 0], W).numpy() for data in (x, x_eval)]  # [b, inst, m]
+        per_seed = ctx.map(fit_planted, range(cfg.seeds), [hidden[0][:, s] for s in range(cfg.seeds)],
+                           [hidden[1][:, s] for s in range(cfg.seeds)], [W[s].T.numpy() for s in range(cfg.seeds)],
+                           [active[:, 0].numpy()] * cfg.seeds, [group[:, 0].numpy()] * cfg.seeds, [cfg] * cfg.seeds,
+                           description="dictionaries on planted features")
+        results: dict[str, Any] = {"planted": self.summarize_planted(per_seed), "planted_per_seed": per_seed}
+        if self.token_task is not None:
+            results["tokens"] = self.run_tokens(ctx)
+        return results
+
+    def summarize_planted(self, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.config
+        summary: dict[str, Any] = {"grid": []}
+        for size in cfg.sizes:
+            for i, l1 in enumerate(cfg.l1):
+                point: dict[str, Any] = {"size": size, "l1": l1}
+                for method in METHODS:
+                    runs = [seed[f"{method}-{size}"][i] for seed in per_seed]
+                    point[method] = {score: mean_ci([r[score] for r in runs], bounds=None if score == "l0" else UNIT) for score in SCORES}
+                    if method == "switch":
+                        point["router_group_nmi"] = mean_ci([r["router_group_nmi"] for r in runs], bounds=UNIT)
+                        point["router_vs_kmeans"] = compare([r["router_group_nmi"] for r in runs],
+                                                            [seed["kmeans_group_nmi"] for seed in per_seed], cfg.margin)
+                point["switch_vs_sae_mmcs"] = compare([s[f"switch-{size}"][i]["mmcs"] for s in per_seed],
+                                                      [s[f"sae-{size}"][i]["mmcs"] for s in per_seed], cfg.margin)
+                summary["grid"].append(point)
+        summary["kmeans_group_nmi"] = mean_ci([seed["kmeans_group_nmi"] for seed in per_seed], bounds=UNIT)
+        return summary
+
+    def run_tokens(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg, task = self.config, self.token_task
+        models = ctx.train([TrainJob(f"moe-seed{seed}", task, cfg.token_model, replace(cfg.token_train, seed=seed))
+                            for seed in range(cfg.seeds)])
+        site = ROUTER_INPUT.format(layer=cfg.token_layer)
+        neurons, chosen = f"blocks.{cfg.token_layer}.mlp.hook_post", f"blocks.{cfg.token_layer}.mlp.hook_expert_indices"
+        train_batch, eval_batch = task.sample(cfg.n_eval, cfg.eval_seed), task.sample(cfg.n_eval, cfg.eval_seed + 1)
+        keep = task.positions(eval_batch)
+        labels = {name: eval_batch.labels[name][keep] for name in analysable_labels(task)}
+        seeds = [seed for seed in range(cfg.seeds) if models[f"moe-seed{seed}"] is not None]
+        inputs = []
+        for seed in seeds:
+            model = models[f"moe-seed{seed}"].model
+            acts = token_activations(model, task, eval_batch, [site, neurons, chosen])
+            experts = expert_codes(acts[neurons], acts[chosen], model.cfg.n_experts)
+            inputs.append((seed, token_activations(model, task, train_batch, [site])[site], acts[site], experts))
+        per_seed = ctx.map(fit_tokens, *zip(*inputs), [labels] * len(inputs), [cfg] * len(inputs),
+                           description="dictionaries on the residual stream")
+        methods = (*METHODS, "experts", "null")
+        return {
+            "site": site,
+            "labels": {name: {m: mean_ci([s[name][m] for s in per_seed], bounds=UNIT) for m in methods} for name in labels},
+            "switch_vs_sae": {name: compare([s[name]["switch"] for s in per_seed], [s[name]["sae"] for s in per_seed], cfg.margin)
+                              for name in labels},
+            "experts_vs_sae": {name: compare([s[name]["experts"] for s in per_seed], [s[name]["sae"] for s in per_seed], cfg.margin)
+                               for name in labels},
+            "per_seed": per_seed,
+        }
+
+    def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"size": p["size"], "l1": p["l1"], **{f"MMCS {METHOD_NAMES[m]}": fmt_ci(p[m]["mmcs"]) for m in METHODS},
+             **{f"L0 {METHOD_NAMES[m]}": fmt(p[m]["l0"]["mean"], 2) for m in METHODS},
+             "Switch vs SAE (MMCS)": p["switch_vs_sae_mmcs"]["verdict"]}
+            for p in results["planted"]["grid"]
+        ]
+
+    def figure(self, results: dict[str, Any], ctx: StudyContext) -> str:
+        """MMCS and variance explained against L0, one marker per (method, size, L1), with intervals."""
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for method, color in zip(METHODS, ("tab:blue", "tab:orange")):
+            for marker, size in zip("os^v", self.config.sizes):
+                points = [p for p in results["planted"]["grid"] if p["size"] == size]
+                l0 = [p[method]["l0"]["mean"] for p in points]
+                for ax, score in zip(axes, ("mmcs", "variance_explained")):
+                    mean = np.array([p[method][score]["mean"] for p in points])
+                    low = np.array([p[method][score]["ci_low"] for p in points])
+                    high = np.array([p[method][score]["ci_high"] for p in points])
+                    ax.errorbar(l0, mean, yerr=np.nan_to_num([mean - low, high - mean]), color=color, marker=marker,
+                                label=f"{METHOD_NAMES[method]}, {size} latents", capsize=3)
+        for ax, title in zip(axes, ("mean max cosine with true features", "variance explained")):
+            ax.set(xlabel="L0 (latents active per sample)", title=title)
+        axes[0].legend(fontsize=8)
+        return ctx.figure("planted_recovery", fig)
+
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+        cfg, planted = self.config, results["planted"]
+        rows = [
+            {"size": p["size"], "L1": p["l1"], "method": METHOD_NAMES[m], "MMCS": fmt_ci(p[m]["mmcs"]), "null": fmt(p[m]["mmcs_null"]["mean"]),
+             "matched": fmt_ci(p[m]["matched_cosine"]), "recovered": fmt_ci(p[m]["recovered"]), "F1": fmt_ci(p[m]["detection_f1"]),
+             "var. explained": fmt_ci(p[m]["variance_explained"]), "L0": fmt_ci(p[m]["l0"], 2), "dead": fmt(p[m]["dead"]["mean"], 2)}
+            for p in planted["grid"] for m in METHODS
+        ]
+        best = max(planted["grid"], key=lambda p: p["sae"]["mmcs"]["mean"])
+        lines = [
+            f"- At the best setting for the SAE ({best['size']} latents, L1 {best['l1']}), the SAE reaches MMCS {fmt_ci(best['sae']['mmcs'])} "
+            f"(null {fmt(best['sae']['mmcs_null']['mean'])}) at L0 {fmt(best['sae']['l0']['mean'], 2)}, and the Switch SAE "
+            f"{fmt_ci(best['switch']['mmcs'])} at L0 {fmt(best['switch']['l0']['mean'], 2)}: Switch vs SAE is {verdict_text(best['switch_vs_sae_mmcs'])}.",
+            f"- The Switch SAE's router recovers the planted feature groups with NMI {fmt_ci(best['router_group_nmi'])}, against "
+            f"{fmt_ci(planted['kmeans_group_nmi'])} for k-means with {cfg.n_experts} clusters on the same activations: "
+            f"{verdict_text(best['router_vs_kmeans'])}.",
+        ]
+        sections = [
+            "# Dictionaries against planted features",
+            "## Bottom line\n\n" + "\n".join(lines),
+            "## What was run",
+            f"Toy ReLU models of superposition with {cfg.n_features} features in {cfg.n_hidden} hidden dimensions, sparsity "
+            f"{cfg.sparsity}, uniform importance, {cfg.n_groups} planted feature groups, {cfg.seeds} seeds ({cfg.toy_train.steps} steps). "
+            f"On each seed's hidden activations ({cfg.n_samples} samples): SAEs and Switch SAEs ({cfg.n_experts} experts) of "
+            f"{', '.join(map(str, cfg.sizes))} latents at L1 penalties {', '.join(map(str, cfg.l1))} ({cfg.sae_train.steps} steps each), "
+            f"scored on {cfg.n_samples} fresh samples.",
+            "## Planted features (mean [95% CI] over seeds)",
+            markdown_table(rows),
+            f"![recovery]({self.figure(results, ctx)})",
+        ]
+        if "tokens" in results:
+            tokens = results["tokens"]
+            token_rows = [
+                {"label": name, **{METHOD_NAMES.get(m, "SAE, shuffled labels"): fmt_ci(s[m]) for m in (*METHODS, "experts", "null")},
+                 "Switch vs SAE": tokens["switch_vs_sae"][name]["verdict"], "experts vs SAE": tokens["experts_vs_sae"][name]["verdict"]}
+                for name, s in tokens["labels"].items()
+            ]
+            sections += [
+                f"## Token task `{cfg.token_task}`: label classes in the residual stream",
+                f"MoE transformers (`{cfg.token_model}`, {cfg.token_train.steps} steps); dictionaries of {cfg.token_size} latents "
+                f"(L1 {cfg.token_l1}) on `{tokens['site']}`, next to the layer's expert neurons as a dictionary "
+                f"({cfg.token_model.get('n_experts', 4)} experts × their hidden units, zero where a token was not routed). "
+                "Each cell: mean over classes of the best latent's F1 for \"the token has class c\".",
+                markdown_table(token_rows),
+            ]
+        sections += ["## What the numbers mean", METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}"]
+        return "\n\n".join(sections) + "\n"
