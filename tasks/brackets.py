@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from toylab.registry import register_task
 from toylab.task import IGNORE, Batch, Label, Task
 
+if TYPE_CHECKING:
+    import torch
+
 PAD, BOS, EOS = 0, 1, 2
 OPEN = 3
 _OPEN_CHARS, _CLOSE_CHARS = "([{<", ")]}>"
+MAX_LENGTH = 10_000
+MIN_KEEP_RATE = 0.01
+"""Rejection sampling must keep at least this share of the strings it draws, or it would (nearly) never finish."""
+
+
+def keep_rate(m: int, min_length: int) -> tuple[float, int]:
+    """The share of sampled strings with at least `min_length` brackets, and the largest `min_length` whose share
+    is at least MIN_KEEP_RATE (`min_length` itself when it is).
+
+    The sampler's depth is a Markov chain (at depth 0: open or end, 1/2 each; below m: open or close, 1/2
+    each; at m: close), so the share is the probability mass still alive after `min_length` steps.
+    """
+    alive = np.zeros(min(m, min_length) + 1)  # mass by depth; deeper than min_length is unreachable in time
+    alive[0] = 1.0
+    for step in range(1, min_length + 1):
+        new = np.zeros_like(alive)
+        new[1:] += 0.5 * alive[:-1]  # open
+        new[:-2] += 0.5 * alive[1:-1]  # close below the top
+        new[-2] += alive[-1]  # close from the top (a full stack, or unreachable until the last step)
+        alive = new
+        if alive.sum() < MIN_KEEP_RATE:
+            return float(alive.sum()), step - 1
+    return float(alive.sum()), min_length
 
 
 @dataclass(frozen=True)
@@ -27,10 +53,18 @@ class BracketsConfig:
     """Brackets per sequence at least; shorter strings are resampled (rejection sampling)."""
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.m < 1:
-            raise ValueError(f"k and m must be >= 1 (got k={self.k}, m={self.m})")
-        if not 1 <= self.min_length <= self.max_length:
-            raise ValueError(f"need 1 <= min_length <= max_length (got {self.min_length}, {self.max_length})")
+        if not 1 <= self.k <= MAX_LENGTH:
+            raise ValueError(f"k must be in [1, {MAX_LENGTH}] (got {self.k})")
+        if not 1 <= self.min_length <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"need 1 <= min_length <= max_length <= {MAX_LENGTH} (got {self.min_length}, {self.max_length})")
+        if not 1 <= self.m <= self.max_length:
+            raise ValueError(f"m must be in [1, max_length={self.max_length}]: no string is deeper than it is long (got {self.m})")
+        rate, longest = keep_rate(self.m, self.min_length)
+        if rate < MIN_KEEP_RATE:
+            raise ValueError(
+                f"min_length={self.min_length} keeps only {rate:.2g} of sampled strings (m={self.m}), so rejection "
+                f"sampling would not finish; use min_length <= {longest}"
+            )
 
 
 @register_task("brackets")
@@ -78,6 +112,7 @@ class Brackets(Task):
         }
 
     def sample(self, n: int, seed: int) -> Batch:
+        self.check_sample(n, seed)
         rng = np.random.default_rng(seed)
         chunks, have = [], 0
         while have < n:
@@ -144,6 +179,8 @@ class Brackets(Task):
         of such positions where it does; `sequence_accuracy` the share of sequences where it does
         at every such position.
         """
+        import torch
+
         k = self.config.k
         depth = torch.from_numpy(batch.labels["depth"])
         top = torch.from_numpy(batch.labels["stack_top"])

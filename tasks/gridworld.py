@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import networkx as nx
 import numpy as np
-import torch
 
 from toylab.registry import register_task
 from toylab.task import IGNORE, Batch, Label, Task
+
+if TYPE_CHECKING:  # imported where used, so listing tasks stays fast
+    import networkx as nx
+    import torch
 
 PAD, BOS, PAUSE, PATH, EOS = range(5)
 SPECIALS = ("<pad>", "<bos>", "<pause>", "<path>", "<eos>")
@@ -22,6 +24,7 @@ OPPOSITE = np.array([1, 0, 3, 2])
 TOKEN_TYPES = ("bos", "start", "goal", "edge", "pause", "path", "step", "eos")
 CELL_KINDS = ("dead_end", "corridor", "junction")
 GENERATORS = ("dfs", "percolation")
+MAX_PAUSE = 1000
 
 Cell = tuple[int, int]
 
@@ -49,8 +52,8 @@ class GridworldConfig:
             raise ValueError(f"generators must be a non-empty subset of {', '.join(GENERATORS)} (got {self.generators})")
         if not 0.0 <= self.p_open <= 1.0:
             raise ValueError(f"p_open must be in [0, 1] (got {self.p_open})")
-        if self.pause < 0:
-            raise ValueError(f"pause must be >= 0 (got {self.pause})")
+        if not 0 <= self.pause <= MAX_PAUSE:
+            raise ValueError(f"pause must be in [0, {MAX_PAUSE}] (got {self.pause})")
 
 
 def neighbors(size: int) -> np.ndarray:
@@ -145,6 +148,8 @@ def percolation_mazes(n: int, size: int, p_open: float, rng: np.random.Generator
 
 def is_shortest_path(maze: nx.Graph, start: Any, goal: Any, path: Sequence[Any]) -> bool:
     """Whether `path` (a node sequence) walks `maze` from `start` to `goal` along edges in as few steps as possible."""
+    import networkx as nx
+
     if not path or path[0] != start or path[-1] != goal or start not in maze or goal not in maze:
         return False
     if not all(maze.has_edge(a, b) for a, b in zip(path, path[1:])):
@@ -222,6 +227,7 @@ class Gridworld(Task):
         return open_
 
     def sample(self, n: int, seed: int) -> Batch:
+        self.check_sample(n, seed)
         rng = np.random.default_rng(seed)
         size, m, p = self.config.size, self.canvas, self.config.pause
         cells, rows = size * size, np.arange(n)
@@ -322,6 +328,8 @@ class Gridworld(Task):
     def mazes(self, inputs: np.ndarray) -> list[tuple[nx.Graph, Cell, Cell]]:
         """`(maze, start, goal)` of each sequence, read back from its tokens."""
         edge_min, edge_max = CELL + self.canvas**2, len(self.vocab)
+        import networkx as nx
+
         out = []
         for sequence in inputs:
             maze = nx.Graph()
@@ -336,6 +344,8 @@ class Gridworld(Task):
         to the goal (any of the tied optimal moves); `stop_accuracy`: `<eos>` predicted at the goal;
         `maze_accuracy`: mazes with the start, every move and the stop right.
         """
+        import torch
+
         m = self.canvas
         _, targets, mask = batch.tensors()
         cell = torch.from_numpy(batch.labels["cell"])
@@ -353,33 +363,35 @@ class Gridworld(Task):
             "maze_accuracy": (correct | ~mask).all(1).float().mean().item(),
         }
 
-    @torch.no_grad()
     def solve(self, model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> list[list[Cell] | None]:
         """Greedy decoding from each prompt (up to `<path>`), batched over the mazes still being decoded.
 
         Returns the cells output before `<eos>` (the start first), or None for a maze whose output stopped otherwise
         (a token that is not a cell, or the end of the sequence).
         """
-        inputs = torch.from_numpy(batch.inputs)
-        n, length = inputs.shape
-        prompt_end = (inputs == PATH).int().argmax(1)
-        position = prompt_end.clone()
-        tokens = torch.where(torch.arange(length) <= position[:, None], inputs, PAD)
-        live, ended = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        while live.any():
-            index = live.nonzero().squeeze(1)
-            here = position[index]
-            logits = model(tokens[index, : int(here.max()) + 1])
-            token = logits[torch.arange(len(index)), here].argmax(-1)
-            ended[index] = token == EOS
-            go_on = (token >= CELL) & (token < CELL + self.canvas**2) & (here + 1 < length)
-            tokens[index[go_on], here[go_on] + 1] = token[go_on]
-            position[index[go_on]] += 1
-            live[index[~go_on]] = False
-        return [
-            [self.cell_of(int(t)) for t in tokens[i, prompt_end[i] + 1 : position[i] + 1]] if ended[i] else None
-            for i in range(n)
-        ]
+        import torch
+
+        with torch.no_grad():
+            inputs = torch.from_numpy(batch.inputs)
+            n, length = inputs.shape
+            prompt_end = (inputs == PATH).int().argmax(1)
+            position = prompt_end.clone()
+            tokens = torch.where(torch.arange(length) <= position[:, None], inputs, PAD)
+            live, ended = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+            while live.any():
+                index = live.nonzero().squeeze(1)
+                here = position[index]
+                logits = model(tokens[index, : int(here.max()) + 1])
+                token = logits[torch.arange(len(index)), here].argmax(-1)
+                ended[index] = token == EOS
+                go_on = (token >= CELL) & (token < CELL + self.canvas**2) & (here + 1 < length)
+                tokens[index[go_on], here[go_on] + 1] = token[go_on]
+                position[index[go_on]] += 1
+                live[index[~go_on]] = False
+            return [
+                [self.cell_of(int(t)) for t in tokens[i, prompt_end[i] + 1 : position[i] + 1]] if ended[i] else None
+                for i in range(n)
+            ]
 
     def solve_rate(self, model: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> dict[str, float]:
         """Greedy decoding scored against BFS (`is_shortest_path`).
@@ -387,6 +399,8 @@ class Gridworld(Task):
         `solve_rate`: mazes whose output is a shortest path to the goal followed by `<eos>`;
         `reach_rate`: mazes whose output walks open edges to the goal, of any length, then `<eos>`.
         """
+        import networkx as nx
+
         solved = reached = 0
         paths = self.solve(model, batch)
         for (maze, start, goal), path in zip(self.mazes(batch.inputs), paths):

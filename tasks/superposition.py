@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from toylab.errors import ToylabError
 from toylab.registry import register_task
 from toylab.task import IGNORE, Batch, Label, Task
+
+if TYPE_CHECKING:  # imported where used, so listing tasks stays fast
+    import torch
+
+MAX_FEATURES = 10_000
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,8 @@ class SuperpositionConfig:
     """The next pairs, whose features are never active together (each still active with probability 1 - S)."""
 
     def __post_init__(self) -> None:
-        if self.n_features < 1:
-            raise ValueError(f"n_features must be >= 1 (got {self.n_features})")
+        if not 1 <= self.n_features <= MAX_FEATURES:
+            raise ValueError(f"n_features must be in [1, {MAX_FEATURES}] (got {self.n_features})")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1) (got {self.sparsity})")
         if not 0 < self.importance_decay <= 1:
@@ -112,6 +117,8 @@ class SparseFeatures(Task):
         `[n, inst]` (IGNORE where no feature is active). Arrays are views of instance-major memory,
         the layout the instance-batched models compute in.
         """
+        import torch
+
         cfg, features = self.config, self.n_features
         if sparsity is None:
             sparsity = torch.tensor([cfg.sparsity])
@@ -142,6 +149,9 @@ class SparseFeatures(Task):
         return x.transpose(0, 1), active.transpose(0, 1), group.transpose(0, 1)
 
     def sample(self, n: int, seed: int) -> Batch:
+        import torch
+
+        self.check_sample(n, seed)
         x, active, group = self.generate(n, torch.Generator().manual_seed(seed))
         inputs = x.numpy().copy()
         labels = {
@@ -161,6 +171,8 @@ class SparseFeatures(Task):
         `weighted_mse` is the training loss, mean over samples and features of I_i (x_i - x'_i)^2
         (lower is better); `mse` drops the importances.
         """
+        import torch
+
         inputs, _, _ = batch.tensors()
         if tuple(outputs.shape) != tuple(inputs.shape):
             raise ToylabError(

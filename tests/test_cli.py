@@ -1,8 +1,12 @@
 """The command line: one-line errors with exit code 2, exports, and studies end to end."""
 
+import importlib
 import json
+import os
+import stat
 
 import pytest
+import torch
 
 from toylab.cli import app
 from toylab.errors import DivergenceError
@@ -169,9 +173,69 @@ def test_fast_planning_study_through_the_cli(tmp_path, capsys):
 def test_train_reads_task_options_from_a_config_file(capsys, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text('[task_options]\nk = 3\nmax_length = 10\n[model]\nd_model = 16\nn_heads = 2\n'
-                      '[train]\nsteps = 4\nn_train = 32\nn_val = 8\neval_every = 2\n')
+                      '[train]\nsteps = 4\nn_train = 32\nn_val = 8\neval_every = 2\nbatch_size = 16\n')
     code, out, _ = run(capsys, "train", "--model", "moe", "--config", str(config), "--out", str(tmp_path), "--no-progress")
     assert code == 0 and "closing_accuracy" in out
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["task_options"]["k"] == 3 and saved["model"]["d_model"] == 16 and saved["train"]["steps"] == 4
+
+
+def test_train_progress_goes_to_stderr_and_a_reused_run_says_so(capsys, tmp_path):
+    args = ["train", "-o", "max_length=10", "-o", "min_length=2", "--set", "steps=4", "--set", "n_train=32",
+            "--set", "batch_size=16", "--set", "n_val=8", "--set", "eval_every=2", "--set", "d_model=16",
+            "--set", "n_heads=2", "--out", str(tmp_path)]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "closing_accuracy" in out
+    assert "Epoch" not in out and "Epoch" in err and "reusing" not in err
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "closing_accuracy" in out
+    assert "reusing the finished run in" in err and "Epoch" not in err
+
+
+def test_tasks_show_prints_class_names_and_unambiguous_sets(capsys):
+    code, out, _ = run(capsys, "tasks", "show", "superposition", "-o", "n_features=14", "-o", "sparsity=0.5", "-n", "3")
+    assert code == 0
+    samples = out[out.index("sample 0:"):].splitlines()
+    sets = [cell for line in samples if line.strip().startswith("active ") for cell in line.split()[1:]]
+    assert sets and all(cell.startswith("{") and cell.endswith("}") for cell in sets)
+    assert any("," in cell for cell in sets)  # {f2,f12}, never 212
+    code, out, _ = run(capsys, "tasks", "show", "brackets", "-n", "1")
+    stack_top = next(line for line in out[out.index("sample 0:"):].splitlines() if line.strip().startswith("stack_top "))
+    assert "empty" in stack_top.split() and not any(cell.isdigit() for cell in stack_top.split()[1:])
+
+
+def test_sample_help_shows_the_json_shape(capsys):
+    code, out, _ = run(capsys, "tasks", "sample", "--help")
+    assert code == 0
+    assert '{"tokens": [token, ...], "labels": {label: [value per token, ...], ...}}' in out
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"toylab {version('toylab')}"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from toylab import io
+
+    old = os.umask(0o027)
+    try:
+        importlib.reload(io)
+        io.write_text(tmp_path / "a.txt", "x")
+        io.save_tensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+        importlib.reload(io)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640
+
+
+def test_code_version_stores_booleans():
+    from toylab.study import code_version
+
+    info = code_version()
+    assert "git_dirty" not in info or isinstance(info["git_dirty"], bool)
+    assert isinstance(info["toylab"], str)

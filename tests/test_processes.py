@@ -13,7 +13,7 @@ import pytest
 
 from toylab.training import load_trained
 
-STUDY = [sys.executable, "-m", "toylab", "study", "run", "expert-specialization", "--fast", "--no-progress"]
+STUDY = [sys.executable, "-m", "toylab", "study", "run", "expert-specialization", "--fast", "--no-progress", "--seeds", "3"]
 SLOW_TRAINING = ["--set", "train.steps=3000", "--set", "train.eval_every=1000"]
 
 

@@ -23,6 +23,12 @@ def test_bad_sweeps_are_one_line_errors(bad: str) -> None:
         parse_sweep(bad.split(" "))
 
 
+def test_a_bad_point_fails_before_any_configuration_trains(tmp_path) -> None:
+    with pytest.raises(ToylabError, match="top_k"):
+        run_sweep("expert-specialization", {"top_k": ["1", "7"]}, {"seeds": 2}, tmp_path, fast=True, progress=False)
+    assert not list(tmp_path.rglob("final.json"))
+
+
 def test_a_sweep_runs_every_configuration_and_reuses_them(tmp_path) -> None:
     overrides = {"seeds": 2, "train": {"steps": 20, "eval_every": 20, "n_train": 128, "n_val": 32}}
     outcome = run_sweep("expert-specialization", {"n_experts": ["2", "3"]}, overrides, tmp_path, fast=True, progress=False)

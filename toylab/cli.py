@@ -1,19 +1,31 @@
-"""The `toylab` command line: a thin Typer layer over the library."""
+"""The `toylab` command line: a thin Typer layer over the library.
+
+Heavy libraries (torch, Lightning, pandas, matplotlib) load inside the commands that need them, so
+`toylab --help` and `toylab tasks list` start in well under a second.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 from toylab import io
 from toylab.config import build, config_hash, load_file, parse_assignments, to_dict
 from toylab.errors import ToylabError
-from toylab.report import markdown_table
-from toylab.task import Label
+
+if TYPE_CHECKING:
+    from toylab.task import Label, Task
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print `message` as one line on stderr and exit with `code`."""
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
 
 
 class App(typer.Typer):
@@ -24,25 +36,60 @@ class App(typer.Typer):
         try:
             code = command.main(args=args, prog_name="toylab", standalone_mode=False, **kwargs)
         except ToylabError as error:
-            typer.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            _fail(str(error))
+        except NoArgsIsHelpError as error:  # a group called without its command
+            ctx = error.ctx
+            _fail(f"missing command ({', '.join(ctx.command.list_commands(ctx))}); see '{ctx.command_path} --help'")
+        except UsageError as error:
+            where = error.ctx.command_path if error.ctx else "toylab"
+            _fail(f"{error.format_message().rstrip('.')}; see '{where} --help'", error.exit_code)
         except typer.TyperException as error:
-            typer.echo(f"error: {error.format_message()}", err=True)
-            sys.exit(error.exit_code)
+            _fail(error.format_message(), error.exit_code)
+        except MemoryError:
+            _fail("out of memory; ask for less (fewer or shorter sequences, a smaller model)")
+        except OSError as error:  # where a path is not already checked: still one line naming it
+            _fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"toylab {version('toylab')}")
+        raise typer.Exit()
+
+
+def _path(value: str) -> Path:
+    """A path option's value: not empty (an empty path would mean the current folder)."""
+    if not value.strip():
+        raise typer.BadParameter("must not be empty")
+    return Path(value)
+
+
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}
 app = App(help="toylab: a toy-model laboratory for mechanistic interpretability.", no_args_is_help=True,
-          pretty_exceptions_enable=False, add_completion=False)
-tasks_app = App(help="List, inspect and export the synthetic tasks.", no_args_is_help=True)
-study_app = App(help="List and run studies.", no_args_is_help=True)
+          pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+tasks_app = App(help="List, inspect and export the synthetic tasks.", no_args_is_help=True, rich_markup_mode=None)
+study_app = App(help="List and run studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(study_app, name="study")
 
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """toylab: a toy-model laboratory for mechanistic interpretability."""
+
+
 TaskOptions = typer.Option([], "--option", "-o", help="Task option KEY=VALUE (repeatable), e.g. -o k=3 -o m=6.")
+Seed = typer.Option(0, **SEED_RANGE, help="Sampling seed.")
 
 
-def _task(name: str, options: list[str]) -> Any:
+def _task(name: str, options: list[str]) -> Task:
     from toylab.registry import get_task
 
     return get_task(name, parse_assignments(options))
@@ -56,11 +103,14 @@ def _label_text(label: Label) -> str:
     return f"{kind} {{{shown}}}"
 
 
-def _cell(value: Any) -> str:
-    """One label value for display: '.' where undefined, class ids joined for a multi-hot set ('-' if empty)."""
+def _cell(value: Any, label: Label) -> str:
+    """One label value for display: '.' where undefined, the class name (the number of an ordinal label),
+    a multi-hot set as `{a,b}`."""
     if (value < 0).all():
         return "."
-    return "".join(map(str, value.nonzero()[0])) or "-" if value.ndim else str(value)
+    if label.multi_hot:
+        return "{" + ",".join(label.classes[i] for i in value.nonzero()[0]) + "}"
+    return str(value) if label.ordinal else label.classes[value]
 
 
 @tasks_app.command("list", epilog="Example: toylab tasks list")
@@ -69,30 +119,32 @@ def tasks_list() -> None:
     from toylab.registry import TASKS
 
     for name in TASKS.names():
-        task = TASKS.get(name)()
-        typer.echo(f"{name:16s} {task.describe().splitlines()[0]}")
+        typer.echo(f"{name:16s} {TASKS.get(name)().describe().splitlines()[0]}")
 
 
 @tasks_app.command("show", epilog="Examples: toylab tasks show brackets  |  toylab tasks show brackets -o k=3 -n 5")
 def tasks_show(
     name: str = typer.Argument(..., help="Task name (see `toylab tasks list`)."),
     option: list[str] = TaskOptions,
-    n: int = typer.Option(3, "-n", min=0, help="Number of decoded samples to print."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    n: int = typer.Option(3, "-n", min=0, max=1000, help="Number of decoded samples to print."),
+    seed: int = Seed,
 ) -> None:
-    """Describe a task's options and labels, and print decoded samples with their labels."""
+    """Describe a task's options and labels, and print decoded samples with their labels.
+
+    Label values are class names (numbers for ordinal labels), '.' where a label is undefined, and
+    {a,b} for the set of a multi-hot label.
+    """
     task = _task(name, option)
+    batch = task.sample(n, seed) if n else None
     typer.echo(f"{task.name}: {task.describe()}\n\noptions: {json.dumps(task.options)}\n\nlabels:")
     for label in task.labels.values():
         typer.echo(f"  {label.name:16s} {label.kind:9s} {_label_text(label)}: {label.description}")
-    batch = task.sample(n, seed) if n else None
     for i in range(n):
         keep = task.positions(batch[i : i + 1])[0]
         tokens = [t for t, k in zip(task.decode(batch.inputs[i]), keep) if k]
         rows = {"token": tokens}
         for label_name, values in batch.labels.items():
-            values = values[i][keep]
-            rows[label_name] = [_cell(v) for v in values]
+            rows[label_name] = [_cell(v, task.labels[label_name]) for v in values[i][keep]]
         width = max(len(x) for row in rows.values() for x in row) + 1
         typer.echo(f"\nsample {i}:")
         for row_name, row in rows.items():
@@ -103,11 +155,21 @@ def tasks_show(
 def tasks_sample(
     name: str = typer.Argument(..., help="Task name."),
     n: int = typer.Option(100, "-n", min=1, help="Number of sequences."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    out: Optional[Path] = typer.Option(None, help="Output .jsonl file (default: standard output)."),
+    seed: int = Seed,
+    out: Optional[Path] = typer.Option(None, parser=_path, help="Output .jsonl file (default: standard output)."),
     option: list[str] = TaskOptions,
 ) -> None:
-    """Export sequences as JSON lines: {"tokens": [decoded tokens], "labels": {name: [ints]}}."""
+    """Export sequences as JSON lines, one object per sequence:
+
+    \b
+    {"tokens": [token, ...], "labels": {label: [value per token, ...], ...}}
+
+    Only real positions are written (no padding). A label value is a class id (-1 where the label is
+    undefined) or, for a multi-hot label, a list of 0/1 per class; `toylab tasks show NAME` lists every
+    label's classes.
+    """
+    if out is not None:
+        io.check_writable(out)
     task = _task(name, option)
     batch = task.sample(n, seed)
     keep = task.positions(batch)
@@ -126,21 +188,36 @@ def tasks_sample(
         typer.echo(f"wrote {n} sequences to {out}")
 
 
+def _table(file: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """Table `key` of a config file (empty if absent); a one-line error if it is not a table."""
+    value = file.get(key, {})
+    if not isinstance(value, dict):
+        raise ToylabError(f"'{key}' in {path} must be a table of keys, not {value!r}")
+    return value
+
+
 @app.command(epilog="Examples: toylab train --task brackets --model moe  |  "
              "toylab train --task brackets --model dense -o m=6 --set steps=2000 --set d_model=64")
 def train(
-    task: str = typer.Option("brackets", help="Task name."),
+    task: str = typer.Option("brackets", help="Task name (a token task: brackets, gridworld)."),
     model: str = typer.Option("dense", help="Model: dense or moe."),
     option: list[str] = TaskOptions,
     set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (TransformerConfig or TrainConfig field)."),
-    config: Optional[Path] = typer.Option(None, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
-    seed: int = typer.Option(0, help="Training seed."),
-    out: Path = typer.Option(Path("runs/train"), help="Parent directory of the run directory."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    config: Optional[Path] = typer.Option(None, parser=_path, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
+    seed: int = typer.Option(0, **SEED_RANGE, help="Training seed."),
+    out: Path = typer.Option("runs/train", parser=_path, help="Parent directory of the run directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar (on stderr)."),
 ) -> None:
-    """Train one dense or MoE transformer on a task; print its held-out metrics."""
+    """Train one dense or MoE transformer on a task; print its held-out metrics.
+
+    A run directory that already holds this finished run is reused (it says so on stderr).
+    """
+    import contextlib
+
     from toylab.models import TransformerConfig
-    from toylab.training import TrainConfig
+    from toylab.registry import get_task
+    from toylab.report import markdown_table
+    from toylab.training import TrainConfig, check_devices, is_trained
     from toylab.training import train as train_model
 
     if model not in ("dense", "moe"):
@@ -149,11 +226,10 @@ def train(
     if set(file) - {"task_options", "model", "train"}:
         unknown = sorted(set(file) - {"task_options", "model", "train"})[0]
         raise ToylabError(f"unknown config key '{unknown}'; valid: task_options, model, train")
-    from toylab.registry import get_task
-
-    the_task = get_task(task, {**file.get("task_options", {}), **parse_assignments(option)})
+    the_task = get_task(task, {**_table(file, "task_options", config), **parse_assignments(option)})
+    vocab_size = len(the_task.vocab)  # a one-line error for a task with real-valued inputs
     model_fields, train_fields = TransformerConfig.__dataclass_fields__, TrainConfig.__dataclass_fields__
-    model_options, train_options = dict(file.get("model", {})), {**file.get("train", {}), "seed": seed}
+    model_options, train_options = dict(_table(file, "model", config)), {**_table(file, "train", config), "seed": seed}
     for key, value in parse_assignments(set_).items():
         if key in model_fields and key not in ("vocab_size", "max_len", "ffn"):
             model_options[key] = value
@@ -163,12 +239,19 @@ def train(
             valid = sorted({*model_fields, *train_fields} - {"vocab_size", "max_len", "ffn"})
             raise ToylabError(f"unknown option '{key}'; valid: {', '.join(valid)}")
     model_options["ffn"] = model
-    model_cfg = build(TransformerConfig, model_options, vocab_size=len(the_task.vocab), max_len=the_task.seq_len)
+    model_cfg = build(TransformerConfig, model_options, vocab_size=vocab_size, max_len=the_task.seq_len)
     model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len")}
     train_cfg = build(TrainConfig, train_options)
+    the_task.check_sample(train_cfg.n_train + train_cfg.n_val, seed)
+    check_devices(train_cfg)
     run_dir = out / f"{task}-{model}-{config_hash([the_task.options, model_options, to_dict(train_cfg)])}"
+    with io.writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if is_trained(the_task, model_options, train_cfg, run_dir):
+        typer.echo(f"reusing the finished run in {run_dir} (delete it to train again)", err=True)
     try:
-        result = train_model(the_task, model_options, train_cfg, run_dir, progress=progress)
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bar and messages: stderr
+            result = train_model(the_task, model_options, train_cfg, run_dir, progress=progress)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: the run in {run_dir} did not finish; rerun the same command to train it", err=True)
         raise typer.Exit(130) from None
@@ -195,11 +278,11 @@ def study_run(
     name: str = typer.Argument(..., help="Study name (see `toylab study list`)."),
     task: Optional[str] = typer.Option(None, help="Task to study (default: the study's own)."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (default 3)."),
-    out: Path = typer.Option(Path("runs"), help="Output root; the study writes to OUT/NAME/ID/."),
+    out: Path = typer.Option("runs", parser=_path, help="Output root; the study writes to OUT/NAME/ID/."),
     fast: bool = typer.Option(False, "--fast", help="Smoke preset: the full pipeline, small, in under a minute."),
     option: list[str] = TaskOptions,
     set_: list[str] = typer.Option([], "--set", "-s", help="Study config KEY=VALUE; dotted keys reach nested tables (train.steps=500)."),
-    config: Optional[Path] = typer.Option(None, help="JSON/TOML file of study config keys."),
+    config: Optional[Path] = typer.Option(None, parser=_path, help="JSON/TOML file of study config keys."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
                                           help="Training runs at once, one process each (default: one per CPU core)."),
@@ -216,6 +299,7 @@ def study_run(
     sweep summary (CSV and markdown) beside them.
     """
     from toylab.executors import LaunchConfig
+    from toylab.report import markdown_table
     from toylab.study import available_cpus, merge, nest, run_study
     from toylab.sweep import parse_sweep, run_sweep
 

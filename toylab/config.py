@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -16,9 +19,19 @@ from toylab.errors import ToylabError
 C = TypeVar("C")
 
 
+def _is_table(annotation: Any) -> bool:
+    """Whether a field takes a mapping: a nested dataclass config or a dict."""
+    origin = typing.get_origin(annotation) or annotation
+    return dataclasses.is_dataclass(annotation) or (isinstance(origin, type) and issubclass(origin, Mapping))
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a user value (often a string from the command line) to a field's type."""
     origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if isinstance(value, Mapping) and not _is_table(annotation):
+        raise ToylabError(f"'{key}' takes a single value, not a table")
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() == "none"):
@@ -30,7 +43,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ToylabError(f"invalid value {value!r} for '{key}'; valid: {', '.join(map(str, allowed))}")
         return value
     if origin in (tuple, list):
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
         inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
         return tuple(_coerce(v, inner, key) for v in items)
     if annotation is bool:
@@ -40,15 +53,28 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ToylabError(f"invalid value {value!r} for '{key}'; valid: true, false")
+        if not isinstance(value, (bool, int)):
+            raise ToylabError(f"invalid value {value!r} for '{key}'; valid: true, false")
         return bool(value)
-    if annotation in (int, float, str):
+    if annotation in (int, float):
         try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
             converted = annotation(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ToylabError(f"invalid value {value!r} for '{key}'; expected {annotation.__name__}") from None
         if annotation is int and isinstance(value, float) and value != converted:
             raise ToylabError(f"invalid value {value!r} for '{key}'; expected int")
+        if not math.isfinite(converted):
+            raise ToylabError(f"invalid value {value!r} for '{key}'; expected a finite number")
         return converted
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ToylabError(f"invalid value {value!r} for '{key}'; expected a string")
+        return str(value)
+    if _is_table(annotation) and not isinstance(value, Mapping):
+        fields = [f.name for f in dataclasses.fields(annotation)] if dataclasses.is_dataclass(annotation) else ["KEY"]
+        raise ToylabError(f"'{key}' is a table, not a value (got {value!r}); set its keys, e.g. {key}.{fields[0]}=...")
     return value
 
 
@@ -57,9 +83,11 @@ def build(cls: type[C], options: Mapping[str, Any] | None = None, **overrides: A
 
     Nested dataclass fields accept nested mappings.
     """
+    if options is not None and not isinstance(options, Mapping):
+        raise ToylabError(f"{cls.__name__} options must be a table of keys, not {options!r}")
     values = {**(options or {}), **overrides}
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - set(fields), key=str)
     if unknown:
         raise ToylabError(
             f"unknown {cls.__name__} key '{unknown[0]}'; valid: {', '.join(sorted(fields))}"
@@ -70,14 +98,25 @@ def build(cls: type[C], options: Mapping[str, Any] | None = None, **overrides: A
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
             kwargs[key] = build(annotation, value)
-        elif isinstance(value, Mapping):
+        elif isinstance(value, Mapping) and _is_table(annotation):
             kwargs[key] = dict(value)
         else:
             kwargs[key] = _coerce(value, annotation, key)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ToylabError(f"invalid {cls.__name__}: {error}") from None
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse (one-line ToylabError) work whose estimated memory exceeds this machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): cannot tell
+        return
+    if nbytes > total:
+        raise ToylabError(f"{what} needs about {nbytes / 2**30:,.0f} GiB of memory, more than this machine's "
+                          f"{total / 2**30:,.0f} GiB; {fix}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -102,17 +141,32 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return options
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_file(path: Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a dict."""
+    """Read a JSON or TOML config file holding a table of keys into a dict."""
     import tomllib
 
-    if not path.is_file():
-        raise ToylabError(f"config file not found: {path}")
+    path = Path(path)
+    if path.suffix not in (".json", ".toml"):
+        raise ToylabError(f"unsupported config file {path}; valid: .json, .toml")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO or a device could block or never end
+            raise ToylabError(f"config file {path} is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ToylabError(f"config file {path} is {info.st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+        text = path.read_bytes().decode()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        raise ToylabError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ToylabError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ToylabError(f"cannot parse config file {path}: it is not UTF-8 text") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise ToylabError(f"cannot parse config file {path}: {error}") from None
-    raise ToylabError(f"unsupported config file {path}; valid: .json, .toml")
+    if not isinstance(data, dict):
+        raise ToylabError(f"config file {path} must hold a table of keys, not {type(data).__name__} {json.dumps(data)[:40]}")
+    return data

@@ -5,6 +5,10 @@ class ToylabError(Exception):
     """Bad input (unknown name, invalid value, bad config key, missing or corrupt file)."""
 
 
+class NotATokenTask(ToylabError, NotImplementedError):
+    """A token model or tool was asked of a task with real-valued inputs."""
+
+
 class DivergenceError(ToylabError):
     """A training run's loss became NaN or infinite."""
 

@@ -22,7 +22,7 @@ from toylab.config import config_hash
 from toylab.errors import ToylabError
 from toylab.executors import LaunchConfig
 from toylab.report import markdown_table
-from toylab.study import merge, nest, run_study
+from toylab.study import merge, nest, resolve, run_study
 
 
 @dataclass
@@ -62,9 +62,12 @@ def run_sweep(
     launcher: LaunchConfig | None = None,
 ) -> SweepOutcome:
     """Run study `name` at every point of the grid `sweep` (dotted keys reach nested tables)."""
+    points = [(point, merge(overrides or {}, nest(point))) for point in grid(sweep)]
+    for _, options in points:  # every configuration is valid before any trains
+        resolve(name, options, fast)
     rows, seconds = [], 0.0
-    for point in grid(sweep):
-        outcome = run_study(name, merge(overrides or {}, nest(point)), out, fast, progress, launcher=launcher)
+    for point, options in points:
+        outcome = run_study(name, options, out, fast, progress, launcher=launcher)
         seconds += outcome.seconds
         rows += [{**point, "run": str(outcome.directory), **row} for row in outcome.summary]
     spec = {"study": name, "sweep": {key: list(values) for key, values in sweep.items()},

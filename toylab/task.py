@@ -11,15 +11,20 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
-from toylab.config import build
+from toylab.config import build, check_memory
+from toylab.errors import NotATokenTask, ToylabError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so listing tasks stays fast
+    import torch
 
 IGNORE = -1
 """Label value at positions where a label is undefined (padding, or e.g. match distance of an open bracket)."""
+MAX_SEED = 2**32 - 1
+"""Seeds are in [0, MAX_SEED], the range every seeded library here (numpy, torch, Lightning) accepts."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class Batch:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(inputs, targets, loss_mask)` as torch tensors."""
+        import torch
+
         return (
             torch.from_numpy(np.ascontiguousarray(self.inputs)),
             torch.from_numpy(np.ascontiguousarray(self.targets)),
@@ -92,6 +99,8 @@ class Task(ABC):
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None or isinstance(config, Mapping):
             config = build(self.Config, config, **options)
+        elif not isinstance(config, self.Config):
+            raise ToylabError(f"task '{self.name}' options must be a table of {self.Config.__name__} keys, not {config!r}")
         self.config = config
 
     @property
@@ -111,11 +120,28 @@ class Task(ABC):
     @property
     def vocab(self) -> tuple[str, ...]:
         """Token strings, indexed by token id (token tasks only)."""
-        raise NotImplementedError(f"task '{self.name}' has real-valued inputs, not tokens")
+        from toylab.registry import TASKS
+
+        tokens = [name for name in TASKS.names() if TASKS.get(name).vocab is not Task.vocab]
+        raise NotATokenTask(f"task '{self.name}' has real-valued inputs, not tokens; token tasks: {', '.join(tokens)}")
 
     @abstractmethod
     def sample(self, n: int, seed: int) -> Batch:
-        """Sample `n` sequences; the same `(n, seed)` gives the same batch."""
+        """Sample `n` sequences; the same `(n, seed)` gives the same batch (call `check_sample(n, seed)` first)."""
+
+    def check_sample(self, n: int, seed: int, working_copies: int = 4) -> None:
+        """Refuse (one-line ToylabError) a negative `n`, a seed out of range, or a batch too large for memory.
+
+        The estimate counts 8 bytes per input, target, mask and label value of every position, times
+        `working_copies` for what sampling holds on the way.
+        """
+        if n < 0:
+            raise ToylabError(f"the number of sequences must be >= 0 (got {n})")
+        if not 0 <= seed <= MAX_SEED:
+            raise ToylabError(f"seed must be in [0, {MAX_SEED}] (got {seed})")
+        values = 3 + sum(label.n_classes if label.multi_hot else 1 for label in self.labels.values())
+        check_memory(n * self.seq_len * values * 8 * working_copies, f"sampling {n:,} sequences of {self.seq_len:,} positions",
+                     "ask for fewer sequences or shorter ones")
 
     def positions(self, batch: Batch) -> np.ndarray:
         """Bool `[batch, pos]`: the real (non-padding) positions, where activations are analysed."""

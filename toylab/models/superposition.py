@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from toylab import io
-from toylab.config import to_dict
+from toylab.config import check_memory, to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
 from toylab.training import data_seed
@@ -90,8 +90,11 @@ class ToyModelConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}] (got {self.top_k})")
-        if self.load_balance_weight < 0:
-            raise ValueError(f"load_balance_weight must be >= 0 (got {self.load_balance_weight})")
+        if not 0 <= self.load_balance_weight < math.inf:
+            raise ValueError(f"load_balance_weight must be a finite number >= 0 (got {self.load_balance_weight})")
+        params = self.n_instances * self.n_features * (self.n_experts * (self.n_hidden + 1) + 1)
+        check_memory(16 * params, f"toy models of about {params:,} parameters (weights, gradients, Adam state)",
+                     "use fewer instances, features, experts or hidden dimensions")
 
 
 def _xavier(generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -222,6 +225,10 @@ class ToyTrainConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number (got {self.lr})")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0 (got {self.weight_decay})")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed must be in [0, {2**32 - 1}] (got {self.seed})")
 
 
 class ToyTrainer(pl.LightningModule):
@@ -299,6 +306,9 @@ def train_toy_model(
     is saved there: `config.json`, `model.safetensors`, then `final.json` (its presence marks it finished).
     """
     sparsity, importance = instance_settings(model, task, sparsity, importance)
+    n, inst = max(cfg.batch_size, cfg.n_eval), model.cfg.n_instances
+    check_memory(n * inst * task.n_features * 4 * 8, f"batches of {n:,} samples x {inst} instances x {task.n_features} features",
+                 "use a smaller batch_size or n_eval")
     config = {
         "task": task.name, "task_options": task.options, "model": to_dict(model.cfg), "seeds": model.seeds,
         "train": to_dict(cfg), "sparsity": sparsity.tolist(), "importance": importance.tolist(),
