@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 
-from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, specialization, summarize
-from toylab.analysis.stats import mean_ci
-from toylab.config import build
-from toylab.models import TransformerConfig
+from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, routing_given_token, specialization, summarize
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
-from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
 from toylab.study import Study, StudyContext, TrainJob
-from toylab.training import TrainConfig, evaluate
+from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 ASSIGNMENT_NAMES = {
     "routing": "MoE routing (top-1 expert)",
@@ -22,14 +22,30 @@ ASSIGNMENT_NAMES = {
     "kmeans_dense": "k-means on dense, same site",
 }
 
+ROUTERS = {
+    "learned": "learned top-{k} softmax router",
+    "hash": "hash router (a fixed random token → expert map; routing carries token identity only)",
+    "label": "label router on `{label}` (class c → expert c mod {e}; experts specialize by it by construction)",
+}
+
 METRIC_NOTES = """\
 - **NMI** (normalized mutual information) measures how much knowing the expert tells you about the label, scaled so 0 means independent and 1 means each determines the other. It is computed over all real tokens where the label is defined.
 - **ARI** (adjusted Rand index) counts token pairs put together or apart by both the expert assignment and the label, corrected for chance: 0 is chance, 1 is identical partitions, and it can be negative.
+- **NMI given the token** (cNMI): I(expert; label | token) / mean(H(expert | token), H(label | token)), each term averaged over token ids weighted by frequency. Token identity dominates every token-level NMI; cNMI asks what the assignment says about the label *beyond* which token it is (0 for a router that only looks at the token). Its null shuffles experts only among tokens with the same id.
 - **k-means baseline**: k-means with as many clusters as experts on the activations the router reads (`blocks.{l}.ln2.hook_normalized`). If routing scores no higher, experts find nothing that clustering the residual stream would not.
 - **Dense control**: the same k-means at the same site of a dense model trained alike, asking whether the structure is there without any routing.
+- **Linear ceiling**: a multinomial logistic probe from the router input to the label, fit on 75% of the held-out sequences and scored on the rest: its accuracy (beside the majority class's) and the NMI of its predictions with the label. It says how much of the label the router could read linearly at all, so "routing recovers 0.3 of 1.0 available" can be told from "0.3 of 0.35". For labels with more classes than experts the probe may use every class; an assignment to {e} experts cannot.
 - **Null and p-value**: the expert assignment shuffled across tokens (expert frequencies kept) gives the NMI of a router that ignores its input; the p-value is the share of shuffles scoring at least the observed NMI (add-one, one-sided).
-- **Verdict**: per-seed differences NMI(routing) − NMI(k-means on router input) with their 95% t-interval (a two-sided paired t-test over seeds): *more* if the interval is above 0, *less* if below, otherwise *same*.
-- **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t confidence interval.
+- **Verdicts** (routing vs k-means on the router input, paired by seed): from the per-seed differences in NMI and their 90% Student-t interval, **more** / **less** when the interval lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level; δ = {margin} NMI), **inconclusive** otherwise. An inconclusive verdict states the smallest difference the seeds would detect (80% power, 5% one-sided): a difference smaller than that may well be there.
+- **Intervals**: {interval}
+"""
+
+CONTROLS = """\
+Three routers with known assignments (`--set router=...`) show what the analysis can and cannot see; run them on the `modes` task, whose rule (`mode`) is planted, e.g. `toylab study run expert-specialization --task modes --set router=label --set router_label=mode`.
+- **Label router** (positive control): the expert is the class of a named label (`router_label`), in training and analysis. Experts specialize by that label by construction, so with as many experts as classes routing must recover it fully (NMI 1 in every seed) and **more** than k-means, unless k-means on the router input happens to find the label too.
+- **Hash router** (state control, Roller et al. 2021): a fixed random token → expert map. Its routing is a function of the token (H(expert | token) = 0 bits, reported below), so its NMI with any label is what token identity alone explains, and its NMI given the token must sit at the null. A learned router that scores like the hash router carries nothing beyond the token.
+- **Learned router**: what this study is about. Read its verdicts against the two controls: near the label router means experts specialize by the label; near the hash router, that they route by token.
+- The planted unit tests (`tests/test_specialization.py`) check the analysis itself: activations carrying a label only in a quiet direction (so k-means misses it) give **more** when the assignment is the label, **equivalent** when it is k-means of the same activations, and the null when it is random.
 """
 
 
@@ -37,20 +53,27 @@ METRIC_NOTES = """\
 class ExpertSpecializationConfig:
     task: str = "brackets"
     task_options: dict[str, Any] = field(default_factory=dict)
-    seeds: int = 3
+    seeds: int = 5
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
+    router: Literal["learned", "hash", "label"] = "learned"
+    """The MoE's router: learned, hash (token identity only) or label (the label `router_label` picks the expert)."""
+    router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     n_eval: int = 500
     """Held-out sequences on which activations are analysed (the same for every seed)."""
     n_permutations: int = 500
+    margin: float = MARGIN
+    """Equivalence margin δ in NMI: routing and k-means are equivalent when the 90% interval of their difference lies inside ±δ."""
     eval_seed: int = 20261121
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.n_eval < 1 or self.n_permutations < 1:
             raise ValueError("seeds, n_eval and n_permutations must be >= 1")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be in (0, 1) NMI (got {self.margin})")
 
 
 @register_study("expert-specialization")
@@ -58,18 +81,20 @@ class ExpertSpecialization(Study):
     """Train dense and MoE transformers over seeds; compare expert routing with planted labels, k-means and a null."""
 
     Config = ExpertSpecializationConfig
-    fast = {"train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}, "n_eval": 100, "n_permutations": 100}
+    fast = {"seeds": 3, "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}, "n_eval": 100,
+            "n_permutations": 100}
     config: ExpertSpecializationConfig
 
     def __init__(self, config: ExpertSpecializationConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
+        routing = {"router": config.router, "router_label": config.router_label} if config.router != "learned" else {}
         self.models = {
             "dense": {**config.model, "ffn": "dense"},
-            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k},
+            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing},
         }
-        for options in self.models.values():  # fail early on a bad model option
-            build(TransformerConfig, options, vocab_size=len(self.task.vocab), max_len=self.task.seq_len)
+        for options in self.models.values():  # fail early on a bad model or router option
+            build_model(self.task, options)
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
@@ -84,26 +109,42 @@ class ExpertSpecialization(Study):
             }
             for kind in self.models
         }
-        per_seed = [
-            specialization(trained[seed, "moe"].model, trained[seed, "dense"].model, task, eval_batch, cfg.n_permutations, seed)
-            if trained[seed, "moe"] and trained[seed, "dense"]
-            else None
-            for seed in ctx.bar(range(cfg.seeds), cfg.seeds, "analysing")
-        ]
+        pairs = [seed for seed in range(cfg.seeds) if trained[seed, "moe"] and trained[seed, "dense"]]
+        analysed = dict(zip(pairs, ctx.map(self.analyse, pairs, [ctx.run_dir(f"moe-seed{s}") for s in pairs],
+                                           [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing")))
+        per_seed = [analysed[seed][0] if seed in analysed else None for seed in range(cfg.seeds)]
+        given_token = [analysed[seed][1] for seed in pairs]
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
             "performance": performance,
             "performance_summary": {
                 kind: {
-                    metric: mean_ci([runs[s][metric] for s in runs if runs[s]])
+                    metric: mean_ci([runs[s][metric] for s in runs if runs[s]], bounds=None if metric == "loss" else UNIT)
                     for metric in next((r for r in runs.values() if r), {})
                 }
                 for kind, runs in performance.items()
             },
-            "specialization": summarize(per_seed) if any(per_seed) else {},
+            "specialization": summarize(per_seed, cfg.margin) if any(per_seed) else {},
+            "expert_entropy_given_token": {
+                layer: {**mean_ci([g[layer] for g in given_token]), "max": max(g[layer] for g in given_token)}
+                for layer in (given_token[0] if given_token else {})
+            },
             "per_seed": per_seed,
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
+
+    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+        """One seed's analysis (in a worker, on one torch thread): its specialization scores and H(expert | token)."""
+        cfg = self.config
+        batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
+        moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
+        with torch_threads(1):
+            return (specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+                    routing_given_token(moe, self.task, batch))
+
+    def router_description(self) -> str:
+        cfg = self.config
+        return ROUTERS[cfg.router].format(k=cfg.top_k, label=cfg.router_label, e=cfg.n_experts)
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []
@@ -117,24 +158,61 @@ class ExpertSpecialization(Study):
                     "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]),
                     "NMI k-means (dense)": fmt_ci(s["kmeans_dense_nmi"]),
                     "NMI null": fmt(s["null_nmi"]["mean"]),
-                    "routing max p": fmt(s["routing_max_p_value"], 4),
+                    "linear probe acc.": fmt(s["linear_accuracy"]["mean"]),
                     "routing vs k-means": s["verdict"]["verdict"],
+                    "given the token": s["conditional_verdict"]["verdict"] if s["label_entropy_given_token"] > 1e-9 else "n/a",
                 })
         return rows
 
+    def detail_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """ARI, the NMI given the token and the linear ceiling, per (layer, label)."""
+        return [
+            {
+                "layer": layer, "label": label,
+                "ARI routing": fmt_ci(s["routing_ari"]), "ARI k-means (router input)": fmt_ci(s["kmeans_moe_ari"]),
+                "cNMI routing": fmt_ci(s["routing_cnmi"]), "cNMI k-means": fmt_ci(s["kmeans_moe_cnmi"]),
+                "cNMI null": fmt(s["null_cnmi"]["mean"]), "routing cNMI max p": fmt(s["routing_max_cnmi_p_value"], 4),
+                "probe acc. [majority]": f"{fmt_ci(s['linear_accuracy'])} [{fmt(s['linear_baseline']['mean'])}]",
+                "probe NMI": fmt_ci(s["linear_nmi"]),
+            }
+            for layer, labels in results["specialization"].items()
+            for label, s in labels.items()
+        ]
+
+    def bottom_line(self, results: dict[str, Any]) -> str:
+        cfg, task = self.config, self.task
+        pairs = [(f"`{label}` (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
+        if not pairs:
+            return "No pair of dense and MoE runs finished, so there is nothing to compare."
+        seeds = max(s["verdict"]["n"] for _, s in pairs)
+        groups = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v] for v in ("more", "less", "equivalent", "inconclusive")}
+        counts = "; ".join(f"{v} for {len(names)}" + (f" ({', '.join(names)})" if names and v != "inconclusive" else "")
+                           for v, names in groups.items() if names)
+        moe = results["performance_summary"].get("moe", {}).get(task.primary_metric)
+        text = (f"With the {self.router_description()} on `{task.name}`, over {seeds} seed{'s' if seeds != 1 else ''}, "
+                f"routing aligned with the planted labels, compared with k-means on the router input (δ = ±{cfg.margin:g} NMI): "
+                f"{counts} of {len(pairs)} (label, layer) pairs.")
+        if moe is not None:
+            text += f" The MoE model's held-out {task.primary_metric} is {fmt_ci(moe)}."
+        entropy = results["expert_entropy_given_token"]
+        if entropy:
+            worst = max(e["max"] for e in entropy.values())
+            text += (f" Routing is a function of the token (H(expert | token) ≤ {fmt(worst)} bits in every layer and seed)."
+                     if worst < 0.01 else f" Routing is not a function of the token alone (H(expert | token) up to {fmt(worst)} bits).")
+        return text
+
     def verdict_lines(self, results: dict[str, Any]) -> list[str]:
         lines = []
-        n = self.config.seeds
         for layer, labels in results["specialization"].items():
             for label, s in labels.items():
-                v = s["verdict"]
-                amount = {"more": "**more** than", "less": "**less** than", "same": "**as much as**"}.get(v["verdict"], v["verdict"])
                 against_null = "beats" if s["routing_max_p_value"] < 0.05 else "does not clearly beat"
+                given = (f"given the token, {verdict_text(s['conditional_verdict'])}"
+                         if s["label_entropy_given_token"] > 1e-9 else "given the token, nothing is left to recover (the token determines the label)")
                 lines.append(
-                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}): routing recovers {amount} "
-                    f"k-means on the router input (ΔNMI = {fmt_ci(v)}, paired t-test over {v['n']} of {n} seeds, "
-                    f"p = {fmt(v['p_value'], 3)}); routing {against_null} the shuffled-assignment null in every seed "
-                    f"(largest p = {fmt(s['routing_max_p_value'], 4)})."
+                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}): routing vs k-means on the router input: "
+                    f"{verdict_text(s['verdict'])}; {given}. A linear probe reads the label with accuracy "
+                    f"{fmt_ci(s['linear_accuracy'])} (majority class {fmt(s['linear_baseline']['mean'])}). Routing {against_null} "
+                    f"the shuffled-assignment null in every seed (largest p = {fmt(s['routing_max_p_value'], 4)})."
                 )
         return lines
 
@@ -150,12 +228,13 @@ class ExpertSpecialization(Study):
                     for kind in ASSIGNMENTS
                 ]
                 + [
-                    {"layer": layer, "label": label, "assignment": "shuffled null", **s["null_nmi"]}
+                    {"layer": layer, "label": label, "assignment": name, **s[key]}
                     for layer, labels in results["specialization"].items()
                     for label, s in labels.items()
+                    for key, name in (("null_nmi", "shuffled null"), ("linear_nmi", "linear probe (ceiling)"))
                 ]
             )
-            figures.append(("NMI with each label: routing vs k-means vs null (mean, 95% CI over seeds)",
+            figures.append(("NMI with each label: routing vs k-means vs null, and the linear probe's NMI (mean, 95% CI over seeds)",
                             ctx.figure("nmi_comparison", interval_bars(frame, "label", "assignment", "layer", "NMI"))))
             first = next(s for s in results["per_seed"] if s)
             names = {name: task.labels[name].classes for name in analysable_labels(task)}
@@ -173,14 +252,17 @@ class ExpertSpecialization(Study):
             {"model": kind, **{metric: fmt_ci(stat, 4) for metric, stat in metrics.items()}}
             for kind, metrics in results["performance_summary"].items()
         ]
+        entropy_rows = [{"layer": layer, "H(expert \\| token), bits": fmt_ci(e), "largest over seeds": fmt(e["max"])}
+                        for layer, e in results["expert_entropy_given_token"].items()]
         sections = [
             f"# Expert specialization on `{task.name}`",
+            f"**Bottom line.** {self.bottom_line(results)}",
             "## What was run",
             f"Task `{task.name}` with options `{task.options}`. {task.describe()}",
-            f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k} routing) with shared "
+            f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "
             f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) "
             f"with {cfg.seeds} seeds. Activations were collected on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); "
-            f"nulls use {cfg.n_permutations} shuffles.",
+            f"nulls use {cfg.n_permutations} shuffles; the equivalence margin is δ = ±{cfg.margin:g} NMI.",
             "## Model performance (held-out, mean [95% CI] over seeds)",
             markdown_table(perf_rows),
             f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split()),
@@ -188,9 +270,15 @@ class ExpertSpecialization(Study):
             "\n".join(self.verdict_lines(results)),
             "## Results",
             markdown_table(self.summary(results)),
+            "### ARI, NMI given the token, and the linear ceiling",
+            markdown_table(self.detail_rows(results)),
+            "## Controls",
+            CONTROLS,
+            f"This run's router: {self.router_description()}. How far routing is a function of the token:",
+            markdown_table(entropy_rows) if entropy_rows else "(no MoE run finished)",
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
             "## What the numbers mean",
-            METRIC_NOTES,
+            METRIC_NOTES.format(margin=cfg.margin, e=cfg.n_experts, interval=INTERVAL_NOTE, l="{l}"),
         ]
         if results["failed_runs"]:
             sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]

@@ -13,7 +13,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
-from toylab.analysis.stats import mean_ci, paired_comparison
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.analysis.superposition import (
     REPRESENTED,
     expert_group_purity,
@@ -36,7 +36,7 @@ from toylab.models.superposition import (
     train_toy_model,
 )
 from toylab.registry import get_task, register_study
-from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table
+from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, verdict_text
 from toylab.study import Study, StudyContext
 from toylab.task import IGNORE
 
@@ -46,10 +46,16 @@ METRIC_NOTES = """\
 - **Dimensionality** of an expert: the mean D_i over the features it represents (usage-weighted over experts). Averaging Chaudhari et al.'s global dimensionality Σ_e u_e D_i^(e) over all features instead would mostly measure m/n, since an expert's D_i sum to about its m; the per-feature global values of the showcased model are in `results.json`.
 - **Group purity** of an expert: the share of its represented features that belong to its most common planted group (usage-weighted).
 - **Router confidence**: the mean router probability of the top expert.
-- **NMI** between the top-1 expert of each sample and its planted group (samples with no active feature left out), against **k-means on the inputs** with as many clusters as experts, and a **permutation null** (expert assignment shuffled, same frequencies; p-value add-one, one-sided). Verdict: paired t-test over seeds of NMI(routing) − NMI(k-means): *more*, *less* or *same*.
+- **NMI** between the top-1 expert of each sample and its planted group (samples with no active feature left out), against **k-means on the inputs** with as many clusters as experts, and a **permutation null** (expert assignment shuffled, same frequencies; p-value add-one, one-sided).
+- **Verdicts** compare two quantities paired by seed through the 90% Student-t interval of their differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±δ (two one-sided tests at 5%), *inconclusive* otherwise, with the smallest difference the seeds would detect. δ = {margin} for NMI; for the loss, δ is {loss_margin:.0%} of the dense model's mean loss.
 - **Trends**: Spearman rank correlation with k/E over all (configuration, seed) pairs.
-- **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t interval.
+- **Intervals**: {interval}
 """
+
+BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi"}
+"""Per-seed scores in [0, 1], whose intervals are kept in it."""
+LOSS_MARGIN = 0.1
+"""Equivalence margin of the sparsest network's loss with the dense one's, as a share of the dense mean loss."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,9 @@ class MoESuperpositionConfig:
             raise ValueError(f"top_k values must be >= 1 (got {self.top_k})")
         if 1 not in self.experts:
             raise ValueError("experts must include 1, the dense model every MoE is compared with")
+        if max(self.top_k) > max(self.experts):
+            raise ValueError(f"top_k={max(self.top_k)} exceeds every number of experts (at most {max(self.experts)}); "
+                             f"valid: 1..{max(self.experts)}")
 
     def configurations(self) -> list[tuple[int, int]]:
         """(E, k) pairs, from the sparsest network (smallest k/E) to dense ones."""
@@ -137,7 +146,7 @@ class MoESuperposition(Study):
             "task": {"name": task.name, "options": task.options},
             "configurations": configs,
             "trends": trends,
-            "kmeans_nmi": {str(e): mean_ci([baseline[e, s]["nmi"] for s in range(cfg.seeds)]) for e in cfg.experts if e > 1},
+            "kmeans_nmi": {str(e): mean_ci([baseline[e, s]["nmi"] for s in range(cfg.seeds)], bounds=UNIT) for e in cfg.experts if e > 1},
         }
         results["claims"] = self.claims(results)
         return results
@@ -168,7 +177,7 @@ class MoESuperposition(Study):
         }
         out: dict[str, Any] = {
             "E": e, "k": k, "m": model.cfg.n_hidden, "network_sparsity": k / e,
-            **{name: mean_ci(values) for name, values in per_seed.items()},
+            **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else None) for name, values in per_seed.items()},
             "usage": usage.numpy().round(4).tolist(),
             "seed0_dimensionality": feature_dimensionality(W[0]).numpy().round(3).tolist(),
             "seed0_global_dimensionality": global_dimensionality(W[0], usage[0]).numpy().round(3).tolist(),
@@ -183,12 +192,12 @@ class MoESuperposition(Study):
             per_seed["routing_nmi"] = np.array([r["nmi"] for r in routed])
             per_seed["kmeans_nmi"] = np.array([baseline[e, seed]["nmi"] for seed in range(cfg.seeds)])
             out.update({
-                "routing_nmi": mean_ci(per_seed["routing_nmi"]),
-                "routing_ari": mean_ci([r["ari"] for r in routed]),
-                "kmeans_nmi": mean_ci(per_seed["kmeans_nmi"]),
-                "null_nmi": mean_ci([r["null_nmi_mean"] for r in routed]),
+                "routing_nmi": mean_ci(per_seed["routing_nmi"], bounds=UNIT),
+                "routing_ari": mean_ci([r["ari"] for r in routed], bounds=(-1.0, 1.0)),
+                "kmeans_nmi": mean_ci(per_seed["kmeans_nmi"], bounds=UNIT),
+                "null_nmi": mean_ci([r["null_nmi_mean"] for r in routed], bounds=UNIT),
                 "routing_max_p_value": max(r["p_value"] for r in routed),
-                "verdict": paired_comparison(per_seed["routing_nmi"], per_seed["kmeans_nmi"]),
+                "verdict": compare(per_seed["routing_nmi"], per_seed["kmeans_nmi"], MARGIN),
                 "seed0_contingency": routed[0]["contingency"],
             })
         out["per_seed"] = {name: np.asarray(values, dtype=np.float64).tolist() for name, values in per_seed.items()}
@@ -198,7 +207,7 @@ class MoESuperposition(Study):
         """The paper's qualitative results beside the measured trends."""
         trends, configs = results["trends"], results["configurations"]
         sparsest, dense = next(iter(configs.values())), configs["E1-k1"]
-        loss = paired_comparison(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"])
+        loss = compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"])
 
         def trend(name: str) -> str:
             t = trends[name]
@@ -214,8 +223,8 @@ class MoESuperposition(Study):
              "measured": trend("dimensionality"), "held": "yes" if falls("dimensionality") else "**no**"},
             {"claim": "... without sacrificing performance",
              "measured": f"loss of the sparsest network (E={sparsest['E']}, k={sparsest['k']}) {fmt_ci(sparsest['loss'], 5)} "
-                         f"vs dense {fmt_ci(dense['loss'], 5)}: paired t-test over seeds says {loss['verdict']}",
-             "held": "yes" if loss["verdict"] != "more" else "**no**"},
+                         f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(loss, 5)}",
+             "held": {"equivalent": "yes", "less": "yes", "more": "**no**"}.get(loss["verdict"], "unclear")},
         ]
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -238,7 +247,8 @@ class MoESuperposition(Study):
                 "E": c["E"], "k": c["k"],
                 "NMI routing": fmt_ci(c["routing_nmi"]), "NMI k-means (inputs)": fmt_ci(c["kmeans_nmi"]),
                 "NMI null": fmt(c["null_nmi"]["mean"]), "routing max p": fmt(c["routing_max_p_value"], 4),
-                "routing vs k-means": f"{c['verdict']['verdict']} (ΔNMI {fmt_ci(c['verdict'])})",
+                "ARI routing": fmt_ci(c["routing_ari"]),
+                "routing vs k-means": verdict_text(c["verdict"]),
             }
             for c in results["configurations"].values() if c["E"] > 1
         ]
@@ -265,8 +275,14 @@ class MoESuperposition(Study):
             groups = {name: [str(g) for g in range(cfg.n_groups)] for name in moe}
             figures.append(("Share of each group's samples routed to each expert (top-1, seed 0)",
                             ctx.figure("experts_groups", contingency_heatmaps(tables, groups, "group → expert"))))
+        held = sum(c["held"] == "yes" for c in results["claims"])
+        aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in moe) for v in ("more", "less", "equivalent", "inconclusive")}
         sections = [
             "# Superposition in mixtures of experts (Chaudhari et al. 2025)",
+            f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
+            + (f"Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
+               + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(moe)} MoE configurations."
+               if moe else ""),
             "## What was run",
             f"Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
             f"groups; each sample draws its active features from one group (each active with probability {1 - cfg.sparsity:.2f}). "
@@ -283,7 +299,8 @@ class MoESuperposition(Study):
             markdown_table(self.alignment_rows(results)) if moe else "(no configuration with more than one expert)",
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
             "## What the numbers mean",
-            METRIC_NOTES.replace("the tolerance", f"±{cfg.mono_tolerance}"),
+            METRIC_NOTES.replace("the tolerance", f"±{cfg.mono_tolerance}").format(
+                margin=MARGIN, loss_margin=LOSS_MARGIN, interval=INTERVAL_NOTE),
         ]
         return "\n\n".join(sections) + "\n"
 

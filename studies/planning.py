@@ -12,12 +12,12 @@ import torch
 
 from toylab.analysis.probes import SCORES, ahead, probe_residual_stream, residual_stream, summarize_probes
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
-from toylab.analysis.stats import mean_ci, paired_comparison
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
 from toylab.training import TrainConfig, evaluate, load_trained
@@ -28,14 +28,16 @@ PLAN_POSITIONS = ("pause", "path", "step")
 METRIC_NOTES = """\
 - **Solve rate**: share of held-out mazes where greedy decoding from the prompt writes a shortest path (checked against BFS) and then `<eos>`. **Reach rate** accepts any walk along open edges that ends at the goal.
 - **Teacher-forced accuracies**: with the true path as input, `move_accuracy` counts path cells whose top prediction is one of the tied optimal next cells; `maze_accuracy` counts mazes right at every step.
-- **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both: **vs controls** compares, paired over seeds, the accuracy with the stronger control of the same seed (*more* when the 95% CI of the difference lies above 0).
+- **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both: **vs controls** compares, paired over seeds, the accuracy with the stronger control of the same seed (see verdicts below).
 - **Move +k**: at a path cell, the optimal move set k cells later (the empty set at the goal), so k = 0 is the move the model is about to make and k ≥ 1 is plan the model does not yet need to output. **Next cell** is the token the model is about to write (the cell after a move), for comparison: what the unembedding reads.
 - **On path**: at an edge token of the maze description, whether that edge lies on some shortest path. The start and goal come before the maze, so this is computable in principle, though each edge token sees only the edges before it.
 - **Expert specialization**: NMI/ARI between the top-1 expert of each MoE layer and each label, against k-means with as many clusters on the router input, k-means on the dense model's same site, and a shuffled-assignment null (see the `expert-specialization` study).
-- **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t confidence interval; comparisons between settings are paired by seed.
+- **Verdicts** (probe vs controls, pause settings, routing vs k-means) are paired by seed, from the 90% Student-t interval of the per-seed differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±{margin} (accuracy, rate or NMI; two one-sided tests at 5%), *inconclusive* otherwise, stating the smallest difference the seeds would detect.
+- **Intervals**: {interval}
 """
 
-PROBE_VERDICTS = {"more": "beats both controls", "same": "not above the controls", "less": "below the controls"}
+PROBE_VERDICTS = {"more": "beats both controls", "equivalent": f"at the controls (within ±{MARGIN})",
+                  "less": "below the controls", "inconclusive": "not told apart from the controls (inconclusive)"}
 
 
 @dataclass(frozen=True)
@@ -190,10 +192,11 @@ class Planning(Study):
             "task": {"name": task.name, "options": task.options, "seq_len": task.seq_len, "vocab_size": len(task.vocab)},
             "larger_task": self.larger.options if self.larger else None,
             "performance": performance,
-            "performance_summary": {name: {m: mean_ci(v) for m, v in s.items()} for name, s in settings.items()},
+            "performance_summary": {name: {m: mean_ci(v, bounds=None if m == "loss" else UNIT) for m, v in s.items()}
+                                    for name, s in settings.items()},
             "thinking_time": {
                 str(p): {
-                    metric: paired_comparison(settings[f"dense-pause{p}"][metric], settings["dense"][metric])
+                    metric: compare(settings[f"dense-pause{p}"][metric], settings["dense"][metric], MARGIN)
                     for metric in ("solve_rate", "move_accuracy", "maze_accuracy")
                     if metric in settings[f"dense-pause{p}"] and metric in settings["dense"]
                 }
@@ -220,6 +223,18 @@ class Planning(Study):
             rows.append(row)
         return rows
 
+    def bottom_line(self, results: dict[str, Any]) -> str:
+        """Solve rates of the main models, and how many probe targets beat both controls somewhere."""
+        size, summary = self.task.config.size, results["performance_summary"]
+        solved = [f"{kind} {fmt_ci(summary[kind]['solve_rate'])}" for kind in self.models if "solve_rate" in summary.get(kind, {})]
+        if not solved:
+            return "No model finished training, so nothing was measured."
+        found = {r["target"] for r in results["probe_summary"] if r["verdict"]["verdict"] == "more"}
+        targets = {r["target"] for r in results["probe_summary"]}
+        return (f"Share of held-out {size}×{size} mazes solved with a shortest path: {', '.join(solved)}. Linear probes "
+                f"beat both controls, at some layer and position, for {len(found)} of {len(targets)} plan targets"
+                + (f" ({', '.join(sorted(found))})." if found else "."))
+
     def findings(self, results: dict[str, Any]) -> list[str]:
         """The headline results, each beside its control, as bullet points."""
         cfg, size, probes = self.config, self.task.config.size, results["probe_summary"]
@@ -238,7 +253,7 @@ class Planning(Study):
             if "solve_rate" in metrics:
                 c = metrics["solve_rate"]
                 lines.append(f"**Thinking time**: with {p} pause tokens instead of {self.task.config.pause}, the dense solve rate "
-                             f"changes by {fmt_ci(c)} (paired over seeds: {c['verdict']}).")
+                             f"is {verdict_text(c)}.")
         questions = [("plan ahead, at path cells", "step", [f"move +{k}" for k in range(1, cfg.ahead + 1)]),
                      ("before the path, at `<path>`", "path", ["next move", "distance"]),
                      ("while reading the maze, at edge tokens", "edge", ["on path"])]
@@ -256,12 +271,14 @@ class Planning(Study):
                     lines.append(f"**{kind} probes, {question}** (best layer): " + "; ".join(claims) + ".")
         pairs = [(f"{label} (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
         if pairs:
-            verdicts = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v] for v in ("more", "same", "less")}
+            verdicts = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v]
+                        for v in ("more", "less", "equivalent", "inconclusive")}
             significant = sum(s["routing_max_p_value"] <= 0.05 for _, s in pairs)
             lines.append(
                 f"**Experts**: top-1 routing aligns with a label more than k-means on the router input for "
                 f"{', '.join(verdicts['more']) or 'none'}; less for {', '.join(verdicts['less']) or 'none'}; "
-                f"the same for {len(verdicts['same'])} of {len(pairs)} (label, layer) pairs. Routing beats its "
+                f"equivalently (within ±{MARGIN} NMI) for {len(verdicts['equivalent'])} and inconclusively for "
+                f"{len(verdicts['inconclusive'])} of {len(pairs)} (label, layer) pairs. Routing beats its "
                 f"shuffled null (p ≤ 0.05 in every seed) for {significant} of them."
             )
         return [f"- {line}" for line in lines]
@@ -319,6 +336,7 @@ class Planning(Study):
         ]
         sections = [
             "# Planning in gridworld mazes",
+            f"**Bottom line.** {self.bottom_line(results)}",
             "## What was run",
             f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}",
             f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
@@ -335,8 +353,8 @@ class Planning(Study):
             sections += [
                 "## Thinking time: pause tokens before the path",
                 markdown_table([
-                    {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses": fmt_ci(c), "p": fmt(c["p_value"]),
-                     "verdict": c["verdict"]}
+                    {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses (90% CI)": fmt_ci(c), "p": fmt(c["p_value"]),
+                     "detectable": fmt(c["detectable"]), "verdict": c["verdict"]}
                     for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
                 ]),
             ]
@@ -347,7 +365,7 @@ class Planning(Study):
             markdown_table(spec_rows) if spec_rows else "(no MoE runs finished)",
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
             "## What the numbers mean",
-            METRIC_NOTES,
+            METRIC_NOTES.format(margin=MARGIN, interval=INTERVAL_NOTE),
         ]
         if results["failed_runs"]:
             sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]

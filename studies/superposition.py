@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from toylab.analysis.stats import mean_ci, paired_comparison
+from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
 from toylab.analysis.superposition import (
     GEOMETRIC_FRACTIONS,
     REPRESENTED,
@@ -25,17 +26,20 @@ from toylab.analysis.superposition import (
 )
 from toylab.models.superposition import SparseFeatures, ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, markdown_table
+from toylab.report import fmt, fmt_ci, markdown_table, verdict_text
 from toylab.study import Study, StudyContext
 
 FRACTION_NAMES = [*GEOMETRIC_FRACTIONS, "other"]
+FEATURE_MARGIN = 0.5
+"""Equivalence margin, in features represented, of comparisons between sparsities (less than one feature)."""
 
 METRIC_NOTES = """\
 - **Represented**: a feature is represented when its column of W has norm ||W_i|| > 0.5 (the paper's threshold).
 - **Feature dimensionality** D_i = ||W_i||² / Σ_j (Ŵ_i·W_j)², the share of a hidden dimension feature i gets: 1 for a dimension of its own, 1/2 in an antipodal pair, 2/3 in a triangle, 2/5 in a pentagon, 3/4 in a tetrahedron, 3/8 in a square antiprism. A feature counts at a fraction when D_i is within 0.03 of it.
 - **Superposition of a feature** (bar colour) Σ_{j≠i} (Ŵ_i·W_j)²: 0 when no other feature shares its direction.
 - **Dimensions per feature** m / ||W||_F²: hidden dimensions per (norm-weighted) learned feature; 1/(1−S) is the expected number of samples per active feature.
-- **Intervals**: every `mean [low, high]` is a mean over seeds with its 95% Student-t interval; verdicts comparing two sparsities use a paired t-test over seeds.
+- **Comparing two sparsities**: the per-seed differences in features represented and their 90% Student-t interval: *more* / *less* when it lies above / below 0, *equivalent* when inside ±{margin} features (two one-sided tests at 5%), *inconclusive* otherwise, with the smallest difference the seeds would detect.
+- **Intervals**: {interval}
 """
 
 
@@ -93,14 +97,15 @@ def train_sweep(
 def describe_weights(W: np.ndarray, importance: np.ndarray, loss: np.ndarray) -> dict[str, Any]:
     """Per-sparsity summaries over seeds of weights `[sparsity, seed, m, n]`."""
     shares = fraction_shares(W).numpy()
+    bounds = {"represented": (0, W.shape[-1]), "dimensions_per_feature": (0, math.inf), "loss": (0, math.inf)}
     per_seed = {
         "represented": features_represented(W).numpy(),
         "dimensions_per_feature": dimensions_per_feature(W).numpy(),
         "loss": loss,
     }
     return {
-        **{name: [mean_ci(v) for v in values] for name, values in per_seed.items()},
-        "fraction_shares": [{f: mean_ci(shares[i, :, j]) for j, f in enumerate(FRACTION_NAMES)} for i in range(len(W))],
+        **{name: [mean_ci(v, bounds=bounds[name]) for v in values] for name, values in per_seed.items()},
+        "fraction_shares": [{f: mean_ci(shares[i, :, j], bounds=UNIT) for j, f in enumerate(FRACTION_NAMES)} for i in range(len(W))],
         "per_seed": {
             **{name: values.tolist() for name, values in per_seed.items()},
             "most_important": most_important_represented(W, importance).tolist(),
@@ -139,8 +144,8 @@ class Superposition(Study):
                 "norms": feature_norms(first).numpy().round(4).tolist(),
                 "superposition": interference(first).numpy().round(4).tolist(),
             }
-            sweep[activation]["represented_sparsest_vs_dense"] = paired_comparison(
-                sweep[activation]["per_seed"]["represented"][-1], sweep[activation]["per_seed"]["represented"][0]
+            sweep[activation]["represented_sparsest_vs_dense"] = compare(
+                sweep[activation]["per_seed"]["represented"][-1], sweep[activation]["per_seed"]["represented"][0], FEATURE_MARGIN
             )
 
         geo_task = get_task("superposition", n_features=cfg.geometry_features, importance_decay=1.0)
@@ -198,7 +203,7 @@ class Superposition(Study):
              shares[0, :, one] >= 0.9),
             ("As sparsity rises, more features are represented",
              f"{fmt_ci(relu['represented'][last], 2)} at S={cfg.sparsities[last]} vs {fmt_ci(relu['represented'][0], 2)} at S=0 "
-             f"(paired t-test over seeds: {relu['represented_sparsest_vs_dense']['verdict']})", count[last] > count[0]),
+             f"(sparsest minus dense, paired over seeds: {verdict_text(relu['represented_sparsest_vs_dense'], 2)})", count[last] > count[0]),
             ("Features pair up antipodally (at some sparsity at least half the represented features at D_i ≈ 1/2)",
              f"largest mean share at D_i ≈ 1/2: {fmt_ci(relu['fraction_shares'][best]['1/2'], 2)} at S={cfg.sparsities[best]}",
              shares[best, :, half] >= 0.5),
@@ -271,8 +276,12 @@ class Superposition(Study):
             }
             for i, r in enumerate(geometry["inverse_density"])
         ]
+        held = sum(c["held_seeds"] == c["seeds"] for c in results["claims"])
+        partly = sum(0 < c["held_seeds"] < c["seeds"] for c in results["claims"])
         sections = [
             "# Superposition in toy models (Elhage et al. 2022)",
+            f"**Bottom line.** Of the paper's {len(results['claims'])} results checked here, {held} held in every seed, "
+            f"{partly} in some seeds and {len(results['claims']) - held - partly} in none (table below).",
             "## What was run",
             f"Toy models x' = ReLU(WᵀWx + b) (and the linear x' = WᵀWx + b) with n={cfg.n_features} features, "
             f"m={cfg.n_hidden} hidden dimensions and importance I_i = {cfg.importance_decay}^i, trained at sparsities "
@@ -289,7 +298,7 @@ class Superposition(Study):
             markdown_table(geo_rows),
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
             "## What the numbers mean",
-            METRIC_NOTES,
+            METRIC_NOTES.replace("{margin}", f"{FEATURE_MARGIN:g}").replace("{interval}", INTERVAL_NOTE),
         ]
         return "\n\n".join(sections) + "\n"
 

@@ -5,10 +5,19 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, mutual_info_score, normalized_mutual_info_score
 
-from toylab.analysis.clustering import ari, contingency, kmeans, nmi, permutation_nmi
-from toylab.analysis.stats import mean_ci, paired_comparison, permutation_p_value
+from toylab.analysis.clustering import (
+    ari,
+    conditional_entropy,
+    conditional_nmi,
+    contingency,
+    kmeans,
+    nmi,
+    permutation_conditional_nmi,
+    permutation_nmi,
+)
+from toylab.analysis.stats import compare, mean_ci, permutation_p_value
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -72,10 +81,61 @@ def test_mean_ci_matches_t_interval():
     assert math.isnan(mean_ci([1.0])["ci_low"])
 
 
-def test_paired_comparison_verdicts():
-    assert paired_comparison([0.9, 0.8, 0.85], [0.1, 0.2, 0.15])["verdict"] == "more"
-    assert paired_comparison([0.1, 0.2, 0.15], [0.9, 0.8, 0.85])["verdict"] == "less"
-    assert paired_comparison([0.5, 0.1, 0.9], [0.4, 0.3, 0.8])["verdict"] == "same"
-    assert paired_comparison([0.3, 0.3], [0.3, 0.3])["verdict"] == "same"
-    assert paired_comparison([0.4, 0.5], [0.3, 0.4])["verdict"] == "more"  # identical differences: no spread
-    assert paired_comparison([0.3], [0.1])["verdict"].startswith("undetermined")
+def test_bounded_intervals_stay_in_range_and_keep_the_t_interval_inside():
+    values = [0.99, 0.7, 1.0]
+    free, bounded = mean_ci(values), mean_ci(values, bounds=(0.0, 1.0))
+    assert free["ci_high"] > 1 and bounded["ci_high"] == 1.0 and bounded["ci_low"] == free["ci_low"]
+
+
+def test_compare_four_outcomes():
+    assert compare([0.9, 0.8, 0.85], [0.1, 0.2, 0.15])["verdict"] == "more"
+    assert compare([0.1, 0.2, 0.15], [0.9, 0.8, 0.85])["verdict"] == "less"
+    assert compare([0.5, 0.1, 0.9], [0.4, 0.3, 0.8])["verdict"] == "inconclusive"
+    assert compare([0.50, 0.31, 0.60], [0.49, 0.30, 0.61])["verdict"] == "equivalent"
+    assert compare([0.50, 0.31, 0.60], [0.49, 0.30, 0.61], margin=0.005)["verdict"] == "inconclusive"
+    assert compare([0.3, 0.3], [0.3, 0.3])["verdict"] == "equivalent"
+    assert compare([0.4, 0.5], [0.3, 0.4])["verdict"] == "more"  # identical differences: no spread
+    one = compare([0.3], [0.1])
+    assert one["verdict"] == "inconclusive" and one["mean"] == pytest.approx(0.2) and math.isnan(one["ci_low"])
+
+
+def test_compare_interval_is_the_90_percent_t_interval_and_detectable_difference_is_stated():
+    a, b = np.array([0.52, 0.61, 0.47, 0.58, 0.55]), np.array([0.50, 0.50, 0.50, 0.50, 0.50])
+    c = compare(a, b)
+    low, high = stats.t.interval(0.90, 4, loc=np.mean(a - b), scale=stats.sem(a - b))
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((low, high)) and c["confidence"] == pytest.approx(0.9)
+    sd = np.std(a - b, ddof=1)
+    assert c["detectable"] == pytest.approx((stats.t.ppf(0.95, 4) + stats.t.ppf(0.8, 4)) * sd / np.sqrt(5))
+    assert c["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_conditional_nmi_and_entropy_match_sklearn_per_group(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 2000))
+    given = rng.integers(0, rng.integers(1, 6), n) * 3
+    b = rng.integers(0, rng.integers(1, 5), n)
+    a = (given + b * (rng.random(n) < 0.6) + rng.integers(0, 2, n) * (seed % 2)) % 4
+    cmi = h_a = h_b = 0.0
+    for value in np.unique(given):
+        m = given == value
+        w = m.mean()
+        cmi += w * mutual_info_score(a[m], b[m])
+        h_a += w * stats.entropy(np.bincount(a[m]))
+        h_b += w * stats.entropy(np.bincount(b[m]))
+    expected = cmi / ((h_a + h_b) / 2) if cmi > 0 else 0.0
+    assert conditional_nmi(a, b, given) == pytest.approx(expected, abs=1e-12)
+    assert conditional_entropy(a, given) == pytest.approx(h_a / np.log(2), abs=1e-12)
+    if len(np.unique(a)) > 1 or len(np.unique(b)) > 1:  # with one condition, the NMI
+        assert conditional_nmi(a, b, np.zeros(n)) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+
+
+def test_conditional_null_keeps_the_assignment_within_each_condition():
+    rng = np.random.default_rng(3)
+    tokens, label = rng.integers(0, 5, 3000), rng.integers(0, 3, 3000)
+    hashed = tokens % 3  # a function of the token: nothing about the label beyond it
+    assert conditional_entropy(hashed, tokens) == 0 and conditional_nmi(hashed, label, tokens) == 0
+    assert (permutation_conditional_nmi(hashed, label, tokens, 20, seed=0) == 0).all()
+    informative = np.where(rng.random(3000) < 0.7, label, tokens % 3)
+    null = permutation_conditional_nmi(informative, label, tokens, 100, seed=0)
+    assert null.max() < 0.02 < conditional_nmi(informative, label, tokens)

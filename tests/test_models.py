@@ -5,16 +5,19 @@ import torch
 
 from toylab.errors import ToylabError
 from toylab.models import MLP, MoE, Transformer, TransformerConfig
-from toylab.models.moe import reference_forward
+from toylab.models.moe import grouped_mm_supported, reference_forward
 
 
+@pytest.mark.parametrize("d_model,grouped", [(12, True), (10, False)])  # grouped_mm needs rows of 16-byte multiples
 @pytest.mark.parametrize("n_experts,k", [(4, 1), (4, 2), (8, 3), (3, 3)])
-def test_sorted_dispatch_equals_naive_reference(n_experts, k):
+def test_sorted_dispatch_equals_naive_reference(n_experts, k, d_model, grouped):
     torch.manual_seed(0)
-    moe = MoE(d_model=12, d_expert=20, n_experts=n_experts, k=k)
+    moe = MoE(d_model=d_model, d_expert=20, n_experts=n_experts, k=k)
+    probe = torch.zeros(1, d_model)
+    assert grouped_mm_supported(probe, moe.W_in) == (grouped and hasattr(torch.nn.functional, "grouped_mm"))
     with torch.no_grad():
         moe.W_router.normal_()  # make routing uneven and varied
-    x = torch.randn(5, 7, 12, requires_grad=True)
+    x = torch.randn(5, 7, d_model, requires_grad=True)
     fast = moe(x)
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *moe.parameters()])
     slow = reference_forward(moe, x)

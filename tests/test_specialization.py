@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from toylab.analysis.specialization import alignment, summarize
+from toylab.analysis.clustering import kmeans
+from toylab.analysis.specialization import alignment, label_scores, summarize
+from toylab.analysis.stats import compare
 
 
 def test_planted_assignment_is_found_and_random_is_not():
@@ -22,17 +24,60 @@ def test_planted_assignment_is_found_and_random_is_not():
 
 def fake_seed(routing: float, kmeans: float, p: float = 0.001) -> dict:
     def result(nmi: float) -> dict:
-        return {"nmi": nmi, "ari": nmi / 2, "null_nmi_mean": 0.001, "p_value": p}
+        return {"nmi": nmi, "ari": nmi / 2, "cnmi": nmi / 3, "null_nmi_mean": 0.001, "null_cnmi_mean": 0.002,
+                "p_value": p, "cnmi_p_value": p}
 
-    return {"0": {"depth": {"routing": result(routing), "kmeans_moe": result(kmeans), "kmeans_dense": result(kmeans)}}}
+    scores = {"routing": result(routing), "kmeans_moe": result(kmeans), "kmeans_dense": result(kmeans),
+              "linear": {"accuracy": 0.9, "baseline": 0.3, "nmi": 0.8}, "label": {"entropy_given_token": 1.0}}
+    return {"0": {"depth": scores}}
 
 
-def test_summary_gives_cis_and_verdicts_over_seeds():
+def test_summary_gives_cis_and_four_way_verdicts_over_seeds():
     more = summarize([fake_seed(0.8, 0.3), fake_seed(0.75, 0.35), fake_seed(0.82, 0.31)])["0"]["depth"]
     assert more["routing_nmi"]["mean"] == pytest.approx(0.79)
     assert more["routing_nmi"]["ci_low"] < 0.79 < more["routing_nmi"]["ci_high"]
-    assert more["verdict"]["verdict"] == "more"
-    same = summarize([fake_seed(0.5, 0.4), fake_seed(0.3, 0.45), fake_seed(0.6, 0.5)])["0"]["depth"]
-    assert same["verdict"]["verdict"] == "same"
+    assert more["verdict"]["verdict"] == "more" and more["routing_min_nmi"] == 0.75
+    assert more["linear_accuracy"]["mean"] == pytest.approx(0.9)
+    unclear = summarize([fake_seed(0.5, 0.4), fake_seed(0.3, 0.45), fake_seed(0.6, 0.5)])["0"]["depth"]
+    assert unclear["verdict"]["verdict"] == "inconclusive"
+    same = summarize([fake_seed(0.5, 0.49), fake_seed(0.3, 0.31), fake_seed(0.6, 0.6)])["0"]["depth"]
+    assert same["verdict"]["verdict"] == "equivalent"
     failed_seed = summarize([fake_seed(0.8, 0.3), None, fake_seed(0.82, 0.31)])["0"]["depth"]
     assert failed_seed["routing_nmi"]["n"] == 2
+
+
+def test_nmi_intervals_stay_in_range():
+    near_one = summarize([fake_seed(1.0, 0.3), fake_seed(0.9, 0.3), fake_seed(1.0, 0.3)])["0"]["depth"]["routing_nmi"]
+    assert near_one["ci_high"] == 1.0 and near_one["ci_low"] < near_one["mean"]
+
+
+def planted_seed(seed: int, routing: str) -> dict:
+    """Activations with 4 loud clusters unrelated to the label and the label in one quiet direction:
+    k-means finds the clusters, a linear probe finds the label. `routing` is the label, k-means of the
+    same activations, or random."""
+    rng = np.random.default_rng(seed)
+    n = 2000
+    label, loud = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    acts = rng.normal(0, 0.05, (n, 8))
+    acts[:, :2] += 10 * rng.normal(size=(4, 2))[loud]
+    acts[:, 2] += 0.5 * label
+    clusters = kmeans(acts, 4, seed)
+    assignment = {"label": label, "kmeans": clusters, "random": rng.integers(0, 4, n)}[routing]
+    scores = label_scores({"routing": assignment, "kmeans_moe": clusters, "kmeans_dense": clusters}, acts, label, 4,
+                          tokens=rng.integers(0, 6, n), sequences=np.arange(n) // 10, n_permutations=50, seed=seed)
+    return {"0": {"label": scores}}
+
+
+@pytest.mark.parametrize("routing,verdict", [("label", "more"), ("kmeans", "equivalent"), ("random", "equivalent")])
+def test_planted_quiet_label_separates_routing_from_clustering(routing, verdict):
+    seeds = [planted_seed(seed, routing)["0"] for seed in range(5)]
+    s = summarize([{"0": seed} for seed in seeds])["0"]["label"]
+    assert s["kmeans_moe_nmi"]["mean"] < 0.02  # k-means misses the quiet label ...
+    assert s["linear_accuracy"]["mean"] > 0.95 and s["linear_nmi"]["mean"] > 0.9  # ... which is linearly there
+    assert s["verdict"]["verdict"] == verdict  # random routing: as little as k-means, both at the null
+    if routing == "label":
+        assert s["routing_min_nmi"] == pytest.approx(1.0) and s["routing_cnmi"]["mean"] == pytest.approx(1.0)
+    if routing == "random":  # at the null, unconditionally and given the token
+        routed = [seed["label"]["routing"] for seed in seeds]
+        assert compare([r["nmi"] for r in routed], [r["null_nmi_mean"] for r in routed])["verdict"] == "equivalent"
+        assert s["conditional_vs_null"]["verdict"] == "equivalent" and s["routing_max_p_value"] > 0.01

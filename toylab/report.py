@@ -27,6 +27,24 @@ def fmt_ci(stat: Mapping[str, float], digits: int = 3) -> str:
     return f"{fmt(stat['mean'], digits)} [{fmt(stat['ci_low'], digits)}, {fmt(stat['ci_high'], digits)}]"
 
 
+def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
+    """A `compare` result as a phrase: the verdict, then the difference with its interval and what the seeds can detect.
+
+    "more (Δ = 0.412 [0.380, 0.444], 90% CI over 5 seeds)", "equivalent within ±0.05 (Δ = ...)",
+    "inconclusive (Δ = ..., ...; differences below 0.120 are not reliably detected)", or with one seed
+    "inconclusive (one seed, so no interval: Δ = 0.200)".
+    """
+    c, verdict = comparison, comparison["verdict"]
+    if c["n"] < 2:
+        return f"inconclusive (one seed, so no interval: Δ = {fmt(c['mean'], digits)})" if c["n"] else "inconclusive (no finished seeds)"
+    interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
+    if verdict == "equivalent":
+        return f"equivalent within ±{c['margin']:g} ({interval})"
+    if verdict == "inconclusive":
+        return f"inconclusive ({interval}; differences below {fmt(c['detectable'], digits)} are not reliably detected)"
+    return f"{verdict} ({interval})"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A GitHub-flavoured markdown table with the keys of the first row as columns."""
     if not rows:

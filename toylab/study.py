@@ -187,29 +187,33 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 
 def nest(assignments: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"train.steps": 5}` -> `{"train": {"steps": 5}}`."""
+    """`{"train.steps": 5}` -> `{"train": {"steps": 5}}`; a key set both as a value and as a table is an error."""
     nested: dict[str, Any] = {}
     for key, value in assignments.items():
         *parents, leaf = key.split(".")
         node = nested
-        for parent in parents:
+        for depth, parent in enumerate(parents):
             node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ToylabError(f"'{'.'.join(parents[: depth + 1])}' is set both as a value and as a table ('{key}')")
+        if isinstance(node.get(leaf), dict):
+            raise ToylabError(f"'{key}' is set both as a value and as a table")
         node[leaf] = value
     return nested
 
 
-def code_version() -> dict[str, str]:
+def code_version() -> dict[str, Any]:
     """The git commit of the source tree (and whether it had uncommitted changes), or the package version."""
     from importlib.metadata import version
 
     root = Path(__file__).resolve().parent.parent
-    info = {"toylab": version("toylab")}
+    info: dict[str, Any] = {"toylab": version("toylab")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
-            info["git_dirty"] = str(bool(dirty.stdout.strip()))
+            info["git_dirty"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
     return info

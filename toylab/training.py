@@ -35,7 +35,7 @@ from toylab.config import build, config_hash, to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task
-from toylab.task import Batch, Task
+from toylab.task import MAX_SEED, Batch, Task
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,47 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number (got {self.lr})")
         if not 0 <= self.lr_floor <= 1:
             raise ValueError(f"lr_floor must be in [0, 1] (got {self.lr_floor})")
+        for key in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
+        if self.batch_size > self.n_train:
+            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}: not one full batch to train on")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"unknown accelerator '{self.accelerator}'; valid: {', '.join(ACCELERATORS)}")
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1 (got {self.devices})")
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """Fail in one line when this machine lacks the accelerator or devices a run asks for.
+
+    Checked where a run starts, not where its config is built: a study may be launched from a
+    machine without the GPUs its workers have.
+    """
+    devices = available_devices()
+    if cfg.accelerator not in devices:
+        raise ToylabError(f"accelerator '{cfg.accelerator}' is not available here; valid: {', '.join(devices)}")
+    if cfg.devices > devices[cfg.accelerator]:
+        raise ToylabError(f"devices must be in [1, {devices[cfg.accelerator]}] for accelerator '{cfg.accelerator}' "
+                          f"(got {cfg.devices})")
+
+
+def available_devices() -> dict[str, int]:
+    """The Lightning accelerators usable on this machine, with how many devices each has."""
+    counts = {"cpu": os.cpu_count() or 1}
+    if torch.cuda.is_available():
+        counts["gpu"] = counts["cuda"] = torch.cuda.device_count()
+    if torch.backends.mps.is_available():
+        counts["mps"] = 1
+    counts["auto"] = counts.get("gpu", counts.get("mps", counts["cpu"]))
+    return counts
 
 
 def data_seed(seed: int, split: str) -> int:
@@ -83,10 +124,12 @@ def data_seed(seed: int, split: str) -> int:
 class TaskDataModule(pl.LightningDataModule):
     """Train and validation batches sampled from a task with seeds derived from the run's seed."""
 
-    def __init__(self, task: Task, cfg: TrainConfig) -> None:
+    def __init__(self, task: Task, cfg: TrainConfig, model: Transformer) -> None:
         super().__init__()
         self.task, self.cfg = task, cfg
-        self.train_data = TensorDataset(*task.sample(cfg.n_train, data_seed(cfg.seed, "train")).tensors())  # labels dropped
+        train = task.sample(cfg.n_train, data_seed(cfg.seed, "train"))
+        route = model.route_input(train.labels)  # labels dropped, except those a label router reads
+        self.train_data = TensorDataset(*train.tensors(), *([] if route is None else [route]))
         self.val_batch = task.sample(cfg.n_val, data_seed(cfg.seed, "val"))
 
     def train_dataloader(self) -> DataLoader:
@@ -103,13 +146,13 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return F.cross_entropy(logits[mask], targets[mask])
 
 
-def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop the trailing positions no sequence of the batch scores (padding).
+def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing positions no sequence of the batch scores (padding), from these and the `rest` `[batch, pos]`.
 
     Exact for a causal model's loss; MoE auxiliary losses then see only the kept positions.
     """
     length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    return tokens[:, :length], targets[:, :length], mask[:, :length]
+    return tuple(t[:, :length] for t in (tokens, targets, mask, *rest))
 
 
 class SequenceModel(pl.LightningModule):
@@ -120,8 +163,8 @@ class SequenceModel(pl.LightningModule):
         self.model, self.task, self.cfg = model, task, cfg
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        tokens, targets, mask = trim_unscored(*batch)
-        lm_loss = sequence_loss(self.model(tokens), targets, mask)
+        tokens, targets, mask, *route = trim_unscored(*batch)
+        lm_loss = sequence_loss(self.model(tokens, *route), targets, mask)
         aux = self.model.aux_loss()
         loss = lm_loss + aux
         if not torch.isfinite(loss):
@@ -135,7 +178,7 @@ class SequenceModel(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
         val = self.trainer.datamodule.val_batch[batch[0].cpu().numpy()]
         tokens, targets, mask = (t.to(self.device) for t in val.tensors())
-        logits = self.model(tokens)
+        logits = self.model(tokens, self.model.route_input(val.labels))
         metrics = {f"val_{k}": v for k, v in self.task.metrics(logits.cpu(), val).items()}
         self.log_dict({"val_loss": sequence_loss(logits, targets, mask), **metrics}, prog_bar=True)
 
@@ -158,6 +201,10 @@ def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
     cfg = build(TransformerConfig, {"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
     if cfg.max_len < task.seq_len:
         raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
+    routable = [name for name, label in task.labels.items() if not label.multi_hot]
+    if cfg.router == "label" and cfg.router_label not in routable:
+        raise ToylabError(f"router_label '{cfg.router_label}' is not a label of task '{task.name}' with one class per token; "
+                          f"valid: {', '.join(routable)}")
     return Transformer(cfg)
 
 
@@ -239,6 +286,7 @@ def train(
     the run); Lightning logs to a fresh attempt folder, moved into place only when the run finishes.
     """
     run_dir = Path(run_dir)
+    check_devices(cfg)
     with run_lock(run_dir):
         found = trained_run(task, model_options, cfg, run_dir)
         return found if found is not None else _fit(task, model_options, cfg, run_dir, progress)
@@ -270,7 +318,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
         deterministic=True,
         default_root_dir=attempt,
     )
-    data = TaskDataModule(task, cfg)
+    data = TaskDataModule(task, cfg, model)
     with lightning_interrupts():
         trainer.fit(SequenceModel(model, task, cfg), datamodule=data)
     model.cpu().eval()
@@ -302,7 +350,7 @@ def lightning_interrupts() -> Iterator[None]:
 def evaluate(model: Transformer, task: Task, batch: Batch) -> dict[str, float]:
     """The task's metrics and the loss of `model` on `batch`."""
     tokens, targets, mask = batch.tensors()
-    logits = model(tokens)
+    logits = model(tokens, model.route_input(batch.labels))
     return {"loss": sequence_loss(logits, targets, mask).item(), **task.metrics(logits, batch)}
 
 

@@ -30,20 +30,40 @@ def _entropy(counts: np.ndarray, n: np.ndarray) -> np.ndarray:
     return -np.where(counts > 0, p * np.log(np.where(counts > 0, p, 1.0)), 0.0).sum(-1)
 
 
-def nmi_from_tables(tables: np.ndarray) -> np.ndarray:
-    """Normalized mutual information (arithmetic mean of entropies) of tables `[..., n_a, n_b]`."""
+def _information(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mutual information and the two marginal entropies (nats) of count tables `[..., n_a, n_b]` (0 for empty ones)."""
     tables = tables.astype(np.float64)
     n = tables.sum((-2, -1))
+    n = np.where(n > 0, n, 1.0)
     rows, cols = tables.sum(-1), tables.sum(-2)
     p = tables / n[..., None, None]
     outer = rows[..., :, None] * cols[..., None, :] / n[..., None, None] ** 2
     ratio = np.where(tables > 0, p / np.where(outer > 0, outer, 1.0), 1.0)
     mi = np.clip((p * np.log(ratio)).sum((-2, -1)), 0.0, None)
-    h_a, h_b = _entropy(rows, n), _entropy(cols, n)
+    return mi, _entropy(rows, n), _entropy(cols, n)
+
+
+def nmi_from_tables(tables: np.ndarray) -> np.ndarray:
+    """Normalized mutual information (arithmetic mean of entropies) of tables `[..., n_a, n_b]`."""
+    mi, h_a, h_b = _information(tables)
     normalizer = (h_a + h_b) / 2
     nmi = np.where(mi > 0, mi / np.where(normalizer > 0, normalizer, 1.0), 0.0)
+    rows, cols = tables.sum(-1), tables.sum(-2)
     single = ((rows > 0).sum(-1) == 1) & ((cols > 0).sum(-1) == 1)
     return np.where(single, 1.0, nmi)
+
+
+def conditional_nmi_from_tables(tables: np.ndarray) -> np.ndarray:
+    """NMI given a condition, from tables `[..., n_given, n_a, n_b]` (one table per value of the condition).
+
+    I(A; B | C) / ((H(A | C) + H(B | C)) / 2), each term the average over the condition's values weighted by
+    their frequency: 0 when, within every value of C, A and B are independent (or one of them constant).
+    """
+    mi, h_a, h_b = _information(tables)
+    counts = tables.sum((-2, -1)).astype(np.float64)
+    weights = counts / counts.sum(-1, keepdims=True)
+    cmi, normalizer = (weights * mi).sum(-1), (weights * (h_a + h_b) / 2).sum(-1)
+    return np.where(cmi > 0, cmi / np.where(normalizer > 0, normalizer, 1.0), 0.0)
 
 
 def ari_from_table(table: np.ndarray) -> float:
@@ -71,6 +91,46 @@ def ari(a: np.ndarray, b: np.ndarray) -> float:
     """Adjusted Rand index (equals sklearn's `adjusted_rand_score`)."""
     (a, _), (b, _) = _compact(np.asarray(a)), _compact(np.asarray(b))
     return ari_from_table(contingency(a, b))
+
+
+def conditional_tables(a: np.ndarray, b: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """Counts `[n_given, n_a, n_b]` of (given, a, b) over tokens (any int labels; classes that occur)."""
+    (a, n_a), (b, n_b), (g, n_g) = (_compact(np.asarray(x)) for x in (a, b, given))
+    return np.bincount((g * n_a + a) * n_b + b, minlength=n_g * n_a * n_b).reshape(n_g, n_a, n_b)
+
+
+def conditional_nmi(a: np.ndarray, b: np.ndarray, given: np.ndarray) -> float:
+    """NMI of two labelings within each value of `given` (e.g. token identity); see `conditional_nmi_from_tables`."""
+    return float(conditional_nmi_from_tables(conditional_tables(a, b, given)))
+
+
+def conditional_entropy(a: np.ndarray, given: np.ndarray) -> float:
+    """H(a | given) in bits: 0 when `a` is a function of `given`."""
+    (a, _), (g, _) = _compact(np.asarray(a)), _compact(np.asarray(given))
+    table = contingency(g, a)
+    counts = table.sum(1).astype(np.float64)
+    return float((counts / counts.sum() * _entropy(table, counts)).sum() / np.log(2))
+
+
+def permutation_conditional_nmi(
+    assignment: np.ndarray, labels: np.ndarray, given: np.ndarray, n_permutations: int, seed: int, chunk: int = 64
+) -> np.ndarray:
+    """Conditional NMI of `labels` with `n_permutations` shuffles of `assignment` within each value of `given`:
+    the null of an assignment that keeps its relation to `given` (its frequencies within each value) and nothing else."""
+    (a, n_a), (b, n_b), (g, n_g) = (_compact(np.asarray(x)) for x in (assignment, labels, given))
+    rng = np.random.default_rng(seed)
+    grouped = np.argsort(g, kind="stable")  # positions, grouped by their value of `given`
+    null = []
+    for start in range(0, n_permutations, chunk):
+        size = min(chunk, n_permutations - start)
+        order = np.argsort(g + rng.random((size, len(g))), axis=1)  # grouped likewise, random within each group
+        shuffled = np.empty((size, len(a)), dtype=np.int64)
+        shuffled[:, grouped] = a[order]
+        offsets = np.arange(size)[:, None] * (n_g * n_a * n_b)
+        cells = offsets + (g * n_a + shuffled) * n_b + b
+        tables = np.bincount(cells.ravel(), minlength=size * n_g * n_a * n_b).reshape(size, n_g, n_a, n_b)
+        null.append(conditional_nmi_from_tables(tables))
+    return np.concatenate(null)
 
 
 def permutation_nmi(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from toylab.analysis.stats import mean_ci, paired_comparison
+from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.task import IGNORE
 
@@ -109,12 +109,27 @@ def _accuracy(
         residual = ((y_test - predicted) ** 2).sum()
         total = ((y_test - y_test.mean()) ** 2).sum()
         return float((rounded == y_test).mean()), float(1 - residual / total) if total > 0 else None
+    return float((_logistic_predict(x_train, y_train, x_test, C) == y_test).mean()), None
+
+
+def _logistic_predict(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, C: float) -> np.ndarray:
+    """Classes a multinomial logistic regression fit on the training rows predicts for the test rows."""
     classes, y_index = np.unique(y_train, return_inverse=True)
     if len(classes) == 1:
-        return float((y_test == classes[0]).mean()), None
+        return np.full(len(x_test), classes[0])
     linear = fit_logistic(x_train, torch.from_numpy(y_index), len(classes), C)
-    predicted = classes[linear(x_test.double()).argmax(-1).numpy()]
-    return float((predicted == y_test).mean()), None
+    return classes[linear(x_test.double()).argmax(-1).numpy()]
+
+
+def logistic_predictions(
+    acts: torch.Tensor | np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None,
+    test_fraction: float = 0.25, seed: int = 0, C: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out `(predicted, true)` classes of the multinomial logistic probe `probe` fits (same split, standardization)."""
+    x = torch.as_tensor(acts).reshape(len(labels), -1).double()
+    train, test = split(len(labels), test_fraction, seed, groups)
+    x_train, x_test = _standardize(x[train], x[test])
+    return _logistic_predict(x_train, labels[train], x_test, C), labels[test]
 
 
 def probe(
@@ -163,9 +178,10 @@ SCORES = ("accuracy", "baseline", "shuffled", "r2")
 def summarize_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Across seeds, per group of `keys`: mean and 95% CI of every score, and whether the probe finds signal.
 
-    `rows` are probe results (`ProbeResult.as_dict()` plus the keys), one per seed. The verdict is a
-    paired comparison over seeds of the accuracy with the stronger control of the same seed,
-    `max(baseline, shuffled)`: "more" means the probe beats both controls (95% CI above 0).
+    `rows` are probe results (`ProbeResult.as_dict()` plus the keys), one per seed. The verdict is `compare`
+    (margin `MARGIN` in accuracy) over seeds of the accuracy with the stronger control of the same seed,
+    `max(baseline, shuffled)`: "more" means the probe beats both controls, "equivalent" that it is within
+    the margin of them.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -174,8 +190,8 @@ def summarize_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> lis
     for group, members in groups.items():
         scores = {s: [np.nan if r[s] is None else r[s] for r in members] for s in SCORES}
         control = np.maximum(scores["baseline"], scores["shuffled"])
-        out.append({**dict(zip(keys, group)), **{s: mean_ci(v) for s, v in scores.items()},
-                    "verdict": paired_comparison(scores["accuracy"], control)})
+        out.append({**dict(zip(keys, group)), **{s: mean_ci(v, bounds=None if s == "r2" else UNIT) for s, v in scores.items()},
+                    "verdict": compare(scores["accuracy"], control, MARGIN)})
     return out
 
 

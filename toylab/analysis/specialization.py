@@ -1,10 +1,13 @@
 """Do experts recover planted labels, or only what clustering the residual stream would find?
 
 For each ground-truth label and each MoE layer, the top-1 expert assignment is compared with
-the label (NMI, ARI, expert x class table) against three controls:
+the label (NMI, ARI, expert x class table) against controls and on two scales:
 - k-means with as many clusters as experts on the router's input (`blocks.{l}.ln2.hook_normalized`),
 - the same k-means on the same site of a dense model trained alike,
-- a permutation null: the expert assignment shuffled across tokens (same expert frequencies).
+- a permutation null: the expert assignment shuffled across tokens (same expert frequencies),
+- token identity: the NMI given the token (`conditional_nmi`), with a null that shuffles experts only
+  among tokens of one kind, asks what the assignment says about the label beyond which token it is,
+- the linear ceiling: how much of the label a linear probe reads off the router input at all.
 """
 
 from __future__ import annotations
@@ -15,8 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from toylab.analysis.clustering import ari_from_table, contingency, kmeans, nmi_from_tables, permutation_nmi
-from toylab.analysis.stats import mean_ci, paired_comparison, permutation_p_value
+from toylab.analysis.clustering import (
+    ari_from_table,
+    conditional_entropy,
+    conditional_nmi,
+    contingency,
+    kmeans,
+    nmi,
+    nmi_from_tables,
+    permutation_conditional_nmi,
+    permutation_nmi,
+)
+from toylab.analysis.probes import logistic_predictions
+from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci, permutation_p_value
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -24,6 +38,7 @@ ROUTER_INPUT = "blocks.{layer}.ln2.hook_normalized"
 EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
 ASSIGNMENTS = ("routing", "kmeans_moe", "kmeans_dense")
 """The labelings compared with each label: top-1 experts, k-means on the MoE's router input, k-means on the dense model's same site."""
+BOUNDS = {"nmi": UNIT, "cnmi": UNIT, "ari": (-1.0, 1.0)}
 
 
 def analysable_labels(task: Task) -> list[str]:
@@ -33,8 +48,12 @@ def analysable_labels(task: Task) -> list[str]:
 
 @torch.no_grad()
 def token_activations(model: Transformer, task: Task, batch: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Activations at hook points, flattened over the task's real positions: `[n_tokens, ...]`."""
-    _, cache = model.run_with_cache(torch.from_numpy(batch.inputs), names=list(names))
+    """Activations at hook points, flattened over the task's real positions: `[n_tokens, ...]`.
+
+    A label-routed model is fed its label from `batch.labels`, as in training.
+    """
+    tokens = torch.from_numpy(batch.inputs)
+    _, cache = model.run_with_cache(tokens, model.route_input(batch.labels), names=list(names))
     keep = torch.from_numpy(task.positions(batch))
     return {name: cache[name][keep].numpy() for name in names}
 
@@ -54,65 +73,113 @@ def alignment(assignment: np.ndarray, label: np.ndarray, n_classes: int, n_permu
     }
 
 
-def expert_assignments(moe: Transformer, dense: Transformer, task: Task, batch: Batch, seed: int) -> dict[int, dict[str, np.ndarray]]:
-    """Per MoE layer: top-1 experts, k-means on the router input, and k-means on the dense model's same site."""
-    layers = moe.moe_layers()
-    moe_acts = token_activations(
-        moe, task, batch, [ROUTER_INPUT.format(layer=l) for l in layers] + [EXPERTS.format(layer=l) for l in layers]
-    )
-    dense_acts = token_activations(dense, task, batch, [ROUTER_INPUT.format(layer=l) for l in layers])
-    n_experts = moe.cfg.n_experts
+def conditional_alignment(assignment: np.ndarray, label: np.ndarray, given: np.ndarray, n_permutations: int, seed: int) -> dict[str, float]:
+    """NMI of an assignment with a label given `given` (token identity), and its null: the assignment shuffled
+    among tokens with the same value of `given` (so what it says about `given` is kept, nothing else)."""
+    observed = conditional_nmi(assignment, label, given)
+    null = permutation_conditional_nmi(assignment, label, given, n_permutations, seed)
+    return {"cnmi": observed, "null_cnmi_mean": float(null.mean()), "cnmi_p_value": permutation_p_value(observed, null)}
+
+
+def linear_ceiling(router_input: np.ndarray, label: np.ndarray, sequences: np.ndarray, seed: int) -> dict[str, float]:
+    """How much of a label is linearly available at the router input: a multinomial logistic probe's held-out
+    accuracy (split by sequence), the majority-class accuracy, and the NMI of its predictions with the label."""
+    predicted, true = logistic_predictions(router_input, label, groups=sequences, seed=seed)
     return {
-        layer: {
-            "routing": moe_acts[EXPERTS.format(layer=layer)][:, 0],
-            "kmeans_moe": kmeans(moe_acts[ROUTER_INPUT.format(layer=layer)], n_experts, seed),
-            "kmeans_dense": kmeans(dense_acts[ROUTER_INPUT.format(layer=layer)], n_experts, seed),
-        }
-        for layer in layers
+        "accuracy": float((predicted == true).mean()),
+        "baseline": float(np.bincount(true).max() / len(true)),
+        "nmi": nmi(predicted, true),
     }
+
+
+def label_scores(
+    assignments: dict[str, np.ndarray], router_input: np.ndarray, label: np.ndarray, n_classes: int,
+    tokens: np.ndarray, sequences: np.ndarray, n_permutations: int, seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Every score of one label (defined tokens only): per assignment its alignment and NMI given the token
+    (with the conditional null for routing), the linear ceiling of the router input, and H(label | token) in bits
+    (0 when the token determines the label, so that no assignment says anything about it given the token)."""
+    scores: dict[str, dict[str, Any]] = {}
+    for kind, assignment in assignments.items():
+        found = alignment(assignment, label, n_classes, n_permutations, seed)
+        if kind == "routing":
+            found.update(conditional_alignment(assignment, label, tokens, n_permutations, seed))
+        else:
+            found["cnmi"] = conditional_nmi(assignment, label, tokens)
+        scores[kind] = found
+    scores["linear"] = linear_ceiling(router_input, label, sequences, seed)
+    scores["label"] = {"entropy_given_token": conditional_entropy(label, tokens)}
+    return scores
 
 
 def specialization(
     moe: Transformer, dense: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{layer: {label: {assignment: alignment}}}` for one seed's pair of models."""
+    """`{layer: {label: {assignment or "linear": scores}}}` for one seed's pair of models (see `label_scores`)."""
     keep = task.positions(batch)
+    tokens = batch.inputs[keep]
+    sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
+    layers = moe.moe_layers()
+    inputs = [ROUTER_INPUT.format(layer=layer) for layer in layers]
+    moe_acts = token_activations(moe, task, batch, inputs + [EXPERTS.format(layer=layer) for layer in layers])
+    dense_acts = token_activations(dense, task, batch, inputs)
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for layer, assignments in expert_assignments(moe, dense, task, batch, seed).items():
+    for layer, site in zip(layers, inputs):
+        assignments = {
+            "routing": moe_acts[EXPERTS.format(layer=layer)][:, 0],
+            "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed),
+            "kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed),
+        }
         results[str(layer)] = {}
         for name in analysable_labels(task):
             label = batch.labels[name][keep]
             defined = label != IGNORE
-            results[str(layer)][name] = {
-                kind: alignment(assignment[defined], label[defined], task.labels[name].n_classes, n_permutations, seed)
-                for kind, assignment in assignments.items()
-            }
+            results[str(layer)][name] = label_scores(
+                {kind: a[defined] for kind, a in assignments.items()}, moe_acts[site][defined], label[defined],
+                task.labels[name].n_classes, tokens[defined], sequences[defined], n_permutations, seed,
+            )
     return results
 
 
-def verdict(routing: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
-    """Does routing recover more of a label than residual-stream k-means, less, or the same (paired over seeds)?"""
-    comparison = paired_comparison(routing, baseline)
-    return {**comparison, "test": "paired t-test over seeds on NMI(routing) - NMI(k-means on router input), 95% CI"}
+def routing_given_token(moe: Transformer, task: Task, batch: Batch) -> dict[str, float]:
+    """`{layer: H(top-1 expert | token) in bits}`: 0 when routing is a function of the token (a hash router)."""
+    keep = task.positions(batch)
+    names = {str(layer): EXPERTS.format(layer=layer) for layer in moe.moe_layers()}
+    experts = token_activations(moe, task, batch, list(names.values()))
+    return {layer: conditional_entropy(experts[name][:, 0], batch.inputs[keep]) for layer, name in names.items()}
 
 
-def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Across seeds: mean and 95% CI of every score, the null, the largest p-value, and the verdict."""
+def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], margin: float = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:
+    """Across seeds: mean and 95% CI of every score (in range), the nulls, the largest p-values, and the verdicts.
+
+    `verdict` compares NMI(routing) with NMI(k-means on the router input) (`compare`, margin `margin`);
+    `conditional_verdict` the same given the token; `conditional_vs_null` routing's NMI given the token with
+    its conditional null.
+    """
     per_seed = [s for s in per_seed if s is not None]
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for layer in per_seed[0]:
         summary[layer] = {}
         for label in per_seed[0][layer]:
-            scores = {kind: [s[layer][label][kind] for s in per_seed] for kind in ASSIGNMENTS}
+            scores = {kind: [s[layer][label][kind] for s in per_seed] for kind in (*ASSIGNMENTS, "linear")}
+            routing, kmeans_moe = scores["routing"], scores["kmeans_moe"]
             summary[layer][label] = {
                 **{
-                    f"{kind}_{metric}": mean_ci([r[metric] for r in runs])
-                    for kind, runs in scores.items()
-                    for metric in ("nmi", "ari")
+                    f"{kind}_{metric}": mean_ci([r[metric] for r in scores[kind]], bounds=bounds)
+                    for kind in ASSIGNMENTS
+                    for metric, bounds in BOUNDS.items()
                 },
-                "null_nmi": mean_ci([r["null_nmi_mean"] for r in scores["routing"]]),
-                "routing_max_p_value": max(r["p_value"] for r in scores["routing"]),
-                "kmeans_max_p_value": max(r["p_value"] for r in scores["kmeans_moe"]),
-                "verdict": verdict([r["nmi"] for r in scores["routing"]], [r["nmi"] for r in scores["kmeans_moe"]]),
+                **{f"linear_{metric}": mean_ci([r[metric] for r in scores["linear"]], bounds=UNIT)
+                   for metric in ("accuracy", "baseline", "nmi")},
+                "null_nmi": mean_ci([r["null_nmi_mean"] for r in routing], bounds=UNIT),
+                "null_cnmi": mean_ci([r["null_cnmi_mean"] for r in routing], bounds=UNIT),
+                "routing_min_nmi": min(r["nmi"] for r in routing),
+                "label_entropy_given_token": max(s[layer][label]["label"]["entropy_given_token"] for s in per_seed),
+                "routing_max_p_value": max(r["p_value"] for r in routing),
+                "kmeans_max_p_value": max(r["p_value"] for r in kmeans_moe),
+                "routing_max_cnmi_p_value": max(r["cnmi_p_value"] for r in routing),
+                "verdict": compare([r["nmi"] for r in routing], [r["nmi"] for r in kmeans_moe], margin),
+                "conditional_verdict": compare([r["cnmi"] for r in routing], [r["cnmi"] for r in kmeans_moe], margin),
+                "conditional_vs_null": compare([r["cnmi"] for r in routing], [r["null_cnmi_mean"] for r in routing], margin),
             }
     return summary

@@ -1,4 +1,4 @@
-"""Summary statistics over seeds: means with 95% confidence intervals, paired comparisons, p-values."""
+"""Summary statistics over seeds: means with confidence intervals, four-outcome paired comparisons, p-values."""
 
 from __future__ import annotations
 
@@ -8,9 +8,23 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+MARGIN = 0.05
+"""Default equivalence margin δ of `compare` (in NMI, or in accuracy/rate units)."""
+UNIT = (0.0, 1.0)
+"""Bounds of NMI, rates, accuracies and shares, for `mean_ci`."""
+INTERVAL_NOTE = (
+    "Every `mean [low, high]` is a mean over seeds with its 95% Student-t interval; for quantities bounded to a "
+    "range (NMI, ARI, rates, accuracies, shares) the interval is intersected with that range, which keeps its coverage "
+    "(the true mean lies in the range) and never shows impossible values."
+)
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean and Student-t confidence interval of finite values (NaNs, e.g. diverged runs, are dropped)."""
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Mean and Student-t confidence interval of finite values (NaNs, e.g. diverged runs, are dropped).
+
+    With `bounds` (e.g. `UNIT` for NMI or a rate) the interval is intersected with them: the mean of a bounded
+    quantity lies in its bounds, so the clipped interval covers it exactly as often as the t-interval does.
+    """
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     n = len(x)
@@ -20,7 +34,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, floa
     if n == 1:
         return {"mean": mean, "ci_low": math.nan, "ci_high": math.nan, "n": 1}
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, min(bounds[0], mean)), min(high, max(bounds[1], mean))  # rounding may put the mean just outside
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": n}
 
 
 def permutation_p_value(observed: float, null: np.ndarray) -> float:
@@ -28,22 +45,39 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= observed)) / (1 + len(null)))
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> dict[str, float | str]:
-    """Is `a` larger than, smaller than or the same as `b`, paired by seed?
+def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alpha: float = 0.05, power: float = 0.8) -> dict[str, float | str]:
+    """Is `a` more than, less than, equivalent to `b`, or can the seeds not tell? Paired by seed.
 
-    Uses the 95% t-interval of the per-seed differences a - b (equivalently a two-sided paired
-    t-test at level alpha): "more" if the interval lies above 0, "less" if below, else "same".
+    From the per-seed differences a - b and their (1 - 2 alpha) = 90% Student-t interval:
+    - "equivalent": the interval lies inside (-margin, margin): two one-sided tests (TOST) at level alpha;
+    - "more" / "less": otherwise, the interval lies above / below 0 (a one-sided test at level alpha);
+    - "inconclusive": neither (also with fewer than 2 seeds: no interval).
+    Also returns `detectable`, the smallest true difference these seeds would call more or less with the
+    given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), and the two-sided paired t-test p-value.
     """
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
-    diff = mean_ci(x[keep] - y[keep], 1 - alpha)
-    if diff["n"] < 2:
-        return {**diff, "p_value": math.nan, "verdict": "undetermined (fewer than 2 seeds)"}
     differences = x[keep] - y[keep]
-    if np.ptp(differences) <= 1e-12:  # no spread: the t-test is undefined and the sign is certain
-        mean = float(differences.mean())
-        verdict = "more" if mean > 1e-12 else "less" if mean < -1e-12 else "same"
-        return {**diff, "ci_low": mean, "ci_high": mean, "p_value": float(verdict == "same"), "verdict": verdict}
-    p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
-    verdict = "more" if diff["ci_low"] > 0 else "less" if diff["ci_high"] < 0 else "same"
-    return {**diff, "p_value": p, "verdict": verdict}
+    n = len(differences)
+    out: dict[str, float | str] = {"margin": margin, "confidence": 1 - 2 * alpha, "n": n}
+    if n < 2:
+        mean = float(differences[0]) if n else math.nan
+        return {**out, "mean": mean, "ci_low": math.nan, "ci_high": math.nan, "detectable": math.nan,
+                "p_value": math.nan, "verdict": "inconclusive"}
+    diff = mean_ci(differences, 1 - 2 * alpha)
+    sd = float(differences.std(ddof=1))
+    if sd <= 1e-12:  # no spread: the t-interval is undefined and the difference is certain
+        diff["ci_low"] = diff["ci_high"] = diff["mean"]
+        p = 1.0 if abs(diff["mean"]) <= 1e-12 else 0.0
+    else:
+        p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
+    detectable = float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+    if -margin < diff["ci_low"] and diff["ci_high"] < margin:
+        verdict = "equivalent"
+    elif diff["ci_low"] > 0:
+        verdict = "more"
+    elif diff["ci_high"] < 0:
+        verdict = "less"
+    else:
+        verdict = "inconclusive"
+    return {**out, **diff, "detectable": detectable, "p_value": p, "verdict": verdict}

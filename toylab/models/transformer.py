@@ -11,13 +11,17 @@ The FFN reads `blocks.{l}.ln2.hook_normalized`, so a router's input is that hook
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toylab.config import check_memory
+from toylab.errors import ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
 from toylab.models.moe import ACTIVATIONS, MoE
 
@@ -38,10 +42,37 @@ class TransformerConfig:
     activation: Literal["gelu", "relu"] = "gelu"
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
+    router: Literal["learned", "hash", "label"] = "learned"
+    """How an MoE layer picks experts: `learned` top-k softmax routing; `hash`, a fixed random token -> expert
+    map (routing carries token identity only, as in hash layers, Roller et al. 2021); `label`, the class c of
+    the task label `router_label` goes to expert c mod n_experts (experts specialize by that label by
+    construction). Fixed routers choose one expert (top_k=1) and read `route` in `Transformer.forward`."""
+    router_label: str | None = None
+    """The task label the `label` router reads."""
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_mlp", "n_experts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}] (got {self.top_k})")
+        if (self.d_expert is not None and self.d_expert < 1) or self.expert_size < 1:
+            raise ValueError(f"d_expert must be >= 1 (got {self.d_expert}; by default it is d_mlp // top_k)")
+        for key in ("load_balance_weight", "z_loss_weight"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.router != "learned" and (self.ffn != "moe" or self.top_k != 1):
+            raise ValueError(f"router='{self.router}' needs ffn='moe' and top_k=1 (got ffn='{self.ffn}', top_k={self.top_k})")
+        if (self.router == "label") != (self.router_label is not None):
+            raise ValueError("router_label names the label of router='label' (and only of it): set both or neither")
+        d, ffn = self.d_model, 2 * self.d_model * self.d_mlp
+        if self.ffn == "moe":
+            ffn = self.n_experts * (2 * d * self.expert_size + d)
+        params = (2 * self.vocab_size + self.max_len) * d + self.n_layers * (4 * d * d + ffn)
+        check_memory(16 * params, f"a model of about {params:,} parameters (weights, gradients, Adam state)",
+                     "make it smaller (d_model, d_mlp, n_layers, n_experts) or the task's sequences shorter")
 
     @property
     def expert_size(self) -> int:
@@ -99,17 +130,28 @@ class Block(nn.Module):
         if cfg.ffn == "moe":
             self.mlp: nn.Module = MoE(
                 cfg.d_model, cfg.expert_size, cfg.n_experts, cfg.top_k, cfg.activation,
-                cfg.load_balance_weight, cfg.z_loss_weight,
+                cfg.load_balance_weight, cfg.z_loss_weight, learned=cfg.router == "learned",
             )
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """`experts` `[batch, pos]`: the choice of a fixed router (None otherwise)."""
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        ffn = self.mlp(self.ln2(x), experts) if isinstance(self.mlp, MoE) else self.mlp(self.ln2(x))
+        return self.hook_resid_post(x + self.hook_mlp_out(ffn))
+
+
+HASH_SEED = 20260301
+"""Seed of the hash router's token -> expert map (the map is also saved with the weights, as a buffer)."""
+
+
+def token_hash(vocab_size: int, n_experts: int) -> torch.Tensor:
+    """A fixed random token -> expert map `[vocab_size]`, balanced: a random permutation of the ids, mod n_experts."""
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(HASH_SEED)) % n_experts
 
 
 class Transformer(HookedModule):
@@ -125,13 +167,38 @@ class Transformer(HookedModule):
         self.ln_final = LayerNorm(cfg.d_model)
         self.W_U = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.W_E.weight, std=0.02)
+        if cfg.router != "learned":
+            self.register_buffer("expert_of_token", token_hash(cfg.vocab_size, cfg.n_experts))
         self.setup_hooks()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; `route` `[batch, pos]` holds the ids of label `router_label` for the label router (ignored otherwise)."""
+        experts = self.fixed_experts(tokens, route) if self.cfg.router != "learned" else None
         x = self.hook_embed(self.W_E(tokens)) + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
         for block in self.blocks:
-            x = block(x)
+            x = block(x, experts)
         return self.W_U(self.ln_final(x))
+
+    def fixed_experts(self, tokens: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
+        """The expert of each token `[batch, pos]` under a fixed router, the same in every MoE layer.
+
+        Hash router: `expert_of_token[token]`. Label router: class c of the label goes to expert c mod
+        n_experts; where the label is undefined (IGNORE, any negative id) the token's hash decides.
+        """
+        hashed = self.expert_of_token[tokens]
+        if self.cfg.router == "hash":
+            return hashed
+        if route is None or route.shape != tokens.shape:
+            raise ToylabError(f"the label router needs route=the ids of label '{self.cfg.router_label}', "
+                              f"shape {tuple(tokens.shape)} like the tokens (Transformer.route_input(batch.labels) gives it)")
+        route = route.to(tokens.device)
+        return torch.where(route >= 0, route % self.cfg.n_experts, hashed)
+
+    def route_input(self, labels: Mapping[str, np.ndarray]) -> torch.Tensor | None:
+        """`forward`'s `route` from a batch's labels: the ids of `router_label` for the label router, else None."""
+        if self.cfg.router != "label":
+            return None
+        return torch.from_numpy(np.ascontiguousarray(labels[self.cfg.router_label]))
 
     def aux_loss(self) -> torch.Tensor:
         """Weighted MoE auxiliary losses of the last forward pass (0 for a dense model)."""

@@ -1,0 +1,180 @@
+"""Study `function-state`: do experts pull out function while state stays in the residual stream?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from toylab.analysis.function_state import SITES, contrasts, function_state, summarize_function_state
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
+from toylab.config import build
+from toylab.errors import ToylabError
+from toylab.models import TransformerConfig
+from toylab.registry import get_task, register_study
+from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.study import Study, StudyContext, TrainJob
+from toylab.training import TrainConfig, evaluate, load_trained
+
+METRIC_NOTES = """\
+- **Sites** of each FFN layer l: `router_input` = `blocks.{{l}}.ln2.hook_normalized` (what the router and experts read); `ffn_out` = `blocks.{{l}}.hook_mlp_out`, for the MoE the chosen experts' outputs `hook_expert_out` weighted by `hook_expert_weights` and summed, as they enter the residual stream (for the dense model, its MLP output); `resid_post` = `blocks.{{l}}.hook_resid_post`.
+- **Probe**: multinomial logistic regression on standardized activations, fit on 75% of the held-out sequences and scored on the rest (split by sequence); multi-hot labels as one class per set. **Baseline**: the majority class; **shuffled**: the same probe on permuted labels.
+- **Share** of a label at a site: (accuracy − control) / (1 − control) with control = max(baseline, shuffled): 0 at the control, 1 for a perfect read.
+- **Relative share**: share(ffn_out) − share(resid_post), averaged over the labels of one kind (`state`: readable off the input; `function`: computed). **Contrast** = relative share of function labels − that of state labels; above 0 means the FFN output carries function labels better than state labels, relative to the residual stream, as the claim says experts do.
+- **Verdicts** (paired by seed): from the per-seed values and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when inside ±δ (two one-sided tests at the 5% level; δ = {margin} in share), **inconclusive** otherwise (with the smallest difference the seeds would detect). *MoE vs dense* compares the two models' contrasts at the same layer.
+- {interval}
+"""
+
+
+@dataclass(frozen=True)
+class FunctionStateConfig:
+    task: str = "brackets"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 3
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
+    """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
+    n_experts: int = 4
+    top_k: int = 1
+    train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    n_eval: int = 300
+    """Held-out sequences probed (the same for every seed)."""
+    margin: float = MARGIN
+    eval_seed: int = 20261121
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.n_eval < 8:
+            raise ValueError("seeds must be >= 1 and n_eval >= 8")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be in (0, 1) (got {self.margin})")
+
+
+@register_study("function-state")
+class FunctionState(Study):
+    """Probe labels at the router input, the expert output and the residual stream: do experts carry function, the residual state?"""
+
+    Config = FunctionStateConfig
+    fast = {"seeds": 2, "n_eval": 80, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
+    config: FunctionStateConfig
+
+    def __init__(self, config: FunctionStateConfig) -> None:
+        super().__init__(config)
+        self.task = get_task(config.task, config.task_options)
+        try:
+            vocab = self.task.vocab
+        except NotImplementedError:
+            raise ToylabError(f"task '{config.task}' has real-valued inputs; function-state needs a token task") from None
+        self.kinds = {name: label.kind for name, label in self.task.labels.items()}
+        self.models = {
+            "dense": {**config.model, "ffn": "dense"},
+            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k},
+        }
+        for options in self.models.values():  # fail early on a bad model option
+            build(TransformerConfig, options, vocab_size=len(vocab), max_len=self.task.seq_len)
+
+    def analyse(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One finished run (in a worker): its task metrics and probe rows at every site."""
+        model, batch = load_trained(run_dir).model, self.task.sample(self.config.n_eval, self.config.eval_seed)
+        name, seed = job.key.rsplit("-seed", 1)
+        rows = function_state(model, self.task, batch, seed=int(seed))
+        return evaluate(model, self.task, batch), [{"model": name, "seed": int(seed), **row} for row in rows]
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg = self.config
+        jobs = [TrainJob(f"{name}-seed{seed}", self.task, options, replace(cfg.train, seed=seed))
+                for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
+        trained = ctx.train(jobs)
+        finished = [job for job in jobs if trained[job.key]]
+        analysed = dict(zip([job.key for job in finished],
+                            ctx.map(self.analyse, finished, [ctx.run_dir(job.key) for job in finished], description="probing")))
+        rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
+        per_seed = contrasts(rows, self.kinds)
+        paired = per_seed.pivot_table(index=["seed", "layer"], columns="model", values="contrast").reset_index()
+        return {
+            "task": {"name": self.task.name, "options": self.task.options},
+            "kinds": self.kinds,
+            "performance": {job.key: analysed[job.key][0] if job.key in analysed else None for job in jobs},
+            "performance_summary": {
+                name: {metric: mean_ci([analysed[k][0][metric] for s in range(cfg.seeds) if (k := f"{name}-seed{s}") in analysed],
+                               bounds=None if metric == "loss" else UNIT)
+                       for metric in next((v[0] for key, v in analysed.items() if key.startswith(f"{name}-seed")), {})}
+                for name in self.models
+            },
+            **summarize_function_state(rows, self.kinds, cfg.margin),
+            "moe_vs_dense": [
+                {"layer": int(layer), "contrast": compare(part.get("moe", np.nan), part.get("dense", np.nan), cfg.margin)}
+                for layer, part in paired.groupby("layer")
+            ],
+            "probes": rows,
+            "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
+        }
+
+    def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        share = {(r["model"], r["layer"], r["label"], r["site"]): r["share"] for r in results["sites"]}
+        return [
+            {"layer": layer, "label": label, "kind": self.kinds[label],
+             **{f"MoE {site}": fmt_ci(share[("moe", layer, label, site)]) for site in SITES},
+             "dense ffn_out": fmt_ci(share[key]) if (key := ("dense", layer, label, "ffn_out")) in share else "n/a"}
+            for (model, layer, label, site) in share if model == "moe" and site == "router_input"
+        ]
+
+    def answers(self, results: dict[str, Any]) -> list[str]:
+        dense = {r["layer"]: r["contrast"] for r in results["moe_vs_dense"]}
+        lines = []
+        for row in results["contrasts"]:
+            c = row["contrast"]
+            line = (f"- `{row['model']}` layer {row['layer']}: relative share (ffn_out − resid_post) of function labels "
+                    f"{fmt_ci(row['function'])} vs state labels {fmt_ci(row['state'])}; the FFN output carries function labels "
+                    f"better than state labels relative to the residual stream: **{c['verdict']}** (contrast {fmt_ci(c)}, 90% CI, "
+                    f"δ = {c['margin']}, detectable {fmt(c['detectable'])})")
+            if row["model"] == "moe" and row["layer"] in dense:
+                d = dense[row["layer"]]
+                line += f"; MoE vs dense contrast: **{d['verdict']}** (Δ = {fmt_ci(d)})"
+            lines.append(line + ".")
+        return lines
+
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+        cfg, task = self.config, self.task
+        figures = []
+        frame = pd.DataFrame(results["sites"])
+        if len(frame):
+            long = pd.DataFrame([{"label": f"{r['label']} ({r['kind'][0]})", "site": r["site"], "panel": f"{r['model']} layer {r['layer']}",
+                                  **r["share"]} for _, r in frame.iterrows()])
+            figures.append(("Share of each label at each site ((s) state, (f) function; mean, 95% CI over seeds)",
+                            ctx.figure("shares", interval_bars(long, "label", "site", "panel", "share"))))
+        logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
+                if (ctx.directory / path / "metrics.csv").is_file()}
+        if logs:
+            figures.append(("Training curves", ctx.figure("training_curves", training_curves(logs, ["train_loss", f"val_{task.primary_metric}"]))))
+        probe_rows = [
+            {"model": r["model"], "layer": r["layer"], "label": r["label"], "kind": r["kind"], "site": r["site"],
+             "accuracy": fmt_ci(r["accuracy"]), "baseline": fmt(r["baseline"]["mean"]), "shuffled": fmt(r["shuffled"]["mean"]),
+             "share": fmt_ci(r["share"])}
+            for r in results["sites"]
+        ]
+        perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
+        sections = [
+            f"# Function vs state on `{task.name}`: what experts pull out of the residual stream",
+            "## What was run",
+            f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
+            + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".",
+            f"A dense transformer and an MoE ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, each trained "
+            f"for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. Probes read "
+            f"{cfg.n_eval} held-out sequences (seed {cfg.eval_seed}).",
+            "## Answers",
+            "\n".join(self.answers(results)),
+            "## Model performance (held-out, mean [95% CI] over seeds)",
+            markdown_table(perf),
+            "## Share of each label at each site",
+            markdown_table(self.summary(results)),
+            "## Every probe",
+            markdown_table(probe_rows),
+            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
+            "## What the numbers mean",
+            METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE),
+        ]
+        if results["failed_runs"]:
+            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
+        return "\n\n".join(sections) + "\n"

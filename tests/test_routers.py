@@ -1,0 +1,97 @@
+"""Fixed routers (hash, label): known assignments in the usual hook layouts, Lightning training, clear errors."""
+
+import pytest
+import torch
+
+from toylab import get_task
+from toylab.errors import ToylabError
+from toylab.models import Transformer, TransformerConfig
+from toylab.models.moe import reference_forward
+from toylab.models.transformer import token_hash
+from toylab.training import TrainConfig, build_model, evaluate, load_trained, train
+
+EXPERTS = "blocks.*.mlp.hook_expert_indices"
+
+
+def moe(router: str, label: str | None = None, **options) -> Transformer:
+    return build_model(get_task("modes"), {"d_model": 16, "n_heads": 2, "d_mlp": 32, "ffn": "moe", "n_experts": 4,
+                                            "router": router, "router_label": label, **options})
+
+
+def test_hash_router_routes_by_token_only():
+    torch.manual_seed(0)
+    model, batch = moe("hash"), get_task("modes").sample(64, seed=0)
+    tokens = torch.from_numpy(batch.inputs)
+    _, cache = model.run_with_cache(tokens, names=[EXPERTS, "blocks.0.mlp.hook_router_logits", "blocks.0.mlp.hook_expert_weights"])
+    for layer in (0, 1):
+        experts = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
+        assert experts.shape == (*tokens.shape, 1)
+        assert torch.equal(experts[..., 0], model.expert_of_token[tokens])
+    assert torch.equal(cache["blocks.0.mlp.hook_router_logits"].argmax(-1), cache["blocks.0.mlp.hook_expert_indices"][..., 0])
+    assert (cache["blocks.0.mlp.hook_expert_weights"] == 1).all()
+    # a fixed, balanced map, saved with the weights
+    assert torch.equal(model.expert_of_token, token_hash(len(get_task("modes").vocab), 4))
+    assert torch.bincount(model.expert_of_token, minlength=4).tolist() in ([5, 5, 5, 4], [5, 5, 4, 5], [5, 4, 5, 5], [4, 5, 5, 5])
+    assert "expert_of_token" in model.state_dict() and model.aux_loss().item() == 0
+
+
+def test_label_router_routes_by_the_label_and_by_the_token_where_it_is_undefined():
+    task = get_task("modes", n_modes=6)
+    model = build_model(task, {"d_model": 16, "n_heads": 2, "ffn": "moe", "n_experts": 4, "router": "label",
+                               "router_label": "source"})
+    batch = task.sample(64, seed=1)
+    tokens, route = torch.from_numpy(batch.inputs), model.route_input(batch.labels)
+    _, cache = model.run_with_cache(tokens, route, names=EXPERTS)
+    experts = cache["blocks.1.mlp.hook_expert_indices"][..., 0]
+    defined = route >= 0
+    assert defined.any() and (~defined).any()
+    assert torch.equal(experts[defined], route[defined] % 4)
+    assert torch.equal(experts[~defined], model.expert_of_token[tokens][~defined])
+    with pytest.raises(ToylabError, match="the label router needs route"):
+        model(tokens)
+
+
+def test_fixed_dispatch_equals_the_reference_loop():
+    torch.manual_seed(1)
+    layer = moe("hash").blocks[0].mlp
+    x, fixed = torch.randn(3, 7, 16), torch.randint(0, 4, (3, 7))
+    torch.testing.assert_close(layer(x, fixed), reference_forward(layer, x, fixed))
+
+
+def test_label_router_trains_through_lightning_and_reloads(tmp_path):
+    task = get_task("modes", length=3)
+    options = {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1, "ffn": "moe", "n_experts": 4,
+               "router": "label", "router_label": "mode"}
+    cfg = TrainConfig(steps=30, n_train=256, n_val=32, eval_every=15, batch_size=32)
+    run = train(task, options, cfg, tmp_path / "run", progress=False)
+    again = load_trained(tmp_path / "run")
+    batch = task.sample(32, seed=5)
+    assert evaluate(again.model, task, batch) == evaluate(run.model, task, batch)
+    _, cache = again.model.run_with_cache(torch.from_numpy(batch.inputs), again.model.route_input(batch.labels), names=EXPERTS)
+    assert torch.equal(cache["blocks.0.mlp.hook_expert_indices"][..., 0], torch.from_numpy(batch.labels["mode"]))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"router": "label", "router_label": "depth"}, "router_label 'depth' is not a label of task 'modes'"),
+    ({"router": "label"}, "set both or neither"),
+    ({"router": "hash", "router_label": "mode"}, "set both or neither"),
+    ({"router": "hash", "top_k": 2}, "needs ffn='moe' and top_k=1"),
+    ({"router": "hash", "ffn": "dense"}, "needs ffn='moe' and top_k=1"),
+    ({"router": "random"}, "router"),
+])
+def test_bad_router_options_are_one_line_errors(options, message):
+    with pytest.raises(ToylabError, match=message) as error:
+        moe(**{"router": "learned", **options})
+    assert "\n" not in str(error.value)
+    if "depth" in message:
+        assert "valid: token_type, position, segment, mode, symbol, source" in str(error.value)
+
+
+def test_hash_router_on_real_valued_inputs_is_refused():
+    with pytest.raises(ToylabError, match="real-valued inputs, not tokens; token tasks: brackets"):
+        build_model(get_task("superposition"), {"ffn": "moe", "router": "hash"})
+
+
+def test_config_validation_direct():
+    with pytest.raises(ValueError, match="top_k=1"):
+        TransformerConfig(vocab_size=5, max_len=4, ffn="moe", top_k=2, router="label", router_label="mode")
