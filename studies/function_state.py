@@ -85,10 +85,8 @@ class FunctionState(Study):
         cfg = self.config
         jobs = [TrainJob(f"{name}-seed{seed}", self.task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
-        trained = ctx.train(jobs)
-        finished = [job for job in jobs if trained[job.key]]
-        analysed = dict(zip([job.key for job in finished],
-                            ctx.map(self.analyse, finished, [ctx.run_dir(job.key) for job in finished], description="probing")))
+        ctx.train(jobs)
+        analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         per_seed = contrasts(rows, self.kinds)
         paired = per_seed.pivot_table(index=["seed", "layer"], columns="model", values="contrast").reset_index()

@@ -167,10 +167,7 @@ class Planning(Study):
         jobs += [TrainJob(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], replace(cfg.train, seed=seed))
                  for p, paused in self.paused.items() for seed in range(cfg.seeds)]
         trained = ctx.train(jobs)
-
-        finished = [job for job in jobs if trained[job.key]]
-        evaluated = dict(zip([job.key for job in finished],
-                             ctx.map(self.evaluate, finished, [ctx.run_dir(job.key) for job in finished], description="evaluating")))
+        evaluated = ctx.analyse_runs(jobs, self.evaluate, "evaluating")
         performance = {job.key: evaluated[job.key][0] if job.key in evaluated else None for job in jobs}
         probes = sorted((row for _, rows in evaluated.values() for row in rows), key=lambda row: list(self.models).index(row["model"]))
 

@@ -134,6 +134,15 @@ class StudyContext:
             tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
         return {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
 
+    def analyse_runs(self, jobs: Sequence[TrainJob], function: Callable[[TrainJob, Path], R], description: str) -> dict[str, R]:
+        """`function(job, run_dir)` for every job whose run finished (in the workers), by job key.
+
+        The jobs must have been trained (`train`); a failed run is left out.
+        """
+        finished = [job for job in jobs if is_finished(self.run_dir(job.key))]
+        results = self.map(function, finished, [self.run_dir(job.key) for job in finished], description=description)
+        return dict(zip([job.key for job in finished], results))
+
     def bar(self, items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
         return tqdm(items, total=total, desc=description, disable=not self.progress, leave=False)
 
