@@ -9,7 +9,7 @@ finds without any signal". `probe_residual_stream` runs this for every layer and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -119,6 +119,22 @@ def _logistic_predict(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.
         return np.full(len(x_test), classes[0])
     linear = fit_logistic(x_train, torch.from_numpy(y_index), len(classes), C)
     return classes[linear(x_test.double()).argmax(-1).numpy()]
+
+
+def logistic_classifier(x_train: np.ndarray, y_train: np.ndarray, C: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+    """A multinomial logistic probe fit on standardized rows; it predicts classes for any rows (e.g. another
+    model's), standardized with the training statistics."""
+    x = torch.as_tensor(np.asarray(x_train)).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    classes, y_index = np.unique(y_train, return_inverse=True)
+    linear = fit_logistic((x - mean) / std, torch.from_numpy(y_index), len(classes), C) if len(classes) > 1 else None
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        if linear is None:
+            return np.full(len(rows), classes[0])
+        return classes[linear((torch.as_tensor(np.asarray(rows)).double() - mean) / std).argmax(-1).numpy()]
+
+    return predict
 
 
 def logistic_predictions(
