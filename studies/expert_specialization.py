@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from toylab.analysis.paths import routing_paths, summarize_paths
 from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, routing_given_token, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.superposition import torch_threads
@@ -114,6 +115,7 @@ class ExpertSpecialization(Study):
                                            [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing")))
         per_seed = [analysed[seed][0] if seed in analysed else None for seed in range(cfg.seeds)]
         given_token = [analysed[seed][1] for seed in pairs]
+        paths = [analysed[seed][2] for seed in pairs if analysed[seed][2] is not None]
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
             "performance": performance,
@@ -129,18 +131,41 @@ class ExpertSpecialization(Study):
                 layer: {**mean_ci([g[layer] for g in given_token]), "max": max(g[layer] for g in given_token)}
                 for layer in (given_token[0] if given_token else {})
             },
+            "paths": summarize_paths(paths, cfg.margin) if paths else {},
             "per_seed": per_seed,
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
 
-    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
-        """One seed's analysis (in a worker, on one torch thread): its specialization scores and H(expert | token)."""
+    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None]:
+        """One seed's analysis (in a worker, on one torch thread): its specialization scores, H(expert | token),
+        and, with two or more MoE layers, the routing paths' scores."""
         cfg = self.config
         batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
         moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
         with torch_threads(1):
+            paths = routing_paths(moe, self.task, batch, cfg.n_permutations, seed) if len(moe.moe_layers()) > 1 else None
             return (specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
-                    routing_given_token(moe, self.task, batch))
+                    routing_given_token(moe, self.task, batch), paths)
+
+    def path_section(self, results: dict[str, Any]) -> list[str]:
+        """Routing paths across layers: is the tuple of experts a token takes more aligned with a label than
+        any single layer's expert, than k-means with as many clusters, and than a null?"""
+        if not results["paths"]:
+            return []
+        rows = [{"label": label, "paths": fmt(s["n_paths"]["mean"], 1), "NMI path": fmt_ci(s["path_nmi"]),
+                 "NMI k-means (as many clusters)": fmt_ci(s["kmeans_nmi"]), "JSD path": fmt_ci(s["path_jsd"]),
+                 "JSD null": fmt(s["path_null_jsd"]["mean"]), "path vs best layer (excess NMI)": s["path_vs_layer"]["verdict"],
+                 "path vs k-means": s["path_vs_kmeans"]["verdict"], "path vs null": s["path_vs_null"]["verdict"]}
+                for label, s in results["paths"].items()]
+        return [
+            "## Routing paths across layers",
+            "A token's path is the tuple of its top-1 experts through the MoE layers, taken as one cluster id. It is "
+            "compared with the best single layer (NMI above each one's shuffled null), with k-means with as many "
+            "clusters as distinct paths on the concatenated router inputs, and with its null; JSD is the mean "
+            "Jensen–Shannon divergence (bits) of each path's class distribution from the global one, beside its "
+            "multinomial null.",
+            markdown_table(rows),
+        ]
 
     def router_description(self) -> str:
         cfg = self.config
@@ -277,6 +302,7 @@ class ExpertSpecialization(Study):
             f"This run's router: {self.router_description()}. How far routing is a function of the token:",
             markdown_table(entropy_rows) if entropy_rows else "(no MoE run finished)",
             *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
+            *self.path_section(results),
             "## What the numbers mean",
             METRIC_NOTES.format(margin=cfg.margin, e=cfg.n_experts, interval=INTERVAL_NOTE, l="{l}"),
         ]
