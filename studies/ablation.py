@@ -17,7 +17,7 @@ from toylab.errors import ToylabError
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
-from toylab.study import Study, StudyContext, TrainJob
+from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 FAMILY_NAMES = {
@@ -85,11 +85,7 @@ class AblationStudy(Study):
     def __init__(self, config: AblationConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        routing = {"router": config.router, "router_label": config.router_label} if config.router != "learned" else {}
-        self.models = {
-            "dense": {**config.model, "ffn": "dense"},
-            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing},
-        }
+        self.models = dense_and_moe(config)
         dense = build_model(self.task, self.models["dense"])  # fails early on a bad model option or a real-valued task
         build_model(self.task, self.models["moe"])
         if dense.cfg.d_mlp < config.n_experts:

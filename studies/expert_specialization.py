@@ -14,7 +14,7 @@ from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
-from toylab.study import Study, StudyContext, TrainJob
+from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 ASSIGNMENT_NAMES = {
@@ -89,11 +89,7 @@ class ExpertSpecialization(Study):
     def __init__(self, config: ExpertSpecializationConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        routing = {"router": config.router, "router_label": config.router_label} if config.router != "learned" else {}
-        self.models = {
-            "dense": {**config.model, "ffn": "dense"},
-            "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing},
-        }
+        self.models = dense_and_moe(config)
         for options in self.models.values():  # fail early on a bad model or router option
             build_model(self.task, options)
 

@@ -184,6 +184,16 @@ class Study(ABC):
         return (cls.__doc__ or cls.name).strip().split("\n")[0]
 
 
+def dense_and_moe(config: Any) -> dict[str, dict[str, Any]]:
+    """Model options of a study's dense transformer and its MoE twin, from the study config's shared `model`
+    options and its `n_experts`, `top_k`, `router` and `router_label`; keyed "dense" and "moe"."""
+    routing = {"router": config.router, "router_label": config.router_label} if config.router != "learned" else {}
+    return {
+        "dense": {**config.model, "ffn": "dense"},
+        "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing},
+    }
+
+
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merge nested config mappings."""
     merged = dict(base)
