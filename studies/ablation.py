@@ -12,11 +12,14 @@ import pandas as pd
 import seaborn as sns
 
 from toylab.analysis.ablation import FAMILIES, FLOOR, MIN_COUNT, MODES, ablation_analysis, diagonal_damage, summarize_ablations
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves, verdict_text,
+)
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
@@ -119,6 +122,7 @@ class AblationStudy(Study):
         jobs = self.jobs()
         ctx.train(jobs)
         analysed = ctx.analyse_runs(jobs, self.analyse, "ablating")
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
         runs = {kind: [analysed.get(f"{kind}-seed{seed}") for seed in range(cfg.seeds if kind != "control" else cfg.control_seeds)]
                 for kind in (*self.models, *(("control",) if cfg.control else ()))}
         performance = {kind: {f"seed{s}": r["performance"] if r else None for s, r in enumerate(found)} for kind, found in runs.items()}
@@ -205,7 +209,7 @@ class AblationStudy(Study):
                      f"mode c hurts mode c and leaves the others — {layers}.")
         return text
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
         if results["selectivity"]:
@@ -243,41 +247,37 @@ class AblationStudy(Study):
              "largest |other|": fmt(c["largest_other"], 4), "own vs others": verdict_text(c["verdict"])}
             for mode, layers in results["control"].items() for layer, c in layers.items()
         ]
-        sections = [
-            f"# Targeted ablations on `{task.name}`",
-            f"**Bottom line.** {self.bottom_line(results)}",
-            "## What was run",
-            f"Task `{task.name}` with options `{task.options}`. {task.describe()}",
-            f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}, router `{cfg.router}`) with shared "
-            f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with "
-            f"{cfg.seeds} seeds. Every expert of every MoE layer, and {cfg.n_experts} random and {cfg.n_experts} k-means groups of "
-            f"{results['group_size']} neurons per dense layer plus one class-selective group per class, were zero- and mean-ablated "
-            f"on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); means and selective neurons come from another "
-            f"{cfg.n_eval} (seed {cfg.eval_seed + 1}).",
-            "## Model performance (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf_rows),
-            "## Verdicts: selectivity of experts vs dense neuron groups",
-            "\n".join(verdict_lines) or "(no pair of runs finished)",
-            "## Results",
-            markdown_table(self.summary(results)),
-            "### Damage on the class and on the others",
-            markdown_table(self.damage_rows(results)),
-            "### Does where tokens go predict what breaks?",
-            markdown_table(self.routing_rows(results)),
-            "## Positive control",
-            (f"A label-routed MoE on `{CONTROL_TASK}` ({self.control_model['n_experts']} experts, mode c → expert c in every layer, "
-             f"{cfg.control_seeds} seeds, trained like the models above): each expert alone handles one mode, so ablating it must hurt "
-             f"that mode and leave the others exactly untouched. The verdict compares the damage on the own mode with that on the "
-             f"others (δ = {cfg.floor} nats).") if cfg.control else "The positive control was switched off (`control=false`).",
-            markdown_table(control_rows) if control_rows else "",
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.format(size=results["group_size"], d_mlp=results["group_size"] * cfg.n_experts, e=cfg.n_experts,
-                                floor=cfg.floor, min_count=cfg.min_count, margin=cfg.margin, interval=INTERVAL_NOTE),
+        control = [Text(
+            f"A label-routed MoE on `{CONTROL_TASK}` ({self.control_model['n_experts']} experts, mode c → expert c in every layer, "
+            f"{cfg.control_seeds} seeds, trained like the models above): each expert alone handles one mode, so ablating it must hurt "
+            f"that mode and leave the others exactly untouched. The verdict compares the damage on the own mode with that on the "
+            f"others (δ = {cfg.floor} nats).") if cfg.control else Text("The positive control was switched off (`control=false`).")]
+        blocks = [
+            Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+                f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}, router `{cfg.router}`) with shared "
+                f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with "
+                f"{cfg.seeds} seeds. Every expert of every MoE layer, and {cfg.n_experts} random and {cfg.n_experts} k-means groups of "
+                f"{results['group_size']} neurons per dense layer plus one class-selective group per class, were zero- and mean-ablated "
+                f"on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); means and selective neurons come from another "
+                f"{cfg.n_eval} (seed {cfg.eval_seed + 1}).")]),
+            Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
+            Section("Verdicts: selectivity of experts vs dense neuron groups", [Text("\n".join(verdict_lines) or "(no pair of runs finished)")]),
+            Section("Results", [
+                Table(self.summary(results)),
+                Section("Damage on the class and on the others", [Table(self.damage_rows(results))]),
+                Section("Does where tokens go predict what breaks?", [Table(self.routing_rows(results))]),
+            ]),
+            Section("Positive control", control + [Table(control_rows)] * bool(control_rows)),
+            *expert_map_section(ctx.directory, N_SHOWN),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(
+                size=results["group_size"], d_mlp=results["group_size"] * cfg.n_experts, e=cfg.n_experts, floor=cfg.floor,
+                min_count=cfg.min_count, margin=cfg.margin, interval=INTERVAL_NOTE))]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"Targeted ablations on `{task.name}`", blocks)
 
 
 def matrix_heatmaps(tables: dict[str, Any], class_names: dict[str, Any]) -> plt.Figure:

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from toylab.analysis.clustering import kmeans, nmi
-from toylab.analysis.dictionary import expert_codes, label_detection, score_dictionary
+from toylab.analysis.dictionary import assignment_codes, code_rsa, expert_codes, label_detection, score_dictionary
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
 from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
 from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
 from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, markdown_table, verdict_text
+from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, verdict_text
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE
 from toylab.training import TrainConfig
@@ -64,12 +64,14 @@ class DictionariesConfig:
     """The MoE layer whose router input the dictionaries read."""
     token_size: int = 64
     token_l1: float = 0.01
+    rsa_tokens: int = 400
+    """Evaluation tokens (a fixed random subset) on which codes are compared by RSA."""
     n_eval: int = 500
     eval_seed: int = 20261124
 
     def __post_init__(self) -> None:
-        if self.seeds < 1 or self.n_samples < 100 or self.n_eval < 10:
-            raise ValueError("need seeds >= 1, n_samples >= 100 and n_eval >= 10")
+        if self.seeds < 1 or self.n_samples < 100 or self.n_eval < 10 or self.rsa_tokens < 10:
+            raise ValueError("need seeds >= 1, n_samples >= 100, n_eval >= 10 and rsa_tokens >= 10")
         if not self.n_hidden < self.n_features:
             raise ValueError(f"need n_hidden < n_features for superposition (got {self.n_hidden}, {self.n_features})")
         if not self.sizes or any(s % self.n_experts for s in (*self.sizes, self.token_size)):
@@ -102,20 +104,47 @@ def fit_planted(seed: int, h: np.ndarray, h_eval: np.ndarray, true: np.ndarray, 
     return scores
 
 
+RSA_PAIRS = (("sae", "switch"), ("sae", "onehot"), ("sae", "router"), ("switch", "onehot"), ("switch", "router"))
+"""Codes compared by RSA on the same tokens: the two dictionaries, and each against the MoE's expert assignments."""
+RSA_CODES = ("sae", "switch", "onehot", "router")
+CODE_NAMES = {**METHOD_NAMES, "onehot": "expert assignment (one-hot)", "router": "router probabilities"}
+
+
 def fit_tokens(seed: int, resid: np.ndarray, resid_eval: np.ndarray, experts: np.ndarray, labels: dict[str, np.ndarray],
-               cfg: DictionariesConfig) -> dict[str, dict[str, float]]:
-    """One seed of the token part (in a worker): label-class detection F1 of SAE, Switch SAE and the MoE's expert neurons."""
+               subset: np.ndarray, cfg: DictionariesConfig) -> dict[str, Any]:
+    """One seed of the token part (in a worker): label-class detection F1 of SAE, Switch SAE and the MoE's expert
+    neurons, and the dictionaries' codes on the RSA tokens `subset`."""
     codes = {"experts": experts}
     for method in METHODS:
         sae_cfg = SAEConfig(d_in=resid.shape[1], n_latents=cfg.token_size, n_experts=1 if method == "sae" else cfg.n_experts)
         sae = train_sae(SparseAutoencoder(sae_cfg, [seed]), resid, replace(cfg.sae_train, seed=seed), cfg.token_l1)
         codes[method] = encode(sae, resid_eval)[0][:, 0].numpy()
     shuffle = np.random.default_rng(seed).permutation(len(resid_eval))
-    return {
+    detection = {
         name: {**{method: label_detection(c[label != IGNORE], label[label != IGNORE]) for method, c in codes.items()},
                "null": label_detection(codes["sae"][label != IGNORE], label[shuffle][label != IGNORE])}
         for name, label in labels.items()
     }
+    return {"detection": detection, "codes": {method: codes[method][subset] for method in METHODS}}
+
+
+def summarize_rsa(codes: list[dict[str, np.ndarray]], margin: float) -> dict[str, Any]:
+    """Per pair of codes (`RSA_PAIRS`), over seeds (each `{code: [tokens, d]}` on the same tokens): RSA, its
+    shuffled-token null, and the seed-to-seed reference of each code (RSA of seed s with seed s + 1, cyclically)
+    with verdicts of the pair vs the null and vs each reference. One seed gives no reference."""
+    n = len(codes)
+    reference = {name: [code_rsa(codes[s][name], codes[(s + 1) % n][name], s)["rsa"] for s in range(n)] if n > 1 else []
+                 for name in RSA_CODES}
+    out: dict[str, Any] = {"seed_to_seed": {name: mean_ci(v, bounds=(-1.0, 1.0)) for name, v in reference.items() if v}}
+    for a, b in RSA_PAIRS:
+        scores = [code_rsa(c[a], c[b], s) for s, c in enumerate(codes)]
+        pair, null = [r["rsa"] for r in scores], [r["shuffled"] for r in scores]
+        out[f"{a}-{b}"] = {
+            "rsa": mean_ci(pair, bounds=(-1.0, 1.0)), "shuffled": mean_ci(null, bounds=(-1.0, 1.0)),
+            "per_seed": pair, "vs_shuffled": compare(pair, null, margin),
+            **({f"vs_{name}_seeds": compare(pair, reference[name], margin) for name in (a, b)} if n > 1 else {}),
+        }
+    return out
 
 
 @register_study("dictionaries")
@@ -178,18 +207,24 @@ class Dictionaries(Study):
         train_batch, eval_batch = task.sample(cfg.n_eval, cfg.eval_seed), task.sample(cfg.n_eval, cfg.eval_seed + 1)
         keep = task.positions(eval_batch)
         labels = {name: eval_batch.labels[name][keep] for name in analysable_labels(task)}
+        logits = f"blocks.{cfg.token_layer}.mlp.hook_router_logits"
+        subset = np.sort(np.random.default_rng(cfg.eval_seed).permutation(int(keep.sum()))[:cfg.rsa_tokens])
         seeds = [seed for seed in range(cfg.seeds) if models[f"moe-seed{seed}"] is not None]
-        inputs = []
+        inputs, routing = [], []
         for seed in seeds:
             model = models[f"moe-seed{seed}"].model
-            acts = token_activations(model, task, eval_batch, [site, neurons, chosen])
+            acts = token_activations(model, task, eval_batch, [site, neurons, chosen, logits])
             experts = expert_codes(acts[neurons], acts[chosen], model.cfg.n_experts)
             inputs.append((seed, token_activations(model, task, train_batch, [site])[site], acts[site], experts))
-        per_seed = ctx.map(fit_tokens, *zip(*inputs), [labels] * len(inputs), [cfg] * len(inputs),
-                           description="dictionaries on the residual stream")
+            routing.append(assignment_codes(acts[chosen][subset], acts[logits][subset]))
+        fitted = ctx.map(fit_tokens, *zip(*inputs), [labels] * len(inputs), [subset] * len(inputs), [cfg] * len(inputs),
+                         description="dictionaries on the residual stream")
+        per_seed = [f["detection"] for f in fitted]
         methods = (*METHODS, "experts", "null")
         return {
             "site": site,
+            "rsa_tokens": len(subset),
+            "rsa": summarize_rsa([{**f["codes"], **r} for f, r in zip(fitted, routing)], cfg.margin),
             "labels": {name: {m: mean_ci([s[name][m] for s in per_seed], bounds=UNIT) for m in methods} for name in labels},
             "switch_vs_sae": {name: compare([s[name]["switch"] for s in per_seed], [s[name]["sae"] for s in per_seed], cfg.margin)
                               for name in labels},
@@ -224,7 +259,7 @@ class Dictionaries(Study):
         axes[0].legend(fontsize=8)
         return ctx.figure("planted_recovery", fig)
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, planted = self.config, results["planted"]
         rows = [
             {"size": p["size"], "L1": p["l1"], "method": METHOD_NAMES[m], "MMCS": fmt_ci(p[m]["mmcs"]), "null": fmt(p[m]["mmcs_null"]["mean"]),
@@ -241,18 +276,15 @@ class Dictionaries(Study):
             f"{fmt_ci(planted['kmeans_group_nmi'])} for k-means with {cfg.n_experts} clusters on the same activations: "
             f"{verdict_text(best['router_vs_kmeans'])}.",
         ]
-        sections = [
-            "# Dictionaries against planted features",
-            "## Bottom line\n\n" + "\n".join(lines),
-            "## What was run",
-            f"Toy ReLU models of superposition with {cfg.n_features} features in {cfg.n_hidden} hidden dimensions, sparsity "
-            f"{cfg.sparsity}, uniform importance, {cfg.n_groups} planted feature groups, {cfg.seeds} seeds ({cfg.toy_train.steps} steps). "
-            f"On each seed's hidden activations ({cfg.n_samples} samples): SAEs and Switch SAEs ({cfg.n_experts} experts) of "
-            f"{', '.join(map(str, cfg.sizes))} latents at L1 penalties {', '.join(map(str, cfg.l1))} ({cfg.sae_train.steps} steps each), "
-            f"scored on {cfg.n_samples} fresh samples.",
-            "## Planted features (mean [95% CI] over seeds)",
-            markdown_table(rows),
-            f"![recovery]({self.figure(results, ctx)})",
+        blocks = [
+            Section("Bottom line", [Text("\n".join(lines))]),
+            Section("What was run", [Text(
+                f"Toy ReLU models of superposition with {cfg.n_features} features in {cfg.n_hidden} hidden dimensions, sparsity "
+                f"{cfg.sparsity}, uniform importance, {cfg.n_groups} planted feature groups, {cfg.seeds} seeds ({cfg.toy_train.steps} steps). "
+                f"On each seed's hidden activations ({cfg.n_samples} samples): SAEs and Switch SAEs ({cfg.n_experts} experts) of "
+                f"{', '.join(map(str, cfg.sizes))} latents at L1 penalties {', '.join(map(str, cfg.l1))} ({cfg.sae_train.steps} steps each), "
+                f"scored on {cfg.n_samples} fresh samples.")]),
+            Section("Planted features (mean [95% CI] over seeds)", [Table(rows), Figure(self.figure(results, ctx), "recovery")]),
         ]
         if "tokens" in results:
             tokens = results["tokens"]
@@ -261,13 +293,27 @@ class Dictionaries(Study):
                  "Switch vs SAE": tokens["switch_vs_sae"][name]["verdict"], "experts vs SAE": tokens["experts_vs_sae"][name]["verdict"]}
                 for name, s in tokens["labels"].items()
             ]
-            sections += [
-                f"## Token task `{cfg.token_task}`: label classes in the residual stream",
-                f"MoE transformers (`{cfg.token_model}`, {cfg.token_train.steps} steps); dictionaries of {cfg.token_size} latents "
-                f"(L1 {cfg.token_l1}) on `{tokens['site']}`, next to the layer's expert neurons as a dictionary "
-                f"({cfg.token_model.get('n_experts', 4)} experts × their hidden units, zero where a token was not routed). "
-                "Each cell: mean over classes of the best latent's F1 for \"the token has class c\".",
-                markdown_table(token_rows),
-            ]
-        sections += ["## What the numbers mean", METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}"]
-        return "\n\n".join(sections) + "\n"
+            seed_to_seed = [{"code": CODE_NAMES[name], "seed-to-seed RSA": fmt_ci(stat)} for name, stat in tokens["rsa"]["seed_to_seed"].items()]
+            blocks.append(Section(f"Token task `{cfg.token_task}`: label classes in the residual stream", [
+                Text(f"MoE transformers (`{cfg.token_model}`, {cfg.token_train.steps} steps); dictionaries of {cfg.token_size} latents "
+                     f"(L1 {cfg.token_l1}) on `{tokens['site']}`, next to the layer's expert neurons as a dictionary "
+                     f"({cfg.token_model.get('n_experts', 4)} experts × their hidden units, zero where a token was not routed). "
+                     "Each cell: mean over classes of the best latent's F1 for \"the token has class c\"."),
+                Table(token_rows),
+                Section(f"Representational similarity of codes (RSA on {tokens['rsa_tokens']} evaluation tokens)", [
+                    Text("Spearman correlation of the Euclidean dissimilarities between tokens in two codes of the same tokens; "
+                         "*shuffled*: the same with one code's tokens permuted (no correspondence, about 0); *seed-to-seed*: one "
+                         "code of seed s against the same code of seed s + 1 (another MoE and dictionary), the level two runs of one method reach."),
+                    Table([
+                        {"pair": f"{CODE_NAMES[a]} – {CODE_NAMES[b]}", "RSA": fmt_ci(tokens["rsa"][f"{a}-{b}"]["rsa"]),
+                         "shuffled": fmt_ci(tokens["rsa"][f"{a}-{b}"]["shuffled"]),
+                         "vs shuffled": verdict_text(tokens["rsa"][f"{a}-{b}"]["vs_shuffled"]),
+                         **{f"vs seed-to-seed ({side})": verdict_text(tokens["rsa"][f"{a}-{b}"][f"vs_{code}_seeds"])
+                            for side, code in (("first", a), ("second", b)) if f"vs_{code}_seeds" in tokens["rsa"][f"{a}-{b}"]}}
+                        for a, b in RSA_PAIRS
+                    ]),
+                    *[Table(seed_to_seed)] * bool(seed_to_seed),
+                ]),
+            ]))
+        blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}")]))
+        return Document("Dictionaries against planted features", blocks)

@@ -8,12 +8,16 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.paths import routing_paths, summarize_paths
 from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, routing_given_token, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
-from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
+from toylab.report import (
+    Document, Figure, Section, Table, Text, contingency_heatmaps, expert_map_section, failed_runs_section, fmt, fmt_ci,
+    interval_bars, training_curves, verdict_text,
+)
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
@@ -48,7 +52,6 @@ Three routers with known assignments (`--set router=...`) show what the analysis
 - **Learned router**: what this study is about. Read its verdicts against the two controls: near the label router means experts specialize by the label; near the hash router, that they route by token.
 - The planted unit tests (`tests/test_specialization.py`) check the analysis itself: activations carrying a label only in a quiet direction (so k-means misses it) give **more** when the assignment is the label, **equivalent** when it is k-means of the same activations, and the null when it is random.
 """
-
 
 @dataclass(frozen=True)
 class ExpertSpecializationConfig:
@@ -112,6 +115,9 @@ class ExpertSpecialization(Study):
         per_seed = [analysed[seed][0] if seed in analysed else None for seed in range(cfg.seeds)]
         given_token = [analysed[seed][1] for seed in pairs]
         paths = [analysed[seed][2] for seed in pairs if analysed[seed][2] is not None]
+        if pairs:
+            write_expert_map(ctx.directory / "expert_map.json", task, eval_batch, {str(s): analysed[s][3] for s in pairs},
+                             cfg.n_experts, cfg.top_k)
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
             "performance": performance,
@@ -132,18 +138,18 @@ class ExpertSpecialization(Study):
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
 
-    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None]:
+    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None, dict[str, Any]]:
         """One seed's analysis (in a worker, on one torch thread): its specialization scores, H(expert | token),
-        and, with two or more MoE layers, the routing paths' scores."""
+        with two or more MoE layers the routing paths' scores, and its expert map."""
         cfg = self.config
         batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
         moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
         with torch_threads(1):
             paths = routing_paths(moe, self.task, batch, cfg.n_permutations, seed) if len(moe.moe_layers()) > 1 else None
             return (specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
-                    routing_given_token(moe, self.task, batch), paths)
+                    routing_given_token(moe, self.task, batch), paths, routing_view(moe, self.task, batch, N_SHOWN, seed))
 
-    def path_section(self, results: dict[str, Any]) -> list[str]:
+    def path_section(self, results: dict[str, Any]) -> list[Section]:
         """Routing paths across layers: is the tuple of experts a token takes more aligned with a label than
         any single layer's expert, than k-means with as many clusters, and than a null?"""
         if not results["paths"]:
@@ -153,15 +159,12 @@ class ExpertSpecialization(Study):
                  "JSD null": fmt(s["path_null_jsd"]["mean"]), "path vs best layer (excess NMI)": s["path_vs_layer"]["verdict"],
                  "path vs k-means": s["path_vs_kmeans"]["verdict"], "path vs null": s["path_vs_null"]["verdict"]}
                 for label, s in results["paths"].items()]
-        return [
-            "## Routing paths across layers",
+        return [Section("Routing paths across layers", [Text(
             "A token's path is the tuple of its top-1 experts through the MoE layers, taken as one cluster id. It is "
             "compared with the best single layer (NMI above each one's shuffled null), with k-means with as many "
             "clusters as distinct paths on the concatenated router inputs, and with its null; JSD is the mean "
             "Jensen–Shannon divergence (bits) of each path's class distribution from the global one, beside its "
-            "multinomial null.",
-            markdown_table(rows),
-        ]
+            "multinomial null."), Table(rows)])]
 
     def router_description(self) -> str:
         cfg = self.config
@@ -237,7 +240,7 @@ class ExpertSpecialization(Study):
                 )
         return lines
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
         if results["specialization"]:
@@ -255,19 +258,19 @@ class ExpertSpecialization(Study):
                     for key, name in (("null_nmi", "shuffled null"), ("linear_nmi", "linear probe (ceiling)"))
                 ]
             )
-            figures.append(("NMI with each label: routing vs k-means vs null, and the linear probe's NMI (mean, 95% CI over seeds)",
-                            ctx.figure("nmi_comparison", interval_bars(frame, "label", "assignment", "layer", "NMI"))))
+            figures.append(Figure(ctx.figure("nmi_comparison", interval_bars(frame, "label", "assignment", "layer", "NMI")),
+                                  "NMI with each label: routing vs k-means vs null, and the linear probe's NMI (mean, 95% CI over seeds)"))
             first = next(s for s in results["per_seed"] if s)
             names = {name: task.labels[name].classes for name in analysable_labels(task)}
             for layer, labels in first.items():
                 tables = {name: labels[name]["routing"]["contingency"] for name in labels}
-                figures.append((f"Layer {layer}: share of each class's tokens routed to each expert (first seed)",
-                                ctx.figure(f"experts_layer{layer}", contingency_heatmaps(tables, names, f"layer {layer}"))))
+                figures.append(Figure(ctx.figure(f"experts_layer{layer}", contingency_heatmaps(tables, names, f"layer {layer}")),
+                                      f"Layer {layer}: share of each class's tokens routed to each expert (first seed)"))
         logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
                 if (ctx.directory / path / "metrics.csv").is_file()}
         if logs:
             curves = training_curves(logs, ["train_loss", f"val_{task.primary_metric}"])
-            figures.append(("Training curves (training loss; validation metric)", ctx.figure("training_curves", curves)))
+            figures.append(Figure(ctx.figure("training_curves", curves), "Training curves (training loss; validation metric)"))
 
         perf_rows = [
             {"model": kind, **{metric: fmt_ci(stat, 4) for metric, stat in metrics.items()}}
@@ -275,33 +278,32 @@ class ExpertSpecialization(Study):
         ]
         entropy_rows = [{"layer": layer, "H(expert \\| token), bits": fmt_ci(e), "largest over seeds": fmt(e["max"])}
                         for layer, e in results["expert_entropy_given_token"].items()]
-        sections = [
-            f"# Expert specialization on `{task.name}`",
-            f"**Bottom line.** {self.bottom_line(results)}",
-            "## What was run",
-            f"Task `{task.name}` with options `{task.options}`. {task.describe()}",
-            f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "
-            f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) "
-            f"with {cfg.seeds} seeds. Activations were collected on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); "
-            f"nulls use {cfg.n_permutations} shuffles; the equivalence margin is δ = ±{cfg.margin:g} NMI.",
-            "## Model performance (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf_rows),
-            f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split()),
-            "## Verdicts",
-            "\n".join(self.verdict_lines(results)),
-            "## Results",
-            markdown_table(self.summary(results)),
-            "### ARI, NMI given the token, and the linear ceiling",
-            markdown_table(self.detail_rows(results)),
-            "## Controls",
-            CONTROLS,
-            f"This run's router: {self.router_description()}. How far routing is a function of the token:",
-            markdown_table(entropy_rows) if entropy_rows else "(no MoE run finished)",
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            *self.path_section(results),
-            "## What the numbers mean",
-            METRIC_NOTES.format(margin=cfg.margin, e=cfg.n_experts, interval=INTERVAL_NOTE, l="{l}"),
+        blocks = [
+            Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+                f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "
+                f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) "
+                f"with {cfg.seeds} seeds. Activations were collected on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); "
+                f"nulls use {cfg.n_permutations} shuffles; the equivalence margin is δ = ±{cfg.margin:g} NMI.")]),
+            Section("Model performance (held-out, mean [95% CI] over seeds)", [
+                Table(perf_rows),
+                Text(f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split())),
+            ]),
+            Section("Verdicts", [Text("\n".join(self.verdict_lines(results)))]),
+            Section("Results", [Table(self.summary(results)),
+                                Section("ARI, NMI given the token, and the linear ceiling", [Table(self.detail_rows(results))])]),
+            Section("Controls", [
+                Text(CONTROLS),
+                Text(f"This run's router: {self.router_description()}. How far routing is a function of the token:"),
+                Table(entropy_rows) if entropy_rows else Text("(no MoE run finished)"),
+            ]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += [
+            *expert_map_section(ctx.directory, N_SHOWN),
+            Section("Figures", figures),
+            *self.path_section(results),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, e=cfg.n_experts, interval=INTERVAL_NOTE, l="{l}"))]),
+        ]
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"Expert specialization on `{task.name}`", blocks)

@@ -9,13 +9,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.function_state import SITES, contrasts, function_state, summarize_function_state
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+)
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, load_trained
 
@@ -87,6 +90,7 @@ class FunctionState(Study):
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
         ctx.train(jobs)
         analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         per_seed = contrasts(rows, self.kinds)
         paired = per_seed.pivot_table(index=["seed", "layer"], columns="model", values="contrast").reset_index()
@@ -133,7 +137,7 @@ class FunctionState(Study):
             lines.append(line + ".")
         return lines
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
         frame = pd.DataFrame(results["sites"])
@@ -153,26 +157,20 @@ class FunctionState(Study):
             for r in results["sites"]
         ]
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
-        sections = [
-            f"# Function vs state on `{task.name}`: what experts pull out of the residual stream",
-            "## What was run",
-            f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
-            + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".",
-            f"A dense transformer and an MoE ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, each trained "
-            f"for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. Probes read "
-            f"{cfg.n_eval} held-out sequences (seed {cfg.eval_seed}).",
-            "## Answers",
-            "\n".join(self.answers(results)),
-            "## Model performance (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf),
-            "## Share of each label at each site",
-            markdown_table(self.summary(results)),
-            "## Every probe",
-            markdown_table(probe_rows),
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE),
+        blocks = [
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
+                + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".\n\n"
+                f"A dense transformer and an MoE ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, each trained "
+                f"for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. Probes read "
+                f"{cfg.n_eval} held-out sequences (seed {cfg.eval_seed}).")]),
+            Section("Answers", [Text("\n".join(self.answers(results)))]),
+            Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
+            Section("Share of each label at each site", [Table(self.summary(results))]),
+            Section("Every probe", [Table(probe_rows)]),
+            *expert_map_section(ctx.directory, N_SHOWN),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE))]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"Function vs state on `{task.name}`: what experts pull out of the residual stream", blocks)

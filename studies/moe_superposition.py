@@ -20,8 +20,10 @@ from toylab.analysis.superposition import (
     expert_usage,
     feature_dimensionality,
     feature_norms,
+    features_per_dimension,
     global_dimensionality,
     monosemanticity,
+    own_block_share,
     rank_trend,
     represented_dimensionality,
     usage_weighted_mean,
@@ -36,7 +38,7 @@ from toylab.models.superposition import (
     train_toy_model,
 )
 from toylab.registry import get_task, register_study
-from toylab.report import contingency_heatmaps, fmt, fmt_ci, interval_bars, markdown_table, verdict_text
+from toylab.report import Document, Figure, Section, Table, Text, contingency_heatmaps, fmt, fmt_ci, interval_bars, verdict_text
 from toylab.study import Study, StudyContext
 from toylab.task import IGNORE
 
@@ -52,41 +54,102 @@ METRIC_NOTES = """\
 - **Intervals**: {interval}
 """
 
-BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi"}
+BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi",
+           "own_block_share"}
 """Per-seed scores in [0, 1], whose intervals are kept in it."""
 LOSS_MARGIN = 0.1
 """Equivalence margin of the sparsest network's loss with the dense one's, as a share of the dense mean loss."""
 
 
+TOYLAB_TRAIN = ToyTrainConfig(steps=2000, batch_size=512, lr=1e-2)
+PRESETS: dict[str, dict[str, Any]] = {
+    "toylab": {
+        "n_features": 24, "n_groups": 4, "sparsity": 0.3, "capacity": 12, "capacity_mode": "total",
+        "experts": (1, 2, 4, 6), "top_k": (1, 2), "load_balance_weight": 0.01,
+    },
+    "paper": {
+        "n_features": 20, "n_groups": 1, "sparsity": 0.9, "capacity": 4, "capacity_mode": "per_expert",
+        "experts": (1, 4, 8), "top_k": (1, 2), "load_balance_weight": 0.0,
+        "train": ToyTrainConfig(steps=2000, batch_size=1024, lr=1e-3, weight_decay=0.01),
+    },
+}
+"""Values of the fields left unset (None; `train` left at toylab's) under each preset. `preset=paper`: the setup of Chaudhari et al.'s network-sparsity comparison in their public code
+(github.com/MarmikChaudhari/superposition-moe, model/model.py, demo-superposition.ipynb): i.i.d. features (density
+0.1, uniform importance, no groups), every expert as wide as the dense model, Xavier gate, no load balancing, AdamW
+(its default weight decay 0.01) at lr 1e-3, batch 1024. Scaled to fit two shared CPU cores: 20 features and m = 4
+(theirs: 100 and 20; the same ratio 5 and the same 0.5 active features per hidden dimension), E in (1, 4, 8) (theirs:
+1, 4, 10, 20), 2,000 steps (theirs: 10,000; their logged losses level off by step 1,000). Their expert-specialization result (Table 1) uses the K-hot gate: add `gate_init=khot`."""
+
+DIFFERENCES = [
+    {"aspect": "capacity", "paper": "every expert as wide as the dense model (m = 20 for E = 1, 4, 10, 20): parameters grow with E",
+     "toylab default": "total E·m = 12 fixed, m = 12 / E", "preset=paper": "m = 4 for every E (`capacity_mode=per_expert`)"},
+    {"aspect": "features and sparsity", "paper": "100 i.i.d. features, each active with probability 0.1, U[0, 1]",
+     "toylab default": "24 features in 4 planted groups; one group per sample, its features active with probability 0.7",
+     "preset=paper": "20 i.i.d. features, probability 0.1"},
+    {"aspect": "importance", "paper": "uniform in the network-sparsity sweep (0.7^i in the demo, 0.9^(random rank) in Table 1)",
+     "toylab default": "uniform", "preset=paper": "uniform"},
+    {"aspect": "(E, k) sweep", "paper": "(1, 1), (4, 1), (10, 2), (20, 5): k/E 0.2–0.25 at growing size",
+     "toylab default": "E in (1, 2, 4, 6), k in (1, 2, E)", "preset=paper": "E in (1, 4, 8), k in (1, 2, E)"},
+    {"aspect": "gate initialization", "paper": "Xavier-normal; K-hot (disjoint blocks of n/E features set to 1) for expert specialization",
+     "toylab default": "Xavier-normal", "preset=paper": "Xavier (`gate_init=khot` for the specialization claim)"},
+    {"aspect": "gate weights", "paper": "top-k probabilities renormalized (k = 1: weight 1, the gate gets no gradient from the loss)",
+     "toylab default": "the same", "preset=paper": "the same"},
+    {"aspect": "load balancing", "paper": "off in the network-sparsity and specialization runs (on, α = 0.01, in the phase-change grids)",
+     "toylab default": "Switch loss, weight 0.01", "preset=paper": "off"},
+    {"aspect": "expert weight initialization", "paper": "Xavier on the whole [E, n, m] tensor: std √(2 / (m (n + E)))",
+     "toylab default": "Xavier per expert: std √(2 / (m + n))", "preset=paper": "toylab's (not ablated)"},
+    {"aspect": "optimizer and length", "paper": "AdamW, weight decay 0.01 (torch default), lr 1e-3 constant, batch 1024, 10,000 steps",
+     "toylab default": "AdamW, weight decay 0, lr 1e-2, batch 512, 2,000 steps", "preset=paper": "AdamW 0.01, lr 1e-3, batch 1024, 2,000 steps"},
+    {"aspect": "monosemanticity measure", "paper": "features per dimension Σ_e p_e ||W_e||²_F / m / k; per feature, ||Σ_j≠i (Ŵ_i·W_j)|| < 0.2 "
+     "(Table 1) or |D_i − 1| < 0.1 with ||W_i|| ≥ 0.1", "toylab default": "share of represented features (||W_i|| > 0.5) with "
+     "|D_i − 1| < 0.1, usage-weighted over experts; the paper's features per dimension beside it", "preset=paper": "both"},
+    {"aspect": "dimensionality", "paper": "global D_i = Σ_e u_e D_i^(e) (u_e: top-1 usage), per feature",
+     "toylab default": "usage-weighted mean D_i over represented features", "preset=paper": "the same as toylab"},
+    {"aspect": "specialization", "paper": "no planted groups; experts keep monosemantic the features their K-hot gate gave them",
+     "toylab default": "NMI of the top-1 expert with the planted group vs k-means on the inputs",
+     "preset=paper": "share of an expert's represented features in its K-hot block vs 1/E (with `gate_init=khot`)"},
+    {"aspect": "seeds", "paper": "one model per setting (100 per initialization in Table 1)",
+     "toylab default": "3 seeds, 95% CIs, four-outcome verdicts", "preset=paper": "3 seeds"},
+]
+"""How the paper's setup differs from this study's, read from the paper's public code."""
+
+
 @dataclass(frozen=True)
 class MoESuperpositionConfig:
+    preset: Literal["toylab", "paper"] = "toylab"
+    """Where the fields left unset (None, or `train` at toylab's) take their values: `PRESETS[preset]`."""
     seeds: int = 3
-    n_features: int = 24
-    n_groups: int = 4
+    n_features: int | None = None
+    n_groups: int | None = None
     """Planted feature groups: a sample's active features all come from one group."""
-    sparsity: float = 0.3
+    sparsity: float | None = None
     """Probability that a feature of the sample's group is zero. Low, so that an expert that sees one group's
     samples sees dense features it could give dimensions of their own, while the dense model sees each
     feature in only (1 - sparsity) / n_groups of the samples."""
     importance_decay: float = 1.0
-    capacity: int = 12
-    """Total hidden dimensions E·m, the same for every configuration."""
-    experts: tuple[int, ...] = (1, 2, 4, 6)
-    top_k: tuple[int, ...] = (1, 2)
+    capacity: int | None = None
+    """Hidden dimensions: E·m in total (`capacity_mode="total"`) or m per expert (`"per_expert"`, the paper's)."""
+    capacity_mode: Literal["total", "per_expert"] | None = None
+    experts: tuple[int, ...] | None = None
+    top_k: tuple[int, ...] | None = None
     """k values tried for every E (k = E, every expert on every sample, is always added)."""
     gate_weights: Literal["renormalized", "softmax"] = "renormalized"
     """Weight of the chosen expert at k = 1: 1 (Chaudhari et al.) or the router probability (Switch)."""
-    load_balance_weight: float = 0.01
-    train: ToyTrainConfig = ToyTrainConfig(steps=2000, batch_size=512, lr=1e-2)
+    gate_init: Literal["xavier", "khot"] = "xavier"
+    load_balance_weight: float | None = None
+    train: ToyTrainConfig = TOYLAB_TRAIN
     n_eval: int = 4000
     n_permutations: int = 500
     eval_seed: int = 20261121
     mono_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None or (key == "train" and self.train == TOYLAB_TRAIN):
+                object.__setattr__(self, key, value)
         if self.seeds < 1 or self.n_eval < 1 or self.n_permutations < 1:
             raise ValueError("seeds, n_eval and n_permutations must be >= 1")
-        if not self.experts or any(e < 1 or self.capacity % e for e in self.experts):
+        if not self.experts or any(e < 1 or (self.capacity_mode == "total" and self.capacity % e) for e in self.experts):
             raise ValueError(f"every number of experts must divide capacity={self.capacity} (got {self.experts})")
         if not self.top_k or min(self.top_k) < 1:
             raise ValueError(f"top_k values must be >= 1 (got {self.top_k})")
@@ -95,6 +158,10 @@ class MoESuperpositionConfig:
         if max(self.top_k) > max(self.experts):
             raise ValueError(f"top_k={max(self.top_k)} exceeds every number of experts (at most {max(self.experts)}); "
                              f"valid: 1..{max(self.experts)}")
+
+    def hidden(self, n_experts: int) -> int:
+        """Hidden dimensions m of each of `n_experts` experts."""
+        return self.capacity // n_experts if self.capacity_mode == "total" else self.capacity
 
     def configurations(self) -> list[tuple[int, int]]:
         """(E, k) pairs, from the sparsest network (smallest k/E) to dense ones."""
@@ -126,13 +193,13 @@ class MoESuperposition(Study):
         inputs = batch.inputs[defined, 0]
         baseline = {
             (e, seed): alignment(kmeans(inputs, e, seed), group[defined], cfg.n_groups, cfg.n_permutations, seed)
-            for e in cfg.experts if e > 1 for seed in range(cfg.seeds)
+            for e in cfg.experts if e > 1 and cfg.n_groups > 1 for seed in range(cfg.seeds)
         }
         configs = {}
         for e, k in ctx.bar(cfg.configurations(), len(cfg.configurations()), "training"):
             model_cfg = ToyModelConfig(
-                n_features=cfg.n_features, n_hidden=cfg.capacity // e, n_instances=cfg.seeds, n_experts=e, top_k=k,
-                gate_weights=cfg.gate_weights, load_balance_weight=cfg.load_balance_weight,
+                n_features=cfg.n_features, n_hidden=cfg.hidden(e), n_instances=cfg.seeds, n_experts=e, top_k=k,
+                gate_weights=cfg.gate_weights, load_balance_weight=cfg.load_balance_weight, gate_init=cfg.gate_init,
             )
             run_dir = ctx.directory / "models" / f"E{e}-k{k}"
             result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=run_dir)
@@ -140,13 +207,14 @@ class MoESuperposition(Study):
         x = [c["network_sparsity"] for c in configs.values() for _ in range(cfg.seeds)]  # one point per (config, seed)
         trends = {
             metric: rank_trend(x, [v for c in configs.values() for v in c["per_seed"][metric]])
-            for metric in ("monosemanticity", "dimensionality", "loss")
+            for metric in ("monosemanticity", "dimensionality", "features_per_dim", "loss")
         }
         results = {
             "task": {"name": task.name, "options": task.options},
             "configurations": configs,
             "trends": trends,
-            "kmeans_nmi": {str(e): mean_ci([baseline[e, s]["nmi"] for s in range(cfg.seeds)], bounds=UNIT) for e in cfg.experts if e > 1},
+            "kmeans_nmi": {str(e): mean_ci([baseline[e, s]["nmi"] for s in range(cfg.seeds)], bounds=UNIT)
+                           for e in cfg.experts if e > 1 and cfg.n_groups > 1},
         }
         results["claims"] = self.claims(results)
         return results
@@ -174,7 +242,10 @@ class MoESuperposition(Study):
             "represented": (feature_norms(W) > REPRESENTED).any(-2).sum(-1).double().numpy(),
             "group_purity": usage_weighted_mean(expert_group_purity(W, self.task.feature_groups), usage).numpy(),
             "router_confidence": confidence.numpy(),
+            "features_per_dim": features_per_dimension(W, usage, k).numpy(),
         }
+        if e > 1 and cfg.gate_init == "khot":
+            per_seed["own_block_share"] = usage_weighted_mean(own_block_share(W, model.khot_blocks), usage).numpy()
         out: dict[str, Any] = {
             "E": e, "k": k, "m": model.cfg.n_hidden, "network_sparsity": k / e,
             **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else None) for name, values in per_seed.items()},
@@ -183,7 +254,9 @@ class MoESuperposition(Study):
             "seed0_global_dimensionality": global_dimensionality(W[0], usage[0]).numpy().round(3).tolist(),
             "seed0_norms": feature_norms(W[0]).numpy().round(3).tolist(),
         }
-        if e > 1:
+        if "own_block_share" in per_seed:
+            out["own_block_verdict"] = compare(per_seed["own_block_share"], np.full(cfg.seeds, 1 / e), MARGIN)
+        if e > 1 and cfg.n_groups > 1:
             defined = group != IGNORE
             routed = [
                 alignment(experts[defined, seed, 0].numpy(), group[defined], cfg.n_groups, cfg.n_permutations, seed)
@@ -206,7 +279,8 @@ class MoESuperposition(Study):
     def claims(self, results: dict[str, Any]) -> list[dict[str, str]]:
         """The paper's qualitative results beside the measured trends."""
         trends, configs = results["trends"], results["configurations"]
-        sparsest, dense = next(iter(configs.values())), configs["E1-k1"]
+        sparsest = min(configs.values(), key=lambda c: (c["network_sparsity"], c["E"]))
+        dense = configs["E1-k1"]
         loss = compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"])
 
         def trend(name: str) -> str:
@@ -216,16 +290,45 @@ class MoESuperposition(Study):
         def falls(name: str) -> bool:
             return trends[name]["rho"] < 0 and trends[name]["p_value"] < 0.05
 
-        return [
+        def rises(name: str) -> bool:
+            return trends[name]["rho"] > 0 and trends[name]["p_value"] < 0.05
+
+        claims = [
             {"claim": "Greater network sparsity (smaller k/E) gives greater monosemanticity",
              "measured": trend("monosemanticity"), "held": "yes" if falls("monosemanticity") else "**no**"},
             {"claim": "... represented features get more of a dimension each (usage-weighted mean D_i)",
              "measured": trend("dimensionality"), "held": "yes" if falls("dimensionality") else "**no**"},
+            {"claim": "... fewer features per dimension (the paper's Σ_e u_e ||W_e||²_F / (m k))",
+             "measured": trend("features_per_dim"), "held": "yes" if rises("features_per_dim") else "**no**"},
             {"claim": "... without sacrificing performance",
              "measured": f"loss of the sparsest network (E={sparsest['E']}, k={sparsest['k']}) {fmt_ci(sparsest['loss'], 5)} "
                          f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(loss, 5)}",
              "held": {"equivalent": "yes", "less": "yes", "more": "**no**"}.get(loss["verdict"], "unclear")},
         ]
+        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1]
+        for name, label, better, margin in (
+            ("monosemanticity", "more monosemantic", "more", MARGIN), ("dimensionality", "give features more of a dimension", "more", MARGIN),
+            ("features_per_dim", "have fewer features per dimension", "less", LOSS_MARGIN * dense["features_per_dim"]["mean"]),
+        ):
+            verdicts = [(c, compare(c["per_seed"][name], dense["per_seed"][name], margin)) for c in top1]
+            claims.append({
+                "claim": f"Top-1 MoEs {label} than the dense model (the paper's MoE-vs-dense comparison)",
+                "measured": "; ".join(f"E={c['E']}: {fmt_ci(c[name], 2)} vs dense {fmt_ci(dense[name], 2)}, {verdict_text(v, 2)}"
+                                      for c, v in verdicts),
+                "held": "yes" if verdicts and all(v["verdict"] == better for _, v in verdicts) else "**no**"})
+        if any("own_block_verdict" in c for c in top1):
+            claims.append({
+                "claim": "Experts specialize on coherent feature sets when initialized K-hot (k = 1)",
+                "measured": "; ".join(f"E={c['E']}: own-block share {fmt_ci(c['own_block_share'])} vs chance 1/E, "
+                                      f"{verdict_text(c['own_block_verdict'])}" for c in top1),
+                "held": "yes" if all(c["own_block_verdict"]["verdict"] == "more" for c in top1) else "**no**"})
+        if any("verdict" in c for c in top1):
+            claims.append({
+                "claim": "Top-1 routing organizes around coherent (planted) feature groups, as k-means on the inputs does",
+                "measured": "; ".join(f"E={c['E']}: NMI {fmt_ci(c['routing_nmi'])} vs k-means {fmt_ci(c['kmeans_nmi'])}, "
+                                      f"{verdict_text(c['verdict'])}" for c in top1),
+                "held": "yes" if all(c["verdict"]["verdict"] in ("more", "equivalent") for c in top1) else "**no**"})
+        return claims
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
@@ -235,6 +338,8 @@ class MoESuperposition(Study):
                 "mean D (represented)": fmt_ci(c["dimensionality"], 2),
                 "represented": fmt_ci(c["represented"], 1),
                 "group purity": fmt_ci(c["group_purity"], 2),
+                "features per dim (paper)": fmt_ci(c["features_per_dim"], 2),
+                **({"own K-hot block": fmt_ci(c["own_block_share"], 2) if c["E"] > 1 else "–"} if self.config.gate_init == "khot" else {}),
                 "loss": fmt_ci(c["loss"], 5),
                 "router confidence": fmt(c["router_confidence"]["mean"], 2),
             }
@@ -250,12 +355,12 @@ class MoESuperposition(Study):
                 "ARI routing": fmt_ci(c["routing_ari"]),
                 "routing vs k-means": verdict_text(c["verdict"]),
             }
-            for c in results["configurations"].values() if c["E"] > 1
+            for c in results["configurations"].values() if "verdict" in c
         ]
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, configs = self.config, results["configurations"]
-        moe = [name for name, c in configs.items() if c["E"] > 1]
+        moe = [name for name, c in configs.items() if "verdict" in c]  # MoEs scored against planted groups
         frame = pd.DataFrame(
             [{"config": name, "assignment": label, "label": "group", **configs[name][key]}
              for name in moe for key, label in (("routing_nmi", "routing (top-1 expert)"), ("kmeans_nmi", "k-means on inputs"),
@@ -263,7 +368,8 @@ class MoESuperposition(Study):
         )
         showcase = max((c for c in configs.values() if c["k"] == 1), key=lambda c: c["E"])
         figures = [
-            ("Monosemanticity, mean D_i of represented features and loss vs network sparsity k/E (one dot per seed)",
+            ("Monosemanticity, mean D_i of represented features, the paper's features per dimension and loss vs network "
+             "sparsity k/E (one dot per seed)",
              ctx.figure("network_sparsity", sparsity_figure(results))),
             (f"Feature dimensionality D_i per expert and feature, E={showcase['E']}, k=1, seed 0 (dashed lines: planted groups)",
              ctx.figure("experts_features", expert_feature_figure(showcase, self.task.feature_groups))),
@@ -277,47 +383,54 @@ class MoESuperposition(Study):
                             ctx.figure("experts_groups", contingency_heatmaps(tables, groups, "group → expert"))))
         held = sum(c["held"] == "yes" for c in results["claims"])
         aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in moe) for v in ("more", "less", "equivalent", "inconclusive")}
-        sections = [
-            "# Superposition in mixtures of experts (Chaudhari et al. 2025)",
-            f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
-            + (f"Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
-               + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(moe)} MoE configurations."
-               if moe else ""),
-            "## What was run",
-            f"Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
-            f"groups; each sample draws its active features from one group (each active with probability {1 - cfg.sparsity:.2f}). "
-            f"Toy MoEs x' = Σ_j w_j ReLU(W_eᵀW_e x + b_e) over the top-k experts of a linear softmax gate, at fixed total "
-            f"capacity E·m = {cfg.capacity}, for (E, k) in {cfg.configurations()}, {cfg.gate_weights} gate weights, "
-            f"load-balancing weight {cfg.load_balance_weight}; {cfg.seeds} seeds as instances of one model per (E, k), {cfg.train.steps} steps "
-            f"(batch {cfg.train.batch_size}, lr {cfg.train.lr}). Analysis on {cfg.n_eval} held-out samples (seed {cfg.eval_seed}); "
-            f"nulls use {cfg.n_permutations} shuffles.",
-            "## The paper's results beside the measured ones",
-            markdown_table(results["claims"]),
-            "## Per configuration (mean [95% CI] over seeds)",
-            markdown_table(self.summary(results)),
-            "## Do experts align with the planted groups beyond k-means on the inputs?",
-            markdown_table(self.alignment_rows(results)) if moe else "(no configuration with more than one expert)",
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.replace("the tolerance", f"±{cfg.mono_tolerance}").format(
-                margin=MARGIN, loss_margin=LOSS_MARGIN, interval=INTERVAL_NOTE),
+        blocks = [
+            Text(f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
+                 + (f"Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
+                    + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(moe)} MoE configurations."
+                    if moe else "")),
+            Section("What was run", [Text(
+                f"Preset `{cfg.preset}`. Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
+                f"group(s); each sample draws its active features from one group (each active with probability {1 - cfg.sparsity:.2f}). "
+                f"Toy MoEs x' = Σ_j w_j ReLU(W_eᵀW_e x + b_e) over the top-k experts of a linear softmax gate ({cfg.gate_init} "
+                f"initialization), at " + (f"fixed total capacity E·m = {cfg.capacity}" if cfg.capacity_mode == "total" else
+                                           f"m = {cfg.capacity} hidden dimensions per expert") +
+                f", for (E, k) in {cfg.configurations()}, {cfg.gate_weights} gate weights, "
+                f"load-balancing weight {cfg.load_balance_weight}; {cfg.seeds} seeds as instances of one model per (E, k), {cfg.train.steps} steps "
+                f"(batch {cfg.train.batch_size}, lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}). Analysis on {cfg.n_eval} held-out samples (seed {cfg.eval_seed}); "
+                f"nulls use {cfg.n_permutations} shuffles.")]),
+            Section("The paper's results beside the measured ones", [
+                Table(results["claims"]),
+                Text(f"Each claim is checked under this run's preset (`{cfg.preset}`); the other preset is one invocation away "
+                     f"(`toylab study run moe-superposition --set preset=paper`, or without it for toylab's), and README.md "
+                     f"records both outcomes."),
+            ]),
+            Section("How the paper's setup differs from this study's", [Table(DIFFERENCES)]),
+            Section("Per configuration (mean [95% CI] over seeds)", [Table(self.summary(results))]),
+            Section("Do experts align with the planted groups beyond k-means on the inputs?",
+                    [Table(self.alignment_rows(results)) if moe else Text("(none: no MoE configuration, or the task has a single feature group)")]),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.replace("the tolerance", f"±{cfg.mono_tolerance}").format(
+                margin=MARGIN, loss_margin=LOSS_MARGIN, interval=INTERVAL_NOTE))]),
         ]
-        return "\n\n".join(sections) + "\n"
+        return Document("Superposition in mixtures of experts (Chaudhari et al. 2025)", blocks)
+
+
+SPARSITY_METRICS = ("monosemanticity", "dimensionality", "features_per_dim", "loss")
 
 
 def sparsity_figure(results: dict[str, Any]) -> plt.Figure:
     rows = [
         {"k/E": c["network_sparsity"], "E": str(c["E"]), "metric": metric, "value": value}
         for c in results["configurations"].values()
-        for metric in ("monosemanticity", "dimensionality", "loss")
+        for metric in SPARSITY_METRICS
         for value in c["per_seed"][metric]
     ]
     frame = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, metric in zip(axes, ("monosemanticity", "dimensionality", "loss")):
+    fig, axes = plt.subplots(1, len(SPARSITY_METRICS), figsize=(17, 3.6))
+    for ax, metric in zip(axes, SPARSITY_METRICS):
         sub = frame[frame["metric"] == metric]
         sns.stripplot(data=sub, x="k/E", y="value", hue="E", ax=ax, dodge=False, jitter=0.15, size=5, native_scale=True,
-                      log_scale=(2, False), legend=metric == "loss")
+                      log_scale=(2, False), legend=metric == SPARSITY_METRICS[-1])
         ax.set(title=metric, ylabel="", xlabel="network sparsity k/E")
     fig.tight_layout()
     return fig

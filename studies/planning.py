@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.probes import SCORES, ahead, probe_residual_stream, residual_stream, summarize_probes
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
@@ -17,7 +18,10 @@ from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves, verdict_text
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+    verdict_text,
+)
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
 from toylab.training import TrainConfig, evaluate, load_trained
@@ -177,6 +181,7 @@ class Planning(Study):
             else None
             for s in ctx.bar(range(cfg.seeds), cfg.seeds, "specialization")
         ]
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], eval_batch)
 
         def scores_of(prefix: str) -> dict[str, list[float]]:
             runs = [performance[f"{prefix}-seed{s}"] for s in range(cfg.seeds)]
@@ -280,7 +285,7 @@ class Planning(Study):
             )
         return [f"- {line}" for line in lines]
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
         summary = pd.DataFrame(results["probe_summary"])
@@ -288,16 +293,16 @@ class Planning(Study):
             for kind in self.models:
                 frame = summary[(summary["model"] == kind) & (summary["offset"] == 0)]
                 frame = pd.concat([frame.drop(columns=[*SCORES, "verdict"]), frame["accuracy"].apply(pd.Series)], axis=1)
-                figures.append((f"{kind}: probe accuracy by layer and position type (mean, 95% CI over seeds)",
-                                ctx.figure(f"probes_{kind}", interval_bars(frame, "layer", "position", "target", "accuracy"))))
+                figures.append(Figure(ctx.figure(f"probes_{kind}", interval_bars(frame, "layer", "position", "target", "accuracy")),
+                                      f"{kind}: probe accuracy by layer and position type (mean, 95% CI over seeds)"))
             steps = summary[(summary["position"] == "step") & summary["target"].str.startswith(("next move", "move +"))]
             long = [{"cells ahead": r["offset"], "series": r["model"], "layer": r["layer"], **r["accuracy"]}
                     for _, r in steps.iterrows()]
             long += [{"cells ahead": r["offset"], "series": series, "layer": r["layer"], **r[score]}
                      for series, score in (("majority baseline", "baseline"), ("shuffled control (dense)", "shuffled"))
                      for _, r in steps[steps["model"] == "dense"].iterrows()]
-            figures.append(("How far ahead: the optimal move k path cells later, probed at path cells (mean, 95% CI)",
-                            ctx.figure("plan_ahead", interval_bars(pd.DataFrame(long), "cells ahead", "series", "layer", "accuracy"))))
+            figures.append(Figure(ctx.figure("plan_ahead", interval_bars(pd.DataFrame(long), "cells ahead", "series", "layer", "accuracy")),
+                                  "How far ahead: the optimal move k path cells later, probed at path cells (mean, 95% CI)"))
         if results["specialization"]:
             frame = pd.DataFrame(
                 [{"layer": layer, "label": label, "assignment": kind, **s[f"{kind}_nmi"]}
@@ -305,13 +310,13 @@ class Planning(Study):
                 + [{"layer": layer, "label": label, "assignment": "shuffled null", **s["null_nmi"]}
                    for layer, labels in results["specialization"].items() for label, s in labels.items()]
             )
-            figures.append(("Expert specialization: NMI of each label with routing, k-means and the null (mean, 95% CI)",
-                            ctx.figure("specialization", interval_bars(frame, "label", "assignment", "layer", "NMI"))))
+            figures.append(Figure(ctx.figure("specialization", interval_bars(frame, "label", "assignment", "layer", "NMI")),
+                                  "Expert specialization: NMI of each label with routing, k-means and the null (mean, 95% CI)"))
         logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
                 if (ctx.directory / path / "metrics.csv").is_file()}
         if logs:
-            figures.append(("Training curves (training loss; validation maze accuracy, teacher-forced)",
-                            ctx.figure("training_curves", training_curves(logs, ["train_loss", "val_maze_accuracy"]))))
+            figures.append(Figure(ctx.figure("training_curves", training_curves(logs, ["train_loss", "val_maze_accuracy"])),
+                                  "Training curves (training loss; validation maze accuracy, teacher-forced)"))
 
         perf_columns = ["solve_rate", "reach_rate", "move_accuracy", "maze_accuracy", "larger_solve_rate", "larger_reach_rate"]
         perf_rows = [
@@ -331,39 +336,33 @@ class Planning(Study):
              "routing max p": fmt(s["routing_max_p_value"], 4), "routing vs k-means": s["verdict"]["verdict"]}
             for layer, labels in results["specialization"].items() for label, s in labels.items()
         ]
-        sections = [
-            "# Planning in gridworld mazes",
-            f"**Bottom line.** {self.bottom_line(results)}",
-            "## What was run",
-            f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}",
-            f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
-            f"each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
-            f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
-            + (f"; larger mazes: size {cfg.larger_size} on the same canvas, whose positions beyond the training length "
-               "exist in every model but are never trained." if self.larger else "."),
-            "## Findings",
-            "\n".join(self.findings(results)),
-            "## Solving mazes (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf_rows),
+        blocks = [
+            Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("What was run", [Text(
+                f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}\n\n"
+                f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
+                f"each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
+                f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
+                + (f"; larger mazes: size {cfg.larger_size} on the same canvas, whose positions beyond the training length "
+                   "exist in every model but are never trained." if self.larger else "."))]),
+            Section("Findings", [Text("\n".join(self.findings(results)))]),
+            Section("Solving mazes (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
         ]
         if results["thinking_time"]:
-            sections += [
-                "## Thinking time: pause tokens before the path",
-                markdown_table([
-                    {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses (90% CI)": fmt_ci(c), "p": fmt(c["p_value"]),
-                     "detectable": fmt(c["detectable"]), "verdict": c["verdict"]}
-                    for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
-                ]),
-            ]
-        sections += [
-            "## Where the plan appears: linear probes",
-            markdown_table(probe_rows),
-            "## Expert specialization on the planning labels",
-            markdown_table(spec_rows) if spec_rows else "(no MoE runs finished)",
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.format(margin=MARGIN, interval=INTERVAL_NOTE),
+            blocks.append(Section("Thinking time: pause tokens before the path", [Table([
+                {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses (90% CI)": fmt_ci(c), "p": fmt(c["p_value"]),
+                 "detectable": fmt(c["detectable"]), "verdict": c["verdict"]}
+                for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
+            ])]))
+        blocks += [
+            Section("Where the plan appears: linear probes", [Table(probe_rows)]),
+            Section("Expert specialization on the planning labels", [Table(spec_rows) if spec_rows else Text("(no MoE runs finished)")]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += [
+            *expert_map_section(ctx.directory, N_SHOWN, "Below the tokens, each maze is drawn with its path's cells coloured by "
+                                "the expert of the step that enters them."),
+            Section("Figures", figures),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=MARGIN, interval=INTERVAL_NOTE))]),
+        ]
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document("Planning in gridworld mazes", blocks)

@@ -17,7 +17,7 @@ from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, load_trained
 
@@ -29,7 +29,7 @@ METRIC_NOTES = """\
 - **Controls**: *shuffled*, the same procedure with the targets permuted across the probed tokens (its F1 is what base rates alone give: an expert that sees a class often scores higher here too); *random basis*, the same layer's activations in a random orthonormal basis (is a neuron basis better than any basis?); the **label router**, an MoE whose router sends class c of `{router_label}` to expert c mod {label_experts}, so its experts specialize by that label by construction.
 - **Gap**: per seed, macro F1 at k = 1 of the MoE's best experts minus the dense model's, over the classes both probe; *raw* compares F1, *above shuffled* compares each model's F1 minus its own shuffled control (what base rates inside an expert do not explain).
 - **Routing sparsity**: log2(E / top-k), the number of halvings of the share of experts a token uses (dense = 0). **Trend**: per seed, the least-squares slope of the gap on routing sparsity over the learned-router MoEs.
-- **Robustness**: for the models in `robustness`, neurons are also ranked by mutual information (scikit-learn's `mutual_info_classif` on at most 2000 training tokens).
+- **Robustness**: for the models in `robustness`, neurons are also ranked by their mutual information with the target (each neuron cut into 16 equal-frequency bins on the training tokens).
 - **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level; δ = {margin} in F1; for a trend, δ divided by the span of sparsity swept, so "equivalent" means the gap changes by less than δ across the whole sweep), **inconclusive** otherwise (with the smallest difference the seeds would detect).
 - {interval}
 """
@@ -221,7 +221,7 @@ class SparseProbing(Study):
                              f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])}).")
         return lines + [f"- Equivalence margin δ = {margin}; intervals are 90% for verdicts (TOST), 95% elsewhere."]
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         frame = pd.DataFrame(results["macro_f1"])
         figures = []
@@ -254,34 +254,27 @@ class SparseProbing(Study):
         ]
         skipped = [{"model": name, "skipped (expert, class) pairs": s["pairs"], "of": s["of"]} for name, s in results["skipped"].items()]
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
-        sections = [
-            f"# k-sparse probing of expert and dense neurons on `{task.name}`",
-            "## What was run",
-            f"Task `{task.name}` with options `{task.options}`. {task.describe()}",
-            f"A dense transformer and MoEs with top-k ∈ {list(cfg.top_ks)} and E ∈ {list(cfg.n_experts)} (d_expert = d_mlp / top-k, so "
-            f"active parameters match the dense MLP), shared options `{cfg.model}`"
-            + (f", and a label-router MoE on `{self.router_label}` ({self.label_experts} experts)" if self.router_label else "")
-            + f"; each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
-            f"Probes read {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}), k ∈ {list(cfg.ks)}.",
-            "## Answers",
-            f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers.",
-            "\n".join(self.answers(results)),
-            "## Model performance (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf),
-            "## k=1 F1 by model, layer and label",
-            markdown_table(self.summary(results)),
-            "## Expert vs dense neurons, every MoE, layer and label",
-            markdown_table(comparison_rows),
-            "## Does the gap widen with sparser routing?",
-            markdown_table(trend_rows) if trend_rows else "(fewer than two learned MoEs)",
-            "## Skipped (expert, class) pairs (too few positives or negatives; summed over seeds)",
-            markdown_table(skipped),
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.format(max_classes=cfg.max_classes, min_count=cfg.min_count, router_label=self.router_label,
-                                label_experts=getattr(self, "label_experts", "n/a"), margin=cfg.margin, interval=INTERVAL_NOTE),
+        blocks = [
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+                f"A dense transformer and MoEs with top-k ∈ {list(cfg.top_ks)} and E ∈ {list(cfg.n_experts)} (d_expert = d_mlp / top-k, so "
+                f"active parameters match the dense MLP), shared options `{cfg.model}`"
+                + (f", and a label-router MoE on `{self.router_label}` ({self.label_experts} experts)" if self.router_label else "")
+                + f"; each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
+                f"Probes read {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}), k ∈ {list(cfg.ks)}.")]),
+            Section("Answers", [Text(f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers."),
+                                Text("\n".join(self.answers(results)))]),
+            Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
+            Section("k=1 F1 by model, layer and label", [Table(self.summary(results))]),
+            Section("Expert vs dense neurons, every MoE, layer and label", [Table(comparison_rows)]),
+            Section("Does the gap widen with sparser routing?",
+                    [Table(trend_rows) if trend_rows else Text("(fewer than two learned MoEs)")]),
+            Section("Skipped (expert, class) pairs (too few positives or negatives; summed over seeds)", [Table(skipped)]),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(
+                max_classes=cfg.max_classes, min_count=cfg.min_count, router_label=self.router_label,
+                label_experts=getattr(self, "label_experts", "n/a"), margin=cfg.margin, interval=INTERVAL_NOTE))]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"k-sparse probing of expert and dense neurons on `{task.name}`", blocks)
 

@@ -26,7 +26,7 @@ from toylab.analysis.superposition import (
 )
 from toylab.models.superposition import SparseFeatures, ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, markdown_table, verdict_text
+from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, verdict_text
 from toylab.study import Study, StudyContext
 
 FRACTION_NAMES = [*GEOMETRIC_FRACTIONS, "other"]
@@ -249,7 +249,7 @@ class Superposition(Study):
             for i, s in enumerate(results["sparsities"])
         ]
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg = self.config
         figures = [
             (f"ReLU model, seed 0: ||W_i|| per feature coloured by superposition (top) and W^T W (bottom), per sparsity",
@@ -278,29 +278,24 @@ class Superposition(Study):
         ]
         held = sum(c["held_seeds"] == c["seeds"] for c in results["claims"])
         partly = sum(0 < c["held_seeds"] < c["seeds"] for c in results["claims"])
-        sections = [
-            "# Superposition in toy models (Elhage et al. 2022)",
-            f"**Bottom line.** Of the paper's {len(results['claims'])} results checked here, {held} held in every seed, "
-            f"{partly} in some seeds and {len(results['claims']) - held - partly} in none (table below).",
-            "## What was run",
-            f"Toy models x' = ReLU(WᵀWx + b) (and the linear x' = WᵀWx + b) with n={cfg.n_features} features, "
-            f"m={cfg.n_hidden} hidden dimensions and importance I_i = {cfg.importance_decay}^i, trained at sparsities "
-            f"{', '.join(map(str, cfg.sparsities))} with {cfg.seeds} seeds each, all instances as one instance-batched model "
-            f"({cfg.train.steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}, fresh data each step). "
-            f"For the dimensionality sweep, n={cfg.geometry_features}, m={cfg.geometry_hidden}, uniform importance, "
-            f"{cfg.geometry_points} sparsities with 1/(1-S) log-spaced from 1 to {cfg.geometry_max_inverse_density} "
-            f"({cfg.geometry_train.steps} steps, batch {cfg.geometry_train.batch_size}, lr {cfg.geometry_train.lr}).",
-            "## The paper's results beside the measured ones",
-            markdown_table(claims),
-            "## Sparsity sweep (ReLU and linear)",
-            markdown_table(self.summary(results)),
-            "## Dimensionality sweep",
-            markdown_table(geo_rows),
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.replace("{margin}", f"{FEATURE_MARGIN:g}").replace("{interval}", INTERVAL_NOTE),
+        blocks = [
+            Text(f"**Bottom line.** Of the paper's {len(results['claims'])} results checked here, {held} held in every seed, "
+                 f"{partly} in some seeds and {len(results['claims']) - held - partly} in none (table below)."),
+            Section("What was run", [Text(
+                f"Toy models x' = ReLU(WᵀWx + b) (and the linear x' = WᵀWx + b) with n={cfg.n_features} features, "
+                f"m={cfg.n_hidden} hidden dimensions and importance I_i = {cfg.importance_decay}^i, trained at sparsities "
+                f"{', '.join(map(str, cfg.sparsities))} with {cfg.seeds} seeds each, all instances as one instance-batched model "
+                f"({cfg.train.steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}, fresh data each step). "
+                f"For the dimensionality sweep, n={cfg.geometry_features}, m={cfg.geometry_hidden}, uniform importance, "
+                f"{cfg.geometry_points} sparsities with 1/(1-S) log-spaced from 1 to {cfg.geometry_max_inverse_density} "
+                f"({cfg.geometry_train.steps} steps, batch {cfg.geometry_train.batch_size}, lr {cfg.geometry_train.lr}).")]),
+            Section("The paper's results beside the measured ones", [Table(claims)]),
+            Section("Sparsity sweep (ReLU and linear)", [Table(self.summary(results))]),
+            Section("Dimensionality sweep", [Table(geo_rows)]),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.replace("{margin}", f"{FEATURE_MARGIN:g}").replace("{interval}", INTERVAL_NOTE))]),
         ]
-        return "\n\n".join(sections) + "\n"
+        return Document("Superposition in toy models (Elhage et al. 2022)", blocks)
 
 
 def held_text(held: int, seeds: int) -> str:

@@ -8,11 +8,14 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.similarity import pair_similarity, residual_streams, summarize_similarity
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
-from toylab.report import fmt, fmt_ci, interval_bars, markdown_table, training_curves
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+)
 from toylab.report import verdict_text as seed_verdict_text
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
@@ -106,6 +109,7 @@ class TransferStudy(Study):
                 for seed in range(2 * cfg.replicates) for kind, options in reversed(self.models.items())]
         ctx.train(jobs)
         performance = ctx.analyse_runs(jobs, self.evaluate_run, "evaluating")
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
         pairs = [p for p in self.pairs() if p[2] in performance and p[3] in performance]
         found = ctx.map(self.compare_runs, [ctx.run_dir(p[2]) for p in pairs], [ctx.run_dir(p[3]) for p in pairs],
                         [p[0] for p in pairs], description="comparing")
@@ -173,7 +177,7 @@ class TransferStudy(Study):
                 f"between MoE seeds: {reading[verdict]} ({verdict_text(cka['verdicts']['dense-dense'])}). Probes moved across "
                 f"architectures by Procrustes transfer (at every layer after the embeddings, both ways) — {named}.")
 
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
         if results["similarity"]:
@@ -198,26 +202,22 @@ class TransferStudy(Study):
             f"vs MoE seeds: {verdict_text(s['verdicts']['moe-moe'])}."
             for layer, metrics in results["similarity"].items() for metric, s in metrics.items()
         ]
-        sections = [
-            f"# Do dense and MoE transformers learn the same representation? (`{task.name}`)",
-            f"**Bottom line.** {self.bottom_line(results)}",
-            "## What was run",
-            f"Task `{task.name}` with options `{task.options}`. {task.describe()}",
-            f"{cfg.replicates} replicates, each with two dense and two MoE transformers ({cfg.n_experts} experts, top-{cfg.top_k}, "
-            f"router `{cfg.router}`; seeds 2r and 2r + 1) with shared options `{cfg.model}`, trained for {cfg.train.steps} steps "
-            f"(batch {cfg.train.batch_size}, lr {cfg.train.lr}). Residual streams were compared on the real tokens of {cfg.n_eval} "
-            f"held-out sequences (seed {cfg.eval_seed}); CKA and RSA on {cfg.n_tokens} of them.",
-            "## Model performance (held-out, mean [95% CI] over seeds)",
-            markdown_table(perf_rows),
-            "## Is dense–MoE similarity within the seed-to-seed range?",
-            "\n".join(similarity_lines) or "(no replicate finished)",
-            markdown_table(self.summary(results)),
-            "## Which labels' probes transfer?",
-            markdown_table(self.probe_rows(results)),
-            *[f"### {caption}\n\n![{caption}]({path})" for caption, path in figures],
-            "## What the numbers mean",
-            METRIC_NOTES.format(n_eval=cfg.n_eval, n_tokens=cfg.n_tokens, margin=cfg.margin, interval=INTERVAL_NOTE),
+        blocks = [
+            Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+                f"{cfg.replicates} replicates, each with two dense and two MoE transformers ({cfg.n_experts} experts, top-{cfg.top_k}, "
+                f"router `{cfg.router}`; seeds 2r and 2r + 1) with shared options `{cfg.model}`, trained for {cfg.train.steps} steps "
+                f"(batch {cfg.train.batch_size}, lr {cfg.train.lr}). Residual streams were compared on the real tokens of {cfg.n_eval} "
+                f"held-out sequences (seed {cfg.eval_seed}); CKA and RSA on {cfg.n_tokens} of them.")]),
+            Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
+            Section("Is dense–MoE similarity within the seed-to-seed range?",
+                    [Text("\n".join(similarity_lines) or "(no replicate finished)"), Table(self.summary(results))]),
+            Section("Which labels' probes transfer?", [Table(self.probe_rows(results))]),
+            *expert_map_section(ctx.directory, N_SHOWN),
+            Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(n_eval=cfg.n_eval, n_tokens=cfg.n_tokens, margin=cfg.margin,
+                                                                        interval=INTERVAL_NOTE))]),
         ]
-        if results["failed_runs"]:
-            sections += ["## Failed runs", *[f"- `{f['run']}`: {f['error']}" for f in results["failed_runs"]]]
-        return "\n\n".join(sections) + "\n"
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"Do dense and MoE transformers learn the same representation? (`{task.name}`)", blocks)

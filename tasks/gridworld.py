@@ -337,6 +337,18 @@ class Gridworld(Task):
             out.append((maze, self.cell_of(sequence[1]), self.cell_of(sequence[2])))
         return out
 
+    def grid(self, inputs: np.ndarray) -> list[dict[str, Any]]:
+        """Each maze on its canvas: open edges, start, goal, and the path cells by position (see `Task.grid`)."""
+        edge_min = CELL + self.canvas**2
+        out = []
+        for sequence in inputs:
+            marker = int(np.flatnonzero(sequence == PATH)[0])
+            edges = [[int(x) for cell in self.edge_of(t) for x in cell] for t in sequence if edge_min <= t < len(self.vocab)]
+            path = [[p, *map(int, self.cell_of(t))] for p, t in enumerate(sequence) if p > marker and CELL <= t < edge_min]
+            out.append({"size": self.canvas, "edges": edges, "path": path,
+                        "start": list(map(int, self.cell_of(sequence[1]))), "goal": list(map(int, self.cell_of(sequence[2])))})
+        return out
+
     def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Teacher-forced scores along the given path.
 

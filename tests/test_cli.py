@@ -56,7 +56,7 @@ def test_lists_and_show(capsys):
     code, out, _ = run(capsys, "tasks", "list")
     assert code == 0 and "brackets" in out
     code, out, _ = run(capsys, "study", "list")
-    assert code == 0 and "expert-specialization" in out
+    assert code == 0 and "expert-specialization" in out and "routing-variants" in out
     code, out, _ = run(capsys, "tasks", "show", "brackets", "-n", "2")
     assert code == 0 and "stack_top" in out and "function" in out and "sample 1:" in out
     code, out, _ = run(capsys, "study", "run", "--help")

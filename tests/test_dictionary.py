@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, r2_score
 
 from toylab.analysis.dictionary import (
+    assignment_codes,
     chance_mean_max_cosine,
+    code_rsa,
     cosines,
     detection_f1,
     expert_codes,
@@ -125,6 +127,21 @@ def test_label_detection_finds_a_planted_class_detector() -> None:
     assert label_detection(np.random.default_rng(1).random((1000, 3)) - 0.5, label) < 0.6
 
 
+def test_code_rsa_is_one_for_the_same_code_and_near_zero_without_correspondence() -> None:
+    rng = np.random.default_rng(0)
+    codes = np.maximum(rng.normal(size=(300, 12)), 0)  # sparse non-negative, like SAE latents
+    same = code_rsa(codes, 3 * codes[:, rng.permutation(12)], seed=0)  # rescaled, latents reordered: same geometry
+    assert same["rsa"] == pytest.approx(1.0) and abs(same["shuffled"]) < 0.05
+    independent = code_rsa(codes, np.maximum(rng.normal(size=(300, 5)), 0), seed=0)
+    assert abs(independent["rsa"]) < 0.05 and abs(independent["shuffled"]) < 0.05
+    routing = assignment_codes(np.array([[0], [2], [-1]]), np.log([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.3, 0.5]]))
+    assert routing["onehot"].tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]  # an empty slot (-1) marks nothing
+    assert np.allclose(routing["router"], [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.3, 0.5]])
+    tokens = rng.integers(0, 4, 300)  # an expert assignment that is a function of a code's cluster
+    clustered = np.eye(4)[tokens] + 0.05 * rng.normal(size=(300, 4))
+    assert code_rsa(clustered, assignment_codes(tokens[:, None], np.zeros((300, 4)))["onehot"], seed=0)["rsa"] > 0.5
+
+
 @pytest.mark.slow
 def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     from toylab.study import run_study
@@ -135,3 +152,7 @@ def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     point = results["planted"]["grid"][0]
     assert point["switch_vs_sae_mmcs"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
     assert all(0 <= point[m]["mmcs"]["mean"] <= 1 for m in ("sae", "switch"))
+    rsa = results["tokens"]["rsa"]
+    assert set(rsa["seed_to_seed"]) == {"sae", "switch", "onehot", "router"}
+    for pair in ("sae-switch", "sae-onehot", "switch-router"):
+        assert -1 <= rsa[pair]["rsa"]["mean"] <= 1 and {"vs_shuffled", f"vs_{pair.split('-')[0]}_seeds"} <= set(rsa[pair])

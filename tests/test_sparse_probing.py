@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, mutual_info_score
 
 from toylab import get_task
 from toylab.analysis.sparse_probing import (
     binary_targets,
+    binned_mutual_info,
     class_scores,
     compare_gaps,
     f1_scores,
@@ -20,6 +21,7 @@ from toylab.analysis.sparse_probing import (
     gap_trend,
     gaps,
     macro_f1,
+    neuron_bins,
     rank_neurons,
     skipped_pairs,
     sparse_probe,
@@ -90,6 +92,19 @@ def test_ranking_puts_the_planted_neuron_first() -> None:
         assert rank_neurons(acts, targets, ranking)[0, 0] == 5
     with pytest.raises(ToylabError, match="valid: mean_difference, mutual_info"):
         rank_neurons(acts, targets, "l2")
+
+
+def test_binned_mutual_info_matches_scikit_learn() -> None:
+    acts, targets, _ = planted(n=1500, d=6)
+    acts[:, 2] = np.maximum(acts[:, 2], 0)  # ties (a ReLU's zeros) share a bin
+    bins = neuron_bins(acts, 8)
+    assert bins.min() == 0 and bins.max() == 7
+    assert np.abs(np.bincount(bins[:, 0], minlength=8) - 1500 / 8).max() <= 1  # equal-frequency bins
+    scores = binned_mutual_info(acts, targets, 8)
+    for c in range(targets.shape[1]):
+        for j in range(acts.shape[1]):
+            assert scores[c, j] == pytest.approx(mutual_info_score(bins[:, j], targets[:, c]), abs=1e-12)
+    assert scores[0].argmax() == 5 and scores[0, 5] > 10 * np.delete(scores[0], 5).max()  # planted vs noise
 
 
 def test_rare_classes_are_skipped() -> None:

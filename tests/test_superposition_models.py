@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from toylab.analysis.superposition import feature_dimensionality, feature_norms, features_represented
+from toylab.analysis.superposition import (
+    feature_dimensionality,
+    feature_norms,
+    features_per_dimension,
+    features_represented,
+    own_block_share,
+)
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models.superposition import (
@@ -142,7 +148,40 @@ def test_load_balance_loss() -> None:
     assert torch.allclose(model.aux_loss(), 0.5 * model.load_balance_loss(probs, cache["hook_expert_indices"]))
 
 
+def test_khot_gate_routes_each_block_to_its_expert() -> None:
+    """Chaudhari et al.'s K-hot initialization: disjoint near-equal feature blocks, one per expert; a sample whose
+    active features lie in one block goes to that block's expert; at k = 1 with renormalized weights (and no load
+    balancing) the reconstruction gives the gate no gradient, so routing stays where the initialization put it."""
+    E, n, inst = 3, 8, 2
+    model = ToyMoE(ToyModelConfig(n_features=n, n_hidden=HIDDEN, n_instances=inst, n_experts=E, gate_init="khot"), seeds=[0, 1])
+    blocks = model.khot_blocks
+    assert blocks.shape == (inst, n) and not torch.equal(blocks[0], blocks[1])  # each instance draws its own blocks
+    for i in range(inst):
+        assert sorted(torch.bincount(blocks[i], minlength=E).tolist()) == [2, 3, 3]
+        assert torch.equal(model.W_gate.detach()[i], torch.nn.functional.one_hot(blocks[i], E).T.float())
+    x = torch.zeros(n, inst, n)
+    x[torch.arange(n), :, torch.arange(n)] = 1.0  # sample j: feature j alone
+    _, cache = model.run_with_cache(x)
+    assert torch.equal(cache["hook_expert_indices"][..., 0], blocks.T)
+    model.loss(x, model(x), torch.ones(inst, n)).sum().backward()
+    assert model.W_gate.grad.abs().max() < 1e-8 < model.W.grad.abs().max()  # p / p = 1: zero up to rounding
+    assert ToyMoE(ToyModelConfig(n_features=n, n_experts=E), seeds=[0]).khot_blocks.eq(-1).all()  # Xavier: no blocks
+
+
+def test_own_block_share_and_features_per_dimension_on_planted_weights() -> None:
+    W = torch.zeros(2, 2, 4)  # 2 experts, m = 2, n = 4; expert 0 holds features 0, 1; expert 1 holds 2 and, weakly, 3
+    W[0, 0, 0] = W[0, 1, 1] = W[1, 0, 2] = 1.0
+    W[1, 1, 3] = 0.1
+    blocks = torch.tensor([0, 0, 1, 1])
+    assert own_block_share(W, blocks).tolist() == [1.0, 1.0]
+    assert own_block_share(W, torch.tensor([1, 1, 0, 0])).tolist() == [0.0, 0.0]  # every feature in the other's block
+    assert own_block_share(torch.zeros(2, 2, 4), blocks).isnan().all()  # nothing represented
+    assert features_per_dimension(W, torch.tensor([0.5, 0.5]), top_k=1).item() == pytest.approx(0.5 * 1 + 0.5 * 1.01 / 2)
+    assert features_per_dimension(W, torch.tensor([0.5, 0.5]), top_k=2).item() == pytest.approx((0.5 + 0.5 * 1.01 / 2) / 2)
+
+
 @pytest.mark.parametrize(("cls", "options", "message"), [
+    (ToyModelConfig, {"n_features": 3, "n_experts": 4, "gate_init": "khot"}, "needs n_experts <= n_features"),
     (ToyModelConfig, {"n_experts": 2, "top_k": 3}, "top_k must be in"),
     (ToyModelConfig, {"n_hidden": 0}, "n_hidden must be >= 1"),
     (ToyModelConfig, {"activation": "gelu"}, "valid: relu, linear"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from toylab.errors import ToylabError
-from toylab.study import run_study
+from toylab.study import resolve, run_study
 
 TINY = {
     "superposition": {
@@ -38,11 +38,28 @@ def test_study_runs_and_reports(name: str, tmp_path: Path) -> None:
     assert json.dumps(again.results, sort_keys=True) == json.dumps(outcome.results, sort_keys=True)
 
 
+def test_paper_preset_resolves_and_runs_fast(tmp_path: Path) -> None:
+    """`preset=paper` fills the fields left unset with the paper's setup (explicit values win) and runs end to end."""
+    paper = resolve("moe-superposition", {"preset": "paper", "n_groups": 4}).config
+    assert (paper.n_features, paper.n_groups, paper.sparsity, paper.capacity_mode, paper.load_balance_weight) == (20, 4, 0.9, "per_expert", 0.0)
+    assert (paper.train.lr, paper.train.weight_decay, paper.hidden(4)) == (1e-3, 0.01, paper.capacity)
+    toylab = resolve("moe-superposition").config
+    assert (toylab.n_features, toylab.capacity_mode, toylab.hidden(4), toylab.gate_init) == (24, "total", 3, "xavier")
+    options = {"preset": "paper", "gate_init": "khot", "train": {"steps": 150, "batch_size": 256}}
+    outcome = run_study("moe-superposition", options, tmp_path, fast=True, progress=False)
+    claims = {claim["claim"]: claim for claim in outcome.results["claims"]}
+    assert any("K-hot" in claim for claim in claims) and not any("planted" in claim for claim in claims)  # no groups
+    configs = outcome.results["configurations"]
+    assert {c["m"] for c in configs.values()} == {4} and "own_block_share" in configs["E2-k1"]
+    assert "How the paper's setup differs" in (outcome.directory / "report.md").read_text()
+
+
 @pytest.mark.parametrize(("name", "options", "message"), [
     ("superposition", {"sparsities": (0.5, 0.9)}, "must start at 0"),
     ("superposition", {"sparsities": (0.0, 1.0)}, "increasing values in"),
     ("moe-superposition", {"experts": (1, 5)}, "must divide capacity=12"),
     ("moe-superposition", {"experts": (2, 4)}, "must include 1"),
+    ("moe-superposition", {"preset": "papers"}, "valid: toylab, paper"),
 ])
 def test_bad_study_configs_are_one_line_errors(name: str, options: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ToylabError, match=message):

@@ -188,6 +188,26 @@ def tasks_sample(
         typer.echo(f"wrote {n} sequences to {out}")
 
 
+@tasks_app.command("new", epilog="Examples: toylab tasks new running_sum  |  "
+                   "toylab tasks new running_sum --dir mypkg/tasks --tests-dir mypkg/tests")
+def tasks_new(
+    name: str = typer.Argument(..., help="Task name: a lowercase Python identifier, also the file name NAME.py."),
+    dir_: Optional[Path] = typer.Option(None, "--dir", parser=_path, help="Folder for NAME.py (default: toylab's tasks/ folder)."),
+    tests_dir: Optional[Path] = typer.Option(None, "--tests-dir", parser=_path,
+                                             help="Folder for test_NAME.py (default: tests/ beside the task's folder)."),
+) -> None:
+    """Write a documented task skeleton NAME.py (a working example rule to replace) and its test file with an
+    independent-reference test to fill in; nothing is overwritten. docs/adding-a-task.md walks through it."""
+    from toylab.scaffold import class_name, new_task
+
+    made = new_task(name, dir_, tests_dir)
+    typer.echo(f"wrote {made.task_file}\nwrote {made.test_file}")
+    check = f"python -m pytest {made.test_file}" + (f" tests/test_task_api.py -k {name}" if made.builtin else "")
+    if not made.builtin:
+        typer.echo(f"register it in your package's entry-point group toylab.tasks: {name} = \"PACKAGE.{name}:{class_name(name)}\"")
+    typer.echo(f"next: replace the example rule, fill in reference_outputs, then: {check}")
+
+
 def _table(file: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     """Table `key` of a config file (empty if absent); a one-line error if it is not a table."""
     value = file.get(key, {})
@@ -326,7 +346,40 @@ def study_run(
     typer.echo(markdown_table(outcome.summary))
     if outcome.results.get("failed_runs"):
         typer.echo(f"{len(outcome.results['failed_runs'])} run(s) failed; see the report.")
-    typer.echo(f"finished in {outcome.seconds:.1f} s\nreport: {outcome.directory / 'report.md'}")
+    typer.echo(f"finished in {outcome.seconds:.1f} s\nreport: {outcome.directory / 'report.md'} (and report.html)")
+
+
+runs_app = App(help="Find finished study runs and show them.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(runs_app, name="runs")
+RunDir = typer.Argument(..., parser=_path, help="A study run's folder, OUT/STUDY/HASH (see `toylab runs list`).")
+
+
+@runs_app.command("list", epilog="Examples: toylab runs list  |  toylab runs list --out /tmp/runs")
+def runs_list(out: Path = typer.Option("runs", parser=_path, help="Output root the studies wrote to.")) -> None:
+    """One line per study run: study, task, date, config hash, status and headline numbers."""
+    from toylab.runs import find_runs
+
+    for run in find_runs(out):
+        typer.echo(f"{run.study:24s} {run.task:10s} {run.date}  {run.config_hash}  {run.status:9s}  {run.headline}  ({run.directory})")
+
+
+@runs_app.command("show", epilog="Example: toylab runs show runs/expert-specialization/0123456789")
+def runs_show(directory: Path = RunDir) -> None:
+    """Print a finished run's summary table and the paths of its reports."""
+    from toylab.report import markdown_table
+    from toylab.runs import summary_rows
+
+    typer.echo(markdown_table(summary_rows(directory)))
+    typer.echo(f"report: {directory / 'report.md'}\nhtml report: {directory / 'report.html'}")
+
+
+@app.command("report", epilog="Example: toylab report runs/expert-specialization/0123456789")
+def report(directory: Path = RunDir) -> None:
+    """Write a finished run's report.md and report.html again from its results, without retraining."""
+    from toylab.runs import rerender
+
+    markdown, html = rerender(directory)
+    typer.echo(f"report: {markdown}\nhtml report: {html}")
 
 
 if __name__ == "__main__":

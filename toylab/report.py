@@ -1,11 +1,18 @@
-"""Report building blocks: markdown tables, intervals as text, and the standard figures."""
+"""Reports: a document tree (sections, text, tables, figures, expert maps) with a markdown and an HTML writer,
+and the building blocks studies fill it with (tables, intervals as text, the standard figures).
+
+A study returns a `Document`; `to_markdown` and `to_html` write it, so every study gets `report.md`
+and a self-contained `report.html` (figures, data and scripts inlined) from one description.
+"""
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import matplotlib
 
@@ -14,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from toylab import io  # noqa: E402
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -110,3 +119,135 @@ def contingency_heatmaps(tables: Mapping[str, np.ndarray], class_names: Mapping[
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+@dataclass(frozen=True)
+class Text:
+    """Paragraphs or a list, in markdown."""
+
+    markdown: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows with the keys of the first row as columns; cells may hold inline markdown."""
+
+    rows: Sequence[Mapping[str, Any]]
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG saved by `StudyContext.figure`, by its path relative to the study directory."""
+
+    path: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """The interactive expert map (HTML only) of a JSON file written by `toylab.analysis.expert_map`."""
+
+    path: str
+    caption: str = "Expert map: which expert each token is routed to, beside its k-means cluster"
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: Sequence[Block]
+
+
+Block = Union[Text, Table, Figure, ExpertMap, Section]
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    blocks: Sequence[Block]
+
+
+def to_markdown(document: Document) -> str:
+    """The document as GitHub-flavoured markdown (figures as image links, expert maps as a pointer to report.html)."""
+
+    def blocks(items: Sequence[Block], level: int) -> list[str]:
+        out = []
+        for block in items:
+            if isinstance(block, Section):
+                out += [f"{'#' * level} {block.title}", *blocks(block.blocks, level + 1)]
+            elif isinstance(block, Text):
+                out.append(block.markdown.strip("\n"))
+            elif isinstance(block, Table):
+                out += [block.caption] * bool(block.caption) + [markdown_table(block.rows)]
+            elif isinstance(block, Figure):
+                out += [f"{'#' * level} {block.caption}", f"![{block.caption}]({block.path})"]
+            else:
+                out += [f"{'#' * level} {block.caption}",
+                        f"Open `report.html` for the interactive expert map (data: `{block.path}`)."]
+        return out
+
+    return "\n\n".join([f"# {document.title}", *blocks(document.blocks, 2)]) + "\n"
+
+
+def _markdown_renderer() -> Any:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def to_html(document: Document, directory: Path) -> str:
+    """The document as one self-contained HTML page: figures as base64 data URIs, expert-map data and scripts inlined.
+
+    Paths in the document are relative to `directory` (the study directory). A figure or expert map whose
+    file is missing is named in the page instead.
+    """
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    directory, renderer = Path(directory), _markdown_renderer()
+    env = Environment(loader=PackageLoader("toylab", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      trim_blocks=True, lstrip_blocks=True)
+
+    def prepare(block: Block, level: int, counter: list[int]) -> dict[str, Any]:
+        if isinstance(block, Section):
+            counter[0] += 1
+            return {"kind": "section", "title": renderer.renderInline(block.title), "level": min(level, 6),
+                    "anchor": f"s{counter[0]}", "blocks": [prepare(b, level + 1, counter) for b in block.blocks]}
+        if isinstance(block, Text):
+            return {"kind": "text", "html": renderer.render(block.markdown)}
+        if isinstance(block, Table):
+            return {"kind": "table", "caption": renderer.renderInline(block.caption), "html": renderer.render(markdown_table(block.rows))}
+        file = directory / block.path
+        if isinstance(block, Figure):
+            data = base64.b64encode(file.read_bytes()).decode() if file.is_file() else None
+            return {"kind": "figure", "caption": renderer.renderInline(block.caption), "alt": block.caption, "path": block.path,
+                    "data": data, "level": min(level, 6)}
+        counter[1] += 1
+        data = io.read_json(file) if file.is_file() else None
+        return {"kind": "expert_map", "caption": renderer.renderInline(block.caption), "path": block.path, "data": data,
+                "id": f"expert-map-{counter[1]}", "level": min(level, 6)}
+
+    counter = [0, 0]
+    blocks = [prepare(block, 2, counter) for block in document.blocks]
+    return env.get_template("report.html.j2").render(title=renderer.renderInline(document.title), blocks=blocks,
+                                                      has_map=counter[1] > 0)
+
+
+def failed_runs_section(failures: Sequence[Mapping[str, str]]) -> list[Section]:
+    """A "Failed runs" section naming each failed training run and its error (none if every run finished)."""
+    return [Section("Failed runs", [Text("\n".join(f"- `{f['run']}`: {f['error']}" for f in failures))])] if failures else []
+
+
+EXPERT_MAP_NOTE = (
+    "The first {n} held-out sequences, every token coloured by the expert it is routed to (left) and by its k-means cluster on "
+    "the router input (right; as many clusters as experts, renamed to the expert they overlap most, so equal colours mean the "
+    "same group). Choose the layer and seed; pick label classes to dim every other token; hover a token for its labels, "
+    "router probabilities and chosen experts at every layer."
+)
+
+
+def expert_map_section(directory: Path, shown: int, note: str = "") -> list[Section]:
+    """The "Expert map" section if the study wrote `expert_map.json` into `directory` (none otherwise); `note` is added
+    to the standard explanation."""
+    if not (Path(directory) / "expert_map.json").is_file():
+        return []
+    return [Section("Expert map", [Text(" ".join([EXPERT_MAP_NOTE.format(n=shown), note]).strip()), ExpertMap("expert_map.json")])]

@@ -1,8 +1,8 @@
-"""Studies: a config, a `run` that composes library functions, and a markdown report.
+"""Studies: a config, a `run` that composes library functions, and a report document.
 
 `run_study` resolves the config (defaults < `--fast` preset < config file < command line), puts
 everything in `<out>/<study>/<config hash>/`, reuses finished training runs, and writes
-`config.json`, `code_version.json`, `results.json`, the figures and `report.md` atomically.
+`config.json`, `code_version.json`, `results.json`, the figures, `report.md` and `report.html` atomically.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
-from toylab.task import Task  # noqa: E402
+from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402
+from toylab.task import Batch, Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
 
 R = TypeVar("R")
@@ -48,6 +49,16 @@ class TrainJob:
 def train_or_fail(job: TrainJob, run_dir: Path) -> None:
     """Train one job (in a worker); it raises DivergenceError if the run diverges."""
     train(job.task, job.model, job.config, run_dir, progress=False)
+
+
+def routing_of_run(job: TrainJob, run_dir: Path, batch: Batch) -> tuple[int, int, dict[str, Any]]:
+    """A finished MoE run's expert-map view of `batch` (in a worker, on one torch thread), with its experts and top-k."""
+    from toylab.analysis.expert_map import N_SHOWN, routing_view
+    from toylab.models.superposition import torch_threads
+
+    model = load_trained(run_dir).model
+    with torch_threads(1):
+        return model.cfg.n_experts, model.cfg.top_k, routing_view(model, job.task, batch, N_SHOWN, job.config.seed)
 
 
 class StudyContext:
@@ -143,6 +154,18 @@ class StudyContext:
         results = self.map(function, finished, [self.run_dir(job.key) for job in finished], description=description)
         return dict(zip([job.key for job in finished], results))
 
+    def expert_map(self, jobs: Sequence[TrainJob], batch: Batch) -> None:
+        """Write `expert_map.json` (see `toylab.analysis.expert_map`) from the finished runs among `jobs` (MoE runs of one
+        task that differ by seed), on held-out `batch`; nothing if none finished."""
+        from toylab.analysis.expert_map import write_expert_map
+
+        finished = [job for job in jobs if is_finished(self.run_dir(job.key))]
+        if finished:
+            views = self.map(routing_of_run, finished, [self.run_dir(job.key) for job in finished], [batch] * len(finished),
+                             description="expert map")
+            write_expert_map(self.directory / "expert_map.json", finished[0].task, batch,
+                             {str(job.config.seed): view for job, (_, _, view) in zip(finished, views)}, *views[0][:2])
+
     def bar(self, items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
         return tqdm(items, total=total, desc=description, disable=not self.progress, leave=False)
 
@@ -172,8 +195,8 @@ class Study(ABC):
         """Train, analyse, and return every number of the report (JSON-ready)."""
 
     @abstractmethod
-    def report(self, results: dict[str, Any], ctx: StudyContext) -> str:
-        """The markdown report (figures saved through `ctx.figure`)."""
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
+        """The report document, from `results` alone (figures saved through `ctx.figure`); written as markdown and HTML."""
 
     @abstractmethod
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -184,13 +207,16 @@ class Study(ABC):
         return (cls.__doc__ or cls.name).strip().split("\n")[0]
 
 
-def dense_and_moe(config: Any) -> dict[str, dict[str, Any]]:
+def dense_and_moe(config: Any, **moe: Any) -> dict[str, dict[str, Any]]:
     """Model options of a study's dense transformer and its MoE twin, from the study config's shared `model`
-    options and its `n_experts`, `top_k`, `router` and `router_label`; keyed "dense" and "moe"."""
-    routing = {"router": config.router, "router_label": config.router_label} if config.router != "learned" else {}
+    options and its `n_experts`, `top_k`, `router` and `router_label` (those a config lacks keep their defaults);
+    keyed "dense" and "moe". `moe` adds or overrides MoE options (any `TransformerConfig` field: a routing
+    variant's `router`, `capacity_factor`, `shared_experts`, `orthogonality_weight`, ...)."""
+    router = getattr(config, "router", "learned")
+    routing = {"router": router, "router_label": getattr(config, "router_label", None)} if router != "learned" else {}
     return {
         "dense": {**config.model, "ffn": "dense"},
-        "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing},
+        "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing, **moe},
     }
 
 
@@ -238,14 +264,27 @@ def code_version() -> dict[str, Any]:
     return info
 
 
-def timing_note(timing: dict[str, Any]) -> str:
+def timing_note(timing: dict[str, Any]) -> Section:
     """The report's closing section: how long this invocation took, on what, and what it reused."""
-    text = f"\n## Time\n\nThis invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
+    text = f"This invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
     if timing["runs_trained"] + timing["runs_reused"]:
         where = f"{timing['workers']} local worker process(es)" if timing["launcher"] == "local" else f"the {timing['launcher']} launcher"
         text += (f" with {where}; it trained {timing['runs_trained']} model(s) "
                  f"and reused {timing['runs_reused']} finished in an earlier invocation")
-    return text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.\n"
+    return Section("Time", [Text(text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.")])
+
+
+def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:
+    """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`.
+
+    Both are rendered before either is written, and each is written atomically.
+    """
+    document = study.report(results, ctx)
+    if timing is not None:
+        document = Document(document.title, [*document.blocks, timing_note(timing)])
+    markdown, html = to_markdown(document), to_html(document, ctx.directory)
+    io.write_text(ctx.directory / "report.md", markdown)
+    io.write_text(ctx.directory / "report.html", html)
 
 
 def available_cpus() -> int:
@@ -266,6 +305,14 @@ def resolve(name: str, overrides: Mapping[str, Any] | None = None, fast: bool = 
     cls = get_study(name)
     options = merge(cls.fast if fast else {}, overrides or {})
     return cls(build(cls.Config, options))
+
+
+def stored_study(directory: Path) -> Study:
+    """The study of a run directory, resolved from its `config.json` (one-line ToylabError if it names no study)."""
+    config = io.read_json(Path(directory) / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("study"), str):
+        raise ToylabError(f"{directory}/config.json names no study; it is not a study run's config")
+    return resolve(config["study"], {key: value for key, value in config.items() if key != "study"})
 
 
 def run_study(
@@ -298,9 +345,9 @@ def run_study(
         results = study.run(ctx)
     results["failed_runs"] = ctx.failures
     io.write_json(directory / "results.json", results)
-    report = study.report(results, ctx)
     timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "launcher": launcher.launcher,
               "workers": launcher.workers, "runs_trained": ctx.trained, "runs_reused": ctx.reused}
     io.write_json(directory / "timing.json", timing)
-    io.write_text(directory / "report.md", report + timing_note(timing))
+    # the report is written from what the run directory stores, as `toylab report` (toylab.runs.rerender) writes it again
+    write_report(stored_study(directory), io.read_json(directory / "results.json"), ctx, timing)
     return StudyOutcome(directory, results, study.summary(results), timing["seconds"])

@@ -147,6 +147,12 @@ class Task(ABC):
         """Bool `[batch, pos]`: the real (non-padding) positions, where activations are analysed."""
         return np.ones(batch.inputs.shape[:2], dtype=bool)
 
+    def grid(self, inputs: np.ndarray) -> list[dict[str, Any]] | None:
+        """Optional geometry for drawing sequences `[batch, pos]` as walks on a grid (the expert map draws mazes
+        with it): per sequence its `size` (cells per side), open `edges` as `[r1, c1, r2, c2]`, `start` and `goal`
+        as `[r, c]`, and `path` as `[position, r, c]` for the positions that walk it. None for tasks without a grid."""
+        return None
+
     def decode(self, inputs: np.ndarray) -> list[str]:
         """Readable strings for one sequence's inputs."""
         return [self.vocab[t] for t in inputs]

@@ -149,7 +149,8 @@ def neuron_means(model: Transformer, task: Task, reference: Batch) -> dict[int, 
     means = {}
     for layer, post in posts.items():
         if layer in experts:
-            onehot = F.one_hot(experts[layer].reshape(-1), model.cfg.n_experts).to(post.dtype)  # [slots, experts]
+            slots = experts[layer].reshape(-1)
+            onehot = F.one_hot(slots.clamp_min(0), model.cfg.n_experts).to(post.dtype) * (slots >= 0)[:, None]  # [slots, experts]; empty: 0
             means[layer] = (onehot.T @ post.reshape(-1, post.shape[-1])) / onehot.sum(0)[:, None].clamp_min(1)
         else:
             means[layer] = post.mean(0)
@@ -271,7 +272,8 @@ def routing_shares(model: Transformer, batch: Batch, name: str, n_classes: int) 
     for layer in layers:
         experts = cache[EXPERTS.format(layer=layer)][mask].numpy()[defined]  # [n, k]
         classes = np.repeat(label[defined], experts.shape[1])
-        table = np.bincount(experts.ravel() * n_classes + classes, minlength=model.cfg.n_experts * n_classes)
+        filled = experts.ravel() >= 0  # empty slots (-1) are routed nowhere
+        table = np.bincount(experts.ravel()[filled] * n_classes + classes[filled], minlength=model.cfg.n_experts * n_classes)
         table = table.reshape(model.cfg.n_experts, n_classes).astype(np.float64)
         out[layer] = table / np.maximum(table.sum(0, keepdims=True), 1)
     return out

@@ -43,6 +43,11 @@ def _information(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return mi, _entropy(rows, n), _entropy(cols, n)
 
 
+def mutual_info_from_tables(tables: np.ndarray) -> np.ndarray:
+    """Mutual information (nats) of count tables `[..., n_a, n_b]` (equals sklearn's `mutual_info_score`)."""
+    return _information(tables)[0]
+
+
 def nmi_from_tables(tables: np.ndarray) -> np.ndarray:
     """Normalized mutual information (arithmetic mean of entropies) of tables `[..., n_a, n_b]`."""
     mi, h_a, h_b = _information(tables)

@@ -10,6 +10,10 @@ Directions are rows: learned `D [n_latents, d]`, true `T [n_true, d]`; codes `[N
     mean number of nonzero latents                    l0
     latents that never fire / fire on > 10%           dead / dense
 
+`assignment_codes` turns an MoE layer's routing into codes (one-hot chosen experts, router
+probabilities), and `code_rsa` compares any two codes of the same tokens by RSA
+(`toylab.analysis.similarity.rsa`) beside its shuffled-token-correspondence null.
+
 `chance_mean_max_cosine` is the null: the same dictionary's MMCS against as many random directions,
 which is far from 0 in few dimensions, so a dictionary recovers features only well above it.
 """
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+
+from toylab.analysis.similarity import rsa
 
 DENSE = 0.1
 """A latent that fires on more than this share of samples is dense."""
@@ -118,3 +124,21 @@ def label_detection(codes: np.ndarray, label: np.ndarray) -> float:
     present = np.unique(label)
     one_hot = label[:, None] == present[None, :]
     return float(detection_f1(one_hot, codes).max(1).mean()) if len(present) else float("nan")
+
+
+def assignment_codes(experts: np.ndarray, router_logits: np.ndarray) -> dict[str, np.ndarray]:
+    """An MoE layer's routing of `N` tokens as codes: `onehot [N, E]` of the chosen experts (`experts [N, k]`,
+    -1 for an empty slot ignored) and `router [N, E]`, the softmax of `router_logits [N, E]`."""
+    logits = np.asarray(router_logits, dtype=np.float64)
+    onehot = np.zeros_like(logits)
+    rows, slots = np.nonzero(np.asarray(experts) >= 0)
+    onehot[rows, np.asarray(experts)[rows, slots]] = 1.0
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return {"onehot": onehot, "router": probs / probs.sum(-1, keepdims=True)}
+
+
+def code_rsa(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
+    """RSA of two codes `[N, d_x]`, `[N, d_y]` of the same tokens, and the same with y's tokens shuffled (the null:
+    no token correspondence; about 0)."""
+    shuffled = np.asarray(y)[np.random.default_rng(seed).permutation(len(y))]
+    return {"rsa": rsa(x, y), "shuffled": rsa(x, shuffled)}

@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 
 from toylab.analysis.clustering import kmeans
-from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, alignment, analysable_labels, token_activations
+from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, alignment, analysable_labels, token_activations, top_expert
 from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci, permutation_p_value
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
 
 def path_ids(experts: Sequence[np.ndarray]) -> np.ndarray:
-    """One id `[n_tokens]` per distinct tuple of experts, from each layer's top-1 experts `[n_tokens]` (ids in order of first tuple value)."""
+    """One id `[n_tokens]` per distinct tuple of experts, from each layer's top-1 experts `[n_tokens]` (ids in order of first tuple value;
+    "no expert", `top_expert`'s n_experts, counts as one more expert)."""
     _, ids = np.unique(np.stack(experts, axis=1), axis=0, return_inverse=True)
     return ids.ravel()
 
@@ -96,7 +97,7 @@ def routing_paths(moe: Transformer, task: Task, batch: Batch, n_permutations: in
     layers = moe.moe_layers()
     names = [EXPERTS.format(layer=layer) for layer in layers] + [ROUTER_INPUT.format(layer=layer) for layer in layers]
     acts = token_activations(moe, task, batch, names)
-    experts = [acts[EXPERTS.format(layer=layer)][:, 0] for layer in layers]
+    experts = [top_expert(acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts) for layer in layers]
     router_inputs = np.concatenate([acts[ROUTER_INPUT.format(layer=layer)] for layer in layers], axis=1)
     keep = task.positions(batch)
     results = {}

@@ -8,6 +8,10 @@ the label (NMI, ARI, expert x class table) against controls and on two scales:
 - token identity: the NMI given the token (`conditional_nmi`), with a null that shuffles experts only
   among tokens of one kind, asks what the assignment says about the label beyond which token it is,
 - the linear ceiling: how much of the label a linear probe reads off the router input at all.
+
+A token's assignment is its best expert (slot 0 of `hook_expert_indices`); a token with no expert (all
+slots empty, index -1: expert-choice routing, or a token dropped at capacity) forms one more cluster of
+its own, "no expert", with id n_experts (`top_expert`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
 ASSIGNMENTS = ("routing", "kmeans_moe", "kmeans_dense")
 """The labelings compared with each label: top-1 experts, k-means on the MoE's router input, k-means on the dense model's same site."""
 BOUNDS = {"nmi": UNIT, "cnmi": UNIT, "ari": (-1.0, 1.0)}
+
+
+def top_expert(indices: np.ndarray, n_experts: int) -> np.ndarray:
+    """Each token's best expert from `hook_expert_indices` `[n, slots]`; n_experts ("no expert") where it has none."""
+    best = indices[:, 0]
+    return np.where(best < 0, n_experts, best)
 
 
 def analysable_labels(task: Task) -> list[str]:
@@ -126,7 +136,7 @@ def specialization(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for layer, site in zip(layers, inputs):
         assignments = {
-            "routing": moe_acts[EXPERTS.format(layer=layer)][:, 0],
+            "routing": top_expert(moe_acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts),
             "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed),
             "kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed),
         }
@@ -146,7 +156,7 @@ def routing_given_token(moe: Transformer, task: Task, batch: Batch) -> dict[str,
     keep = task.positions(batch)
     names = {str(layer): EXPERTS.format(layer=layer) for layer in moe.moe_layers()}
     experts = token_activations(moe, task, batch, list(names.values()))
-    return {layer: conditional_entropy(experts[name][:, 0], batch.inputs[keep]) for layer, name in names.items()}
+    return {layer: conditional_entropy(top_expert(experts[name], moe.cfg.n_experts), batch.inputs[keep]) for layer, name in names.items()}
 
 
 def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], margin: float = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:

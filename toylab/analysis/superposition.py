@@ -179,6 +179,25 @@ def expert_group_purity(
     return per_group.max(-1).values / total.where(total > 0, torch.nan)
 
 
+def own_block_share(
+    W: torch.Tensor | np.ndarray, blocks: torch.Tensor | np.ndarray, threshold: float = REPRESENTED
+) -> torch.Tensor:
+    """Per expert `[..., E]` of weights `[..., E, m, n]`: share of its represented features whose block
+    (`blocks [..., n]`, an expert index per feature, e.g. a K-hot gate's) is that expert; NaN when it
+    represents none. A random assignment of n/E features per expert gives about 1/E."""
+    represented = feature_norms(W) > threshold  # [..., E, n]
+    blocks = torch.as_tensor(blocks)
+    own = blocks.unsqueeze(-2) == torch.arange(represented.shape[-2]).unsqueeze(-1)  # [..., E, n]
+    total = represented.sum(-1).double()
+    return (represented & own).sum(-1) / total.where(total > 0, torch.nan)
+
+
+def features_per_dimension(W: torch.Tensor | np.ndarray, usage: torch.Tensor | np.ndarray, top_k: int) -> torch.Tensor:
+    """Chaudhari et al.'s usage-weighted features per dimension `[...]`: sum_e u_e ||W_e||_F^2 / m, divided by k
+    as in their code (weights `[..., E, m, n]`, usage `[..., E]` summing to 1). The dense value is ||W||_F^2 / m."""
+    return usage_weighted_mean(1 / dimensions_per_feature(W), usage) / top_k
+
+
 def rank_trend(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     """Spearman rank correlation of y with x and its two-sided p-value (finite pairs only)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

@@ -1,17 +1,22 @@
-"""Mixture-of-experts feed-forward layer with top-k softmax routing and sorted dispatch.
+"""Mixture-of-experts feed-forward layer: a router, routed experts with sorted dispatch, an optional shared expert.
 
-    p = softmax(x W_r)                      router probabilities         [batch, pos, n_experts]
-    w, e = topk(p, k)                       chosen experts and weights   [batch, pos, k]
-    h_j = act(x W_in[e_j] + b_in[e_j])      expert neurons per slot      [batch, pos, k, d_expert]
-    y = sum_j w_j (h_j W_out[e_j] + b_out[e_j])
+    r = router(x)                           scores, experts e and weights w   [batch, pos, slots]  (routing.py)
+    h_j = act(x W_in[e_j] + b_in[e_j])      expert neurons per slot            [batch, pos, slots, d_expert]
+    y = sum_j w_j (h_j W_out[e_j] + b_out[e_j])  +  MLP_shared(x)
 
-Dispatch sorts the (token, slot) pairs by expert (argsort, bincount) and runs each expert as one
-matmul on its contiguous slice, as megablocks does: no mask over all tokens, no capacity padding.
-Auxiliary losses: the Switch load-balancing loss and the router z-loss.
+Slots are the top-k experts of a token, best first; an empty slot (expert-choice routing, a dropped token)
+has expert -1 and weight 0, and its expert hooks are 0. Dispatch sorts the (token, slot) pairs by expert
+(argsort, bincount) and runs each expert as one matmul on its contiguous slice, as megablocks does: no mask
+over all tokens, no capacity padding; empty slots sort last and are skipped.
 
-A fixed router (`router="hash"` or `"label"`, see `TransformerConfig`) has no weights: the model hands
-each token's expert to `forward`, the router logits are its one-hot row, its weight is 1, and there
-are no auxiliary losses.
+The shared expert (DeepSeekMoE, Dai et al. 2024) is a dense MLP of `shared_experts * d_expert` neurons applied
+to every token (`mlp.shared.hook_pre/hook_post`). Fine-grained experts (many small experts, DeepSeekMoE;
+towards Monet's granularity, Park et al. 2024) are n_experts up to 64 with top_k growing and d_expert
+shrinking, so that (top_k + shared_experts) * d_expert stays the dense MLP's width.
+
+Auxiliary losses come from the router (load balance, z-loss) and, with `orthogonality_weight`, the mean
+squared cosine between experts' weights (W_in and W_out of each expert flattened) or router directions
+(columns of W_r), after the orthogonality regularizers proposed for more separable experts.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toylab.errors import ToylabError
 from toylab.models.hooks import HookPoint
+from toylab.models.routing import TOKEN_CHOICE, Routing, capacity, drop_overflow, load_balance_loss, make_router, orthogonality_penalty
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
@@ -39,21 +44,26 @@ class SortedDispatch:
 
     def __init__(self, experts: torch.Tensor, n_experts: int) -> None:
         flat = experts.flatten()
-        self.order = flat.argsort(stable=True)
+        self.filled = flat >= 0
+        key = torch.where(self.filled, flat, n_experts)  # empty slots sort last
+        self.order = key.argsort(stable=True)
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(flat), device=flat.device)
-        self.sorted_experts = flat[self.order]
-        self.counts = torch.bincount(flat, minlength=n_experts)
+        self.sorted_experts = key[self.order].clamp(max=n_experts - 1)
+        self.counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
         self.offsets = self.counts.cumsum(0).to(torch.int32)
 
     def affine(self, slots: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """`slots @ W[e] + b[e]` for every slot with its own expert e: `[n_slots, f_in]` -> `[n_slots, f_out]`."""
+        """`slots @ W[e] + b[e]` for every slot with its own expert e, 0 for an empty slot: `[n_slots, f_in]` -> `[n_slots, f_out]`."""
         grouped = slots[self.order]
         if grouped_mm_supported(grouped, W):
+            # grouped_mm leaves rows past the last offset (the empty slots) undefined, and their gradient too: mask both
+            grouped = torch.where(self.filled[self.order, None], grouped, 0.0)
             out = contiguous_grad(F.grouped_mm(grouped, W, offs=self.offsets))
         else:
-            out = torch.cat([group @ W[e] for e, group in enumerate(grouped.split(self.counts.tolist()))])
-        return (out + b[self.sorted_experts])[self.inverse]
+            *groups, empty = grouped.split([*self.counts.tolist(), len(grouped) - int(self.counts.sum())])
+            out = torch.cat([group @ W[e] for e, group in enumerate(groups)] + [empty.new_zeros(len(empty), W.shape[-1])])
+        return torch.where(self.filled[:, None], (out + b[self.sorted_experts])[self.inverse], 0.0)
 
 
 def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
@@ -79,8 +89,18 @@ def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(x)
 
 
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int, activation: str = "gelu") -> None:
+        super().__init__()
+        self.W_in, self.W_out, self.act = nn.Linear(d_model, d_mlp), nn.Linear(d_mlp, d_model), ACTIVATIONS[activation]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.W_out(self.hook_post(self.act(self.hook_pre(self.W_in(x)))))
+
+
 class MoE(nn.Module):
-    """Top-k routed experts; hooks give every routing quantity in a `[batch, pos, ...]` layout."""
+    """Routed experts (plus an optional shared expert); hooks give every routing quantity in a `[batch, pos, ...]` layout."""
 
     def __init__(
         self,
@@ -91,77 +111,97 @@ class MoE(nn.Module):
         activation: str = "gelu",
         load_balance_weight: float = 0.01,
         z_loss_weight: float = 0.001,
-        learned: bool = True,
+        router: str = "learned",
+        capacity_factor: float | None = None,
+        centroid_decay: float | None = None,
+        shared_experts: int = 0,
+        orthogonality_weight: float = 0.0,
+        orthogonality: str = "experts",
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}] (got {k})")
-        if not learned and k != 1:
-            raise ValueError(f"a fixed router chooses one expert per token: top_k must be 1 (got {k})")
         self.n_experts, self.k, self.act = n_experts, k, ACTIVATIONS[activation]
-        self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
-        self.W_router = nn.Parameter(torch.randn(d_model, n_experts) * 0.02) if learned else None
+        self.router = make_router(router, d_model, n_experts, k, load_balance_weight, z_loss_weight, capacity_factor, centroid_decay)
+        self.capacity_factor = capacity_factor if router in TOKEN_CHOICE else None
+        self.orthogonality_weight, self.orthogonality = orthogonality_weight, orthogonality
         self.W_in = nn.Parameter(torch.randn(n_experts, d_model, d_expert) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_experts, d_expert))
         self.W_out = nn.Parameter(torch.randn(n_experts, d_expert, d_model) / math.sqrt(d_expert))
         self.b_out = nn.Parameter(torch.zeros(n_experts, d_model))
+        self.shared = MLP(d_model, shared_experts * d_expert, activation) if shared_experts else None
         self.hook_router_logits = HookPoint()  # [batch, pos, n_experts]
-        self.hook_expert_indices = HookPoint()  # [batch, pos, k], best first
-        self.hook_expert_weights = HookPoint()  # [batch, pos, k]
-        self.hook_pre = HookPoint()  # [batch, pos, k, d_expert]
-        self.hook_post = HookPoint()  # [batch, pos, k, d_expert]
-        self.hook_expert_out = HookPoint()  # [batch, pos, k, d_model], before weighting
+        self.hook_expert_indices = HookPoint()  # [batch, pos, slots], best first, -1 for an empty slot
+        self.hook_expert_weights = HookPoint()  # [batch, pos, slots], 0 for an empty slot
+        self.hook_pre = HookPoint()  # [batch, pos, slots, d_expert]
+        self.hook_post = HookPoint()  # [batch, pos, slots, d_expert]
+        self.hook_expert_out = HookPoint()  # [batch, pos, slots, d_model], before weighting
         self.aux_losses: dict[str, torch.Tensor] = {}
 
-    def route(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits, chosen experts and their weights (renormalized over the k chosen when k > 1).
+    @property
+    def slots(self) -> int:
+        """Width of the expert hooks: top_k, or n_experts for expert-choice routing."""
+        return self.router.slots
 
-        A fixed router takes its experts `[batch, pos]` from `fixed` instead.
+    @property
+    def W_router(self) -> nn.Parameter | None:
+        """The router's weight matrix `[d_model, n_experts]`, if it has one."""
+        return getattr(self.router, "W_router", None)
+
+    def route(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> Routing:
+        """Scores, experts and weights (through the hooks), after dropping a capacity's overflow; sets `aux_losses`.
+
+        A fixed router takes its experts `[batch, pos]` from `fixed`.
         """
-        if self.W_router is None:
-            if fixed is None or fixed.shape != x.shape[:-1]:
-                raise ToylabError(f"a fixed router needs one expert per token, shape {tuple(x.shape[:-1])}")
-            logits = self.hook_router_logits(F.one_hot(fixed, self.n_experts).to(x.dtype))
-            self.aux_losses = {}
-            experts = self.hook_expert_indices(fixed.unsqueeze(-1))
-            return logits, experts, self.hook_expert_weights(torch.ones_like(logits[..., :1]))
-        logits = self.hook_router_logits(x @ self.W_router)
-        probs = logits.softmax(-1)
-        weights, experts = probs.topk(self.k, dim=-1)
-        if self.k > 1:
-            weights = weights / weights.sum(-1, keepdim=True)
-        self.aux_losses = {
-            "load_balance": self.load_balance_weight * self.load_balance_loss(probs, experts),
-            "router_z": self.z_loss_weight * torch.logsumexp(logits, -1).pow(2).mean(),
-        }
-        return logits, self.hook_expert_indices(experts), self.hook_expert_weights(weights)
+        routing = self.router(x, fixed, self.W_in, self.b_in)
+        experts, weights = routing.experts, routing.weights
+        if self.capacity_factor is not None:
+            flat = experts.reshape(-1, self.k)
+            limit = capacity(self.capacity_factor, self.k, len(flat), self.n_experts)
+            experts, weights = (t.view_as(routing.experts) for t in drop_overflow(flat, weights.reshape(-1, self.k), self.n_experts, limit))
+        self.aux_losses = dict(routing.aux)
+        if self.orthogonality_weight:
+            self.aux_losses["orthogonality"] = self.orthogonality_weight * orthogonality_penalty(self.orthogonal_vectors())
+        return Routing(self.hook_router_logits(routing.logits), self.hook_expert_indices(experts),
+                       self.hook_expert_weights(weights), self.aux_losses)
+
+    def orthogonal_vectors(self) -> torch.Tensor:
+        """What the orthogonality penalty keeps apart, one row per expert: its W_in and W_out flattened, or its router direction."""
+        if self.orthogonality == "router":
+            return self.W_router.T
+        return torch.cat([self.W_in.flatten(1), self.W_out.flatten(1)], dim=1)
 
     def load_balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch Transformer loss n_experts * sum_e f_e P_e; equals 1 when routing is uniform."""
-        fraction = torch.bincount(experts.flatten(), minlength=self.n_experts) / experts.numel()
-        return self.n_experts * (fraction * probs.flatten(0, -2).mean(0)).sum()
+        return load_balance_loss(probs, experts, self.n_experts)
 
     def forward(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
-        _, experts, weights = self.route(x, fixed)
+        routing = self.route(x, fixed)
+        if self.training:
+            self.router.update(x.detach(), routing)
         batch_shape, d_model = x.shape[:-1], x.shape[-1]
-        dispatch = SortedDispatch(experts, self.n_experts)
-        slots = x.unsqueeze(-2).expand(*batch_shape, self.k, d_model).reshape(-1, d_model)
-        pre = self.hook_pre(dispatch.affine(slots, self.W_in, self.b_in).view(*batch_shape, self.k, -1))
+        slots = routing.experts.shape[-1]
+        dispatch = SortedDispatch(routing.experts, self.n_experts)
+        rows = x.unsqueeze(-2).expand(*batch_shape, slots, d_model).reshape(-1, d_model)
+        pre = self.hook_pre(dispatch.affine(rows, self.W_in, self.b_in).view(*batch_shape, slots, -1))
         post = self.hook_post(self.act(pre))
         out = dispatch.affine(post.reshape(-1, post.shape[-1]), self.W_out, self.b_out)
-        out = self.hook_expert_out(out.view(*batch_shape, self.k, d_model))
-        return torch.einsum("...k,...kd->...d", weights, out)
+        out = self.hook_expert_out(out.view(*batch_shape, slots, d_model))
+        y = torch.einsum("...k,...kd->...d", routing.weights, out)
+        return y + self.shared(x) if self.shared is not None else y
 
 
 def reference_forward(moe: MoE, x: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle for `MoE.forward`: loop over experts, each masking all tokens for the ones that chose it.
 
-    Slow by design; tests check the sorted dispatch against it, and benchmarks time both.
+    Slow by design; tests check the sorted dispatch against it, and benchmarks time both. It routes without
+    updating a k-means router's centroids.
     """
-    _, experts, weights = moe.route(x, fixed)
-    out = torch.zeros_like(x)
+    routing = moe.route(x, fixed)
+    experts, weights = routing.experts, routing.weights
+    out = moe.shared(x) if moe.shared is not None else torch.zeros_like(x)
     for e in range(moe.n_experts):
-        for slot in range(moe.k):
+        for slot in range(experts.shape[-1]):
             mask = experts[..., slot] == e
             h = moe.act(x[mask] @ moe.W_in[e] + moe.b_in[e])
             out[mask] += weights[..., slot][mask, None] * (h @ moe.W_out[e] + moe.b_out[e])

@@ -23,6 +23,12 @@ output is scaled by p, which the expert weights must undo. Loss: sum over instan
 importance-weighted squared error, mean over samples and features, plus the Switch load-balancing
 loss E * sum_e f_e P_e (optional, weighted).
 
+The gate starts Xavier-normal (`gate_init="xavier"`) or K-hot (`gate_init="khot"`, Chaudhari et al.'s
+initialization for expert specialization, `my_gate_init` in their code): W_g = 0 except 1 at a
+disjoint random block of about n/E features per expert (a random permutation split into E
+near-equal blocks, drawn from the instance's generator), so each expert is first sent the samples
+whose active features lie in its block; the blocks are kept in `khot_blocks [inst, n]`.
+
 All experts run on every sample and the gate zeroes the unchosen ones: one batched einsum with a
 fixed layout for every expert's activations, at E/k times the arithmetic of the chosen experts,
 which is small at these sizes (no sorting by expert as in `SortedDispatch`).
@@ -83,6 +89,8 @@ class ToyModelConfig:
     gate_weights: Literal["renormalized", "softmax"] = "renormalized"
     """How the chosen experts' outputs are weighted when top_k = 1: weight 1, or the router probability."""
     load_balance_weight: float = 0.0
+    gate_init: Literal["xavier", "khot"] = "xavier"
+    """Router initialization: Xavier-normal, or K-hot (each expert's gate 1 on its own block of features)."""
 
     def __post_init__(self) -> None:
         for key in ("n_features", "n_hidden", "n_instances", "n_experts"):
@@ -90,6 +98,8 @@ class ToyModelConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}] (got {self.top_k})")
+        if self.gate_init == "khot" and self.n_experts > self.n_features:
+            raise ValueError(f"gate_init='khot' needs n_experts <= n_features={self.n_features} (got {self.n_experts})")
         if not 0 <= self.load_balance_weight < math.inf:
             raise ValueError(f"load_balance_weight must be a finite number >= 0 (got {self.load_balance_weight})")
         params = self.n_instances * self.n_features * (self.n_experts * (self.n_hidden + 1) + 1)
@@ -100,6 +110,13 @@ class ToyModelConfig:
 def _xavier(generator: torch.Generator, *shape: int) -> torch.Tensor:
     """Xavier-normal `[..., fan_out, fan_in]` drawn from one instance's generator."""
     return torch.randn(*shape, generator=generator) * math.sqrt(2 / (shape[-1] + shape[-2]))
+
+
+def khot_blocks(generator: torch.Generator, n_experts: int, n_features: int) -> torch.Tensor:
+    """Expert of each feature `[n]`: a random permutation split into `n_experts` near-equal blocks."""
+    blocks = torch.empty(n_features, dtype=torch.long)
+    blocks[torch.randperm(n_features, generator=generator)] = torch.arange(n_features) * n_experts // n_features
+    return blocks
 
 
 class _ToyBase(HookedModule):
@@ -163,7 +180,14 @@ class ToyMoE(_ToyBase):
         generators = self._generators()
         self.W = nn.Parameter(torch.stack([_xavier(g, E, m, n) for g in generators]))  # [inst, E, m, n]
         self.b = nn.Parameter(torch.zeros(cfg.n_instances, E, n))
-        self.W_gate = nn.Parameter(torch.stack([_xavier(g, E, n) for g in generators]))  # [inst, E, n]
+        if cfg.gate_init == "khot":
+            blocks = torch.stack([khot_blocks(g, E, n) for g in generators])  # [inst, n]
+            gate = F.one_hot(blocks, E).transpose(1, 2).float()  # [inst, E, n]
+        else:
+            blocks = torch.full((cfg.n_instances, n), -1)
+            gate = torch.stack([_xavier(g, E, n) for g in generators])
+        self.W_gate = nn.Parameter(gate)  # [inst, E, n]
+        self.register_buffer("khot_blocks", blocks, persistent=False)  # [inst, n]; -1 without K-hot init
         self.hook_router_logits = HookPoint()  # [batch, inst, E]
         self.hook_expert_indices = HookPoint()  # [batch, inst, k], best first
         self.hook_expert_weights = HookPoint()  # [batch, inst, k]

@@ -23,7 +23,8 @@ from torch import nn
 from toylab.config import check_memory
 from toylab.errors import ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
-from toylab.models.moe import ACTIVATIONS, MoE
+from toylab.models.moe import MLP, MoE
+from toylab.models.routing import FIXED, ROUTERS, TOKEN_CHOICE, WEIGHTED
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,33 @@ class TransformerConfig:
     n_experts: int = 4
     top_k: int = 1
     d_expert: int | None = None
-    """Expert hidden size; default d_mlp // top_k, so active parameters match the dense MLP."""
+    """Expert hidden size; default d_mlp // (top_k + shared_experts), so active parameters match the dense MLP."""
     activation: Literal["gelu", "relu"] = "gelu"
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
-    router: Literal["learned", "hash", "label"] = "learned"
-    """How an MoE layer picks experts: `learned` top-k softmax routing; `hash`, a fixed random token -> expert
-    map (routing carries token identity only, as in hash layers, Roller et al. 2021); `label`, the class c of
-    the task label `router_label` goes to expert c mod n_experts (experts specialize by that label by
-    construction). Fixed routers choose one expert (top_k=1) and read `route` in `Transformer.forward`."""
+    router: Literal["learned", "noisy", "expert_choice", "kmeans", "sparsity", "hash", "label"] = "learned"
+    """How an MoE layer picks experts (equations and papers in `toylab.models.routing`): `learned` top-k softmax
+    routing; `noisy`, noisy top-k gating (Shazeer et al. 2017); `expert_choice`, each expert picks its top tokens
+    up to a capacity, so a token gets 0..n_experts experts (Zhou et al. 2022; top_k is then the mean number per
+    token); `kmeans`, parameter-free routing by cosine similarity to running centroids of the router inputs;
+    `sparsity`, MoE-X's sparsity-aware routing of ReLU experts (Yang et al. 2025); `hash`, a fixed random token
+    -> expert map (routing carries token identity only, as in hash layers, Roller et al. 2021); `label`, the
+    class c of the task label `router_label` goes to expert c mod n_experts (experts specialize by that label by
+    construction). Fixed routers (hash, label) choose one expert (top_k=1) and read `route` in `Transformer.forward`."""
     router_label: str | None = None
     """The task label the `label` router reads."""
+    capacity_factor: float | None = None
+    """Token-choice routers (learned, noisy, kmeans, sparsity): each expert takes at most
+    ceil(capacity_factor * top_k * tokens / n_experts) slots per forward pass and the overflow is dropped
+    (Switch/GShard); None = no capacity. Expert choice: its capacity, by the same formula (default 1)."""
+    centroid_decay: float | None = None
+    """The k-means router's moving-average decay of its centroids (default 0.99)."""
+    shared_experts: int = 0
+    """Shared experts applied to every token (DeepSeekMoE), as one MLP of shared_experts * d_expert neurons."""
+    orthogonality_weight: float = 0.0
+    """Weight of the orthogonality penalty (mean squared cosine between experts' weights or router directions)."""
+    orthogonality: Literal["experts", "router"] = "experts"
+    """What the orthogonality penalty acts on: each expert's W_in and W_out, or the router's directions (columns of W_r)."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_mlp", "n_experts"):
@@ -56,27 +73,56 @@ class TransformerConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}] (got {self.top_k})")
+        if self.shared_experts < 0:
+            raise ValueError(f"shared_experts must be >= 0 (got {self.shared_experts})")
         if (self.d_expert is not None and self.d_expert < 1) or self.expert_size < 1:
-            raise ValueError(f"d_expert must be >= 1 (got {self.d_expert}; by default it is d_mlp // top_k)")
-        for key in ("load_balance_weight", "z_loss_weight"):
+            raise ValueError(f"d_expert must be >= 1 (got {self.d_expert}; by default it is d_mlp // (top_k + shared_experts))")
+        for key in ("load_balance_weight", "z_loss_weight", "orthogonality_weight"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.router != "learned" and (self.ffn != "moe" or self.top_k != 1):
-            raise ValueError(f"router='{self.router}' needs ffn='moe' and top_k=1 (got ffn='{self.ffn}', top_k={self.top_k})")
-        if (self.router == "label") != (self.router_label is not None):
-            raise ValueError("router_label names the label of router='label' (and only of it): set both or neither")
+        self.check_routing()
         d, ffn = self.d_model, 2 * self.d_model * self.d_mlp
         if self.ffn == "moe":
-            ffn = self.n_experts * (2 * d * self.expert_size + d)
+            ffn = (self.n_experts + self.shared_experts) * (2 * d * self.expert_size + d)
         params = (2 * self.vocab_size + self.max_len) * d + self.n_layers * (4 * d * d + ffn)
         check_memory(16 * params, f"a model of about {params:,} parameters (weights, gradients, Adam state)",
                      "make it smaller (d_model, d_mlp, n_layers, n_experts) or the task's sequences shorter")
 
+    def check_routing(self) -> None:
+        """The MoE options that apply to the chosen router, each in its range."""
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router '{self.router}'; valid: {', '.join(ROUTERS)}")
+        if self.router in FIXED and (self.ffn != "moe" or self.top_k != 1):
+            raise ValueError(f"router='{self.router}' needs ffn='moe' and top_k=1 (got ffn='{self.ffn}', top_k={self.top_k})")
+        moe_only = [key for key, default in (("router", "learned"), ("capacity_factor", None), ("centroid_decay", None),
+                                             ("shared_experts", 0), ("orthogonality_weight", 0.0))
+                    if getattr(self, key) != default]
+        if self.ffn != "moe" and moe_only:
+            raise ValueError(f"{moe_only[0]} applies to ffn='moe' only (got ffn='{self.ffn}')")
+        if (self.router == "label") != (self.router_label is not None):
+            raise ValueError("router_label names the label of router='label' (and only of it): set both or neither")
+        capacity_routers = (*TOKEN_CHOICE, "expert_choice")
+        if self.capacity_factor is not None:
+            if self.router not in capacity_routers:
+                raise ValueError(f"capacity_factor applies to routers {', '.join(capacity_routers)} (got router='{self.router}')")
+            most = self.n_experts / self.top_k
+            if not 0 < self.capacity_factor <= most:
+                raise ValueError(f"capacity_factor must be in (0, n_experts / top_k = {most:g}] (got {self.capacity_factor})")
+        if self.centroid_decay is not None:
+            if self.router != "kmeans":
+                raise ValueError(f"centroid_decay applies to router='kmeans' only (got router='{self.router}')")
+            if not 0 < self.centroid_decay < 1:
+                raise ValueError(f"centroid_decay must be in (0, 1) (got {self.centroid_decay})")
+        if self.router == "sparsity" and self.activation != "relu":
+            raise ValueError(f"router='sparsity' (MoE-X) routes ReLU experts: it needs activation='relu' (got '{self.activation}')")
+        if self.orthogonality == "router" and self.router not in WEIGHTED:
+            raise ValueError(f"orthogonality='router' needs a router with weights: {', '.join(WEIGHTED)} (got router='{self.router}')")
+
     @property
     def expert_size(self) -> int:
-        return self.d_expert or self.d_mlp // self.top_k
+        return self.d_expert or self.d_mlp // (self.top_k + self.shared_experts)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -113,24 +159,15 @@ class Attention(nn.Module):
         return self.W_O(z.reshape(batch, pos, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, d_model: int, d_mlp: int, activation: str = "gelu") -> None:
-        super().__init__()
-        self.W_in, self.W_out, self.act = nn.Linear(d_model, d_mlp), nn.Linear(d_mlp, d_model), ACTIVATIONS[activation]
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # [batch, pos, d_mlp]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.W_out(self.hook_post(self.act(self.hook_pre(self.W_in(x)))))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.ln1, self.attn, self.ln2 = LayerNorm(cfg.d_model), Attention(cfg.d_model, cfg.n_heads), LayerNorm(cfg.d_model)
         if cfg.ffn == "moe":
             self.mlp: nn.Module = MoE(
-                cfg.d_model, cfg.expert_size, cfg.n_experts, cfg.top_k, cfg.activation,
-                cfg.load_balance_weight, cfg.z_loss_weight, learned=cfg.router == "learned",
+                cfg.d_model, cfg.expert_size, cfg.n_experts, cfg.top_k, cfg.activation, cfg.load_balance_weight,
+                cfg.z_loss_weight, cfg.router, cfg.capacity_factor, cfg.centroid_decay, cfg.shared_experts,
+                cfg.orthogonality_weight, cfg.orthogonality,
             )
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
@@ -167,13 +204,13 @@ class Transformer(HookedModule):
         self.ln_final = LayerNorm(cfg.d_model)
         self.W_U = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.W_E.weight, std=0.02)
-        if cfg.router != "learned":
+        if cfg.router in FIXED:
             self.register_buffer("expert_of_token", token_hash(cfg.vocab_size, cfg.n_experts))
         self.setup_hooks()
 
     def forward(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
         """Logits; `route` `[batch, pos]` holds the ids of label `router_label` for the label router (ignored otherwise)."""
-        experts = self.fixed_experts(tokens, route) if self.cfg.router != "learned" else None
+        experts = self.fixed_experts(tokens, route) if self.cfg.router in FIXED else None
         x = self.hook_embed(self.W_E(tokens)) + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
         for block in self.blocks:
             x = block(x, experts)

@@ -1,0 +1,248 @@
+"""Study `routing-variants`: which MoE designs give experts that recover planted labels beyond residual-stream clustering?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from toylab.analysis.load_balance import routing_load
+from toylab.analysis.sparse_probing import class_scores, compare_gaps, gaps, sparse_probing
+from toylab.analysis.specialization import specialization, summarize
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.models.superposition import torch_threads
+from toylab.registry import get_task, register_study
+from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_bars, verdict_text
+from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.training import TrainConfig, build_model, evaluate, load_trained
+
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "switch": ({}, "learned top-k softmax router, dropless (Switch Transformer, Fedus et al. 2021)"),
+    "noisy": ({"router": "noisy"}, "noisy top-k gating (Shazeer et al. 2017)"),
+    "capacity": ({"capacity_factor": 1.0}, "learned top-k with capacity factor 1 and token dropping (Switch / GShard)"),
+    "expert-choice": ({"router": "expert_choice", "capacity_factor": 1.0},
+                      "expert-choice routing, capacity factor 1: each expert takes its top tokens (Zhou et al. 2022)"),
+    "kmeans": ({"router": "kmeans"}, "parameter-free k-means router: cosine to running centroids of the router inputs"),
+    "moe-x": ({"router": "sparsity", "activation": "relu"}, "ReLU experts with sparsity-aware routing (MoE-X, Yang et al. 2025)"),
+    "fine-grained": ({"n_experts": 16, "top_k": 4}, "16 experts of a quarter the size, top-4 (fine-grained, DeepSeekMoE)"),
+    "shared": ({"n_experts": 16, "top_k": 3, "shared_experts": 1},
+               "16 fine-grained experts, top-3, plus one shared expert on every token (DeepSeekMoE)"),
+    "orthogonal": ({"orthogonality_weight": 0.1}, "learned top-k with an orthogonality penalty (weight 0.1) between experts' weights"),
+}
+"""Variant name -> (MoE options over the study's base MoE, description). Every variant keeps (top_k + shared_experts) *
+d_expert equal to the dense MLP's d_mlp, so active parameters match."""
+
+METRIC_NOTES = """\
+- **Matched active parameters**: every MoE gives a token (top_k + shared experts) × d_expert = d_mlp hidden neurons (expert choice: top_k experts per token on average), as many as the dense MLP.
+- **Load balance**: *usage entropy*, the entropy of the share of routed slots each expert gets over log(E) (1 = all experts used equally); *no expert*, the share of held-out tokens routed to no expert at all (expert choice leaves some; a capacity drops some). Empty slots have index -1 and weight 0 in `hook_expert_indices` / `hook_expert_weights`.
+- **Specialization** (as in `expert-specialization`): per MoE layer and label, NMI of each token's best expert with the label (tokens with no expert form one cluster of their own), against **k-means** with as many clusters as experts on the router input (`blocks.{{l}}.ln2.hook_normalized`), a **shuffled null** with the same expert frequencies, and the **linear ceiling** (NMI of a logistic probe's predictions from the router input). NMI grows with the number of clusters, so variants with 16 experts are compared with k-means with 16 clusters, not with the 4-expert variants.
+- **k = 1 sparse-probing F1** (Gurnee et al. 2023; as in `sparse-probing`): for each class of each label, the single best neuron (ranked by the standardized difference of class means on the training split) of the best expert (probed on its own tokens), scored by held-out F1 and averaged over classes and FFN layers; the dense MLP's neurons beside it, and the same F1 with shuffled targets as the base-rate control.
+- **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (δ = {margin}; two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the seeds could detect).
+- {interval}
+"""
+
+
+@dataclass(frozen=True)
+class RoutingVariantsConfig:
+    task: str = "brackets"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 3
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
+    """Options shared by the dense transformer and every MoE (see `TransformerConfig`)."""
+    n_experts: int = 4
+    top_k: int = 1
+    """The base MoE every variant starts from (a variant may change them, e.g. fine-grained experts)."""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    train: TrainConfig = TrainConfig(steps=600, lr=3e-3, n_train=10000, n_val=500)
+    n_eval: int = 300
+    """Held-out sequences on which every analysis runs (the same for every model and seed)."""
+    n_permutations: int = 200
+    max_classes: int = 8
+    """Sparse probing: at most this many classes per label (the most frequent)."""
+    min_count: int = 10
+    """Sparse probing: an (expert, class) pair needs this many positives and negatives on each side of the split."""
+    margin: float = MARGIN
+    eval_seed: int = 20261121
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.n_eval < 8 or self.n_permutations < 1 or self.max_classes < 1 or self.min_count < 1:
+            raise ValueError("seeds, n_permutations, max_classes and min_count must be >= 1, n_eval >= 8")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants must be distinct, at least one; valid: {', '.join(VARIANTS)} (got {', '.join(self.variants) or 'none'})")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be in (0, 1) (got {self.margin})")
+
+
+@register_study("routing-variants")
+class RoutingVariants(Study):
+    """Routing and expert variants (expert choice, k-means, MoE-X, fine-grained, shared, orthogonal, noisy, capacity) at matched active parameters."""
+
+    Config = RoutingVariantsConfig
+    fast = {"seeds": 2, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1},
+            "train": {"steps": 30, "n_train": 256, "n_val": 32, "eval_every": 30, "warmup_steps": 5},
+            "n_eval": 24, "n_permutations": 10, "max_classes": 3, "min_count": 3}
+    config: RoutingVariantsConfig
+
+    def __init__(self, config: RoutingVariantsConfig) -> None:
+        super().__init__(config)
+        self.task = get_task(config.task, config.task_options)
+        self.models = {"dense": dense_and_moe(config)["dense"],
+                       **{v: dense_and_moe(config, **VARIANTS[v][0])["moe"] for v in config.variants}}
+        for options in self.models.values():  # fail early on a bad model option
+            build_model(self.task, options)
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg, task = self.config, self.task
+        jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
+                for seed in range(cfg.seeds) for kind, options in self.models.items()]
+        trained = ctx.train(jobs)
+        eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        performance = {kind: [evaluate(trained[f"{kind}-seed{s}"].model, task, eval_batch)[task.primary_metric]
+                              for s in range(cfg.seeds) if trained[f"{kind}-seed{s}"]] for kind in self.models}
+        pairs = [(kind, seed) for kind in cfg.variants for seed in range(cfg.seeds)
+                 if trained[f"{kind}-seed{seed}"] and trained[f"dense-seed{seed}"]]
+        analysed = dict(zip(pairs, ctx.map(self.analyse, [k for k, _ in pairs], [s for _, s in pairs],
+                                           [ctx.run_dir(f"{k}-seed{s}") for k, s in pairs],
+                                           [ctx.run_dir(f"dense-seed{s}") for _, s in pairs], description="analysing")))
+        dense = [s for s in range(cfg.seeds) if trained[f"dense-seed{s}"]]
+        dense_probes = ctx.map(self.probe, ["dense"] * len(dense), dense, [ctx.run_dir(f"dense-seed{s}") for s in dense],
+                               description="probing dense")
+        rows = [row for result in [*(a["probing"] for a in analysed.values()), *dense_probes] for row in result]
+        scores = class_scores(rows, ks=(1,)) if rows else None
+        return {
+            "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
+            "variants": {kind: self.summarize_variant(kind, performance[kind], analysed, scores) for kind in cfg.variants},
+            "dense": {"metric": mean_ci(performance["dense"], bounds=UNIT), "probe_f1": self.probe_summary("dense", scores)},
+            "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
+        }
+
+    def analyse(self, kind: str, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
+        """One (variant, seed) in a worker on one torch thread: specialization against k-means, the null and the linear
+        ceiling, load balance, and k = 1 sparse probing."""
+        cfg = self.config
+        batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
+        moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
+        with torch_threads(1):
+            return {"specialization": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+                    "load": routing_load(moe, self.task, batch), "probing": self.probe(kind, seed, moe_dir)}
+
+    def probe(self, kind: str, seed: int, directory: Path) -> list[dict[str, Any]]:
+        """k = 1 sparse probing of one model's FFN neurons (rows tagged with model and seed)."""
+        cfg = self.config
+        with torch_threads(1):
+            rows = sparse_probing(load_trained(directory).model, self.task, self.task.sample(cfg.n_eval, cfg.eval_seed), ks=(1,),
+                                  rankings=("mean_difference",), min_count=cfg.min_count, max_classes=cfg.max_classes, seed=seed)
+        return [{**row, "model": kind, "seed": seed} for row in rows]
+
+    def summarize_variant(self, kind: str, metric: list[float], analysed: dict[tuple[str, int], dict[str, Any]],
+                          scores: pd.DataFrame | None) -> dict[str, Any]:
+        """Across seeds: the task metric, load balance (mean over MoE layers), specialization summary and verdicts, probe F1."""
+        runs = [a for (k, _), a in sorted(analysed.items()) if k == kind]
+        load = {key: mean_ci([sum(layer[key] for layer in r["load"].values()) / len(r["load"]) for r in runs],
+                             bounds=None if key == "experts_per_token" else UNIT)
+                for key in ("usage_entropy", "unrouted", "dropped_slots", "experts_per_token")} if runs else {}
+        return {
+            "metric": mean_ci(metric, bounds=UNIT),
+            "load": load,
+            "specialization": summarize([r["specialization"] for r in runs], self.config.margin) if runs else {},
+            "probe_f1": self.probe_summary(kind, scores),
+        }
+
+    def probe_summary(self, kind: str, scores: pd.DataFrame | None) -> dict[str, Any]:
+        """Per label: k = 1 F1 of the best neuron (mean over classes and layers, mean [95% CI] over seeds), the shuffled
+        control, and for an MoE the verdict on its F1 minus the dense model's (paired by seed, classes both probe)."""
+        if scores is None or kind not in set(scores["model"]):
+            return {}
+        own = scores[scores["model"] == kind]
+        out = {}
+        for label, part in own.groupby("label", sort=False):
+            per_seed = part.groupby(["variant", "seed"])["f1"].mean()
+            out[label] = {"f1": mean_ci(per_seed["neurons"].tolist(), bounds=UNIT),
+                          "shuffled": mean_ci(per_seed["shuffled"].tolist(), bounds=UNIT)}
+        if kind != "dense" and "dense" in set(scores["model"]):
+            gap = gaps(scores, {"model": kind, "variant": "neurons"}, {"model": "dense", "variant": "neurons"}, by=("label",))
+            for row in compare_gaps(gap, ("label",), self.config.margin):
+                out[row["label"]]["vs_dense"] = row["gap"]
+        return out
+
+    def recovering(self, results: dict[str, Any]) -> dict[str, list[str]]:
+        """Variant -> the (label, layer) pairs where routing recovers more than k-means on the router input."""
+        return {kind: [f"`{label}` (layer {layer})" for layer, labels in v["specialization"].items()
+                       for label, s in labels.items() if s["verdict"]["verdict"] == "more"]
+                for kind, v in results["variants"].items()}
+
+    def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        metric = results["task"]["primary_metric"]
+        rows = [{"variant": "dense", metric: fmt_ci(results["dense"]["metric"]), "usage entropy": "", "no expert": "",
+                 "k=1 F1": fmt(self.mean_f1(results["dense"]["probe_f1"])), "routing vs k-means (more/equiv./less/inconcl.)": ""}]
+        for kind, v in results["variants"].items():
+            verdicts = [s["verdict"]["verdict"] for labels in v["specialization"].values() for s in labels.values()]
+            rows.append({
+                "variant": kind, metric: fmt_ci(v["metric"]),
+                "usage entropy": fmt_ci(v["load"]["usage_entropy"]) if v["load"] else "n/a",
+                "no expert": fmt_ci(v["load"]["unrouted"]) if v["load"] else "n/a",
+                "k=1 F1": fmt(self.mean_f1(v["probe_f1"])),
+                "routing vs k-means (more/equiv./less/inconcl.)": "/".join(str(verdicts.count(x)) for x in ("more", "equivalent", "less", "inconclusive")),
+            })
+        return rows
+
+    @staticmethod
+    def mean_f1(probe: dict[str, Any]) -> float | None:
+        return sum(p["f1"]["mean"] for p in probe.values()) / len(probe) if probe else None
+
+    def detail_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"variant": kind, "layer": layer, "label": label, "NMI routing": fmt_ci(s["routing_nmi"]),
+             "NMI k-means": fmt_ci(s["kmeans_moe_nmi"]), "NMI ceiling": fmt_ci(s["linear_nmi"]), "NMI null": fmt(s["null_nmi"]["mean"]),
+             "routing vs k-means": s["verdict"]["verdict"],
+             "k=1 F1 [shuffled]": (f"{fmt_ci(v['probe_f1'][label]['f1'])} [{fmt(v['probe_f1'][label]['shuffled']['mean'])}]"
+                                   if label in v["probe_f1"] else "n/a"),
+             "F1 vs dense": v["probe_f1"].get(label, {}).get("vs_dense", {}).get("verdict", "n/a")}
+            for kind, v in results["variants"].items()
+            for layer, labels in v["specialization"].items()
+            for label, s in labels.items()
+        ]
+
+    def conclusion(self, results: dict[str, Any]) -> str:
+        found = {kind: pairs for kind, pairs in self.recovering(results).items() if pairs}
+        seeds = self.config.seeds
+        if not found:
+            return (f"No design's routing recovered more of any planted label than k-means on its router input "
+                    f"(over {seeds} seeds, δ = ±{self.config.margin:g} NMI): on `{results['task']['name']}`, at these sizes, the "
+                    "experts of every variant carve up the residual stream no better than clustering it does.")
+        return ("Designs whose routing recovered more than k-means on the router input (paired over "
+                f"{seeds} seeds, δ = ±{self.config.margin:g} NMI): " + "; ".join(f"**{k}** on {', '.join(p)}" for k, p in found.items())
+                + ". Every other (variant, label, layer) was equivalent, less or inconclusive (see the table).")
+
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
+        cfg, task = self.config, self.task
+        frame = pd.DataFrame([
+            {"layer": layer, "label": label, "variant": kind, **{k: s["verdict"][k] for k in ("mean", "ci_low", "ci_high")}}
+            for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()
+        ])
+        blocks: list[Any] = [Text(f"**Bottom line.** {self.conclusion(results)}")]
+        blocks.append(Section("What was run", [Text(
+            f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+            f"A dense transformer and one MoE per variant, with shared options `{cfg.model}` and base MoE {cfg.n_experts} experts, "
+            f"top-{cfg.top_k}, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with "
+            f"{cfg.seeds} seeds. Analyses ran on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); nulls use "
+            f"{cfg.n_permutations} shuffles.\n\n" + "\n".join(f"- **{k}**: {VARIANTS[k][1]}; options `{VARIANTS[k][0]}`" for k in cfg.variants))]))
+        blocks.append(Section("All variants side by side", [Table(self.summary(results), caption=(
+            f"Held-out `{task.primary_metric}`, load balance (mean over MoE layers) and mean k = 1 probe F1 over labels, mean [95% CI] "
+            "over seeds; the last column counts the (label, layer) verdicts of routing vs k-means on the router input."))]))
+        if not frame.empty:
+            fig = interval_bars(frame, "label", "variant", "layer", "NMI(routing) − NMI(k-means)", reference=0.0)
+            blocks.append(Figure(ctx.figure("routing_vs_kmeans", fig),
+                                 "Routing minus k-means on the router input, NMI with each label per variant (mean, 90% CI of the paired difference)"))
+        blocks.append(Section("Per label: routing vs k-means vs the linear ceiling vs null, and k = 1 probing",
+                              [Table(self.detail_rows(results))]))
+        lines = [f"- **{kind}**, layer {layer}, `{label}`: {verdict_text(s['verdict'])}"
+                 for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()]
+        blocks.append(Section("Verdicts", [Text("\n".join(lines) or "(no variant finished)")]))
+        blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE))]))
+        blocks.append(Section("Conclusion", [Text(self.conclusion(results))]))
+        blocks += failed_runs_section(results["failed_runs"])
+        return Document(f"Routing variants on `{task.name}`", blocks)

@@ -1,0 +1,227 @@
+"""Report documents and their writers, the expert map, and runs you can list, show and re-render.
+
+The browser test loads a tiny study's report.html in headless Chromium (Debian's `chromium` and
+`chromium-driver`, driven by Selenium): no console error, every token of the expert map drawn, the
+layer switch recolours them as the stored routing says, hovering shows a token's labels, and the
+label filter dims the others. Set TOYLAB_SCREENSHOT_DIR to keep its screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toylab.analysis.expert_map import matched_clusters
+from toylab.cli import app
+from toylab.report import Document, ExpertMap, Figure, Section, Table, Text, to_html, to_markdown
+from toylab.study import run_study
+
+TINY = {"seeds": 2, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}, "n_eval": 24,
+        "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
+        "task_options": {"max_length": 12}}
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return run_study("expert-specialization", TINY, out=tmp_path_factory.mktemp("runs"), progress=False, workers=1).directory
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        app(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def document() -> Document:
+    return Document("A `study`", [
+        Text("**Bottom line.** it works"),
+        Section("Results", [Table([{"a": 1, "b \\| c": "`x`"}], caption="numbers"),
+                            Section("Deeper", [Figure("figures/f.png", "a figure")])]),
+        Section("Map", [ExpertMap("expert_map.json")]),
+    ])
+
+
+def test_markdown_writer_nests_sections_and_points_to_the_html_for_the_map() -> None:
+    text = to_markdown(document())
+    assert text.startswith("# A `study`\n\n**Bottom line.** it works\n\n## Results\n\nnumbers\n\n| a | b \\| c |")
+    assert "### Deeper\n\n#### a figure\n\n![a figure](figures/f.png)" in text
+    assert "## Map\n\n### Expert map" in text and "`report.html`" in text and "`expert_map.json`" in text
+
+
+def test_html_writer_inlines_figures_and_data_and_fetches_nothing(tmp_path) -> None:
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "f.png").write_bytes(PNG)
+    data = {"layers": ["0"], "n_experts": 2, "labels": {}, "sequences": [], "grids": None, "seeds": {}, "note": "</script><b>"}
+    (tmp_path / "expert_map.json").write_text(json.dumps(data))
+    html = to_html(document(), tmp_path)
+    assert f'src="data:image/png;base64,{base64.b64encode(PNG).decode()}"' in html
+    assert "<table>" in html and "<th>b | c</th>" in html and "<td><code>x</code></td>" in html
+    assert '<h1>A <code>study</code></h1>' in html and "<strong>Bottom line.</strong>" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html) and "<link" not in html  # nothing to fetch
+    assert html.count("</script>") == 2 and "<\\/script>" not in html  # the data cannot close its script tag
+    payload = re.search(r'<script type="application/json" id="expert-map-1-data">(.*?)</script>', html, re.S).group(1)
+    assert json.loads(payload) == data
+    (tmp_path / "figures" / "f.png").unlink()
+    assert "Figure <code>figures/f.png</code> is missing" in to_html(document(), tmp_path)
+
+
+def test_matched_clusters_rename_a_permuted_partition_to_the_experts() -> None:
+    rng = np.random.default_rng(0)
+    experts = rng.integers(4, size=2000)
+    permuted = np.array([2, 0, 3, 1])[experts]  # planted: the same partition under other names
+    assert (matched_clusters(permuted, experts, 4) == experts).all()
+    noise = rng.integers(4, size=2000)  # control: unrelated clusters stay unrelated, only renamed one to one
+    renamed = matched_clusters(noise, experts, 4)
+    assert len(set(zip(noise.tolist(), renamed.tolist()))) == 4 and abs((renamed == experts).mean() - 0.25) < 0.05
+
+
+def test_study_writes_an_html_report_with_every_figure_and_the_expert_map(tiny_run) -> None:
+    markdown, html = (tiny_run / "report.md").read_text(), (tiny_run / "report.html").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(figures) >= 3
+    for path in figures:
+        assert f'src="data:image/png;base64,{base64.b64encode((tiny_run / path).read_bytes()).decode()}"' in html
+    assert "## Verdicts" in markdown and "## Time" in markdown and "## Expert map" in markdown
+    for heading in ("Verdicts", "Results", "Controls", "Time"):
+        assert re.search(rf"<h2>{heading}</h2>", html)
+    data = json.loads((tiny_run / "expert_map.json").read_text())
+    assert len(data["sequences"]) == 16 and set(data["seeds"]) == {"0", "1"} and data["layers"] == ["0", "1"]
+    results = json.loads((tiny_run / "results.json").read_text())
+    for seed in data["seeds"].values():
+        for layer in seed.values():
+            for sequence, experts, probs, clusters in zip(data["sequences"], layer["experts"], layer["probs"], layer["kmeans"]):
+                assert len(experts) == len(probs) == len(clusters) == len(sequence["tokens"])
+                probs = np.array(probs)
+                chosen = probs[np.arange(len(probs)), np.array(experts)[:, 0]]
+                assert np.allclose(probs.sum(1), 1, atol=0.01) and (chosen == probs.max(1)).all()  # top-1: the likeliest (3 decimals)
+                assert 0 <= min(clusters) and max(clusters) < data["n_experts"]
+    assert set(data["labels"]) == set(results["specialization"]["0"])
+    first = data["sequences"][0]
+    assert first["tokens"][0] == "<bos>" and data["labels"]["token_type"][first["labels"]["token_type"][0]] == "<bos>"
+
+
+def test_runs_list_show_and_report(tiny_run, capsys) -> None:
+    code, out, _ = cli(capsys, "runs", "list", "--out", str(tiny_run.parent.parent))
+    (line,) = out.splitlines()
+    assert code == 0 and line.split()[:2] == ["expert-specialization", "brackets"] and tiny_run.name in line and "finished" in line
+    assert "layer " in line and "NMI routing" in line
+    code, out, _ = cli(capsys, "runs", "show", str(tiny_run))
+    assert code == 0 and "| layer | label |" in out and str(tiny_run / "report.html") in out
+    before = (tiny_run / "report.md").read_text()
+    (tiny_run / "report.html").unlink()
+    shutil.rmtree(tiny_run / "figures")
+    code, out, _ = cli(capsys, "report", str(tiny_run))
+    assert code == 0 and str(tiny_run / "report.html") in out
+    assert (tiny_run / "report.md").read_text() == before  # the same report, from the stored results alone
+    assert (tiny_run / "report.html").is_file() and (tiny_run / "figures" / "nmi_comparison.png").is_file()
+
+
+def test_report_refuses_what_is_not_a_finished_run(tiny_run, tmp_path, capsys) -> None:
+    code, _, err = cli(capsys, "report", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a study run" in err
+    unfinished = tmp_path / "out" / "expert-specialization" / "unfinished"
+    unfinished.mkdir(parents=True)
+    shutil.copy(tiny_run / "config.json", unfinished)
+    code, _, err = cli(capsys, "report", str(unfinished))
+    assert code == 2 and "no results.json" in err and not (unfinished / "report.md").exists()
+    corrupt = tmp_path / "out" / "expert-specialization" / "corrupt"
+    shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("models"))
+    (corrupt / "results.json").write_text('{"specialization": ')
+    reports = {name: (corrupt / name).read_bytes() for name in ("report.md", "report.html")}
+    code, _, err = cli(capsys, "report", str(corrupt))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "corrupt JSON file" in err
+    assert {name: (corrupt / name).read_bytes() for name in reports} == reports
+    code, out, _ = cli(capsys, "runs", "list", "--out", str(tmp_path / "out"))
+    assert code == 0 and len(out.splitlines()) == 2 and "unreadable" in out and "corrupt JSON file" in out and "no results.json" in out
+    code, _, err = cli(capsys, "runs", "list", "--out", str(tmp_path / "absent"))
+    assert code == 2 and "no such folder" in err
+
+
+def browser_or_skip():
+    """A headless Chromium driven by Selenium; install what is missing where possible, else skip saying why."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "selenium"], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"selenium is not installed and pip could not install it: {done.stderr.strip().splitlines()[-1:]}")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (chromium and shutil.which("chromedriver")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("Chromium or chromedriver is missing and cannot be installed here (needs root and apt-get: "
+                        "apt-get install chromium chromium-driver)")
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if done.returncode:
+                pytest.skip(f"could not install Chromium ({' '.join(command)}): {done.stderr.strip().splitlines()[-1:]}")
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1200"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    data = json.loads((tiny_run / "expert_map.json").read_text())
+    experts = {layer: [e[0] for sequence in data["seeds"]["0"][layer]["experts"] for e in sequence] for layer in data["layers"]}
+    assert experts["0"] != experts["1"]  # precondition: the two layers route some token differently
+    driver = browser_or_skip()
+    try:
+        driver.get((tiny_run / "report.html").as_uri())
+        tokens = driver.find_elements(By.CSS_SELECTOR, "[data-panel=experts] .tok")
+        assert len(tokens) == sum(len(s["tokens"]) for s in data["sequences"])
+        assert len(driver.find_elements(By.CSS_SELECTOR, "[data-panel=kmeans] .tok")) == len(tokens)
+        assert [int(t.get_attribute("data-id")) for t in tokens] == experts["0"]
+        colours = [t.value_of_css_property("background-color") for t in tokens]
+
+        Select(driver.find_element(By.CSS_SELECTOR, "select[data-control=layer]")).select_by_value("1")
+        assert [int(t.get_attribute("data-id")) for t in tokens] == experts["1"]
+        changed = [i for i, (a, b) in enumerate(zip(experts["0"], experts["1"])) if a != b]
+        assert all(tokens[i].value_of_css_property("background-color") != colours[i] for i in changed)
+
+        flat = [(s, p) for s, sequence in enumerate(data["sequences"]) for p in range(len(sequence["tokens"]))]
+        s, p = flat[3]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", tokens[3])
+        ActionChains(driver).move_to_element(tokens[3]).perform()
+        tooltip = driver.find_element(By.ID, "expert-map-tooltip")
+        assert tooltip.is_displayed()
+        for name, classes in data["labels"].items():
+            value = data["sequences"][s]["labels"][name][p]
+            if not isinstance(value, list) and value >= 0:
+                assert f"{name}={classes[value]}" in tooltip.text
+        assert "router probabilities" in tooltip.text
+
+        wanted = data["labels"]["token_type"].index("<bos>")
+        Select(driver.find_element(By.CSS_SELECTOR, "select[data-control=token_type]")).select_by_value(str(wanted))
+        shown = [t for t in tokens if "dim" not in t.get_attribute("class").split()]
+        assert len(shown) == len(data["sequences"]) and {t.text for t in shown} == {"<bos>"}
+
+        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not severe, severe
+        driver.execute_script("document.querySelector('.expert-map-block').scrollIntoView()")
+        assert driver.save_screenshot(str(tmp_path / "expert_map.png"))
+        if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
+            Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "expert_map.png", Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / "expert_map.png")
+    finally:
+        driver.quit()

@@ -1,0 +1,118 @@
+"""Study runs on disk: list them, show one, and re-render a run's report without retraining.
+
+A study run is a folder `<out>/<study>/<config hash>/` holding `config.json` (with the study's name);
+it has finished when `results.json` exists. `rerender` rebuilds the study from `config.json` and writes
+`report.md` and `report.html` again from `results.json` (and `expert_map.json`), regenerating the figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toylab import io
+from toylab.errors import ToylabError
+from toylab.report import fmt
+from toylab.study import StudyContext, stored_study, write_report
+
+HEADLINE_COLUMNS = 3
+"""Columns of the summary's first row shown as a run's headline numbers (besides its row names)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One study run as found on disk."""
+
+    directory: Path
+    study: str
+    task: str
+    date: str
+    config_hash: str
+    status: str
+    """"finished", "partial (k of n training runs failed)" or "failed (no results.json)"."""
+    headline: str
+
+
+def _check_run(directory: Path) -> None:
+    """A one-line ToylabError if `directory` is not a study run."""
+    if not (Path(directory) / "config.json").is_file():
+        raise ToylabError(f"{directory} is not a study run (no config.json); runs are folders OUT/STUDY/HASH/ "
+                          "written by `toylab study run` (see `toylab runs list`)")
+
+
+def _results(directory: Path) -> dict[str, Any]:
+    """A run's results; a one-line ToylabError if they are missing or corrupt."""
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        raise ToylabError(f"{directory} has no results.json: the study did not finish (rerun `toylab study run` to resume it)")
+    results = io.read_json(path)
+    if not isinstance(results, dict):
+        raise ToylabError(f"corrupt results file {path}: not a JSON object")
+    return results
+
+
+def summary_rows(directory: Path) -> list[dict[str, Any]]:
+    """The study's summary table of a finished run."""
+    _check_run(directory)
+    results = _results(directory)
+    return stored_study(directory).summary(results)
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """The first summary row, abbreviated: its first few columns as `name value`."""
+    if not rows:
+        return ""
+    row = rows[0]
+    return ", ".join(f"{key} {fmt(value) if isinstance(value, float) else value}" for key, value in list(row.items())[:HEADLINE_COLUMNS + 1])
+
+
+def describe(directory: Path) -> Run:
+    """What a run directory holds: study, task, date, hash, status and headline numbers.
+
+    A run whose files cannot be read is still listed, with the reason in place of its headline.
+    """
+    directory = Path(directory)
+    _check_run(directory)
+    results_path = directory / "results.json"
+    stamp = (results_path if results_path.is_file() else directory / "config.json").stat().st_mtime
+    date = datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
+    study, task, status, text = directory.parent.name, "n/a", "failed (no results.json)", ""
+    try:
+        config = io.read_json(directory / "config.json")
+        study, task = config.get("study", study), str(config.get("task", task))
+        if results_path.is_file():
+            status = "unreadable"
+            results = _results(directory)
+            found = results.get("task")
+            task = found.get("name", task) if isinstance(found, dict) else task
+            failed, total = len(results.get("failed_runs", [])), len(results.get("runs", {}))
+            status = f"partial ({failed} of {total or '?'} training runs failed)" if failed else "finished"
+            text = headline(stored_study(directory).summary(results))
+    except (ToylabError, KeyError, AttributeError) as error:  # a corrupt file, or a run of an older toylab
+        text = f"(cannot summarize: {' '.join(str(error).split())})"
+    return Run(directory, study, task, date, directory.name, status, text)
+
+
+def find_runs(out: Path) -> list[Run]:
+    """Every study run under `out` (`out/<study>/<hash>/config.json`), newest first."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ToylabError(f"no such folder: {out} (pass the --out of `toylab study run`; default runs)")
+    runs = [describe(path.parent) for path in out.glob("*/*/config.json")]
+    return sorted(runs, key=lambda run: (run.date, str(run.directory)), reverse=True)
+
+
+def rerender(directory: Path) -> tuple[Path, Path]:
+    """Write a finished run's `report.md` and `report.html` again, from its results (no training); return their paths.
+
+    Bad input (not a run, a missing or corrupt results.json or config) raises ToylabError before anything is written.
+    """
+    directory = Path(directory)
+    _check_run(directory)
+    results, study = _results(directory), stored_study(directory)
+    timing = io.read_json(directory / "timing.json") if (directory / "timing.json").is_file() else None
+    with StudyContext(directory, progress=False) as ctx:
+        write_report(study, results, ctx, timing)
+    return directory / "report.md", directory / "report.html"

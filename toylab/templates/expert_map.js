@@ -1,0 +1,154 @@
+// Expert map: tokens coloured by their routed expert at a selectable layer, beside their k-means cluster.
+// Data (inlined JSON, see toylab/analysis/expert_map.py): sequences with tokens and labels, and per seed and
+// layer the chosen experts, router probabilities and k-means clusters (matched to experts) of every token.
+(function () {
+  "use strict";
+  const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",
+                   "#9c755f", "#bab0ac", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"];
+  const tooltip = document.getElementById("expert-map-tooltip");
+
+  function colour(id) { return id < 0 ? "#dddddd" : PALETTE[id % PALETTE.length]; }  // -1: no expert
+  function textColour(id) { return id >= 0 && [0, 3, 4, 8, 10, 11, 13, 14].includes(id % PALETTE.length) ? "#fff" : "#000"; }
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "text") node.textContent = value; else node.setAttribute(key, value);
+    }
+    for (const child of children || []) node.appendChild(child);
+    return node;
+  }
+  function select(name, options, onChange) {
+    const box = el("select", {"data-control": name});
+    for (const [value, text] of options) box.appendChild(el("option", {value: value, text: text}));
+    box.addEventListener("change", onChange);
+    return el("label", {}, [document.createTextNode(name + " "), box]);
+  }
+  function classOf(value, classes) {
+    if (Array.isArray(value)) return value.length ? value.map(c => classes[c]).join("+") : "none";
+    return value < 0 ? null : classes[value];
+  }
+  function hasClass(value, wanted) {
+    return Array.isArray(value) ? value.includes(wanted) : value === wanted;
+  }
+
+  function build(root, data) {
+    const seeds = Object.keys(data.seeds), layers = data.layers, labels = Object.keys(data.labels);
+    const state = {seed: seeds[0], layer: layers[0], filters: {}};
+    const controls = el("div", {class: "em-controls"});
+    controls.appendChild(select("seed", seeds.map(s => [s, s]), e => { state.seed = e.target.value; paint(); }));
+    controls.appendChild(select("layer", layers.map(l => [l, l]), e => { state.layer = e.target.value; paint(); }));
+    for (const name of labels) {
+      const options = [["", "any"]].concat(data.labels[name].map((c, i) => [String(i), c]));
+      controls.appendChild(select(name, options, e => {
+        if (e.target.value === "") delete state.filters[name]; else state.filters[name] = Number(e.target.value);
+        paint();
+      }));
+    }
+    const legend = el("div", {class: "em-legend"});
+    for (let e = 0; e < data.n_experts; e++) {
+      const chip = el("span", {text: "E" + e + " / C" + e});
+      chip.style.background = colour(e); chip.style.color = textColour(e);
+      legend.appendChild(chip);
+    }
+    const panels = el("div", {class: "em-panels"});
+    const views = {experts: [], kmeans: []};
+    for (const [kind, title] of [["experts", "Routed expert (top-1)"], ["kmeans", "k-means cluster of the router input"]]) {
+      const panel = el("div", {class: "em-panel", "data-panel": kind}, [el("h5", {text: title})]);
+      data.sequences.forEach((sequence, s) => {
+        const line = el("div", {class: "em-seq"}, [el("span", {class: "idx", text: "#" + s})]);
+        const row = sequence.tokens.map((token, p) => {
+          const span = el("span", {class: "tok", "data-seq": s, "data-pos": p, text: token});
+          span.addEventListener("mouseenter", event => show(event, s, p));
+          span.addEventListener("mousemove", move);
+          span.addEventListener("mouseleave", () => { tooltip.hidden = true; });
+          line.appendChild(span);
+          return span;
+        });
+        views[kind].push(row);
+        panel.appendChild(line);
+      });
+      panels.appendChild(panel);
+    }
+    const grids = el("div", {class: "em-grids"});
+    root.append(controls, legend, grids, panels);
+
+    function matches(s, p) {
+      const values = data.sequences[s].labels;
+      return Object.entries(state.filters).every(([name, wanted]) => hasClass(values[name][p], wanted));
+    }
+    function paint() {
+      const routed = data.seeds[state.seed][state.layer];
+      for (const kind of ["experts", "kmeans"]) {
+        views[kind].forEach((row, s) => row.forEach((span, p) => {
+          const id = kind === "experts" ? routed.experts[s][p][0] : routed.kmeans[s][p];
+          span.style.background = colour(id);
+          span.style.color = textColour(id);
+          span.dataset.id = id;
+          span.classList.toggle("dim", !matches(s, p));
+        }));
+      }
+      if (data.grids) drawGrids(routed);
+    }
+    function drawGrids(routed) {
+      const NS = "http://www.w3.org/2000/svg", cell = 22;
+      grids.replaceChildren();
+      data.grids.forEach((grid, s) => {
+        const side = grid.size * cell + 2;
+        const svg = document.createElementNS(NS, "svg");
+        svg.setAttribute("width", side); svg.setAttribute("height", side);
+        svg.setAttribute("data-seq", s);
+        const add = (tag, attrs) => {
+          const node = document.createElementNS(NS, tag);
+          for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+          svg.appendChild(node);
+          return node;
+        };
+        add("rect", {x: 1, y: 1, width: grid.size * cell, height: grid.size * cell, fill: "#f4f4f4", stroke: "#333"});
+        for (const [pos, r, c] of grid.path) {
+          const id = routed.experts[s][pos][0];
+          add("rect", {x: 1 + c * cell, y: 1 + r * cell, width: cell, height: cell, fill: colour(id), "data-id": id, class: "em-cell"});
+        }
+        const open = new Set(grid.edges.map(e => e.join(",")));
+        for (let r = 0; r < grid.size; r++) for (let c = 0; c < grid.size; c++) {
+          if (c + 1 < grid.size && !open.has([r, c, r, c + 1].join(",")))
+            add("line", {x1: 1 + (c + 1) * cell, y1: 1 + r * cell, x2: 1 + (c + 1) * cell, y2: 1 + (r + 1) * cell, stroke: "#333", "stroke-width": 2});
+          if (r + 1 < grid.size && !open.has([r, c, r + 1, c].join(",")))
+            add("line", {x1: 1 + c * cell, y1: 1 + (r + 1) * cell, x2: 1 + (c + 1) * cell, y2: 1 + (r + 1) * cell, stroke: "#333", "stroke-width": 2});
+        }
+        for (const [mark, [r, c]] of [["S", grid.start], ["G", grid.goal]]) {
+          const text = add("text", {x: 1 + (c + 0.5) * cell, y: 1 + (r + 0.7) * cell, "text-anchor": "middle", "font-size": 12, "font-weight": "bold"});
+          text.textContent = mark;
+        }
+        grids.appendChild(el("figure", {}, [svg, el("figcaption", {text: "#" + s})]));
+      });
+    }
+    function show(event, s, p) {
+      const sequence = data.sequences[s], seed = data.seeds[state.seed];
+      const rows = labels.map(name => [name, classOf(sequence.labels[name][p], data.labels[name])]).filter(r => r[1] !== null);
+      const lines = [el("div", {class: "tt-token", text: "token " + JSON.stringify(sequence.tokens[p]) + " (sequence " + s + ", position " + p + ", seed " + state.seed + ")"})];
+      lines.push(el("div", {class: "tt-labels", text: "labels: " + rows.map(r => r[0] + "=" + r[1]).join(", ")}));
+      const head = el("tr", {}, [el("th", {text: "layer"}), el("th", {text: "experts"}), el("th", {text: "k-means"}),
+                                 el("th", {text: "router probabilities"})]);
+      const body = layers.map(layer => {
+        const at = seed[layer];
+        return el("tr", {}, [el("td", {text: layer + (layer === state.layer ? " ◀" : "")}),
+                             el("td", {text: at.experts[s][p].filter(e => e >= 0).map(e => "E" + e).join(", ") || "none"}),
+                             el("td", {text: "C" + at.kmeans[s][p]}),
+                             el("td", {text: at.probs[s][p].map((q, e) => "E" + e + " " + q.toFixed(2)).join("  ")})]);
+      });
+      lines.push(el("table", {}, [head].concat(body)));
+      tooltip.replaceChildren(...lines);
+      tooltip.hidden = false;
+      move(event);
+    }
+    function move(event) {
+      tooltip.style.left = Math.min(event.clientX + 12, window.innerWidth - tooltip.offsetWidth - 8) + "px";
+      tooltip.style.top = (event.clientY + 14) + "px";
+    }
+    paint();
+  }
+
+  for (const root of document.querySelectorAll(".expert-map")) {
+    build(root, JSON.parse(document.getElementById(root.id + "-data").textContent));
+  }
+})();
