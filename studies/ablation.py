@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,6 +15,7 @@ from toylab.analysis.ablation import FAMILIES, FLOOR, MIN_COUNT, MODES, ablation
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.errors import ToylabError
+from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
@@ -51,7 +52,7 @@ class AblationConfig:
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
-    router: Literal["learned", "hash", "label"] = "learned"
+    router: RouterName = "learned"
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     n_eval: int = 500

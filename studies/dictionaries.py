@@ -11,12 +11,13 @@ import torch
 
 from toylab.analysis.clustering import kmeans, nmi
 from toylab.analysis.dictionary import assignment_codes, code_rsa, expert_codes, label_detection, score_dictionary
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
 from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
 from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
 from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, verdict_text
+from toylab.report import Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, verdict_text
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE
 from toylab.training import TrainConfig
@@ -200,11 +201,12 @@ class Dictionaries(Study):
 
     def run_tokens(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.token_task
-        models = ctx.train([TrainJob(f"moe-seed{seed}", task, cfg.token_model, replace(cfg.token_train, seed=seed))
-                            for seed in range(cfg.seeds)])
+        jobs = [TrainJob(f"moe-seed{seed}", task, cfg.token_model, replace(cfg.token_train, seed=seed)) for seed in range(cfg.seeds)]
+        models = ctx.train(jobs)
         site = ROUTER_INPUT.format(layer=cfg.token_layer)
         neurons, chosen = f"blocks.{cfg.token_layer}.mlp.hook_post", f"blocks.{cfg.token_layer}.mlp.hook_expert_indices"
         train_batch, eval_batch = task.sample(cfg.n_eval, cfg.eval_seed), task.sample(cfg.n_eval, cfg.eval_seed + 1)
+        ctx.expert_map(jobs, eval_batch)
         keep = task.positions(eval_batch)
         labels = {name: eval_batch.labels[name][keep] for name in analysable_labels(task)}
         logits = f"blocks.{cfg.token_layer}.mlp.hook_router_logits"
@@ -315,5 +317,7 @@ class Dictionaries(Study):
                     *[Table(seed_to_seed)] * bool(seed_to_seed),
                 ]),
             ]))
+        blocks += expert_map_section(ctx.directory, N_SHOWN, f"The map shows the MoE transformers trained on `{cfg.token_task}`.")
         blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}")]))
+        blocks += failed_runs_section(results["failed_runs"])
         return Document("Dictionaries against planted features", blocks)

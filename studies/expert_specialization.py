@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
@@ -12,6 +12,7 @@ from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.paths import routing_paths, summarize_paths
 from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, routing_given_token, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
@@ -62,8 +63,9 @@ class ExpertSpecializationConfig:
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
-    router: Literal["learned", "hash", "label"] = "learned"
-    """The MoE's router: learned, hash (token identity only) or label (the label `router_label` picks the expert)."""
+    router: RouterName = "learned"
+    """The MoE's router: learned, hash (token identity only), label (the label `router_label` picks the expert), or
+    any other router of `toylab.models.routing` (noisy, expert_choice, kmeans, sparsity)."""
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     n_eval: int = 500
@@ -168,7 +170,8 @@ class ExpertSpecialization(Study):
 
     def router_description(self) -> str:
         cfg = self.config
-        return ROUTERS[cfg.router].format(k=cfg.top_k, label=cfg.router_label, e=cfg.n_experts)
+        description = ROUTERS.get(cfg.router, "`{router}` router (see `toylab.models.routing`), top-{k}")
+        return description.format(k=cfg.top_k, label=cfg.router_label, e=cfg.n_experts, router=cfg.router)
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []

@@ -8,13 +8,16 @@ from typing import Any
 
 import pandas as pd
 
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.load_balance import routing_load
 from toylab.analysis.sparse_probing import class_scores, compare_gaps, gaps, sparse_probing
 from toylab.analysis.specialization import specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_bars, verdict_text
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, verdict_text,
+)
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
@@ -99,6 +102,7 @@ class RoutingVariants(Study):
         jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for kind, options in self.models.items()]
         trained = ctx.train(jobs)
+        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == cfg.variants[0]], task.sample(cfg.n_eval, cfg.eval_seed))
         eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
         performance = {kind: [evaluate(trained[f"{kind}-seed{s}"].model, task, eval_batch)[task.primary_metric]
                               for s in range(cfg.seeds) if trained[f"{kind}-seed{s}"]] for kind in self.models}
@@ -213,9 +217,14 @@ class RoutingVariants(Study):
             return (f"No design's routing recovered more of any planted label than k-means on its router input "
                     f"(over {seeds} seeds, δ = ±{self.config.margin:g} NMI): on `{results['task']['name']}`, at these sizes, the "
                     "experts of every variant carve up the residual stream no better than clustering it does.")
+        tested = sum(len(labels) for v in results["variants"].values() for labels in v["specialization"].values())
+        more = sum(len(p) for p in found.values())
         return ("Designs whose routing recovered more than k-means on the router input (paired over "
                 f"{seeds} seeds, δ = ±{self.config.margin:g} NMI): " + "; ".join(f"**{k}** on {', '.join(p)}" for k, p in found.items())
-                + ". Every other (variant, label, layer) was equivalent, less or inconclusive (see the table).")
+                + ". Every other (variant, label, layer) was equivalent, less or inconclusive (see the table). "
+                f"That is {more} of {tested} comparisons, each a one-sided test at the 5% level with no correction for "
+                f"multiplicity: about {0.05 * tested:.1f} would read *more* by chance alone if no design beat k-means, so treat "
+                "an isolated *more* as a lead to rerun with more seeds, not as a finding.")
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
@@ -242,6 +251,7 @@ class RoutingVariants(Study):
         lines = [f"- **{kind}**, layer {layer}, `{label}`: {verdict_text(s['verdict'])}"
                  for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()]
         blocks.append(Section("Verdicts", [Text("\n".join(lines) or "(no variant finished)")]))
+        blocks += expert_map_section(ctx.directory, N_SHOWN, f"The map shows the first variant, `{cfg.variants[0]}`.")
         blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE))]))
         blocks.append(Section("Conclusion", [Text(self.conclusion(results))]))
         blocks += failed_runs_section(results["failed_runs"])

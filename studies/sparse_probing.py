@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.sparse_probing import (
     KS, LIFT, RANKINGS, UNIT, class_scores, compare_gaps, gap_trend, gaps, macro_f1, skipped_pairs, sparse_probing, with_lift,
 )
@@ -17,7 +18,9 @@ from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves
+from toylab.report import (
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+)
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, load_trained
 
@@ -128,6 +131,7 @@ class SparseProbing(Study):
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
         ctx.train(jobs)
         analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
+        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == self.headline()], self.task.sample(cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         scores = with_lift(class_scores(rows, cfg.ks))
         scores["kind"] = scores["label"].map({n: l.kind for n, l in self.task.labels.items()})
@@ -271,6 +275,7 @@ class SparseProbing(Study):
                     [Table(trend_rows) if trend_rows else Text("(fewer than two learned MoEs)")]),
             Section("Skipped (expert, class) pairs (too few positives or negatives; summed over seeds)", [Table(skipped)]),
             Section("Figures", [Figure(path, caption) for caption, path in figures]),
+            *expert_map_section(ctx.directory, N_SHOWN, f"The map shows the headline MoE, `{self.headline()}`."),
             Section("What the numbers mean", [Text(METRIC_NOTES.format(
                 max_classes=cfg.max_classes, min_count=cfg.min_count, router_label=self.router_label,
                 label_experts=getattr(self, "label_experts", "n/a"), margin=cfg.margin, interval=INTERVAL_NOTE))]),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.similarity import pair_similarity, residual_streams, summarize_similarity
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
@@ -48,7 +49,7 @@ class TransferConfig:
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`); the same width, for Procrustes."""
     n_experts: int = 4
     top_k: int = 1
-    router: Literal["learned", "hash", "label"] = "learned"
+    router: RouterName = "learned"
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     n_eval: int = 300

@@ -86,6 +86,20 @@ def test_matched_clusters_rename_a_permuted_partition_to_the_experts() -> None:
     assert len(set(zip(noise.tolist(), renamed.tolist()))) == 4 and abs((renamed == experts).mean() - 0.25) < 0.05
 
 
+def test_maze_grid_geometry_matches_the_maze_read_back_from_the_tokens() -> None:
+    from toylab.registry import get_task
+
+    task = get_task("gridworld", {"size": 3, "canvas": 4, "pause": 2})
+    batch = task.sample(20, seed=3)
+    assert get_task("brackets").grid(batch.inputs) is None  # the default: no grid
+    for grid, (maze, start, goal), tokens in zip(task.grid(batch.inputs), task.mazes(batch.inputs), batch.inputs):
+        assert grid["size"] == 4 and tuple(grid["start"]) == start and tuple(grid["goal"]) == goal
+        assert {frozenset([(a, b), (c, d)]) for a, b, c, d in grid["edges"]} == {frozenset(edge) for edge in maze.edges}
+        cells = [(r, c) for _, r, c in grid["path"]]
+        assert cells[0] == start and cells[-1] == goal and all(maze.has_edge(u, v) for u, v in zip(cells, cells[1:]))
+        assert [task.vocab[tokens[p]] for p, _, _ in grid["path"]] == [f"({r},{c})" for r, c in cells]
+
+
 def test_study_writes_an_html_report_with_every_figure_and_the_expert_map(tiny_run) -> None:
     markdown, html = (tiny_run / "report.md").read_text(), (tiny_run / "report.html").read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)

@@ -31,6 +31,12 @@ def test_run_directory_contents(trained):
     assert "train_loss" in header and "val_closing_accuracy" in header
 
 
+def test_a_run_shorter_than_the_log_interval_still_logs(task, tmp_path):
+    short = TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 3, "eval_every": 60, "n_train": 256})
+    run = train(task, {**TINY_MODEL, "ffn": "dense"}, short, tmp_path / "short", progress=False)
+    assert "train_loss" in (run.run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_checkpoint_round_trip(trained, task):
     loaded = load_trained(trained.run_dir)
     tokens = torch.from_numpy(task.sample(4, seed=0).inputs)

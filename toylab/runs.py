@@ -31,7 +31,7 @@ class Run:
     date: str
     config_hash: str
     status: str
-    """"finished", "partial (k of n training runs failed)" or "failed (no results.json)"."""
+    """"finished", "partial (k of n training runs failed)" or "unfinished (no results.json)" (running, interrupted or failed)."""
     headline: str
 
 
@@ -61,11 +61,9 @@ def summary_rows(directory: Path) -> list[dict[str, Any]]:
 
 
 def headline(rows: list[dict[str, Any]]) -> str:
-    """The first summary row, abbreviated: its first few columns as `name value`."""
-    if not rows:
-        return ""
-    row = rows[0]
-    return ", ".join(f"{key} {fmt(value) if isinstance(value, float) else value}" for key, value in list(row.items())[:HEADLINE_COLUMNS + 1])
+    """The first summary row, abbreviated: its first few non-empty columns as `name value`."""
+    cells = [(key, value) for key, value in (rows[0] if rows else {}).items() if value not in ("", None)]
+    return ", ".join(f"{key} {fmt(value) if isinstance(value, float) else value}" for key, value in cells[:HEADLINE_COLUMNS + 1])
 
 
 def describe(directory: Path) -> Run:
@@ -78,7 +76,7 @@ def describe(directory: Path) -> Run:
     results_path = directory / "results.json"
     stamp = (results_path if results_path.is_file() else directory / "config.json").stat().st_mtime
     date = datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
-    study, task, status, text = directory.parent.name, "n/a", "failed (no results.json)", ""
+    study, task, status, text = directory.parent.name, "n/a", "unfinished (no results.json)", ""
     try:
         config = io.read_json(directory / "config.json")
         study, task = config.get("study", study), str(config.get("task", task))

@@ -311,7 +311,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.grad_clip,
         logger=CSVLogger(attempt, name="", version=""),
-        log_every_n_steps=max(1, min(50, cfg.eval_every, cfg.n_train // cfg.batch_size)),
+        log_every_n_steps=max(1, min(50, cfg.steps, cfg.eval_every, cfg.n_train // cfg.batch_size)),  # at least one log line
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,

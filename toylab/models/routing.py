@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ from torch import nn
 
 from toylab.errors import ToylabError
 
-ROUTERS = ("learned", "noisy", "expert_choice", "kmeans", "sparsity", "hash", "label")
+RouterName = Literal["learned", "noisy", "expert_choice", "kmeans", "sparsity", "hash", "label"]
+ROUTERS: tuple[str, ...] = get_args(RouterName)
 FIXED = ("hash", "label")
 """Routers whose experts the model hands in (top-1, weight 1, no auxiliary losses)."""
 TOKEN_CHOICE = ("learned", "noisy", "kmeans", "sparsity")

@@ -24,7 +24,7 @@ from toylab.config import check_memory
 from toylab.errors import ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
 from toylab.models.moe import MLP, MoE
-from toylab.models.routing import FIXED, ROUTERS, TOKEN_CHOICE, WEIGHTED
+from toylab.models.routing import FIXED, ROUTERS, TOKEN_CHOICE, WEIGHTED, RouterName
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TransformerConfig:
     activation: Literal["gelu", "relu"] = "gelu"
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
-    router: Literal["learned", "noisy", "expert_choice", "kmeans", "sparsity", "hash", "label"] = "learned"
+    router: RouterName = "learned"
     """How an MoE layer picks experts (equations and papers in `toylab.models.routing`): `learned` top-k softmax
     routing; `noisy`, noisy top-k gating (Shazeer et al. 2017); `expert_choice`, each expert picks its top tokens
     up to a capacity, so a token gets 0..n_experts experts (Zhou et al. 2022; top_k is then the mean number per
