@@ -38,7 +38,7 @@ CPU_ONLY = ["--set", "accelerator=cpu"]
 CASES = [
     # usage errors (Typer/Click), each one line pointing to --help
     (["bogus"], "No such command 'bogus'; see 'toylab --help'"),
-    (["tasks"], "missing command (list, show, sample)"),
+    (["tasks"], "missing command (list, show, sample, new)"),
     (["tasks", "show"], "Missing argument"),
     (["tasks", "show", "brackets", "-n", "abc"], "'-n'"),
     (["tasks", "show", "brackets", "--colour"], "No such option"),
