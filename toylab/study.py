@@ -25,9 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
+from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map  # noqa: E402
 from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
+from toylab.models.superposition import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
@@ -53,9 +55,6 @@ def train_or_fail(job: TrainJob, run_dir: Path) -> None:
 
 def routing_of_run(job: TrainJob, run_dir: Path, batch: Batch) -> tuple[int, int, dict[str, Any]]:
     """A finished MoE run's expert-map view of `batch` (in a worker, on one torch thread), with its experts and top-k."""
-    from toylab.analysis.expert_map import N_SHOWN, routing_view
-    from toylab.models.superposition import torch_threads
-
     model = load_trained(run_dir).model
     with torch_threads(1):
         return model.cfg.n_experts, model.cfg.top_k, routing_view(model, job.task, batch, N_SHOWN, job.config.seed)
@@ -157,8 +156,6 @@ class StudyContext:
     def expert_map(self, jobs: Sequence[TrainJob], batch: Batch) -> None:
         """Write `expert_map.json` (see `toylab.analysis.expert_map`) from the finished runs among `jobs` (MoE runs of one
         task that differ by seed), on held-out `batch`; nothing if none finished."""
-        from toylab.analysis.expert_map import write_expert_map
-
         finished = [job for job in jobs if is_finished(self.run_dir(job.key))]
         if finished:
             views = self.map(routing_of_run, finished, [self.run_dir(job.key) for job in finished], [batch] * len(finished),
