@@ -42,10 +42,11 @@ class SortedDispatch:
     each expert runs one matmul on its slice instead.
     """
 
-    def __init__(self, experts: torch.Tensor, n_experts: int) -> None:
+    def __init__(self, experts: torch.Tensor, n_experts: int, empty_slots: bool = False) -> None:
+        """`experts` `[..., slots]`; with `empty_slots`, -1 marks a slot with no expert (its rows are zero)."""
         flat = experts.flatten()
-        self.filled = flat >= 0
-        key = torch.where(self.filled, flat, n_experts)  # empty slots sort last
+        self.filled = flat >= 0 if empty_slots else None
+        key = torch.where(self.filled, flat, n_experts) if empty_slots else flat  # empty slots sort last
         self.order = key.argsort(stable=True)
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(flat), device=flat.device)
@@ -57,13 +58,14 @@ class SortedDispatch:
         """`slots @ W[e] + b[e]` for every slot with its own expert e, 0 for an empty slot: `[n_slots, f_in]` -> `[n_slots, f_out]`."""
         grouped = slots[self.order]
         if grouped_mm_supported(grouped, W):
-            # grouped_mm leaves rows past the last offset (the empty slots) undefined, and their gradient too: mask both
-            grouped = torch.where(self.filled[self.order, None], grouped, 0.0)
+            if self.filled is not None:  # grouped_mm leaves rows past the last offset (empty slots) undefined, and their gradient too
+                grouped = torch.where(self.filled[self.order, None], grouped, 0.0)
             out = contiguous_grad(F.grouped_mm(grouped, W, offs=self.offsets))
         else:
             *groups, empty = grouped.split([*self.counts.tolist(), len(grouped) - int(self.counts.sum())])
             out = torch.cat([group @ W[e] for e, group in enumerate(groups)] + [empty.new_zeros(len(empty), W.shape[-1])])
-        return torch.where(self.filled[:, None], (out + b[self.sorted_experts])[self.inverse], 0.0)
+        out = (out + b[self.sorted_experts])[self.inverse]
+        return out if self.filled is None else torch.where(self.filled[:, None], out, 0.0)
 
 
 def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
@@ -124,6 +126,8 @@ class MoE(nn.Module):
         self.n_experts, self.k, self.act = n_experts, k, ACTIVATIONS[activation]
         self.router = make_router(router, d_model, n_experts, k, load_balance_weight, z_loss_weight, capacity_factor, centroid_decay)
         self.capacity_factor = capacity_factor if router in TOKEN_CHOICE else None
+        self.empty_slots = router == "expert_choice" or self.capacity_factor is not None
+        """Whether routing may leave slots empty (-1): expert choice, or a capacity that drops tokens."""
         self.orthogonality_weight, self.orthogonality = orthogonality_weight, orthogonality
         self.W_in = nn.Parameter(torch.randn(n_experts, d_model, d_expert) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_experts, d_expert))
@@ -181,7 +185,7 @@ class MoE(nn.Module):
             self.router.update(x.detach(), routing)
         batch_shape, d_model = x.shape[:-1], x.shape[-1]
         slots = routing.experts.shape[-1]
-        dispatch = SortedDispatch(routing.experts, self.n_experts)
+        dispatch = SortedDispatch(routing.experts, self.n_experts, self.empty_slots)
         rows = x.unsqueeze(-2).expand(*batch_shape, slots, d_model).reshape(-1, d_model)
         pre = self.hook_pre(dispatch.affine(rows, self.W_in, self.b_in).view(*batch_shape, slots, -1))
         post = self.hook_post(self.act(pre))
