@@ -13,12 +13,14 @@ from toylab.analysis.load_balance import routing_load
 from toylab.analysis.sparse_probing import class_scores, compare_gaps, gaps, sparse_probing
 from toylab.analysis.specialization import specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.models import Transformer
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.task import Batch
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -112,7 +114,7 @@ class RoutingVariants(Study):
                                            [ctx.run_dir(f"{k}-seed{s}") for k, s in pairs],
                                            [ctx.run_dir(f"dense-seed{s}") for _, s in pairs], description="analysing")))
         dense = [s for s in range(cfg.seeds) if trained[f"dense-seed{s}"]]
-        dense_probes = ctx.map(self.probe, ["dense"] * len(dense), dense, [ctx.run_dir(f"dense-seed{s}") for s in dense],
+        dense_probes = ctx.map(self.probe_run, ["dense"] * len(dense), dense, [ctx.run_dir(f"dense-seed{s}") for s in dense],
                                description="probing dense")
         rows = [row for result in [*(a["probing"] for a in analysed.values()), *dense_probes] for row in result]
         scores = class_scores(rows, ks=(1,)) if rows else None
@@ -131,14 +133,18 @@ class RoutingVariants(Study):
         moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
         with torch_threads(1):
             return {"specialization": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
-                    "load": routing_load(moe, self.task, batch), "probing": self.probe(kind, seed, moe_dir)}
+                    "load": routing_load(moe, self.task, batch), "probing": self.probe(kind, seed, moe, batch)}
 
-    def probe(self, kind: str, seed: int, directory: Path) -> list[dict[str, Any]]:
-        """k = 1 sparse probing of one model's FFN neurons (rows tagged with model and seed)."""
-        cfg = self.config
+    def probe_run(self, kind: str, seed: int, directory: Path) -> list[dict[str, Any]]:
+        """`probe` of a finished run (in a worker, on one torch thread)."""
         with torch_threads(1):
-            rows = sparse_probing(load_trained(directory).model, self.task, self.task.sample(cfg.n_eval, cfg.eval_seed), ks=(1,),
-                                  rankings=("mean_difference",), min_count=cfg.min_count, max_classes=cfg.max_classes, seed=seed)
+            return self.probe(kind, seed, load_trained(directory).model, self.task.sample(self.config.n_eval, self.config.eval_seed))
+
+    def probe(self, kind: str, seed: int, model: Transformer, batch: Batch) -> list[dict[str, Any]]:
+        """k = 1 sparse probing of one model's FFN neurons on `batch` (rows tagged with model and seed)."""
+        cfg = self.config
+        rows = sparse_probing(model, self.task, batch, ks=(1,), rankings=("mean_difference",), min_count=cfg.min_count,
+                              max_classes=cfg.max_classes, seed=seed)
         return [{**row, "model": kind, "seed": seed} for row in rows]
 
     def summarize_variant(self, kind: str, metric: list[float], analysed: dict[tuple[str, int], dict[str, Any]],
