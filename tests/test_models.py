@@ -124,3 +124,29 @@ def test_dense_has_no_aux_loss_and_moe_has_one():
     moe(tokens)
     assert dense.aux_loss().item() == 0 and moe.aux_loss().item() > 0
     assert moe.moe_layers() == [0, 1] and dense.moe_layers() == []
+
+
+
+@pytest.mark.parametrize("router,capacity_factor", [("learned", None), ("learned", 0.5), ("expert_choice", None)])
+def test_expert_hooks_read_and_edit_the_slot_layout(router, capacity_factor):
+    """Hooks see `[batch, pos, slots, f]` (0 in empty slots); reading them changes nothing, and zeroing the neurons of
+    expert 0 there removes exactly its slots' weighted outputs, less its output bias."""
+    torch.manual_seed(3)
+    moe = MoE(d_model=8, d_expert=12, n_experts=4, k=2, router=router, capacity_factor=capacity_factor)
+    x = torch.randn(3, 5, 8)
+    plain = moe(x)
+    names = ("hook_pre", "hook_post", "hook_expert_out", "hook_expert_indices", "hook_expert_weights")
+    cache: dict[str, torch.Tensor] = {}
+    handles = [getattr(moe, n).register_forward_hook(lambda mod, args, out, n=n: cache.__setitem__(n, out)) for n in names]
+    torch.testing.assert_close(moe(x), plain)
+    for handle in handles:
+        handle.remove()
+    experts, weights = cache["hook_expert_indices"], cache["hook_expert_weights"]
+    assert cache["hook_post"].shape == (3, 5, moe.slots, 12) and (experts < 0).any() == (router != "learned" or capacity_factor is not None)
+    assert (cache["hook_pre"][experts < 0] == 0).all() and (cache["hook_expert_out"][experts < 0] == 0).all()
+    expert0 = (experts == 0)[..., None]
+    handle = moe.hook_post.register_forward_hook(lambda mod, args, out: torch.where(expert0, 0.0, out))
+    edited = moe(x)
+    handle.remove()
+    removed = torch.where(expert0, cache["hook_expert_out"] - moe.b_out[0], 0.0)
+    torch.testing.assert_close(edited, plain - torch.einsum("bpk,bpkd->bpd", weights, removed), atol=1e-5, rtol=1e-5)

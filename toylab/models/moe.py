@@ -22,8 +22,6 @@ squared cosine between experts' weights (W_in and W_out of each expert flattened
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,37 +33,58 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
 class SortedDispatch:
-    """Slots (token, choice) sorted by expert, so all experts run as one grouped matmul on contiguous slices.
+    """The (token, slot) pairs of a batch sorted by expert, as megablocks does: gather the rows once, run every
+    expert as one grouped matmul on its contiguous slice, keep that order through the whole expert, and scatter
+    the weighted outputs back onto their tokens at the end (no mask over all tokens, no capacity padding).
 
-    `torch.nn.functional.grouped_mm` takes the slices' end offsets on the device, so routing never
-    waits on a host sync; where it is missing (older torch) or needs other dtypes (CUDA wants bf16),
-    each expert runs one matmul on its slice instead.
+    `torch.nn.functional.grouped_mm` takes the slices' end offsets on the device, so dispatch never waits
+    on a host sync; where it is missing (older torch) or needs other dtypes (CUDA wants bf16), each expert
+    runs one matmul on its slice instead.
     """
 
     def __init__(self, experts: torch.Tensor, n_experts: int, empty_slots: bool = False) -> None:
         """`experts` `[..., slots]`; with `empty_slots`, -1 marks a slot with no expert (its rows are zero)."""
-        flat = experts.flatten()
-        self.filled = flat >= 0 if empty_slots else None
-        key = torch.where(self.filled, flat, n_experts) if empty_slots else flat  # empty slots sort last
+        flat, self.shape = experts.flatten(), experts.shape
+        filled = flat >= 0 if empty_slots else None
+        key = torch.where(filled, flat, n_experts) if filled is not None else flat  # empty slots sort last
         self.order = key.argsort(stable=True)
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(len(flat), device=flat.device)
-        self.sorted_experts = key[self.order].clamp(max=n_experts - 1)
+        self.token = self.order // experts.shape[-1]
+        """The token of each sorted row."""
+        self.experts = key[self.order].clamp(max=n_experts - 1)
+        self.filled = None if filled is None else filled[self.order, None]
         self.counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
         self.offsets = self.counts.cumsum(0).to(torch.int32)
 
-    def affine(self, slots: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """`slots @ W[e] + b[e]` for every slot with its own expert e, 0 for an empty slot: `[n_slots, f_in]` -> `[n_slots, f_out]`."""
-        grouped = slots[self.order]
-        if grouped_mm_supported(grouped, W):
-            if self.filled is not None:  # grouped_mm leaves rows past the last offset (empty slots) undefined, and their gradient too
-                grouped = torch.where(self.filled[self.order, None], grouped, 0.0)
-            out = contiguous_grad(F.grouped_mm(grouped, W, offs=self.offsets))
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each sorted row's token: `[n_tokens, f]` -> `[rows, f]`."""
+        return tokens.index_select(0, self.token)
+
+    def affine(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`row @ W[e] + b[e]` with each row's expert e, 0 for an empty slot: `[rows, f_in]` -> `[rows, f_out]`."""
+        if self.filled is not None:  # grouped_mm leaves rows past the last offset (empty slots) undefined, and their gradient too
+            rows = torch.where(self.filled, rows, 0.0)
+        if grouped_mm_supported(rows, W):
+            out = F.grouped_mm(rows, W, offs=self.offsets)
         else:
-            *groups, empty = grouped.split([*self.counts.tolist(), len(grouped) - int(self.counts.sum())])
+            *groups, empty = rows.split([*self.counts.tolist(), len(rows) - int(self.counts.sum())])
             out = torch.cat([group @ W[e] for e, group in enumerate(groups)] + [empty.new_zeros(len(empty), W.shape[-1])])
-        out = (out + b[self.sorted_experts])[self.inverse]
-        return out if self.filled is None else torch.where(self.filled[:, None], out, 0.0)
+        out = out + b.index_select(0, self.experts)
+        return out if self.filled is None else torch.where(self.filled, out, 0.0)
+
+    def combine(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted sum over its slots: `[rows, f]`, `weights` `[..., slots]` -> `[n_tokens, f]`."""
+        weighted = rows * weights.flatten().index_select(0, self.order)[:, None]
+        n_tokens = self.shape.numel() // self.shape[-1]
+        return rows.new_zeros(n_tokens, rows.shape[-1]).index_add(0, self.token, weighted)
+
+    def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sorted rows back in the slot layout `[..., slots, f]`."""
+        inverse = torch.empty_like(self.order).scatter_(0, self.order, torch.arange(len(self.order), device=rows.device))
+        return rows.index_select(0, inverse).view(*self.shape, -1)
+
+    def from_slots(self, values: torch.Tensor) -> torch.Tensor:
+        """Values in the slot layout `[..., slots, f]` as sorted rows `[rows, f]`."""
+        return values.reshape(-1, values.shape[-1]).index_select(0, self.order)
 
 
 def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
@@ -73,22 +92,6 @@ def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
     16-byte multiples, which its kernels require (d_model and d_expert multiples of 4 in float32)."""
     aligned = all(t.is_contiguous() and t.shape[-1] * t.element_size() % 16 == 0 for t in (x, W))
     return hasattr(F, "grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands a contiguous gradient on (grouped_mm's backward needs one)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(x)
 
 
 class MLP(nn.Module):
@@ -183,16 +186,18 @@ class MoE(nn.Module):
         routing = self.route(x, fixed)
         if self.training:
             self.router.update(x.detach(), routing)
-        batch_shape, d_model = x.shape[:-1], x.shape[-1]
-        slots = routing.experts.shape[-1]
         dispatch = SortedDispatch(routing.experts, self.n_experts, self.empty_slots)
-        rows = x.unsqueeze(-2).expand(*batch_shape, slots, d_model).reshape(-1, d_model)
-        pre = self.hook_pre(dispatch.affine(rows, self.W_in, self.b_in).view(*batch_shape, slots, -1))
-        post = self.hook_post(self.act(pre))
-        out = dispatch.affine(post.reshape(-1, post.shape[-1]), self.W_out, self.b_out)
-        out = self.hook_expert_out(out.view(*batch_shape, slots, d_model))
-        y = torch.einsum("...k,...kd->...d", routing.weights, out)
+        pre = dispatch.affine(dispatch.gather(x.reshape(-1, x.shape[-1])), self.W_in, self.b_in)
+        pre = self.expert_hook(self.hook_pre, pre, dispatch)
+        post = self.expert_hook(self.hook_post, self.act(pre), dispatch)
+        out = self.expert_hook(self.hook_expert_out, dispatch.affine(post, self.W_out, self.b_out), dispatch)
+        y = dispatch.combine(out, routing.weights).view_as(x)
         return y + self.shared(x) if self.shared is not None else y
+
+    @staticmethod
+    def expert_hook(hook: HookPoint, rows: torch.Tensor, dispatch: SortedDispatch) -> torch.Tensor:
+        """Run `hook` on sorted `rows` in the slot layout `[batch, pos, slots, f]` (only when a hook reads or edits it)."""
+        return dispatch.from_slots(hook(dispatch.to_slots(rows))) if hook.active else rows
 
 
 def reference_forward(moe: MoE, x: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
