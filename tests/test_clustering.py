@@ -16,6 +16,7 @@ from toylab.analysis.clustering import (
     nmi,
     permutation_conditional_nmi,
     permutation_nmi,
+    shuffled_tables,
 )
 from toylab.analysis.stats import compare, mean_ci, permutation_p_value
 
@@ -65,10 +66,29 @@ def test_permutation_null_keeps_frequencies_and_detects_planted_structure():
     unrelated = rng.integers(0, 3, 3000)
     p = permutation_p_value(nmi(unrelated, label), permutation_nmi(unrelated, label, 200, seed=0))
     assert p > 0.01
-    # a shuffle equals sklearn's NMI of an explicitly shuffled copy with the same generator
-    single = permutation_nmi(aligned, label, 1, seed=5)[0]
-    explicit = np.random.default_rng(5).permuted(aligned[None], axis=1)[0]
-    assert single == pytest.approx(normalized_mutual_info_score(explicit, label))
+
+
+def test_shuffled_tables_have_the_law_of_explicit_shuffles():
+    """Tables drawn directly keep both margins, average r_i c_j / n, and their NMI has the distribution of sklearn's
+    NMI over explicitly shuffled copies (two-sample Kolmogorov-Smirnov test, 3000 draws each)."""
+    rng = np.random.default_rng(4)
+    tables = shuffled_tables(np.array([5, 3, 2]), np.array([4, 4, 2]), 4000, rng)
+    assert (tables.sum(2) == [5, 3, 2]).all() and (tables.sum(1) == [4, 4, 2]).all() and (tables >= 0).all()
+    np.testing.assert_allclose(tables.mean(0), np.outer([5, 3, 2], [4, 4, 2]) / 10, atol=0.05)
+    a = rng.integers(0, 4, 400)
+    b = np.where(rng.random(400) < 0.3, a, rng.integers(0, 3, 400))
+    drawn = permutation_nmi(a, b, 3000, seed=1)
+    explicit = [normalized_mutual_info_score(rng.permutation(a), b) for _ in range(3000)]
+    assert stats.ks_2samp(drawn, explicit).pvalue > 0.01
+    null = permutation_conditional_nmi(a, b, a % 2, 3000, seed=1)  # shuffles within each parity of a
+    given = a % 2
+    explicit = []
+    for _ in range(3000):
+        shuffled = a.copy()
+        for value in (0, 1):
+            shuffled[given == value] = rng.permutation(a[given == value])
+        explicit.append(conditional_nmi(shuffled, b, given))
+    assert stats.ks_2samp(null, explicit).pvalue > 0.01
 
 
 def test_mean_ci_matches_t_interval():

@@ -1,8 +1,9 @@
 """Agreement between two labelings of the same tokens, and the clustering baseline.
 
 `nmi` and `ari` follow scikit-learn's definitions (arithmetic-mean NMI; ARI from pair counts),
-computed from contingency tables so that a permutation null of a thousand shuffles is one
-vectorized pass. `kmeans` is scikit-learn's k-means, the residual-stream clustering baseline.
+computed from contingency tables, so that a permutation null draws the tables of its shuffles
+directly (`shuffled_tables`) instead of shuffling every token. `kmeans` is scikit-learn's k-means,
+the residual-stream clustering baseline.
 """
 
 from __future__ import annotations
@@ -117,41 +118,44 @@ def conditional_entropy(a: np.ndarray, given: np.ndarray) -> float:
     return float((counts / counts.sum() * _entropy(table, counts)).sum() / np.log(2))
 
 
+def shuffled_tables(rows: np.ndarray, cols: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Contingency tables `[size, n_a, n_b]` of `size` random shuffles of an assignment with cluster sizes `rows`
+    against labels with class counts `cols`, drawn directly: a shuffle's table has exactly the law of filling it
+    row by row, each row a multivariate hypergeometric draw from the classes left, one univariate hypergeometric
+    per cell (vectorized over the shuffles). O(size * n_a * n_b) instead of shuffling every token."""
+    tables = np.zeros((size, len(rows), len(cols)), dtype=np.int64)
+    left = np.tile(np.asarray(cols, dtype=np.int64), (size, 1))  # class counts not yet given to a row
+    for i, row in enumerate(rows):
+        need = np.full(size, row, dtype=np.int64)
+        after = left.sum(1)
+        for j in range(len(cols) - 1):
+            after -= left[:, j]
+            tables[:, i, j] = rng.hypergeometric(left[:, j], after, need)
+            need -= tables[:, i, j]
+        tables[:, i, -1] = need
+        left -= tables[:, i]
+    return tables
+
+
 def permutation_conditional_nmi(
-    assignment: np.ndarray, labels: np.ndarray, given: np.ndarray, n_permutations: int, seed: int, chunk: int = 64
+    assignment: np.ndarray, labels: np.ndarray, given: np.ndarray, n_permutations: int, seed: int
 ) -> np.ndarray:
     """Conditional NMI of `labels` with `n_permutations` shuffles of `assignment` within each value of `given`:
     the null of an assignment that keeps its relation to `given` (its frequencies within each value) and nothing else."""
     (a, n_a), (b, n_b), (g, n_g) = (_compact(np.asarray(x)) for x in (assignment, labels, given))
     rng = np.random.default_rng(seed)
-    grouped = np.argsort(g, kind="stable")  # positions, grouped by their value of `given`
-    null = []
-    for start in range(0, n_permutations, chunk):
-        size = min(chunk, n_permutations - start)
-        order = np.argsort(g + rng.random((size, len(g))), axis=1)  # grouped likewise, random within each group
-        shuffled = np.empty((size, len(a)), dtype=np.int64)
-        shuffled[:, grouped] = a[order]
-        offsets = np.arange(size)[:, None] * (n_g * n_a * n_b)
-        cells = offsets + (g * n_a + shuffled) * n_b + b
-        tables = np.bincount(cells.ravel(), minlength=size * n_g * n_a * n_b).reshape(size, n_g, n_a, n_b)
-        null.append(conditional_nmi_from_tables(tables))
-    return np.concatenate(null)
+    counts = contingency(g * n_a + a, b, n_g * n_a, n_b).reshape(n_g, n_a, n_b)
+    tables = np.zeros((n_permutations, n_g, n_a, n_b), dtype=np.int64)
+    for value, within in enumerate(counts):  # a shuffle within one value of `given` keeps both margins there
+        tables[:, value] = shuffled_tables(within.sum(1), within.sum(0), n_permutations, rng)
+    return conditional_nmi_from_tables(tables)
 
 
-def permutation_nmi(
-    assignment: np.ndarray, labels: np.ndarray, n_permutations: int, seed: int, chunk: int = 64
-) -> np.ndarray:
+def permutation_nmi(assignment: np.ndarray, labels: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
     """NMI of `labels` with `n_permutations` shuffles of `assignment` (same cluster sizes): the null."""
     (a, n_a), (b, n_b) = _compact(np.asarray(assignment)), _compact(np.asarray(labels))
-    rng = np.random.default_rng(seed)
-    null = []
-    for start in range(0, n_permutations, chunk):
-        size = min(chunk, n_permutations - start)
-        shuffled = rng.permuted(np.broadcast_to(a, (size, len(a))), axis=1)
-        offsets = np.arange(size)[:, None] * (n_a * n_b)
-        tables = np.bincount((offsets + shuffled * n_b + b).ravel(), minlength=size * n_a * n_b)
-        null.append(nmi_from_tables(tables.reshape(size, n_a, n_b)))
-    return np.concatenate(null)
+    table = contingency(a, b, n_a, n_b)
+    return nmi_from_tables(shuffled_tables(table.sum(1), table.sum(0), n_permutations, np.random.default_rng(seed)))
 
 
 def kmeans(activations: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
