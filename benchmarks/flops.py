@@ -5,7 +5,8 @@ Training FLOPs are counted analytically per token (PaLM's convention): 6 x the w
 for attention scores and mixing (the full context, as if not causal), at the mean context the training batches
 have after trimming. The step time is the `lightning` section's steady state (the same measurement, cached);
 the peak is the best of square fp32 matmuls (256, 512, 1024) on one thread, measured in this run.
-Target: >= 40% of peak for the training run.
+Target: >= 40% of peak for the training run. A last row says where a raw training step's time goes
+(`torch.profiler`, self CPU time): matmuls, attention, and everything else.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import profile
 
 from benchmarks import lightning, medians, row
 from toylab.registry import get_task
-from toylab.training import build_model
+from toylab.training import SequenceModel, TaskDataModule, build_model, sequence_loss, trim_unscored
 
 TARGET = 0.4
 PEAK_SIZES = (256, 512, 1024)
+KINDS = {"matmuls": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("scaled_dot_product",)}
 
 
 def matmul_peak(sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:
@@ -39,6 +42,32 @@ def training_flops_per_token(model: nn.Module, context: float) -> float:
     return 6 * weights + 12 * model.cfg.n_layers * model.cfg.d_model * context
 
 
+def step_profile(s: lightning.Setup, steps: int) -> dict[str, float]:
+    """Share of a raw training step's self CPU time in each of `KINDS` and the rest, over `steps` profiled steps."""
+    task = get_task(s.task, s.task_options)
+    model = build_model(task, s.model)
+    optimizer = SequenceModel(model, task, s.train).configure_optimizers()["optimizer"]
+    batches = iter(TaskDataModule(task, s.train, model).train_dataloader())
+
+    def step() -> None:
+        inputs, targets, mask = trim_unscored(*next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        sequence_loss(model(inputs), targets, mask).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.train.grad_clip)
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {kind: sum(e.self_cpu_time_total for e in events if any(n in e.key for n in names)) / total
+              for kind, names in KINDS.items()}
+    return {**shares, "other": 1 - sum(shares.values())}
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     trained = lightning.steady_state(quick)
     s = trained["setup"]
@@ -53,4 +82,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                         "achieved / peak", (">=", TARGET) if name.startswith("Lightning") else None,
                         achieved_gflops=round(achieved / 1e9, 3), peak_gflops=round(peak / 1e9, 2), peak_at=f"{size}x{size}",
                         flops_per_step=round(per_step), mean_context=round(context, 2)))
+    shares = step_profile(s, 4 if quick else 30)
+    rows.append(row("where a raw training step's time goes (torch.profiler, self CPU time)", {"step": trained["raw_step_s"]},
+                    **{kind: f"{share:.0%}" for kind, share in shares.items()}))
     return rows
