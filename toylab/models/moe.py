@@ -22,6 +22,7 @@ squared cosine between experts' weights (W_in and W_out of each expert flattened
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
