@@ -385,7 +385,7 @@ class MoESuperposition(Study):
         aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in moe) for v in ("more", "less", "equivalent", "inconclusive")}
         blocks = [
             Text(f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
-                 + (f"Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
+                 + ("Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
                     + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(moe)} MoE configurations."
                     if moe else "")),
             Section("What was run", [Text(

@@ -204,16 +204,16 @@ class SparseProbing(Study):
             return "n/a (one learned MoE)" if row is None else f"**{row['slope']['verdict']}** (slope {fmt_ci(row['slope'])} per halving)"
 
         names = {**{n: f"`{n}` ({l.kind})" for n, l in self.task.labels.items()}, "state": "all state labels", "function": "all function labels"}
-        for field, values in (("label", [n for n in self.task.labels if any(r["label"] == n for r in comparisons[f"raw/{RANKINGS[0]}/label"])]),
+        for group, values in (("label", [n for n in self.task.labels if any(r["label"] == n for r in comparisons[f"raw/{RANKINGS[0]}/label"])]),
                               ("kind", ["state", "function"])):
             for value in values:
-                if not any(r.get(field) == value for r in comparisons[f"raw/{RANKINGS[0]}/{field}"]):
+                if not any(r.get(group) == value for r in comparisons[f"raw/{RANKINGS[0]}/{group}"]):
                     continue
                 lines.append(
-                    f"- {names[value]}: k=1 F1 of `{top}` expert neurons vs dense is {gap_text(f'raw/{RANKINGS[0]}/{field}', top, field, value)}; "
-                    f"above each model's shuffled control {gap_text(f'above_shuffled/{RANKINGS[0]}/{field}', top, field, value)}. "
-                    f"Gap vs routing sparsity: {slope_text(f'raw/{RANKINGS[0]}/{field}', field, value)}; "
-                    f"above shuffled {slope_text(f'above_shuffled/{RANKINGS[0]}/{field}', field, value)}."
+                    f"- {names[value]}: k=1 F1 of `{top}` expert neurons vs dense is {gap_text(f'raw/{RANKINGS[0]}/{group}', top, group, value)}; "
+                    f"above each model's shuffled control {gap_text(f'above_shuffled/{RANKINGS[0]}/{group}', top, group, value)}. "
+                    f"Gap vs routing sparsity: {slope_text(f'raw/{RANKINGS[0]}/{group}', group, value)}; "
+                    f"above shuffled {slope_text(f'above_shuffled/{RANKINGS[0]}/{group}', group, value)}."
                 )
         robust = f"raw/{RANKINGS[1]}/kind"
         for row in comparisons.get(robust, []):

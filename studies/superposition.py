@@ -252,7 +252,7 @@ class Superposition(Study):
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg = self.config
         figures = [
-            (f"ReLU model, seed 0: ||W_i|| per feature coloured by superposition (top) and W^T W (bottom), per sparsity",
+            ("ReLU model, seed 0: ||W_i|| per feature coloured by superposition (top) and W^T W (bottom), per sparsity",
              ctx.figure("sweep_relu", weight_figure(results, "relu"))),
             ("Linear model, seed 0: the same panels", ctx.figure("sweep_linear", weight_figure(results, "linear"))),
             ("Features represented vs sparsity (mean, 95% CI over seeds)",

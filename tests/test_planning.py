@@ -3,11 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from toylab.studies.planning import probe_targets
 from toylab import ToylabError
-from toylab.models import Transformer, TransformerConfig
 from toylab.report import markdown_table
 from toylab.study import resolve, run_study
 

@@ -2,7 +2,6 @@
 directory safely, and a study whose every run fails says so."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
