@@ -19,7 +19,7 @@ from torch.profiler import profile
 
 from benchmarks import lightning, medians, row
 from toylab.registry import get_task
-from toylab.training import SequenceModel, TaskDataModule, build_model, sequence_loss, trim_unscored
+from toylab.training import build_model
 
 TARGET = 0.4
 PEAK_SIZES = (256, 512, 1024)
@@ -44,17 +44,11 @@ def training_flops_per_token(model: nn.Module, context: float) -> float:
 
 def step_profile(s: lightning.Setup, steps: int) -> dict[str, float]:
     """Share of a raw training step's self CPU time in each of `KINDS` and the rest, over `steps` profiled steps."""
-    task = get_task(s.task, s.task_options)
-    model = build_model(task, s.model)
-    optimizer = SequenceModel(model, task, s.train).configure_optimizers()["optimizer"]
-    batches = iter(TaskDataModule(task, s.train, model).train_dataloader())
+    model, optimizer, _, loader = lightning.raw_setup(s)
+    batches = iter(loader)
 
     def step() -> None:
-        inputs, targets, mask = trim_unscored(*next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        sequence_loss(model(inputs), targets, mask).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.train.grad_clip)
-        optimizer.step()
+        lightning.raw_step(model, optimizer, next(batches), s.train.grad_clip)
 
     for _ in range(3):
         step()

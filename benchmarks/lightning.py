@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks import row
 from toylab.registry import get_task
@@ -50,29 +51,39 @@ def setup(quick: bool) -> Setup:
     return Setup(study.task, study.task_options, model, replace(study.train, eval_every=10**6), short=200, repeats=3)
 
 
-def raw_loop(s: Setup) -> tuple[float, float]:
-    """Seconds per step of a plain PyTorch loop over steps `short..steps`, and the mean tokens per step."""
+def raw_setup(s: Setup) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, DataLoader]:
+    """The model, optimizer, schedule and batches a raw loop trains with: the ones `toylab.training` builds."""
     task, cfg = get_task(s.task, s.task_options), s.train
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(task, s.model)
     optim = SequenceModel(model, task, cfg).configure_optimizers()
-    optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
-    loader = TaskDataModule(task, cfg, model).train_dataloader()
+    return model, optim["optimizer"], optim["lr_scheduler"]["scheduler"], TaskDataModule(task, cfg, model).train_dataloader()
+
+
+def raw_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...], grad_clip: float) -> int:
+    """One plain PyTorch training step (loss, backward, clipping, optimizer); returns the tokens it trained on."""
+    inputs, targets, mask = trim_unscored(*batch)
+    loss = sequence_loss(model(inputs), targets, mask) + model.aux_loss()
+    if not torch.isfinite(loss):
+        raise RuntimeError("the raw loop diverged")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return inputs.numel()
+
+
+def raw_loop(s: Setup) -> tuple[float, float]:
+    """Seconds per step of a plain PyTorch loop over steps `short..steps`, and the mean tokens per step."""
+    cfg = s.train
+    model, optimizer, scheduler, loader = raw_setup(s)
     step, tokens, start = 0, 0, 0.0
     while step < cfg.steps:
         for batch in loader:
             if step == s.short:
                 start, tokens = time.perf_counter(), 0
-            inputs, targets, mask = trim_unscored(*batch)
-            loss = sequence_loss(model(inputs), targets, mask) + model.aux_loss()
-            if not torch.isfinite(loss):
-                raise RuntimeError("the raw loop diverged")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            tokens += raw_step(model, optimizer, batch, cfg.grad_clip)
             scheduler.step()
-            tokens += inputs.numel()
             step += 1
             if step == cfg.steps:
                 break

@@ -14,7 +14,6 @@ Target: 8 seeds together >= 2.5x the throughput of 8 sequential runs.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +62,7 @@ def together(cfg: TransformerConfig, tokens: torch.Tensor) -> Callable[[], None]
     """One training step of the S models as one vmapped program over stacked weights."""
     params, buffers = stack_module_state(models(cfg, len(tokens)))
     params = {name: torch.nn.Parameter(p) for name, p in params.items()}
-    template = copy.deepcopy(Transformer(cfg)).to("meta")
+    template = Transformer(cfg).to("meta")
     optimizer = torch.optim.AdamW(params.values(), lr=1e-3)
 
     def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ squared cosine between experts' weights (W_in and W_out of each expert flattened
 from __future__ import annotations
 
 import math
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +79,14 @@ class SortedDispatch:
         n_tokens = self.shape.numel() // self.shape[-1]
         return rows.new_zeros(n_tokens, rows.shape[-1]).index_add(0, self.token, weighted)
 
+    @cached_property
+    def inverse(self) -> torch.Tensor:
+        """Each slot's row in the sorted order (computed only once a hook asks for the slot layout)."""
+        return torch.empty_like(self.order).scatter_(0, self.order, torch.arange(len(self.order), device=self.order.device))
+
     def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Sorted rows back in the slot layout `[..., slots, f]`."""
-        inverse = torch.empty_like(self.order).scatter_(0, self.order, torch.arange(len(self.order), device=rows.device))
-        return rows.index_select(0, inverse).view(*self.shape, -1)
+        return rows.index_select(0, self.inverse).view(*self.shape, -1)
 
     def from_slots(self, values: torch.Tensor) -> torch.Tensor:
         """Values in the slot layout `[..., slots, f]` as sorted rows `[rows, f]`."""
