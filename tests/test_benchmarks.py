@@ -27,4 +27,3 @@ def test_quick_suite_writes_json_and_markdown_with_every_section(tmp_path, monke
             assert r["ms"] and all(ms > 0 for ms in r["ms"].values())
             assert (r["met"] is None) == (r["target"] is None or r["ratio"] is None)
             assert r["name"] in markdown
-

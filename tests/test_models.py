@@ -126,7 +126,6 @@ def test_dense_has_no_aux_loss_and_moe_has_one():
     assert moe.moe_layers() == [0, 1] and dense.moe_layers() == []
 
 
-
 @pytest.mark.parametrize("router,capacity_factor", [("learned", None), ("learned", 0.5), ("expert_choice", None)])
 def test_expert_hooks_read_and_edit_the_slot_layout(router, capacity_factor):
     """Hooks see `[batch, pos, slots, f]` (0 in empty slots); reading them changes nothing, and zeroing the neurons of
