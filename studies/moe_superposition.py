@@ -54,6 +54,17 @@ METRIC_NOTES = """\
 - **Intervals**: {interval}
 """
 
+UNTRAINED = "untrained"
+"""The gate label of top-1 MoEs with renormalized weights (p / p = 1): the task sends their gate no gradient."""
+
+
+def gate_label(n_experts: int, top_k: int, gate_weights: str) -> str:
+    """How a configuration's gate learns: "–" (dense), "untrained" (renormalized top-1), or "trained"."""
+    if n_experts == 1:
+        return "–"
+    return UNTRAINED if top_k == 1 and gate_weights == "renormalized" else "trained"
+
+
 BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi",
            "own_block_share"}
 """Per-seed scores in [0, 1], whose intervals are kept in it."""
@@ -65,11 +76,11 @@ TOYLAB_TRAIN = ToyTrainConfig(steps=2000, batch_size=512, lr=1e-2)
 PRESETS: dict[str, dict[str, Any]] = {
     "toylab": {
         "n_features": 24, "n_groups": 4, "sparsity": 0.3, "capacity": 12, "capacity_mode": "total",
-        "experts": (1, 2, 4, 6), "top_k": (1, 2), "load_balance_weight": 0.01,
+        "experts": (1, 2, 4, 6), "top_k": (1, 2), "load_balance_weight": 0.01, "gate_weights": "softmax",
     },
     "paper": {
         "n_features": 20, "n_groups": 1, "sparsity": 0.9, "capacity": 4, "capacity_mode": "per_expert",
-        "experts": (1, 4, 8), "top_k": (1, 2), "load_balance_weight": 0.0,
+        "experts": (1, 4, 8), "top_k": (1, 2), "load_balance_weight": 0.0, "gate_weights": "renormalized",
         "train": ToyTrainConfig(steps=2000, batch_size=1024, lr=1e-3, weight_decay=0.01),
     },
 }
@@ -93,7 +104,9 @@ DIFFERENCES = [
     {"aspect": "gate initialization", "paper": "Xavier-normal; K-hot (disjoint blocks of n/E features set to 1) for expert specialization",
      "toylab default": "Xavier-normal", "preset=paper": "Xavier (`gate_init=khot` for the specialization claim)"},
     {"aspect": "gate weights", "paper": "top-k probabilities renormalized (k = 1: weight 1, the gate gets no gradient from the loss)",
-     "toylab default": "the same", "preset=paper": "the same"},
+     "toylab default": "softmax at k = 1 (the router probability, as Switch: the gate trains); each top-1 MoE is also "
+                       "trained with the paper's weight 1 as an *untrained gate* condition",
+     "preset=paper": "the paper's (its top-1 MoEs have an untrained gate)"},
     {"aspect": "load balancing", "paper": "off in the network-sparsity and specialization runs (on, α = 0.01, in the phase-change grids)",
      "toylab default": "Switch loss, weight 0.01", "preset=paper": "off"},
     {"aspect": "expert weight initialization", "paper": "Xavier on the whole [E, n, m] tensor: std √(2 / (m (n + E)))",
@@ -133,8 +146,11 @@ class MoESuperpositionConfig:
     experts: tuple[int, ...] | None = None
     top_k: tuple[int, ...] | None = None
     """k values tried for every E (k = E, every expert on every sample, is always added)."""
-    gate_weights: Literal["renormalized", "softmax"] = "renormalized"
-    """Weight of the chosen expert at k = 1: 1 (Chaudhari et al.) or the router probability (Switch)."""
+    gate_weights: Literal["renormalized", "softmax"] | None = None
+    """Weight of the chosen expert at k = 1: the router probability (Switch; toylab's preset), or 1 (Chaudhari et al.;
+    the paper's preset), which sends the gate no gradient from the task: an untrained gate."""
+    untrained_gate: bool = True
+    """With softmax gate weights, also train every top-1 MoE with weight 1, as the labelled "untrained gate" condition."""
     gate_init: Literal["xavier", "khot"] = "xavier"
     load_balance_weight: float | None = None
     train: ToyTrainConfig = TOYLAB_TRAIN
@@ -168,6 +184,13 @@ class MoESuperpositionConfig:
         pairs = {(e, k) for e in self.experts for k in (*self.top_k, e) if k <= e}
         return sorted(pairs, key=lambda p: (p[1] / p[0], p[0]))
 
+    def conditions(self) -> list[tuple[str, int, int, str]]:
+        """(name, E, k, gate weights) of every model trained: the configurations, then the untrained-gate top-1 MoEs."""
+        main = [(f"E{e}-k{k}", e, k, self.gate_weights) for e, k in self.configurations()]
+        extra = [(f"E{e}-k1-untrained", e, 1, "renormalized") for e, k in self.configurations()
+                 if k == 1 < e and self.untrained_gate and self.gate_weights == "softmax"]
+        return main + extra
+
 
 @register_study("moe-superposition")
 class MoESuperposition(Study):
@@ -196,17 +219,18 @@ class MoESuperposition(Study):
             for e in cfg.experts if e > 1 and cfg.n_groups > 1 for seed in range(cfg.seeds)
         }
         configs = {}
-        for e, k in ctx.bar(cfg.configurations(), len(cfg.configurations()), "training"):
+        for name, e, k, gate_weights in ctx.bar(cfg.conditions(), len(cfg.conditions()), "training"):
             model_cfg = ToyModelConfig(
                 n_features=cfg.n_features, n_hidden=cfg.hidden(e), n_instances=cfg.seeds, n_experts=e, top_k=k,
-                gate_weights=cfg.gate_weights, load_balance_weight=cfg.load_balance_weight, gate_init=cfg.gate_init,
+                gate_weights=gate_weights, load_balance_weight=cfg.load_balance_weight, gate_init=cfg.gate_init,
             )
-            run_dir = ctx.directory / "models" / f"E{e}-k{k}"
-            result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=run_dir)
-            configs[f"E{e}-k{k}"] = self.analyse(result.model, result.loss, torch.from_numpy(batch.inputs), group, baseline)
-        x = [c["network_sparsity"] for c in configs.values() for _ in range(cfg.seeds)]  # one point per (config, seed)
+            result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=ctx.directory / "models" / name)
+            configs[name] = {**self.analyse(result.model, result.loss, torch.from_numpy(batch.inputs), group, baseline),
+                             "gate": gate_label(e, k, gate_weights)}
+        main = [c for c in configs.values() if c["gate"] != UNTRAINED]
+        x = [c["network_sparsity"] for c in main for _ in range(cfg.seeds)]  # one point per (config, seed)
         trends = {
-            metric: rank_trend(x, [v for c in configs.values() for v in c["per_seed"][metric]])
+            metric: rank_trend(x, [v for c in main for v in c["per_seed"][metric]])
             for metric in ("monosemanticity", "dimensionality", "features_per_dim", "loss")
         }
         results = {
@@ -279,7 +303,7 @@ class MoESuperposition(Study):
     def claims(self, results: dict[str, Any]) -> list[dict[str, str]]:
         """The paper's qualitative results beside the measured trends."""
         trends, configs = results["trends"], results["configurations"]
-        sparsest = min(configs.values(), key=lambda c: (c["network_sparsity"], c["E"]))
+        sparsest = min((c for c in configs.values() if c["gate"] != UNTRAINED), key=lambda c: (c["network_sparsity"], c["E"]))
         dense = configs["E1-k1"]
         loss = compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"])
 
@@ -305,7 +329,7 @@ class MoESuperposition(Study):
                          f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(loss, 5)}",
              "held": {"equivalent": "yes", "less": "yes", "more": "**no**"}.get(loss["verdict"], "unclear")},
         ]
-        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1]
+        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1 and c["gate"] != UNTRAINED]
         for name, label, better, margin in (
             ("monosemanticity", "more monosemantic", "more", MARGIN), ("dimensionality", "give features more of a dimension", "more", MARGIN),
             ("features_per_dim", "have fewer features per dimension", "less", LOSS_MARGIN * dense["features_per_dim"]["mean"]),
@@ -333,7 +357,7 @@ class MoESuperposition(Study):
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
             {
-                "E": c["E"], "k": c["k"], "m": c["m"], "k/E": fmt(c["network_sparsity"], 3),
+                "E": c["E"], "k": c["k"], "m": c["m"], "k/E": fmt(c["network_sparsity"], 3), "gate": c["gate"],
                 "monosemanticity": fmt_ci(c["monosemanticity"], 2),
                 "mean D (represented)": fmt_ci(c["dimensionality"], 2),
                 "represented": fmt_ci(c["represented"], 1),
@@ -349,7 +373,7 @@ class MoESuperposition(Study):
     def alignment_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
             {
-                "E": c["E"], "k": c["k"],
+                "E": c["E"], "k": c["k"], "gate": c["gate"],
                 "NMI routing": fmt_ci(c["routing_nmi"]), "NMI k-means (inputs)": fmt_ci(c["kmeans_nmi"]),
                 "NMI null": fmt(c["null_nmi"]["mean"]), "routing max p": fmt(c["routing_max_p_value"], 4),
                 "ARI routing": fmt_ci(c["routing_ari"]),
@@ -366,7 +390,7 @@ class MoESuperposition(Study):
              for name in moe for key, label in (("routing_nmi", "routing (top-1 expert)"), ("kmeans_nmi", "k-means on inputs"),
                                                 ("null_nmi", "shuffled null"))]
         )
-        showcase = max((c for c in configs.values() if c["k"] == 1), key=lambda c: c["E"])
+        showcase = max((c for c in configs.values() if c["k"] == 1 and c["gate"] != UNTRAINED), key=lambda c: c["E"])
         figures = [
             ("Monosemanticity, mean D_i of represented features, the paper's features per dimension and loss vs network "
              "sparsity k/E (one dot per seed)",
@@ -382,11 +406,16 @@ class MoESuperposition(Study):
             figures.append(("Share of each group's samples routed to each expert (top-1, seed 0)",
                             ctx.figure("experts_groups", contingency_heatmaps(tables, groups, "group → expert"))))
         held = sum(c["held"] == "yes" for c in results["claims"])
-        aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in moe) for v in ("more", "less", "equivalent", "inconclusive")}
+        trained = [name for name in moe if configs[name]["gate"] != UNTRAINED]
+        aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in trained) for v in ("more", "less", "equivalent", "inconclusive")}
         blocks = [
             Text(f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
                  + ("Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
-                    + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(moe)} MoE configurations."
+                    + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(trained)} MoE configurations "
+                    "whose gate trains" + (f" (top-1 MoEs with the paper's weight 1 have an untrained gate: "
+                                           + "; ".join(f"E={configs[n]['E']}: NMI {fmt_ci(configs[n]['routing_nmi'])}, "
+                                                       f"{verdict_text(configs[n]['verdict'])}" for n in moe if n not in trained) + ")"
+                                           if len(trained) < len(moe) else "") + "."
                     if moe else "")),
             Section("What was run", [Text(
                 f"Preset `{cfg.preset}`. Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
@@ -394,7 +423,12 @@ class MoESuperposition(Study):
                 f"Toy MoEs x' = Σ_j w_j ReLU(W_eᵀW_e x + b_e) over the top-k experts of a linear softmax gate ({cfg.gate_init} "
                 f"initialization), at " + (f"fixed total capacity E·m = {cfg.capacity}" if cfg.capacity_mode == "total" else
                                            f"m = {cfg.capacity} hidden dimensions per expert") +
-                f", for (E, k) in {cfg.configurations()}, {cfg.gate_weights} gate weights, "
+                f", for (E, k) in {cfg.configurations()}, {cfg.gate_weights} gate weights"
+                + (" (each top-1 MoE also with weight 1, the *untrained gate*: renormalized top-1 weights are p / p = 1, so the "
+                   "task sends the gate no gradient and routing stays near its initialization)"
+                   if any(c["gate"] == UNTRAINED for c in configs.values()) else
+                   " (at k = 1 this weight is 1: the task sends the gate no gradient, so top-1 routing is an *untrained gate*)"
+                   if cfg.gate_weights == "renormalized" else "") + ", "
                 f"load-balancing weight {cfg.load_balance_weight}; {cfg.seeds} seeds as instances of one model per (E, k), {cfg.train.steps} steps "
                 f"(batch {cfg.train.batch_size}, lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}). Analysis on {cfg.n_eval} held-out samples (seed {cfg.eval_seed}); "
                 f"nulls use {cfg.n_permutations} shuffles.")]),
@@ -421,7 +455,7 @@ SPARSITY_METRICS = ("monosemanticity", "dimensionality", "features_per_dim", "lo
 def sparsity_figure(results: dict[str, Any]) -> plt.Figure:
     rows = [
         {"k/E": c["network_sparsity"], "E": str(c["E"]), "metric": metric, "value": value}
-        for c in results["configurations"].values()
+        for c in results["configurations"].values() if c["gate"] != UNTRAINED
         for metric in SPARSITY_METRICS
         for value in c["per_seed"][metric]
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,6 +108,20 @@ def test_one_expert_moe_equals_dense_model() -> None:
     assert torch.allclose(moe(x), dense(x), atol=1e-6)
 
 
+def test_the_default_top1_gate_learns_from_the_reconstruction() -> None:
+    """Renormalized top-1 weights are p / p = 1: the loss sends the gate nothing; the default (softmax) trains it."""
+    def gate_grad(**options: Any) -> float:
+        cfg = ToyModelConfig(n_features=FEATURES, n_hidden=HIDDEN, n_experts=4, top_k=1, **options)
+        model = ToyMoE(cfg, seeds=[0])
+        x = features(256, 1)
+        ((model(x) - x) ** 2).mean().backward()
+        return model.W_gate.grad.abs().max().item()
+
+    assert ToyModelConfig().gate_weights == "softmax"
+    assert gate_grad() > 1e-4
+    assert gate_grad(gate_weights="renormalized") < 1e-8
+
+
 @pytest.mark.parametrize(("top_k", "gate_weights"), [(1, "renormalized"), (1, "softmax"), (3, "renormalized"), (3, "softmax")])
 def test_moe_routing_and_mixing_equal_a_per_sample_loop(top_k: int, gate_weights: str) -> None:
     E, inst = 5, 2
@@ -153,7 +168,8 @@ def test_khot_gate_routes_each_block_to_its_expert() -> None:
     active features lie in one block goes to that block's expert; at k = 1 with renormalized weights (and no load
     balancing) the reconstruction gives the gate no gradient, so routing stays where the initialization put it."""
     E, n, inst = 3, 8, 2
-    model = ToyMoE(ToyModelConfig(n_features=n, n_hidden=HIDDEN, n_instances=inst, n_experts=E, gate_init="khot"), seeds=[0, 1])
+    model = ToyMoE(ToyModelConfig(n_features=n, n_hidden=HIDDEN, n_instances=inst, n_experts=E, gate_init="khot",
+                                  gate_weights="renormalized"), seeds=[0, 1])
     blocks = model.khot_blocks
     assert blocks.shape == (inst, n) and not torch.equal(blocks[0], blocks[1])  # each instance draws its own blocks
     for i in range(inst):

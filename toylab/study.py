@@ -31,6 +31,7 @@ from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E40
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.models.superposition import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
+from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
 from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
@@ -69,6 +70,7 @@ class StudyContext:
         self.launcher = launcher or LaunchConfig(workers=workers)
         self.failures: list[dict[str, str]] = []
         self.trained = self.reused = 0
+        self.heldout_batches: list[dict[str, Any]] = []
         self._executor: Executor | None = None
 
     def __enter__(self) -> StudyContext:
@@ -152,6 +154,16 @@ class StudyContext:
         finished = [job for job in jobs if is_finished(self.run_dir(job.key))]
         results = self.map(function, finished, [self.run_dir(job.key) for job in finished], description=description)
         return dict(zip([job.key for job in finished], results))
+
+    def heldout(self, task: Task, n: int, seed: int) -> Batch:
+        """`n` evaluation sequences from the held-out part of `task`'s sequence space (`toylab.splits`), noted for the
+        report with how many of them could occur in training (counted, 0 by construction)."""
+        batch = task.sample_split(n, seed, "heldout")
+        note = {"task": task.name, "sequences": n, "seed": seed, "distinct": len(set(sequence_hashes(batch.inputs).tolist())),
+                "in_training_part": int((~in_heldout(batch.inputs)).sum())}
+        if note not in self.heldout_batches:
+            self.heldout_batches.append(note)
+        return batch
 
     def expert_map(self, jobs: Sequence[TrainJob], batch: Batch) -> None:
         """Write `expert_map.json` (see `toylab.analysis.expert_map`) from the finished runs among `jobs` (MoE runs of one
@@ -271,14 +283,28 @@ def timing_note(timing: dict[str, Any]) -> Section:
     return Section("Time", [Text(text + ". Timings live in `timing.json`, not in `results.json`, which is identical across invocations.")])
 
 
+def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
+    """The report's section on evaluation data: which held-out sequences were analysed, and their overlap with training."""
+    drawn = "; ".join(f"{b['sequences']:,} of task `{b['task']}` (seed {b['seed']}, {b['distinct']:,} distinct)" for b in batches)
+    overlap = sum(b["in_training_part"] for b in batches)
+    return Section("Held-out data", [Text(
+        f"Evaluation sequences: {drawn}. They come from the held-out {HELDOUT_FRACTION:.0%} of each task's sequence space "
+        f"(by a hash of the tokens, `toylab.splits`), which training and its sampling never draw from: {overlap} of them "
+        "lie in the training part, so the overlap with every training set is " + ("0" if overlap == 0 else f"at most {overlap}")
+        + ". Validation sets are held out the same way (`val_overlap`, counted against the training set, in each run's "
+        "`final.json`). The same evaluation sequences serve every seed.")])
+
+
 def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:
     """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`.
 
     Both are rendered before either is written, and each is written atomically.
     """
     document = study.report(results, ctx)
+    notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
-        document = Document(document.title, [*document.blocks, timing_note(timing)])
+        notes.append(timing_note(timing))
+    document = Document(document.title, [*document.blocks, *notes])
     markdown, html = to_markdown(document), to_html(document, ctx.directory)
     io.write_text(ctx.directory / "report.md", markdown)
     io.write_text(ctx.directory / "report.html", html)
@@ -341,6 +367,7 @@ def run_study(
     with StudyContext(directory, progress, launcher=launcher) as ctx:
         results = study.run(ctx)
     results["failed_runs"] = ctx.failures
+    results["heldout"] = ctx.heldout_batches
     io.write_json(directory / "results.json", results)
     timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "launcher": launcher.launcher,
               "workers": launcher.workers, "runs_trained": ctx.trained, "runs_reused": ctx.reused}

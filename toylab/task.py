@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -74,6 +74,16 @@ class Batch:
             {name: value[index] for name, value in self.labels.items()},
         )
 
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        """The sequences of `batches` (of one task) one after another."""
+        return Batch(
+            np.concatenate([b.inputs for b in batches]),
+            np.concatenate([b.targets for b in batches]),
+            np.concatenate([b.loss_mask for b in batches]),
+            {name: np.concatenate([b.labels[name] for b in batches]) for name in batches[0].labels},
+        )
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(inputs, targets, loss_mask)` as torch tensors."""
         import torch
@@ -128,6 +138,13 @@ class Task(ABC):
     @abstractmethod
     def sample(self, n: int, seed: int) -> Batch:
         """Sample `n` sequences; the same `(n, seed)` gives the same batch (call `check_sample(n, seed)` first)."""
+
+    def sample_split(self, n: int, seed: int, split: Literal["train", "heldout"]) -> Batch:
+        """`n` sequences from the training or the held-out part of the task's sequence space (`toylab.splits`):
+        models train on "train" only, so "heldout" sequences (validation, evaluation) never occur in training."""
+        from toylab.splits import sample_split
+
+        return sample_split(self, n, seed, split)
 
     def check_sample(self, n: int, seed: int, working_copies: int = 4) -> None:
         """Refuse (one-line ToylabError) a negative `n`, a seed out of range, or a batch too large for memory.

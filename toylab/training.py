@@ -35,6 +35,7 @@ from toylab.config import build, config_hash, to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task
+from toylab.splits import overlap
 from toylab.task import MAX_SEED, Batch, Task
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,18 @@ def data_seed(seed: int, split: str) -> int:
 
 
 class TaskDataModule(pl.LightningDataModule):
-    """Train and validation batches sampled from a task with seeds derived from the run's seed."""
+    """Train and validation batches sampled from a task with seeds derived from the run's seed, from the training
+    and the held-out part of its sequence space (`toylab.splits`)."""
 
     def __init__(self, task: Task, cfg: TrainConfig, model: Transformer) -> None:
         super().__init__()
         self.task, self.cfg = task, cfg
-        train = task.sample(cfg.n_train, data_seed(cfg.seed, "train"))
+        train = task.sample_split(cfg.n_train, data_seed(cfg.seed, "train"), "train")
         route = model.route_input(train.labels)  # labels dropped, except those a label router reads
         self.train_data = TensorDataset(*train.tensors(), *([] if route is None else [route]))
-        self.val_batch = task.sample(cfg.n_val, data_seed(cfg.seed, "val"))
+        self.val_batch = task.sample_split(cfg.n_val, data_seed(cfg.seed, "val"), "heldout")
+        self.val_overlap = overlap(train, self.val_batch)
+        """Validation sequences that also occur in training: 0, since the two come from disjoint parts (`toylab.splits`)."""
 
     def train_dataloader(self) -> DataLoader:
         sampler = RandomSampler(range(self.cfg.n_train), generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -329,7 +333,8 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     io.save_tensors(run_dir / "model.safetensors", model.state_dict())
     os.replace(attempt / "metrics.csv", run_dir / "metrics.csv")
     shutil.rmtree(attempt, ignore_errors=True)
-    final = {"metrics": metrics, "config_hash": config_hash(config), "weights_sha256": io.sha256(run_dir / "model.safetensors")}
+    final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config),
+             "weights_sha256": io.sha256(run_dir / "model.safetensors")}
     io.write_json(run_dir / "final.json", final)
     return TrainedModel(model, task, metrics, run_dir)
 

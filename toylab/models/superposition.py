@@ -16,10 +16,13 @@ The MoE has E such experts and a linear softmax gate on x; each sample uses its 
     x' = sum_j w_j y_{e_j}                        hook_out             [batch, inst, n]
 
 The weights of the k chosen experts are renormalized to sum to 1 (`gate_weights="renormalized"`,
-as in Chaudhari et al.; with k = 1 the weight is 1 and the router learns only from the
-load-balancing loss), or, with `gate_weights="softmax"` and k = 1, are the router probability
-itself (Switch, as in `toylab.models.moe`): the reconstruction then trains the router, but the
-output is scaled by p, which the expert weights must undo. Loss: sum over instances of the
+as in Chaudhari et al.), or, with `gate_weights="softmax"` (the default) and k = 1, are the router
+probability itself (Switch, as in `toylab.models.moe`). Renormalized at k = 1, the weight is p / p = 1:
+the reconstruction sends the gate no gradient, so it learns only from the load-balancing loss and
+otherwise keeps its initialization (an untrained gate). Softmax weights let the task train the gate, at
+the price of an output scaled by p, which the expert weights learn to undo; a straight-through weight
+(1 forward, p's gradient backward) would train it too, but with a gradient of an output the forward pass
+never computes, so the default follows Switch, as the transformer MoEs do. Loss: sum over instances of the
 importance-weighted squared error, mean over samples and features, plus the Switch load-balancing
 loss E * sum_e f_e P_e (optional, weighted).
 
@@ -86,8 +89,9 @@ class ToyModelConfig:
     n_experts: int = 1
     """1 gives the dense model; more give the mixture of experts."""
     top_k: int = 1
-    gate_weights: Literal["renormalized", "softmax"] = "renormalized"
-    """How the chosen experts' outputs are weighted when top_k = 1: weight 1, or the router probability."""
+    gate_weights: Literal["renormalized", "softmax"] = "softmax"
+    """How the chosen expert's output is weighted when top_k = 1: the router probability (the gate trains), or
+    weight 1 (renormalized, as in Chaudhari et al.: the gate gets no gradient from the task)."""
     load_balance_weight: float = 0.0
     gate_init: Literal["xavier", "khot"] = "xavier"
     """Router initialization: Xavier-normal, or K-hot (each expert's gate 1 on its own block of features)."""

@@ -182,13 +182,13 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.hook_mlp_out(ffn))
 
 
-HASH_SEED = 20260301
-"""Seed of the hash router's token -> expert map (the map is also saved with the weights, as a buffer)."""
-
-
 def token_hash(vocab_size: int, n_experts: int) -> torch.Tensor:
-    """A fixed random token -> expert map `[vocab_size]`, balanced: a random permutation of the ids, mod n_experts."""
-    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(HASH_SEED)) % n_experts
+    """A random token -> expert map `[vocab_size]`, balanced: a random permutation of the ids, mod n_experts.
+
+    Drawn from torch's global generator, like the weights, so each training seed has its own map (a study's
+    intervals over seeds then include the map's luck); it is saved with the weights, as a buffer.
+    """
+    return torch.randperm(vocab_size) % n_experts
 
 
 class Transformer(HookedModule):
