@@ -100,7 +100,7 @@ class ExpertSpecialization(Study):
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
-        eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
         models = ctx.train([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
                           for seed in range(cfg.seeds) for kind, options in self.models.items()])
         trained = {(seed, kind): models[f"{kind}-seed{seed}"] for seed in range(cfg.seeds) for kind in self.models}
@@ -144,7 +144,7 @@ class ExpertSpecialization(Study):
         """One seed's analysis (in a worker, on one torch thread): its specialization scores, H(expert | token),
         with two or more MoE layers the routing paths' scores, and its expert map."""
         cfg = self.config
-        batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
         with torch_threads(1):
             paths = routing_paths(moe, self.task, batch, cfg.n_permutations, seed) if len(moe.moe_layers()) > 1 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, claim_states, compare, mean_ci, trend_verdict
 from toylab.analysis.superposition import (
     REPRESENTED,
     expert_group_purity,
@@ -50,10 +51,13 @@ METRIC_NOTES = """\
 - **Router confidence**: the mean router probability of the top expert.
 - **NMI** between the top-1 expert of each sample and its planted group (samples with no active feature left out), against **k-means on the inputs** with as many clusters as experts, and a **permutation null** (expert assignment shuffled, same frequencies; p-value add-one, one-sided).
 - **Verdicts** compare two quantities paired by seed through the 90% Student-t interval of their differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±δ (two one-sided tests at 5%), *inconclusive* otherwise, with the smallest difference the seeds would detect. δ = {margin} for NMI; for the loss, δ is {loss_margin:.0%} of the dense model's mean loss.
-- **Trends**: Spearman rank correlation with k/E over all (configuration, seed) pairs.
+- **Trends**: Spearman rank correlation ρ with k/E over all (configuration, seed) pairs (untrained-gate conditions left out), with its 90% interval (Fisher z, Bonett–Wright standard error); a trend is shown when the interval excludes 0 and is contradicted as "no trend" when it lies inside ±{trend_margin}.
+- **Claims** read *supported* (the verdict the paper predicts), *contradicted* (the opposite direction, or equivalence within the margin where a direction was claimed) or *not shown* (inconclusive: the seeds could not tell; never read as "no"); a claim checked at several E is *mixed* when the E disagree.
 - **Intervals**: {interval}
 """
 
+CONTROL = "-untrained"
+"""Name suffix of the untrained-gate control conditions (trained beside toylab's softmax-gated top-1 MoEs)."""
 UNTRAINED = "untrained"
 """The gate label of top-1 MoEs with renormalized weights (p / p = 1): the task sends their gate no gradient."""
 
@@ -68,6 +72,8 @@ def gate_label(n_experts: int, top_k: int, gate_weights: str) -> str:
 BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi",
            "own_block_share"}
 """Per-seed scores in [0, 1], whose intervals are kept in it."""
+TREND_MARGIN = 0.2
+"""A trend claim is contradicted as "no trend" when the 90% interval of Spearman's ρ lies inside ±this."""
 LOSS_MARGIN = 0.1
 """Equivalence margin of the sparsest network's loss with the dense one's, as a share of the dense mean loss."""
 
@@ -187,7 +193,7 @@ class MoESuperpositionConfig:
     def conditions(self) -> list[tuple[str, int, int, str]]:
         """(name, E, k, gate weights) of every model trained: the configurations, then the untrained-gate top-1 MoEs."""
         main = [(f"E{e}-k{k}", e, k, self.gate_weights) for e, k in self.configurations()]
-        extra = [(f"E{e}-k1-untrained", e, 1, "renormalized") for e, k in self.configurations()
+        extra = [(f"E{e}-k1{CONTROL}", e, 1, "renormalized") for e, k in self.configurations()
                  if k == 1 < e and self.untrained_gate and self.gate_weights == "softmax"]
         return main + extra
 
@@ -226,8 +232,8 @@ class MoESuperposition(Study):
             )
             result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=ctx.directory / "models" / name)
             configs[name] = {**self.analyse(result.model, result.loss, torch.from_numpy(batch.inputs), group, baseline),
-                             "gate": gate_label(e, k, gate_weights)}
-        main = [c for c in configs.values() if c["gate"] != UNTRAINED]
+                             "gate": gate_label(e, k, gate_weights), "control": name.endswith(CONTROL)}
+        main = [c for c in configs.values() if not c["control"]]
         x = [c["network_sparsity"] for c in main for _ in range(cfg.seeds)]  # one point per (config, seed)
         trends = {
             metric: rank_trend(x, [v for c in main for v in c["per_seed"][metric]])
@@ -301,35 +307,35 @@ class MoESuperposition(Study):
         return out
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, str]]:
-        """The paper's qualitative results beside the measured trends."""
+        """The paper's qualitative results beside the measured ones, each supported, contradicted or not shown.
+
+        A trend claim is judged by the 90% interval of Spearman's ρ with k/E (no trend: |ρ| < `TREND_MARGIN`); a
+        comparison by `compare` paired by seed; a claim checked at several E by each E's state.
+        """
         trends, configs = results["trends"], results["configurations"]
-        sparsest = min((c for c in configs.values() if c["gate"] != UNTRAINED), key=lambda c: (c["network_sparsity"], c["E"]))
+        sparsest = min((c for c in configs.values() if not c["control"]), key=lambda c: (c["network_sparsity"], c["E"]))
         dense = configs["E1-k1"]
         loss = compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"])
 
-        def trend(name: str) -> str:
+        def trend(name: str, direction: str) -> dict[str, str]:
             t = trends[name]
-            return f"Spearman ρ(k/E, {name}) = {fmt(t['rho'], 2)}, p = {fmt(t['p_value'], 4)}, n = {t['n']}"
-
-        def falls(name: str) -> bool:
-            return trends[name]["rho"] < 0 and trends[name]["p_value"] < 0.05
-
-        def rises(name: str) -> bool:
-            return trends[name]["rho"] > 0 and trends[name]["p_value"] < 0.05
+            v = trend_verdict(t["rho"], t["n"], TREND_MARGIN)
+            measured = (f"Spearman ρ(k/E, {name}) = {fmt(t['rho'], 2)} [{fmt(v['ci_low'], 2)}, {fmt(v['ci_high'], 2)}] "
+                        f"(90% CI), n = {t['n']}" if math.isfinite(t["rho"]) else
+                        f"Spearman ρ(k/E, {name}) undefined (no spread in one of them), n = {t['n']}")
+            return {"measured": measured, "state": claim_state(v["verdict"], (direction,))}
 
         claims = [
-            {"claim": "Greater network sparsity (smaller k/E) gives greater monosemanticity",
-             "measured": trend("monosemanticity"), "held": "yes" if falls("monosemanticity") else "**no**"},
-            {"claim": "... represented features get more of a dimension each (usage-weighted mean D_i)",
-             "measured": trend("dimensionality"), "held": "yes" if falls("dimensionality") else "**no**"},
-            {"claim": "... fewer features per dimension (the paper's Σ_e u_e ||W_e||²_F / (m k))",
-             "measured": trend("features_per_dim"), "held": "yes" if rises("features_per_dim") else "**no**"},
+            {"claim": "Greater network sparsity (smaller k/E) gives greater monosemanticity", **trend("monosemanticity", "less")},
+            {"claim": "... represented features get more of a dimension each (usage-weighted mean D_i)", **trend("dimensionality", "less")},
+            {"claim": "... fewer features per dimension (the paper's Σ_e u_e ||W_e||²_F / (m k))", **trend("features_per_dim", "more")},
             {"claim": "... without sacrificing performance",
              "measured": f"loss of the sparsest network (E={sparsest['E']}, k={sparsest['k']}) {fmt_ci(sparsest['loss'], 5)} "
                          f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(loss, 5)}",
-             "held": {"equivalent": "yes", "less": "yes", "more": "**no**"}.get(loss["verdict"], "unclear")},
+             "state": claim_state(loss["verdict"], ("equivalent", "less"))},
         ]
-        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1 and c["gate"] != UNTRAINED]
+        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1 and not c["control"]]
+        names = [f"E={c['E']}" for c in top1]
         for name, label, better, margin in (
             ("monosemanticity", "more monosemantic", "more", MARGIN), ("dimensionality", "give features more of a dimension", "more", MARGIN),
             ("features_per_dim", "have fewer features per dimension", "less", LOSS_MARGIN * dense["features_per_dim"]["mean"]),
@@ -339,19 +345,19 @@ class MoESuperposition(Study):
                 "claim": f"Top-1 MoEs {label} than the dense model (the paper's MoE-vs-dense comparison)",
                 "measured": "; ".join(f"E={c['E']}: {fmt_ci(c[name], 2)} vs dense {fmt_ci(dense[name], 2)}, {verdict_text(v, 2)}"
                                       for c, v in verdicts),
-                "held": "yes" if verdicts and all(v["verdict"] == better for _, v in verdicts) else "**no**"})
+                "state": claim_states([claim_state(v["verdict"], (better,)) for _, v in verdicts], names)})
         if any("own_block_verdict" in c for c in top1):
             claims.append({
                 "claim": "Experts specialize on coherent feature sets when initialized K-hot (k = 1)",
                 "measured": "; ".join(f"E={c['E']}: own-block share {fmt_ci(c['own_block_share'])} vs chance 1/E, "
                                       f"{verdict_text(c['own_block_verdict'])}" for c in top1),
-                "held": "yes" if all(c["own_block_verdict"]["verdict"] == "more" for c in top1) else "**no**"})
+                "state": claim_states([claim_state(c["own_block_verdict"]["verdict"], ("more",)) for c in top1], names)})
         if any("verdict" in c for c in top1):
             claims.append({
                 "claim": "Top-1 routing organizes around coherent (planted) feature groups, as k-means on the inputs does",
                 "measured": "; ".join(f"E={c['E']}: NMI {fmt_ci(c['routing_nmi'])} vs k-means {fmt_ci(c['kmeans_nmi'])}, "
                                       f"{verdict_text(c['verdict'])}" for c in top1),
-                "held": "yes" if all(c["verdict"]["verdict"] in ("more", "equivalent") for c in top1) else "**no**"})
+                "state": claim_states([claim_state(c["verdict"]["verdict"], ("more", "equivalent")) for c in top1], names)})
         return claims
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -390,7 +396,7 @@ class MoESuperposition(Study):
              for name in moe for key, label in (("routing_nmi", "routing (top-1 expert)"), ("kmeans_nmi", "k-means on inputs"),
                                                 ("null_nmi", "shuffled null"))]
         )
-        showcase = max((c for c in configs.values() if c["k"] == 1 and c["gate"] != UNTRAINED), key=lambda c: c["E"])
+        showcase = max((c for c in configs.values() if c["k"] == 1 and not c["control"]), key=lambda c: c["E"])
         figures = [
             ("Monosemanticity, mean D_i of represented features, the paper's features per dimension and loss vs network "
              "sparsity k/E (one dot per seed)",
@@ -405,11 +411,14 @@ class MoESuperposition(Study):
             groups = {name: [str(g) for g in range(cfg.n_groups)] for name in moe}
             figures.append(("Share of each group's samples routed to each expert (top-1, seed 0)",
                             ctx.figure("experts_groups", contingency_heatmaps(tables, groups, "group → expert"))))
-        held = sum(c["held"] == "yes" for c in results["claims"])
-        trained = [name for name in moe if configs[name]["gate"] != UNTRAINED]
+        states = [c["state"] for c in results["claims"]]
+        trained = [name for name in moe if configs[name]["gate"] != UNTRAINED]  # (under preset=paper, no top-1 MoE)
         aligned = {v: sum(configs[name]["verdict"]["verdict"] == v for name in trained) for v in ("more", "less", "equivalent", "inconclusive")}
         blocks = [
-            Text(f"**Bottom line.** {held} of the paper's {len(results['claims'])} results checked here held. "
+            Text(f"**Bottom line.** Of the paper's {len(states)} results checked here, "
+                 + ", ".join(f"{states.count(state)} {state}" for state in ("supported", "contradicted", "not shown"))
+                 + (f", {sum(s.startswith('mixed') for s in states)} mixed across E" if any(s.startswith("mixed") for s in states) else "")
+                 + " (*not shown*: the seeds could not tell, which is not a *no*). "
                  + ("Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
                     + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(trained)} MoE configurations "
                     "whose gate trains" + (f" (top-1 MoEs with the paper's weight 1 have an untrained gate: "
@@ -426,7 +435,7 @@ class MoESuperposition(Study):
                 f", for (E, k) in {cfg.configurations()}, {cfg.gate_weights} gate weights"
                 + (" (each top-1 MoE also with weight 1, the *untrained gate*: renormalized top-1 weights are p / p = 1, so the "
                    "task sends the gate no gradient and routing stays near its initialization)"
-                   if any(c["gate"] == UNTRAINED for c in configs.values()) else
+                   if any(c["control"] for c in configs.values()) else
                    " (at k = 1 this weight is 1: the task sends the gate no gradient, so top-1 routing is an *untrained gate*)"
                    if cfg.gate_weights == "renormalized" else "") + ", "
                 f"load-balancing weight {cfg.load_balance_weight}; {cfg.seeds} seeds as instances of one model per (E, k), {cfg.train.steps} steps "
@@ -444,7 +453,7 @@ class MoESuperposition(Study):
                     [Table(self.alignment_rows(results)) if moe else Text("(none: no MoE configuration, or the task has a single feature group)")]),
             Section("Figures", [Figure(path, caption) for caption, path in figures]),
             Section("What the numbers mean", [Text(METRIC_NOTES.replace("the tolerance", f"±{cfg.mono_tolerance}").format(
-                margin=MARGIN, loss_margin=LOSS_MARGIN, interval=INTERVAL_NOTE))]),
+                margin=MARGIN, loss_margin=LOSS_MARGIN, trend_margin=TREND_MARGIN, interval=INTERVAL_NOTE))]),
         ]
         return Document("Superposition in mixtures of experts (Chaudhari et al. 2025)", blocks)
 
@@ -455,7 +464,7 @@ SPARSITY_METRICS = ("monosemanticity", "dimensionality", "features_per_dim", "lo
 def sparsity_figure(results: dict[str, Any]) -> plt.Figure:
     rows = [
         {"k/E": c["network_sparsity"], "E": str(c["E"]), "metric": metric, "value": value}
-        for c in results["configurations"].values() if c["gate"] != UNTRAINED
+        for c in results["configurations"].values() if not c["control"]
         for metric in SPARSITY_METRICS
         for value in c["per_seed"][metric]
     ]

@@ -95,14 +95,14 @@ class TransferStudy(Study):
     def compare_runs(self, dir_a: Path, dir_b: Path, seed: int) -> list[dict[str, Any]]:
         """One pair of finished runs (in a worker, on one torch thread): `pair_similarity` of their residual streams."""
         cfg, task = self.config, self.task
-        batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         with torch_threads(1):
             a, b = (residual_streams(load_trained(d).model, task, batch) for d in (dir_a, dir_b))
             return pair_similarity(a, b, task, batch, cfg.n_tokens, seed)
 
     def evaluate_run(self, job: TrainJob, run_dir: Path) -> dict[str, float]:
         with torch_threads(1):
-            return evaluate(load_trained(run_dir).model, self.task, self.task.sample(self.config.n_eval, self.config.eval_seed))
+            return evaluate(load_trained(run_dir).model, self.task, self.task.sample_split(self.config.n_eval, self.config.eval_seed, "heldout"))
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg = self.config
@@ -110,7 +110,7 @@ class TransferStudy(Study):
                 for seed in range(2 * cfg.replicates) for kind, options in reversed(self.models.items())]
         ctx.train(jobs)
         performance = ctx.analyse_runs(jobs, self.evaluate_run, "evaluating")
-        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
         pairs = [p for p in self.pairs() if p[2] in performance and p[3] in performance]
         found = ctx.map(self.compare_runs, [ctx.run_dir(p[2]) for p in pairs], [ctx.run_dir(p[3]) for p in pairs],
                         [p[0] for p in pairs], description="comparing")

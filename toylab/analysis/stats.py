@@ -81,3 +81,40 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
     else:
         verdict = "inconclusive"
     return {**out, **diff, "detectable": detectable, "p_value": p, "verdict": verdict}
+
+
+def claim_state(verdict: str, expected: Sequence[str]) -> str:
+    """A claim's state from a four-outcome verdict: "supported" when the verdict is one the claim `expected`,
+    "not shown" when inconclusive (a test that failed to reject says nothing), "contradicted" otherwise (the
+    opposite direction, or equivalence within the margin when a direction was claimed)."""
+    if verdict in expected:
+        return "supported"
+    return "not shown" if verdict == "inconclusive" else "contradicted"
+
+
+def claim_states(states: Sequence[str], names: Sequence[str]) -> str:
+    """One state for a claim checked in several settings: the common state, or "mixed" naming each setting's."""
+    if len(set(states)) == 1:
+        return states[0]
+    return "mixed (" + ", ".join(f"{name}: {state}" for name, state in zip(names, states)) + ")"
+
+
+def trend_verdict(rho: float, n: int, margin: float = 0.2, alpha: float = 0.05) -> dict[str, float | str]:
+    """Four-outcome verdict on a Spearman rank correlation from its (1 - 2 alpha) = 90% interval (Fisher z with the
+    Bonett-Wright standard error sqrt((1 + rho^2 / 2) / (n - 3))): "more" / "less" (a rising / falling trend),
+    "equivalent" (no trend: |rho| < margin), or "inconclusive" (also when rho is undefined or n < 4)."""
+    out: dict[str, float | str] = {"rho": rho, "n": n, "margin": margin, "confidence": 1 - 2 * alpha}
+    if not math.isfinite(rho) or n < 4:
+        return {**out, "ci_low": math.nan, "ci_high": math.nan, "verdict": "inconclusive"}
+    z, se = math.atanh(min(max(rho, -0.999999), 0.999999)), math.sqrt((1 + rho**2 / 2) / (n - 3))
+    half = float(stats.norm.ppf(1 - alpha)) * se
+    low, high = math.tanh(z - half), math.tanh(z + half)
+    if -margin < low and high < margin:
+        verdict = "equivalent"
+    elif low > 0:
+        verdict = "more"
+    elif high < 0:
+        verdict = "less"
+    else:
+        verdict = "inconclusive"
+    return {**out, "ci_low": low, "ci_high": high, "verdict": verdict}
