@@ -14,7 +14,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, claim_states, compare, mean_ci, trend_verdict
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, claim_state, claim_states, compare, mean_ci, trend_verdict
 from toylab.analysis.superposition import (
     REPRESENTED,
     expert_group_purity,
@@ -71,7 +71,8 @@ def gate_label(n_experts: int, top_k: int, gate_weights: str) -> str:
 
 BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi",
            "own_block_share"}
-"""Per-seed scores in [0, 1], whose intervals are kept in it."""
+"""Per-seed scores in [0, 1], whose intervals are kept in it; the others (loss, counts, features per dimension) are
+non-negative, and their intervals stay at or above 0."""
 TREND_MARGIN = 0.2
 """A trend claim is contradicted as "no trend" when the 90% interval of Spearman's ρ lies inside ±this."""
 LOSS_MARGIN = 0.1
@@ -278,7 +279,7 @@ class MoESuperposition(Study):
             per_seed["own_block_share"] = usage_weighted_mean(own_block_share(W, model.khot_blocks), usage).numpy()
         out: dict[str, Any] = {
             "E": e, "k": k, "m": model.cfg.n_hidden, "network_sparsity": k / e,
-            **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else None) for name, values in per_seed.items()},
+            **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else NONNEGATIVE) for name, values in per_seed.items()},
             "usage": usage.numpy().round(4).tolist(),
             "seed0_dimensionality": feature_dimensionality(W[0]).numpy().round(3).tolist(),
             "seed0_global_dimensionality": global_dimensionality(W[0], usage[0]).numpy().round(3).tolist(),

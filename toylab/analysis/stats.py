@@ -12,6 +12,8 @@ MARGIN = 0.05
 """Default equivalence margin δ of `compare` (in NMI, or in accuracy/rate units)."""
 UNIT = (0.0, 1.0)
 """Bounds of NMI, rates, accuracies and shares, for `mean_ci`."""
+NONNEGATIVE = (0.0, math.inf)
+"""Bounds of losses, counts and other quantities that cannot be negative, for `mean_ci`."""
 INTERVAL_NOTE = (
     "Every `mean [low, high]` is a mean over seeds with its 95% Student-t interval; for quantities bounded to a "
     "range (NMI, ARI, rates, accuracies, shares) the interval is intersected with that range, which keeps its coverage "
