@@ -1,4 +1,4 @@
-"""Study `sparse-probing`: are expert neurons less polysemantic than dense neurons, more so as routing gets sparser?"""
+"""Study `sparse-probing`: do expert neurons read labels better than pseudo-experts made of dense neurons, more so as routing gets sparser?"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.sparse_probing import (
-    KS, LIFT, RANKINGS, UNIT, class_scores, compare_gaps, gap_trend, gaps, macro_f1, skipped_pairs, sparse_probing, with_lift,
+    BOUNDS, FRACTIONS, KS, PSEUDO, RANKINGS, class_scores, compare_gaps, gap_trend, gaps, macro_scores, skipped_pairs, sparse_probing,
 )
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, mean_ci
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
@@ -22,18 +22,30 @@ from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
 )
 from toylab.study import Study, StudyContext, TrainJob
-from toylab.training import TrainConfig, evaluate, load_trained
+from toylab.training import TrainConfig, evaluate, is_finished, load_trained
 
 LABEL_ROUTER = "label-router"
+PRIMARY = "partition"
+"""The primary null: the dense model's neurons on the MoE's own token partition (same tokens, same unit sizes; only the neurons differ)."""
+CONTRASTS = {
+    "partition": "pseudo-experts: the MoE's partition of the tokens, dense neurons",
+    "random": "pseudo-experts: a random partition of matched sizes, dense neurons",
+    "kmeans": "pseudo-experts: k-means on the dense router input, dense neurons",
+    "dense": "the dense MLP on every token",
+    "old": "old design: largest raw F1 over experts vs the dense MLP's, chosen on the split it is scored on",
+}
+"""What the experts are compared with (every one but `old` on the chosen unit's lift)."""
 
 METRIC_NOTES = """\
-- **k-sparse probe** (Gurnee et al. 2023): for each class c of a label, the binary task "this token has class c". Neurons are ranked on the training split by the difference of the class means over their pooled standard deviation; a logistic probe (L2, C = 1, balanced class weights) is fit on the top k and scored by **F1** of the positive class on held-out sequences (75/25 split by sequence). Per label, F1 is averaged over its (at most {max_classes} most frequent) classes.
-- **Expert neurons**: each expert is probed only on the tokens routed to it (`hook_post` `[batch, pos, k, d_expert]` selected by `hook_expert_indices`), as Herbst et al. (2026) do; an (expert, class) pair with fewer than {min_count} positives or negatives on either side of the split is skipped. A class's MoE score is its **best expert**'s F1 (chosen at k = 1). Dense neurons: every neuron of `blocks.{{l}}.mlp.hook_post` on every token.
-- **Controls**: *shuffled*, the same procedure with the targets permuted across the probed tokens (its F1 is what base rates alone give: an expert that sees a class often scores higher here too); *random basis*, the same layer's activations in a random orthonormal basis (is a neuron basis better than any basis?); the **label router**, an MoE whose router sends class c of `{router_label}` to expert c mod {label_experts}, so its experts specialize by that label by construction.
-- **Gap**: per seed, macro F1 at k = 1 of the MoE's best experts minus the dense model's, over the classes both probe; *raw* compares F1, *above shuffled* compares each model's F1 minus its own shuffled control (what base rates inside an expert do not explain).
-- **Routing sparsity**: log2(E / top-k), the number of halvings of the share of experts a token uses (dense = 0). **Trend**: per seed, the least-squares slope of the gap on routing sparsity over the learned-router MoEs.
-- **Robustness**: for the models in `robustness`, neurons are also ranked by their mutual information with the target (each neuron cut into 16 equal-frequency bins on the training tokens).
-- **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level; δ = {margin} in F1; for a trend, δ divided by the span of sparsity swept, so "equivalent" means the gap changes by less than δ across the whole sweep), **inconclusive** otherwise (with the smallest difference the seeds would detect).
+- **k-sparse probe** (Gurnee et al. 2023): for each class c of a label, the binary task "this token has class c". The probed tokens are split by sequence into *train* / *select* / *report* ({train:.0%} / {select:.0%} / {report:.0%} of the sequences). Each unit first draws **{n_candidates} candidate neurons** at random (the same number for every model, expert and pseudo-expert, so a wider unit does not win by size); they are ranked on train by the difference of the class means over their pooled standard deviation, a logistic probe (L2, C = 1, balanced class weights) is fit on the top k on train, and it is scored by **F1** of the positive class on select and on report. Per label, scores are averaged over its (at most {max_classes} most frequent) classes.
+- **Units**: the dense MLP is one unit (`blocks.{{l}}.mlp.hook_post`, every token); each expert of an MoE is a unit on the tokens routed to it (`hook_post` `[batch, pos, k, d_expert]` selected by `hook_expert_indices`), as Herbst et al. (2026) do. A (unit, class) pair with fewer than {min_count} positives or negatives in any split is skipped.
+- **Lift**: a unit's F1 minus the F1 of the same procedure on its own tokens with the targets permuted (its *shuffled* control: what base rates inside the unit give), computed for every unit **before** any maximum. Per class, the unit with the highest lift on *select* is chosen and its lift is scored on *report*: the maximum over E noisy units is not scored on the data it was chosen on. The **mean lift** over units is reported beside it.
+- **Pseudo-experts** (the null): E units made of the dense model of the same seed, on the same tokens, probed and chosen exactly like experts: *partition*, the dense neurons on the MoE's own token partition (**primary**: same tokens and unit sizes, only the neurons differ); *random*, a random partition of the tokens with the experts' sizes; *kmeans*, k-means with E clusters on the dense model's router-input site `blocks.{{l}}.ln2.hook_normalized` (a token joins its top-k nearest centroids).
+- **Old design** (shown for comparison only): the largest raw F1 over experts, chosen and scored on the same split, against the dense MLP's F1. The maximum of E noisy scores grows with E, so it favours MoEs with more experts even without any signal.
+- **Controls**: *random basis*, the candidates in a random orthonormal basis (is a neuron basis better than any basis?); the **label router**, an MoE whose router sends class c of `{router_label}` to expert c mod {label_experts}: its experts see tokens sorted by that label, and so do its *partition* pseudo-experts.
+- **Gap**: per seed, the class-averaged k = {k} lift of the experts minus that of the comparison, over the classes both probe. **Routing sparsity**: log2(E / top-k) (dense = 0). **Trend**: per seed, the least-squares slope of the primary gap on routing sparsity over the learned-router MoEs.
+- **Robustness**: for the models in `robustness`, neurons are also ranked by their mutual information with the target (16 equal-frequency bins on the training tokens), and the primary comparison is repeated.
+- **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level; δ = {margin} in F1; for a trend, δ divided by the span of sparsity swept, so "equivalent" means the gap changes by less than δ across the whole sweep), **inconclusive** otherwise (with the smallest difference the seeds would detect): a difference is then not shown.
 - {interval}
 """
 
@@ -60,6 +72,8 @@ class SparseProbingConfig:
     """An (expert, class) pair needs this many positives and negatives on each side of the split."""
     robustness: tuple[str, ...] = ("dense", "moe-k1-e4")
     """Models whose neurons are also ranked by mutual information."""
+    n_candidates: int | None = None
+    """Candidate neurons drawn at random in every unit (None: the narrowest unit's width, d_mlp // max(top_ks) by default)."""
     margin: float = MARGIN
     eval_seed: int = 20261121
 
@@ -70,16 +84,19 @@ class SparseProbingConfig:
             raise ValueError(f"top_ks and n_experts must be non-empty and >= 1 (got {self.top_ks}, {self.n_experts})")
         if not self.ks or min(self.ks) < 1 or list(self.ks) != sorted(set(self.ks)):
             raise ValueError(f"ks must be increasing integers >= 1 (got {self.ks})")
+        if self.n_candidates is not None and self.n_candidates < max(self.ks):
+            raise ValueError(f"n_candidates must be at least the largest k (got {self.n_candidates} < {max(self.ks)})")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1) (got {self.margin})")
 
 
 @register_study("sparse-probing")
 class SparseProbing(Study):
-    """k-sparse probing of expert vs dense neurons over a routing-sparsity sweep, with shuffled, random-basis and label-router controls."""
+    """k-sparse probing of expert neurons vs pseudo-experts of dense neurons over a routing-sparsity sweep, with shuffled,
+    random-basis and label-router controls."""
 
     Config = SparseProbingConfig
-    fast = {"seeds": 2, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 80, "ks": (1, 4), "max_classes": 4,
+    fast = {"seeds": 2, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 160, "ks": (1, 4), "max_classes": 4,
             "min_count": 5, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
     config: SparseProbingConfig
 
@@ -113,16 +130,25 @@ class SparseProbing(Study):
         unknown = sorted(set(config.robustness) - set(self.models))
         if unknown:
             raise ToylabError(f"robustness names unknown model '{unknown[0]}'; valid: {', '.join(self.models)}")
-        for options in self.models.values():  # fail early on a bad model option
-            build(TransformerConfig, options, vocab_size=len(vocab), max_len=self.task.seq_len)
+        built = [build(TransformerConfig, options, vocab_size=len(vocab), max_len=self.task.seq_len)  # fail early on a bad option
+                 for options in self.models.values()]
+        narrowest = min(c.expert_size if c.ffn == "moe" else c.d_mlp for c in built)
+        self.n_candidates = narrowest if config.n_candidates is None else config.n_candidates
+        if self.n_candidates > narrowest:
+            raise ToylabError(f"n_candidates {self.n_candidates} exceeds the narrowest unit's {narrowest} neurons")
+        if max(config.ks) > self.n_candidates:
+            raise ToylabError(f"ks go up to {max(config.ks)} but a unit has only {self.n_candidates} candidate neurons")
 
-    def analyse(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """One finished run (in a worker): its task metrics and k-sparse probing rows on the held-out sequences."""
+    def analyse(self, job: TrainJob, run_dir: Path, dense_dir: Path | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One finished run (in a worker): its task metrics and k-sparse probing rows on the held-out sequences, with
+        pseudo-experts from the dense run of the same seed (`dense_dir`, None when it failed or for the dense model)."""
         cfg, model = self.config, load_trained(run_dir).model
         batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
         name, seed = job.key.rsplit("-seed", 1)
         rankings = RANKINGS if name in cfg.robustness else RANKINGS[:1]
-        rows = sparse_probing(model, self.task, batch, cfg.ks, rankings, cfg.min_count, cfg.max_classes, seed=int(seed))
+        dense = load_trained(dense_dir).model if dense_dir is not None else None
+        rows = sparse_probing(model, self.task, batch, cfg.ks, rankings, cfg.min_count, cfg.max_classes, FRACTIONS,
+                              self.n_candidates, int(seed), dense)
         return evaluate(model, self.task, batch), [{"model": name, "seed": int(seed), **row} for row in rows]
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
@@ -130,24 +156,25 @@ class SparseProbing(Study):
         jobs = [TrainJob(f"{name}-seed{seed}", self.task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
         ctx.train(jobs)
-        analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
+        finished = [job for job in jobs if is_finished(ctx.run_dir(job.key))]
+        dense_dirs = [None if job.key.startswith("dense-") or not is_finished(d := ctx.run_dir(f"dense-seed{job.config.seed}")) else d
+                      for job in finished]
+        analysed = dict(zip([job.key for job in finished],
+                            ctx.map(self.analyse, finished, [ctx.run_dir(job.key) for job in finished], dense_dirs, description="probing")))
         ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == self.headline()], self.task.sample(cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
-        scores = with_lift(class_scores(rows, cfg.ks))
+        scores = class_scores(rows, cfg.ks)
         scores["kind"] = scores["label"].map({n: l.kind for n, l in self.task.labels.items()})
-        k1 = {"variant": "neurons", "ranking": RANKINGS[0], "k": cfg.ks[0]}
         comparisons, trends = {}, {}
-        for measure, variant in (("raw", "neurons"), ("above_shuffled", "lift")):
-            for ranking in RANKINGS:
-                if ranking != RANKINGS[0] and (measure != "raw" or "dense" not in cfg.robustness):
-                    continue
-                select = {**k1, "variant": variant, "ranking": ranking}
-                models = [m for m in self.models if m != "dense" and (ranking == RANKINGS[0] or m in cfg.robustness)]
+        for ranking in RANKINGS:
+            models = [m for m in self.models if m != "dense" and (ranking == RANKINGS[0] or m in cfg.robustness)]
+            for contrast in CONTRASTS if ranking == RANKINGS[0] else (PRIMARY,):
+                value = "max_f1" if contrast == "old" else "lift"
                 for by in (("layer", "label"), ("label",), ("kind",)):
-                    per_model = {m: gaps(scores, {**select, "model": m}, {**select, "model": "dense"}, by) for m in models}
-                    key = f"{measure}/{ranking}/{'+'.join(by)}"
-                    bounds = UNIT if measure == "raw" else LIFT
-                    comparisons[key] = [{"model": m, **row} for m, g in per_model.items() for row in compare_gaps(g, by, cfg.margin, bounds)]
+                    per_model = {m: gaps(scores, *self.contrast(m, contrast, ranking), by, value) for m in models}
+                    key = f"{contrast}/{ranking}/{'+'.join(by)}"
+                    comparisons[key] = [{"model": m, **row} for m, g in per_model.items()
+                                        for row in compare_gaps(g, by, cfg.margin, BOUNDS[value])]
                     learned = {m: g for m, g in per_model.items() if m != LABEL_ROUTER and len(g)}
                     span = max(self.sparsity[m] for m in learned) - min(self.sparsity[m] for m in learned) if learned else 0
                     trends[key] = gap_trend(learned, self.sparsity, by, cfg.margin / span) if span > 0 else []
@@ -155,6 +182,7 @@ class SparseProbing(Study):
             "task": {"name": self.task.name, "options": self.task.options},
             "models": {name: {"options": options, "sparsity": self.sparsity[name]} for name, options in self.models.items()},
             "router_label": self.router_label,
+            "n_candidates": self.n_candidates,
             "performance": {job.key: analysed[job.key][0] if job.key in analysed else None for job in jobs},
             "performance_summary": {
                 name: {metric: mean_ci([analysed[k][0][metric] for s in range(cfg.seeds) if (k := f"{name}-seed{s}") in analysed],
@@ -162,7 +190,7 @@ class SparseProbing(Study):
                        for metric in next((v[0] for key, v in analysed.items() if key.startswith(f"{name}-seed")), {})}
                 for name in self.models
             },
-            "macro_f1": macro_f1(scores),
+            "macro": macro_scores(scores),
             "comparisons": comparisons,
             "trends": trends,
             "skipped": skipped_pairs(rows),
@@ -170,91 +198,130 @@ class SparseProbing(Study):
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
 
+    def contrast(self, model: str, contrast: str, ranking: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`gaps` selections of one comparison (`CONTRASTS`): the MoE's experts at the first k, and what they are compared with."""
+        experts = {"model": model, "units": "experts", "variant": "neurons", "ranking": ranking, "k": self.config.ks[0]}
+        if contrast in PSEUDO:
+            return experts, {**experts, "units": contrast}
+        return experts, {**experts, "model": "dense", "units": "dense"}
+
     def headline(self) -> str:
         """The sparsest learned MoE (top-1, most experts when it exists)."""
         learned = [m for m in self.models if m not in ("dense", LABEL_ROUTER)]
         return max(learned, key=lambda m: (self.sparsity[m], -self.models[m]["top_k"]))
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per model, layer and label at the first k: the chosen unit's lift (experts or the dense MLP) beside the primary
+        pseudo-experts', the mean lift over units, the old design's largest raw F1, and the random-basis lift."""
         k = self.config.ks[0]
-        f1 = {(r["model"], r["layer"], r["label"], r["variant"]): r["f1"] for r in results["macro_f1"]
-              if r["k"] == k and r["ranking"] == RANKINGS[0]}
+        macro = {(r["model"], r["units"], r["layer"], r["label"], r["variant"]): r for r in results["macro"]
+                 if r["k"] == k and r["ranking"] == RANKINGS[0]}
         rows = []
         for name in self.models:
-            for layer in sorted({key[1] for key in f1}):
+            own = "dense" if name == "dense" else "experts"
+            for layer in sorted({key[2] for key in macro}):
                 for label in self.task.labels:
-                    if (name, layer, label, "neurons") in f1:
-                        rows.append({"model": name, "layer": layer, "label": label, "kind": self.task.labels[label].kind,
-                                     f"F1 k={k}": fmt_ci(f1[name, layer, label, "neurons"]),
-                                     "shuffled": fmt(f1[name, layer, label, "shuffled"]["mean"]),
-                                     "random basis": fmt(f1[name, layer, label, "random_basis"]["mean"])})
+                    if (name, own, layer, label, "neurons") not in macro:
+                        continue
+                    r, pseudo = macro[name, own, layer, label, "neurons"], macro.get((name, PRIMARY, layer, label, "neurons"))
+                    rows.append({"model": name, "layer": layer, "label": label, "kind": self.task.labels[label].kind,
+                                 f"lift k={k}": fmt_ci(r["lift"]), f"pseudo ({PRIMARY}) lift": fmt_ci(pseudo["lift"]) if pseudo else "n/a",
+                                 "mean lift": fmt(r["mean_lift"]["mean"]), "F1": fmt(r["f1"]["mean"]),
+                                 "max F1 (old)": fmt(r["max_f1"]["mean"]),
+                                 "random-basis lift": fmt(macro[name, own, layer, label, "random_basis"]["lift"]["mean"])})
         return rows
 
-    def answers(self, results: dict[str, Any]) -> list[str]:
-        """The three questions, one line each (per label or kind), with verdicts and intervals."""
-        top, margin = self.headline(), self.config.margin
-        comparisons, trends, lines = results["comparisons"], results["trends"], []
+    def verdict_text(self, results: dict[str, Any], key: str, model: str, field: str, value: str) -> str:
+        """`**verdict** (Δ = mean [90% CI])` of one comparison row, or n/a."""
+        row = next((r for r in results["comparisons"].get(key, []) if r["model"] == model and r[field] == value), None)
+        return "n/a" if row is None else f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])})"
 
-        def gap_text(key: str, model: str, field: str, value: str) -> str:
-            row = next((r for r in comparisons[key] if r["model"] == model and r[field] == value), None)
-            return "n/a" if row is None else f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])})"
+    def bottom_line(self, results: dict[str, Any]) -> str:
+        """The primary verdict, experts of the headline MoE vs pseudo-experts on its own partition, per kind of label."""
+        top, key, k = self.headline(), f"{PRIMARY}/{RANKINGS[0]}/kind", self.config.ks[0]
+        rows = [r for r in results["comparisons"][key] if r["model"] == top]
+        if not rows:
+            return f"**Bottom line**: no comparison of `{top}` with its pseudo-experts could be made (no run or no class probed)."
+        meaning = {"more": "expert neurons read these labels better than the same tokens' dense neurons",
+                   "less": "expert neurons read these labels worse than the same tokens' dense neurons",
+                   "equivalent": f"expert and dense neurons read these labels equally well (within ±{self.config.margin})",
+                   "inconclusive": "a difference is not shown, and neither is equivalence"}
+        parts = [f"{r['kind']} labels {self.verdict_text(results, key, top, 'kind', r['kind'])}: {meaning[r['gap']['verdict']]}" for r in rows]
+        return (f"**Bottom line** (primary comparison): k={k} lift over the shuffled control of `{top}`'s best expert (chosen on "
+                f"the selection split, scored on the report split) vs the same for pseudo-experts made of the dense model's neurons "
+                f"on the MoE's own token partition, paired by seed, pooled over layers — " + "; ".join(parts) + ".")
+
+    def answers(self, results: dict[str, Any]) -> list[str]:
+        """Per label and kind: the primary verdict, the other nulls, the dense MLP, the sparsity trend and the old design's verdict."""
+        top, first = self.headline(), RANKINGS[0]
+        comparisons, lines = results["comparisons"], []
 
         def slope_text(key: str, field: str, value: str) -> str:
-            row = next((r for r in trends[key] if r[field] == value), None)
+            row = next((r for r in results["trends"].get(key, []) if r[field] == value), None)
             return "n/a (one learned MoE)" if row is None else f"**{row['slope']['verdict']}** (slope {fmt_ci(row['slope'])} per halving)"
 
         names = {**{n: f"`{n}` ({l.kind})" for n, l in self.task.labels.items()}, "state": "all state labels", "function": "all function labels"}
-        for group, values in (("label", [n for n in self.task.labels if any(r["label"] == n for r in comparisons[f"raw/{RANKINGS[0]}/label"])]),
-                              ("kind", ["state", "function"])):
-            for value in values:
-                if not any(r.get(group) == value for r in comparisons[f"raw/{RANKINGS[0]}/{group}"]):
-                    continue
+        for group in ("label", "kind"):
+            for value in dict.fromkeys(r[group] for r in comparisons[f"{PRIMARY}/{first}/{group}"] if r["model"] == top):
+                def text(contrast: str) -> str:
+                    return self.verdict_text(results, f"{contrast}/{first}/{group}", top, group, value)
+
                 lines.append(
-                    f"- {names[value]}: k=1 F1 of `{top}` expert neurons vs dense is {gap_text(f'raw/{RANKINGS[0]}/{group}', top, group, value)}; "
-                    f"above each model's shuffled control {gap_text(f'above_shuffled/{RANKINGS[0]}/{group}', top, group, value)}. "
-                    f"Gap vs routing sparsity: {slope_text(f'raw/{RANKINGS[0]}/{group}', group, value)}; "
-                    f"above shuffled {slope_text(f'above_shuffled/{RANKINGS[0]}/{group}', group, value)}."
+                    f"- {names[value]}: `{top}` experts vs pseudo-experts on its partition {text(PRIMARY)}; vs a random partition "
+                    f"{text('random')}; vs k-means {text('kmeans')}; vs the dense MLP {text('dense')}. Primary gap vs routing sparsity: "
+                    f"{slope_text(f'{PRIMARY}/{first}/{group}', group, value)}. Old design (largest raw F1 over experts vs dense): {text('old')}."
                 )
-        robust = f"raw/{RANKINGS[1]}/kind"
-        for row in comparisons.get(robust, []):
-            lines.append(f"- Robustness ({RANKINGS[1]} ranking), `{row['model']}` vs dense, {names[row['kind']]}: "
-                         f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])}).")
-        for row in comparisons[f"raw/{RANKINGS[0]}/kind"]:
+        for row in comparisons.get(f"{PRIMARY}/{RANKINGS[1]}/kind", []):
+            lines.append(f"- Robustness ({RANKINGS[1]} ranking), `{row['model']}` experts vs pseudo-experts on its partition, "
+                         f"{names[row['kind']]}: **{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])}).")
+        for row in comparisons[f"{PRIMARY}/{first}/kind"]:
             if row["model"] == LABEL_ROUTER:
-                lines.append(f"- Control, label router on `{self.router_label}` vs dense, {names[row['kind']]}: "
-                             f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])}).")
-        return lines + [f"- Equivalence margin δ = {margin}; intervals are 90% for verdicts (TOST), 95% elsewhere."]
+                dense = self.verdict_text(results, f"dense/{first}/kind", LABEL_ROUTER, "kind", row["kind"])
+                lines.append(f"- Control, label router on `{self.router_label}`, {names[row['kind']]}: vs pseudo-experts on its partition "
+                             f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])}); vs the dense MLP {dense}.")
+        return lines + [f"- Equivalence margin δ = {self.config.margin}; intervals are 90% for verdicts (TOST), 95% elsewhere; "
+                        "Δ is in lift (F1 over the shuffled control), except for the old design (raw F1)."]
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
-        frame = pd.DataFrame(results["macro_f1"])
+        frame = pd.DataFrame(results["macro"])
         figures = []
         if len(frame):
             order = sorted(self.models, key=lambda m: (self.sparsity[m], m == LABEL_ROUTER))
-            first = frame[(frame["k"] == cfg.ks[0]) & (frame["ranking"] == RANKINGS[0]) & (frame["variant"] != "lift")]
+            units = {"dense": "dense MLP", "experts": "experts", **{p: f"pseudo: {p}" for p in PSEUDO}}
+            first = frame[(frame["k"] == cfg.ks[0]) & (frame["ranking"] == RANKINGS[0]) & (frame["variant"] == "neurons")]
             for label in dict.fromkeys(first["label"]):
                 sub = first[first["label"] == label]
-                long = pd.DataFrame([{"routing": f"{m} ({self.sparsity[m]:.0f})", "probe": r["variant"], "layer": r["layer"], **r["f1"]}
+                long = pd.DataFrame([{"routing": f"{m} ({self.sparsity[m]:.0f})", "units": units[r["units"]], "layer": r["layer"], **r["lift"]}
                                      for m in order for _, r in sub[sub["model"] == m].iterrows()])
-                figures.append((f"`{label}`: k={cfg.ks[0]} F1 vs routing sparsity log2(E/k) (mean, 95% CI over seeds)",
-                                ctx.figure(f"f1_vs_sparsity_{label}", interval_bars(long, "routing", "probe", "layer", "F1"))))
-            neurons = frame[(frame["variant"] == "neurons") & (frame["ranking"] == RANKINGS[0]) & frame["model"].isin(["dense", self.headline()])]
-            long = pd.DataFrame([{"k": r["k"], "model": f"{r['model']} layer {r['layer']}", "label": r["label"], **r["f1"]} for _, r in neurons.iterrows()])
-            figures.append(("F1 vs k: dense and the sparsest MoE (mean, 95% CI over seeds)",
-                            ctx.figure("f1_vs_k", interval_bars(long, "k", "model", "label", "F1"))))
+                figures.append((f"`{label}`: k={cfg.ks[0]} lift of the chosen unit (report split) for experts and pseudo-experts vs routing "
+                                "sparsity log2(E/k) (mean, 95% CI over seeds)",
+                                ctx.figure(f"lift_vs_sparsity_{label}", interval_bars(long, "routing", "units", "layer", "lift", reference=0.0))))
+            neurons = frame[(frame["variant"] == "neurons") & (frame["ranking"] == RANKINGS[0])
+                            & (((frame["model"] == "dense") & (frame["units"] == "dense"))
+                               | ((frame["model"] == self.headline()) & frame["units"].isin(["experts", PRIMARY])))]
+            long = pd.DataFrame([{"k": r["k"], "units": f"{r['model']} {units[r['units']]} layer {r['layer']}", "label": r["label"], **r["lift"]}
+                                 for _, r in neurons.iterrows()])
+            figures.append((f"Lift vs k: the dense MLP, `{self.headline()}`'s experts and its pseudo-experts on its partition (mean, 95% CI over seeds)",
+                            ctx.figure("lift_vs_k", interval_bars(long, "k", "units", "label", "lift", reference=0.0))))
         logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
                 if (ctx.directory / path / "metrics.csv").is_file()}
         if logs:
             figures.append(("Training curves", ctx.figure("training_curves", training_curves(logs, ["train_loss", f"val_{task.primary_metric}"]))))
         comparison_rows = [
-            {"measure": key.split("/")[0], "MoE": r["model"], "layer": r["layer"], "label": r["label"],
-             "MoE F1": fmt_ci(r["a"]), "dense F1": fmt_ci(r["b"]), "Δ (90% CI)": fmt_ci(r["gap"]), "verdict": r["gap"]["verdict"]}
-            for key in (f"raw/{RANKINGS[0]}/layer+label", f"above_shuffled/{RANKINGS[0]}/layer+label") for r in results["comparisons"][key]
+            {"compared with": contrast, "MoE": r["model"], "layer": r["layer"], "label": r["label"], "experts": fmt_ci(r["a"]),
+             "compared": fmt_ci(r["b"]), "Δ (90% CI)": fmt_ci(r["gap"]), "verdict": r["gap"]["verdict"]}
+            for contrast in CONTRASTS for r in results["comparisons"][f"{contrast}/{RANKINGS[0]}/layer+label"]
         ]
         trend_rows = [
-            {"measure": key.split("/")[0], "layer": r["layer"], "label": r["label"], "slope per halving (90% CI)": fmt_ci(r["slope"]),
-             "verdict": r["slope"]["verdict"]}
-            for key in (f"raw/{RANKINGS[0]}/layer+label", f"above_shuffled/{RANKINGS[0]}/layer+label") for r in results["trends"][key]
+            {"layer": r["layer"], "label": r["label"], "slope per halving (90% CI)": fmt_ci(r["slope"]), "verdict": r["slope"]["verdict"]}
+            for r in results["trends"][f"{PRIMARY}/{RANKINGS[0]}/layer+label"]
+        ]
+        old_vs_new = [
+            {"MoE": r["model"], "labels": r["kind"],
+             "old: max raw F1, experts vs dense": self.verdict_text(results, f"old/{RANKINGS[0]}/kind", r["model"], "kind", r["kind"]),
+             "new: chosen lift, experts vs pseudo-experts": self.verdict_text(results, f"{PRIMARY}/{RANKINGS[0]}/kind", r["model"], "kind", r["kind"])}
+            for r in results["comparisons"][f"old/{RANKINGS[0]}/kind"]
         ]
         skipped = [{"model": name, "skipped (expert, class) pairs": s["pairs"], "of": s["of"]} for name, s in results["skipped"].items()]
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
@@ -265,21 +332,24 @@ class SparseProbing(Study):
                 f"active parameters match the dense MLP), shared options `{cfg.model}`"
                 + (f", and a label-router MoE on `{self.router_label}` ({self.label_experts} experts)" if self.router_label else "")
                 + f"; each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
-                f"Probes read {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}), k ∈ {list(cfg.ks)}.")]),
-            Section("Answers", [Text(f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers."),
+                f"Probes read {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}), k ∈ {list(cfg.ks)}, {self.n_candidates} candidate "
+                f"neurons per unit. Each MoE's experts are compared with pseudo-experts made of the dense model of the same seed.")]),
+            Section("Answers", [Text(self.bottom_line(results)),
+                                Text(f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers."),
                                 Text("\n".join(self.answers(results)))]),
+            Section("Old design vs new, per MoE (pooled over layers and labels of a kind)", [Table(old_vs_new)]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
-            Section("k=1 F1 by model, layer and label", [Table(self.summary(results))]),
-            Section("Expert vs dense neurons, every MoE, layer and label", [Table(comparison_rows)]),
-            Section("Does the gap widen with sparser routing?",
+            Section(f"k={cfg.ks[0]} scores by model, layer and label", [Table(self.summary(results))]),
+            Section("Experts vs pseudo-experts and the dense MLP, every MoE, layer and label", [Table(comparison_rows)]),
+            Section("Does the primary gap widen with sparser routing?",
                     [Table(trend_rows) if trend_rows else Text("(fewer than two learned MoEs)")]),
             Section("Skipped (expert, class) pairs (too few positives or negatives; summed over seeds)", [Table(skipped)]),
             Section("Figures", [Figure(path, caption) for caption, path in figures]),
             *expert_map_section(ctx.directory, N_SHOWN, f"The map shows the headline MoE, `{self.headline()}`."),
             Section("What the numbers mean", [Text(METRIC_NOTES.format(
+                train=1 - sum(FRACTIONS), select=FRACTIONS[0], report=FRACTIONS[1], n_candidates=self.n_candidates,
                 max_classes=cfg.max_classes, min_count=cfg.min_count, router_label=self.router_label,
-                label_experts=getattr(self, "label_experts", "n/a"), margin=cfg.margin, interval=INTERVAL_NOTE))]),
+                label_experts=getattr(self, "label_experts", "n/a"), k=cfg.ks[0], margin=cfg.margin, interval=INTERVAL_NOTE))]),
         ]
         blocks += failed_runs_section(results["failed_runs"])
-        return Document(f"k-sparse probing of expert and dense neurons on `{task.name}`", blocks)
-
+        return Document(f"k-sparse probing of expert neurons and pseudo-experts of dense neurons on `{task.name}`", blocks)

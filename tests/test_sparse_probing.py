@@ -1,4 +1,5 @@
-"""k-sparse probing: a planted neuron is found at k=1, noise is at chance, the fits match scikit-learn."""
+"""k-sparse probing: a planted neuron is found at k=1, noise is at chance, the fits match scikit-learn, the unit is chosen
+on a split it is not scored on, and with no signal experts are not more than pseudo-experts (the old maximum was)."""
 
 import json
 import re
@@ -12,6 +13,8 @@ from sklearn.metrics import f1_score, mutual_info_score
 
 from toylab import get_task
 from toylab.analysis.sparse_probing import (
+    LIFT,
+    PSEUDO,
     binary_targets,
     binned_mutual_info,
     class_scores,
@@ -20,9 +23,15 @@ from toylab.analysis.sparse_probing import (
     fit_binary_logistic,
     gap_trend,
     gaps,
-    macro_f1,
+    layer_sources,
+    macro_scores,
     neuron_bins,
+    partition_units,
+    probe_units,
+    pseudo_assignments,
     rank_neurons,
+    select_unit,
+    sequence_splits,
     skipped_pairs,
     sparse_probe,
     sparse_probing,
@@ -32,13 +41,23 @@ from toylab.errors import ToylabError
 from toylab.registry import list_studies, list_tasks
 from toylab.study import resolve
 from toylab.models import Transformer, TransformerConfig
+from toylab.models.superposition import torch_threads
 from toylab.task import IGNORE, Label
 
 
 def sequences(n: int, length: int, seed: int) -> np.ndarray:
-    """Held-out rows: a quarter of the sequences of `length` tokens each."""
-    ids = np.arange(n) // length
-    return np.isin(ids, np.random.default_rng(seed).permutation(ids.max() + 1)[: (ids.max() + 1) // 4])
+    """Each row's split (0 train, 1 select, 2 report), by sequences of `length` tokens."""
+    return sequence_splits(np.arange(n) // length, seed)
+
+
+def test_splits_keep_sequences_whole_in_the_given_shares() -> None:
+    sequence = np.repeat(np.arange(200), 7)
+    part = sequence_splits(sequence, 3, (0.2, 0.3))
+    per_sequence = part.reshape(200, 7)
+    assert (per_sequence == per_sequence[:, :1]).all()
+    assert np.bincount(per_sequence[:, 0]).tolist() == [100, 40, 60]
+    with pytest.raises(ToylabError, match="sum to less than 1"):
+        sequence_splits(sequence, 0, (0.5, 0.5))
 
 
 @pytest.mark.parametrize("balanced", [True, False])
@@ -71,19 +90,29 @@ def planted(n: int = 3000, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def test_planted_neuron_gives_k1_f1_of_one_and_noise_gives_chance() -> None:
-    acts, targets, test = planted()
-    result = sparse_probe(acts, targets, test, ks=(1, 4))
+    acts, targets, part = planted()
+    result = sparse_probe(acts, targets, part, ks=(1, 4))
     assert result["kept"].all()
     for ranking in ("mean_difference", "mutual_info"):
-        assert result["f1"]["neurons"][ranking][0, 0] > 0.98  # the planted class, k = 1
-    assert (result["f1"]["shuffled"]["mean_difference"][0] < 0.45).all()  # no signal once the labels are permuted
-    assert result["f1"]["random_basis"]["mean_difference"][0, 0] < 0.8  # one random direction mixes the neuron away
+        assert (result["f1"]["neurons"][ranking][0, :, 0] > 0.98).all()  # the planted class, k = 1, on select and report
+        assert (result["f1"]["shuffled"][ranking][0] < 0.45).all()  # no signal once the labels are permuted
+    assert (result["f1"]["random_basis"]["mean_difference"][0, :, 0] < 0.8).all()  # one random direction mixes the neuron away
 
     rng = np.random.default_rng(2)
-    noise = sparse_probe(rng.normal(size=acts.shape), targets, test, ks=(1, 4), rankings=("mean_difference",))
+    noise = sparse_probe(rng.normal(size=acts.shape), targets, part, ks=(1, 4), rankings=("mean_difference",))
     chance = noise["f1"]["shuffled"]["mean_difference"]
-    assert np.abs(noise["f1"]["neurons"]["mean_difference"] - chance).max() < 0.05  # noise is at the shuffled control
-    assert np.abs(chance - 1 / 3).max() < 0.05  # balanced probe, prevalence 1/4: F1 = 2 (1/4)(1/2) / (1/4 + 1/2)
+    assert np.abs(noise["f1"]["neurons"]["mean_difference"] - chance).max() < 0.07  # noise is at the shuffled control
+    assert np.abs(chance - 1 / 3).max() < 0.07  # balanced probe, prevalence 1/4: F1 = 2 (1/4)(1/2) / (1/4 + 1/2)
+
+
+def test_candidate_neurons_are_a_random_subset_of_the_given_size() -> None:
+    acts, targets, part = planted(d=64)
+    found = [sparse_probe(acts, targets[:, :1], part, ks=(1,), rankings=("mean_difference",), seed=s, n_candidates=8)
+             ["f1"]["neurons"]["mean_difference"][0, 1, 0] for s in range(12)]
+    # the planted neuron is among 8 of 64 candidates in about 1 draw of 8: F1 near 1 then, near chance otherwise
+    assert 1 <= sum(f > 0.95 for f in found) <= 6 and min(found) < 0.5
+    every = sparse_probe(acts, targets[:, :1], part, ks=(1,), rankings=("mean_difference",), n_candidates=64)
+    assert every["f1"]["neurons"]["mean_difference"][0, 1, 0] > 0.98  # as many candidates as neurons: all of them
 
 
 def test_ranking_puts_the_planted_neuron_first() -> None:
@@ -108,10 +137,10 @@ def test_binned_mutual_info_matches_scikit_learn() -> None:
 
 
 def test_rare_classes_are_skipped() -> None:
-    acts, targets, test = planted()
+    acts, targets, part = planted()
     targets[:, 3] = False
     targets[:8, 3] = True
-    result = sparse_probe(acts, targets, test, ks=(1,), rankings=("mean_difference",), min_count=10)
+    result = sparse_probe(acts, targets, part, ks=(1,), rankings=("mean_difference",), min_count=10)
     assert result["kept"].tolist() == [True, True, True, False]
     assert np.isnan(result["f1"]["neurons"]["mean_difference"][3]).all()
 
@@ -127,38 +156,139 @@ def test_binary_targets_of_single_and_multi_hot_labels() -> None:
     assert classes == [0, 1] and targets.tolist() == [[True, True], [False, True], [False, False]]
 
 
-def test_model_probing_covers_every_expert_and_records_skips() -> None:
+def fake_result(select: list[float], report: list[float], shuffled: float = 0.5) -> dict:
+    """A `sparse_probe` result of one class and one k: F1 on select and report, and a flat shuffled control."""
+    f1 = {"neurons": {"mean_difference": np.array([[[select[0]], [report[0]]]])},
+          "shuffled": {"mean_difference": np.full((1, 2, 1), shuffled)},
+          "random_basis": {"mean_difference": np.array([[[select[1]], [report[1]]]])}}
+    return {"kept": np.array([True]), "f1": f1}
+
+
+def test_the_unit_is_chosen_on_select_and_scored_on_report() -> None:
+    results = [fake_result([0.9, 0.5], [0.6, 0.5]), fake_result([0.7, 0.6], [0.95, 0.8]),
+               {**fake_result([1.0, 1.0], [1.0, 1.0]), "kept": np.array([False])}]  # a skipped unit is never chosen
+    chosen = select_unit(results, 0, "neurons", "mean_difference")
+    assert chosen["unit"] == [0] and chosen["f1"] == [0.6] and chosen["lift"] == pytest.approx([0.1])
+    assert chosen["mean_lift"] == pytest.approx([(0.1 + 0.45) / 2]) and chosen["max_f1"] == [0.95]  # max_f1: the old design
+    assert select_unit(results, 0, "random_basis", "mean_difference")["unit"] == [1]
+    control = select_unit(results, 0, "shuffled", "mean_difference")
+    assert control["unit"] == [0] and control["f1"] == [0.5] and np.isnan(control["lift"]).all()
+
+
+def test_pseudo_experts_match_the_moe_partition() -> None:
+    rng = np.random.default_rng(0)
+    routing = np.stack([rng.permutation(6)[:2] for _ in range(300)])  # top-2 of 6
+    router_input = rng.normal(size=(300, 3)) + 4 * (routing[:, :1] == np.arange(3))  # the router input predicts the first expert a bit
+    pseudo = pseudo_assignments(routing, router_input, 6, seed=1)
+    assert set(pseudo) == set(PSEUDO) and (pseudo["partition"] == routing).all()
+    sizes = np.bincount(routing.ravel(), minlength=6)
+    assert (np.bincount(pseudo["random"].ravel(), minlength=6) == sizes).all() and (pseudo["random"] != routing).any()
+    assert pseudo["kmeans"].shape == (300, 2) and (pseudo["kmeans"][:, 0] != pseudo["kmeans"][:, 1]).all()
+    post, dense = rng.normal(size=(300, 2, 5)), rng.normal(size=(300, 7))
+    experts = partition_units(post, routing, 6)
+    for e, (acts, tokens) in enumerate(experts):
+        slot = (routing[tokens] == e).argmax(1)
+        assert len(tokens) == sizes[e] and (acts == post[tokens, slot]).all()
+    sources = layer_sources(post, routing, 6, dense, router_input, seed=1)
+    assert set(sources) == {"experts", *PSEUDO}
+    assert all((acts == dense[tokens]).all() for acts, tokens in sources["partition"])
+    assert [len(t) for _, t in sources["partition"]] == sizes.tolist() == [len(t) for _, t in sources["random"]]
+    assert list(layer_sources(dense, None)) == ["dense"]
+
+
+def test_model_probing_covers_every_expert_and_its_pseudo_experts() -> None:
     task = get_task("brackets")
     torch.manual_seed(0)
-    cfg = TransformerConfig(len(task.vocab), task.seq_len, d_model=16, n_heads=2, d_mlp=16, ffn="moe", n_experts=4, top_k=2, n_layers=1)
-    rows = sparse_probing(Transformer(cfg).eval(), task, task.sample(60, 0), ks=(1, 2), rankings=("mean_difference",), min_count=5)
+    shared = {"vocab_size": len(task.vocab), "max_len": task.seq_len, "d_model": 16, "n_heads": 2, "d_mlp": 16, "n_layers": 1}
+    moe = Transformer(TransformerConfig(**shared, ffn="moe", n_experts=4, top_k=2)).eval()
+    dense = Transformer(TransformerConfig(**shared)).eval()
+    batch = task.sample(60, 0)
+    with torch_threads(1):
+        rows = sparse_probing(moe, task, batch, ks=(1, 2), rankings=("mean_difference",), min_count=5, n_candidates=8, dense=dense)
+        dense_rows = sparse_probing(dense, task, batch, ks=(1,), rankings=("mean_difference",), min_count=5)
     assert {r["variant"] for r in rows} == {"neurons", "shuffled", "random_basis"}
+    assert {r["units"] for r in rows} == {"experts", *PSEUDO}
     for row in rows:
-        assert len(row["f1"]) == 2 and row["expert"] in range(4) and len(row["expert_f1"]) == 4
-        assert row["f1"][0] == max(f[0] for f in row["expert_f1"] if f is not None)
-        assert all((f is None) == (e in row["skipped"]) for e, f in enumerate(row["expert_f1"]))
-    probed = [r for r in rows if r["variant"] == "neurons"]
+        assert len(row["f1"]) == len(row["lift"]) == 2 and row["n_units"] == 4
+        assert all(u in range(4) and u not in row["skipped"] for u in row["unit"])
+        assert row["max_f1"][0] >= row["f1"][0]
+    probed = [r for r in rows if r["variant"] == "neurons" and r["units"] == "experts"]
     counts = skipped_pairs([{"model": "moe", **r} for r in rows])["moe"]
     assert counts == {"pairs": sum(len(r["skipped"]) for r in probed), "of": 4 * len(probed)} and counts["pairs"] > 0
+    assert {r["units"] for r in dense_rows} == {"dense"}
+
+
+BINARY = Label("y", "function", "", ("a", "b", "c", "d"))
+
+
+def simulated_rows(seed: int, n_experts: int = 16, signal: float = 0.0, sequences: int = 800, length: int = 20, d: int = 8) -> list[dict]:
+    """One seed of a simulated top-1 MoE layer beside a dense one: Gaussian activations, random routing, a 4-class label
+    independent of both. With `signal`, neurons 0-3 of expert 3 carry the label (one class each) on its tokens."""
+    rng = np.random.default_rng(seed)
+    n = sequences * length
+    y = rng.integers(0, 4, n)
+    routing = rng.integers(0, n_experts, (n, 1))
+    post = rng.normal(size=(n, 1, d))
+    planted = routing[:, 0] == 3
+    post[planted, 0, :4] += signal * (y[planted, None] == np.arange(4))
+    dense_post, router_input = rng.normal(size=(n, 2 * d)), rng.normal(size=(n, 4))
+    part = sequence_splits(np.arange(n) // length, seed)
+    common = {"values": {"y": y}, "labels": {"y": BINARY}, "part": part, "ks": (1,), "rankings": ("mean_difference",),
+              "min_count": 10, "n_candidates": d, "seed": seed}
+    with torch_threads(1):
+        moe = probe_units(layer_sources(post, routing, n_experts, dense_post, router_input, seed), **common)
+        dense = probe_units(layer_sources(dense_post, None), **common)
+    return [{"model": model, "seed": seed, "layer": 0, **row} for model, rows in (("moe", moe), ("dense", dense)) for row in rows]
+
+
+def verdicts(rows: list[dict]) -> dict[str, dict]:
+    """The new design's comparisons (experts vs each pseudo-expert source, lift of the unit chosen on select) and the
+    old design's (largest raw F1 over experts vs the dense MLP's, chosen and scored on one split), paired by seed."""
+    scores = class_scores(rows, ks=(1,))
+    experts = {"model": "moe", "units": "experts", "variant": "neurons"}
+    out = {p: compare_gaps(gaps(scores, experts, {**experts, "units": p}, ("label",), "lift"), ("label",), bounds=LIFT)[0]
+           for p in PSEUDO}
+    out["old"] = compare_gaps(gaps(scores, experts, {"model": "dense", "units": "dense", "variant": "neurons"}, ("label",), "max_f1"),
+                              ("label",))[0]
+    return out
+
+
+def test_no_signal_experts_are_not_more_than_pseudo_experts_though_the_old_max_is() -> None:
+    found = verdicts([row for seed in range(6) for row in simulated_rows(seed)])
+    assert found["old"]["gap"]["verdict"] == "more" and found["old"]["gap"]["mean"] > 0.04  # the max of 16 noisy F1s
+    for pseudo in PSEUDO:
+        assert found[pseudo]["gap"]["verdict"] in ("equivalent", "inconclusive"), pseudo
+        assert abs(found[pseudo]["gap"]["mean"]) < 0.03 and abs(found[pseudo]["a"]["mean"]) < 0.03  # chosen lift ~ 0 off the select split
+    assert found[PSEUDO[0]]["gap"]["verdict"] == "equivalent"
+
+
+def test_a_planted_expert_is_more_than_pseudo_experts() -> None:
+    found = verdicts([row for seed in range(4) for row in simulated_rows(seed, signal=3.0)])
+    for pseudo in PSEUDO:
+        assert found[pseudo]["gap"]["verdict"] == "more" and found[pseudo]["gap"]["ci_low"] > 0.3, pseudo
 
 
 def fake_rows(model: str, gap: float, seeds: int = 3) -> list[dict]:
     rng = np.random.default_rng(len(model))
-    return [{"model": model, "seed": s, "layer": 0, "label": "depth", "class": c, "variant": "neurons", "ranking": "mean_difference",
-             "f1": [0.5 + gap + 0.01 * rng.normal(), 0.9]}
+    return [{"model": model, "seed": s, "layer": 0, "label": "depth", "class": c, "units": "experts", "variant": "neurons",
+             "ranking": "mean_difference", "f1": [0.5 + gap + 0.01 * rng.normal(), 0.9], "lift": [gap, 0.4], "mean_lift": [0.0, 0.1],
+             "max_f1": [0.6, 0.9]}
             for s in range(seeds) for c in ("0", "1")]
 
 
 def test_gaps_verdicts_and_trend() -> None:
     scores = class_scores(fake_rows("dense", 0) + fake_rows("moe-a", 0.1) + fake_rows("moe-b", 0.2) + fake_rows("moe-c", 0.0), ks=(1, 2))
-    summary = pd.DataFrame(macro_f1(scores))
+    summary = pd.DataFrame(macro_scores(scores))
     assert summary.query("model == 'moe-b' and k == 1")["f1"].item()["mean"] == pytest.approx(0.7, abs=0.02)
+    assert summary.query("model == 'moe-b' and k == 2")["lift"].item()["mean"] == pytest.approx(0.4)
     dense = {"model": "dense", "variant": "neurons", "ranking": "mean_difference", "k": 1}
     per_model = {m: gaps(scores, {**dense, "model": m}, dense) for m in ("moe-a", "moe-b", "moe-c")}
     assert compare_gaps(per_model["moe-b"])[0]["gap"]["verdict"] == "more"
     assert compare_gaps(per_model["moe-c"])[0]["gap"]["verdict"] == "equivalent"
     assert gap_trend({m: per_model[m] for m in ("moe-a", "moe-b")}, {"moe-a": 1, "moe-b": 2})[0]["slope"]["verdict"] == "more"
     assert gap_trend({m: per_model[m] for m in ("moe-b", "moe-c")}, {"moe-b": 1, "moe-c": 2})[0]["slope"]["verdict"] == "less"
+    lifts = gaps(scores, {**dense, "model": "moe-b"}, dense, value="lift")
+    assert lifts["gap"].to_numpy() == pytest.approx(0.2)
 
 
 def token_tasks() -> list[str]:
@@ -177,6 +307,8 @@ def token_tasks() -> list[str]:
     ({"robustness": ("moe-k9-e9",)}, "robustness names unknown model 'moe-k9-e9'; valid: dense, moe-k1-e4"),
     ({"task": "superposition"}, "needs a token task"),
     ({"ks": (4, 1)}, "ks must be increasing"),
+    ({"ks": (1, 64)}, "ks go up to 64 but a unit has only 32 candidate neurons"),
+    ({"n_candidates": 40}, "n_candidates 40 exceeds the narrowest unit's 32 neurons"),
     ({"n_experts": ()}, "top_ks and n_experts must be non-empty"),
 ])
 def test_bad_study_options_are_one_line_errors(overrides: dict, message: str) -> None:
@@ -191,6 +323,7 @@ def test_study_sweeps_routing_sparsity_at_fixed_active_parameters() -> None:
     assert study.sparsity["moe-k2-e4"] == 1 and study.sparsity["moe-k1-e16"] == 4 and study.headline() == "moe-k1-e16"
     assert study.models["label-router"]["router_label"] == "depth"  # brackets' first function label
     assert all("d_expert" not in m for m in study.models.values())  # d_expert = d_mlp // top_k: active parameters match
+    assert study.n_candidates == 32  # top-2 experts have 64 // 2 neurons: every unit draws 32 candidates
 
 
 @pytest.mark.slow
@@ -201,8 +334,8 @@ def test_fast_study_through_the_cli_on_every_token_task(task: str, tmp_path, cap
     assert exit_info.value.code == 0, capsys.readouterr().err
     (directory,) = (tmp_path / "sparse-probing").iterdir()
     results = json.loads((directory / "results.json").read_text())
-    assert not results["failed_runs"] and results["macro_f1"] and results["comparisons"]["raw/mean_difference/kind"]
+    assert not results["failed_runs"] and results["macro"] and results["comparisons"]["partition/mean_difference/kind"]
     report = (directory / "report.md").read_text()
-    for label in {row["label"] for row in results["macro_f1"]}:
-        assert f"figures/f1_vs_sparsity_{label}.png" in report and (directory / "figures" / f"f1_vs_sparsity_{label}.png").is_file()
-    assert "## Answers" in report
+    for label in {row["label"] for row in results["macro"]}:
+        assert f"figures/lift_vs_sparsity_{label}.png" in report and (directory / "figures" / f"lift_vs_sparsity_{label}.png").is_file()
+    assert "## Answers\n\n**Bottom line** (primary comparison)" in report

@@ -1,32 +1,38 @@
-"""k-sparse probing (Gurnee et al. 2023): how well do the best k neurons of a layer read a binary feature?
+"""k-sparse probing (Gurnee et al. 2023): how well do the best k neurons of a unit read a binary feature?
 
-For every class c of a label, the binary task "this token has class c" is probed from activations:
-neurons are ranked on the training split by a cheap score (`mean_difference`: the difference of
-the class means over their pooled standard deviation; or `mutual_info`, the mutual information
-between the neuron, in equal-frequency bins, and the target, as a robustness check), a logistic probe is fit on the top k, and its F1 is
-measured on held-out sequences. Two controls run the same procedure: `shuffled` (the targets
-permuted across tokens) and `random_basis` (the activations in a random orthonormal basis of the
-same layer: is a neuron basis better than any basis?).
+For every class c of a label, the binary task "this token has class c" is probed from a unit's
+activations (a dense MLP on every token, or one expert on the tokens routed to it, as Herbst et al.
+(2026) do). The tokens are split by sequence three ways (`SPLITS`): on `train`, neurons are ranked by a
+cheap score (`mean_difference`: the difference of the class means over their pooled standard deviation;
+or `mutual_info`, the mutual information between the neuron, in equal-frequency bins, and the target, as
+a robustness check) and a logistic probe is fit on the top k; its F1 is measured on `select` and on
+`report`. Each unit first draws the same number of candidate neurons (`n_candidates`, at random), so a
+wider unit does not win by size. Two controls run the same procedure on every unit: `shuffled` (the
+targets permuted across the unit's tokens) and `random_basis` (the candidates in a random orthonormal
+basis: is a neuron basis better than any basis?).
 
-Dense MLPs are probed on every token (`blocks.{l}.mlp.hook_post`, `[batch, pos, d_mlp]`); each
-expert of an MoE layer only on the tokens routed to it (`hook_post` `[batch, pos, k, d_expert]`
-with `hook_expert_indices` `[batch, pos, k]`), as Herbst et al. (2026) do, and an (expert, class)
-pair with too few positives or negatives on either side of the split is skipped and recorded.
-The logistic fits are batched Newton steps (scikit-learn's objective, checked against it in the tests).
+A unit's **lift** is its F1 minus its own shuffled F1, computed before any maximum. Per class, the unit
+with the highest lift on `select` is chosen and its lift and F1 are scored on `report`, so the maximum
+over E units is not scored on the data it was chosen on; the mean lift over units is reported beside it.
+The same selection runs on E **pseudo-experts** of the dense model (its neurons on subsets of the same
+tokens): a random partition of matched sizes, the MoE's own partition, and k-means on the dense model's
+router-input site; comparing experts with them is the test of "expert neurons are less polysemantic".
+The old design's quantity (the largest F1 over units, chosen on the split it is scored on) is kept as
+`max_f1`, to show the selection bias. The logistic fits are batched Newton steps (scikit-learn's
+objective, checked against it in the tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from toylab.analysis.clustering import mutual_info_from_tables
-from toylab.analysis.probes import split
-from toylab.analysis.specialization import token_activations
+from toylab.analysis.clustering import kmeans, mutual_info_from_tables
+from toylab.analysis.specialization import ROUTER_INPUT, token_activations
 from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
@@ -36,11 +42,23 @@ from toylab.task import IGNORE, Batch, Label, Task
 KS = (1, 2, 4, 8, 16)
 RANKINGS = ("mean_difference", "mutual_info")
 VARIANTS = ("neurons", "shuffled", "random_basis")
-"""What is probed: the neurons; the neurons with permuted targets; a random orthonormal basis of the same layer."""
-LIFT = (-1.0, 1.0)
+"""What is probed: the neurons; the neurons with permuted targets; a random orthonormal basis of the same candidates."""
+SPLITS = ("train", "select", "report")
+"""Token splits by sequence: fit the probe; choose the unit; score it."""
+FRACTIONS = (0.25, 0.25)
+"""Default shares of the sequences in `select` and `report` (the rest trains)."""
+PSEUDO = ("partition", "random", "kmeans")
+"""Pseudo-experts of the dense model: the MoE's own token partition, a random partition of the same sizes, k-means on the router input."""
+MEASURES = ("f1", "lift", "mean_lift", "max_f1")
+"""Per class and k: the chosen unit's report F1 and lift, the mean lift over units, the largest report F1 over units (old design)."""
+BOUNDS = {"f1": UNIT, "max_f1": UNIT, "lift": (-1.0, 1.0), "mean_lift": (-1.0, 1.0)}
+LIFT = BOUNDS["lift"]
 """Bounds of an F1 minus its control."""
 NEURONS = "blocks.{layer}.mlp.hook_post"
 EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
+
+Units = list[tuple[np.ndarray, np.ndarray]]
+"""Probed units: `(activations [n_u, d] or [n_u, k, d] slots already selected, token index [n_u])` each."""
 
 
 def fit_binary_logistic(
@@ -135,48 +153,6 @@ def random_rotation(d: int, seed: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def sparse_probe(
-    acts: np.ndarray,
-    targets: np.ndarray,
-    test: np.ndarray,
-    ks: Sequence[int] = KS,
-    rankings: Sequence[str] = RANKINGS,
-    min_count: int = 10,
-    seed: int = 0,
-    C: float = 1.0,
-) -> dict[str, Any]:
-    """k-sparse probes of every target column, with the controls.
-
-    `acts [n, d]`, `targets [n, C]` bool, `test [n]` bool (the held-out rows, whole sequences).
-    A column with fewer than `min_count` positives or negatives in either split is skipped.
-    Returns `{"kept": [C] bool, "f1": {variant: {ranking: [C, len(ks)]}}}` (NaN where skipped);
-    the controls use the first ranking. k larger than d is clipped to d.
-    """
-    acts, targets, test = np.asarray(acts, dtype=np.float64), np.asarray(targets, dtype=bool), np.asarray(test, dtype=bool)
-    shuffled = targets[np.random.default_rng(seed).permutation(len(targets))]
-    side = np.stack([test, ~test], 1).astype(np.int64)  # [n, 2]
-    kept = ((targets.T @ side).min(1) >= min_count) & (((~targets).T @ side).min(1) >= min_count)
-    f1 = {v: {r: np.full((targets.shape[1], len(ks)), np.nan) for r in (rankings if v == "neurons" else rankings[:1])} for v in VARIANTS}
-    if not kept.any():
-        return {"kept": kept, "f1": f1}
-    train = ~test
-    views = {"neurons": (acts, targets), "shuffled": (acts, shuffled), "random_basis": (acts @ random_rotation(acts.shape[1], seed), targets)}
-    problems = []  # (variant, ranking, standardized activations, targets, neuron order)
-    for variant, (x, t) in views.items():
-        x = (x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)
-        for ranking in f1[variant]:
-            problems.append((variant, ranking, x, t[:, kept], rank_neurons(x[train], t[train][:, kept], ranking)))
-    y = torch.from_numpy(np.concatenate([t.T for _, _, _, t, _ in problems]))  # [problems * classes, n]
-    for j, k in enumerate(ks):  # every problem of one k in one batched fit
-        chosen = torch.from_numpy(np.concatenate([x[:, order[:, :k]].transpose(1, 0, 2) for _, _, x, _, order in problems]))
-        w, b = fit_binary_logistic(chosen[:, train], y[:, train], C)
-        predicted = torch.bmm(chosen[:, test].double(), w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0
-        scores = f1_scores(predicted, y[:, test]).numpy().reshape(len(problems), -1)
-        for (variant, ranking, *_), score in zip(problems, scores):
-            f1[variant][ranking][kept, j] = score
-    return {"kept": kept, "f1": f1}
-
-
 def binary_targets(values: np.ndarray, label: Label, max_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One-vs-rest targets of a label at `n` tokens: `(targets [n, C] bool, defined [n] bool, classes)`.
 
@@ -195,19 +171,186 @@ def binary_targets(values: np.ndarray, label: Label, max_classes: int | None = N
     return onehot[:, classes] & defined[:, None], defined, classes
 
 
-def layer_units(model: Transformer, task: Task, batch: Batch, layer: int) -> list[tuple[int | None, np.ndarray, np.ndarray]]:
-    """`(expert, neuron activations [n_e, d], token index [n_e])` per probed unit of a layer's FFN.
+def sequence_splits(sequence: np.ndarray, seed: int, fractions: tuple[float, float] = FRACTIONS) -> np.ndarray:
+    """Each token's split `[n]` (0 train, 1 select, 2 report, as `SPLITS`): `fractions` of the sequences go to
+    select and to report, whole sequences to one split."""
+    if min(fractions) <= 0 or sum(fractions) >= 1:
+        raise ToylabError(f"select and report fractions must be positive and sum to less than 1 (got {fractions})")
+    unique, index = np.unique(sequence, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_select, n_report = (max(1, round(f * len(unique))) for f in fractions)
+    which = np.zeros(len(unique), dtype=np.int64)
+    which[order[:n_report]] = 2
+    which[order[n_report:n_report + n_select]] = 1
+    return which[index]
 
-    Token indices count the task's real positions in row-major order. A dense MLP is one unit
-    (expert None, every token); each expert of an MoE layer is a unit over the tokens routed to it.
+
+def sparse_probe(
+    acts: np.ndarray,
+    targets: np.ndarray,
+    part: np.ndarray,
+    ks: Sequence[int] = KS,
+    rankings: Sequence[str] = RANKINGS,
+    min_count: int = 10,
+    seed: int | Sequence[int] = 0,
+    C: float = 1.0,
+    n_candidates: int | None = None,
+) -> dict[str, Any]:
+    """k-sparse probes of every target column of one unit, with the controls.
+
+    `acts [n, d]`, `targets [n, C]` bool, `part [n]` the split of each row (`sequence_splits`). With
+    `n_candidates` < d, a random subset of that many neurons (drawn from `seed`) is probed. A column with
+    fewer than `min_count` positives or negatives in any split is skipped. Returns `{"kept": [C] bool,
+    "f1": {variant: {ranking: [C, 2, len(ks)]}}}`: F1 on select and on report (NaN where skipped); the
+    random basis uses the first ranking. k larger than the candidates is clipped.
     """
+    acts, targets, part = np.asarray(acts, dtype=np.float64), np.asarray(targets, dtype=bool), np.asarray(part)
+    rng = np.random.default_rng(seed)
+    if n_candidates is not None and n_candidates < acts.shape[1]:
+        acts = acts[:, np.sort(rng.choice(acts.shape[1], n_candidates, replace=False))]
+    shuffled = targets[rng.permutation(len(targets))]
+    side = (part[:, None] == np.arange(len(SPLITS))).astype(np.int64)  # [n, 3]
+    kept = ((targets.T @ side).min(1) >= min_count) & (((~targets).T @ side).min(1) >= min_count)
+    variants = dict(zip(VARIANTS, (rankings, rankings, rankings[:1])))
+    f1 = {v: {r: np.full((targets.shape[1], 2, len(ks)), np.nan) for r in rs} for v, rs in variants.items()}
+    if not kept.any():
+        return {"kept": kept, "f1": f1}
+    train, scored = part == 0, part > 0
+    views = {"neurons": (acts, targets), "shuffled": (acts, shuffled),
+             "random_basis": (acts @ random_rotation(acts.shape[1], rng.integers(2**32)), targets)}
+    problems = []  # (variant, ranking, standardized activations, targets, neuron order)
+    for variant, (x, t) in views.items():
+        x = (x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)
+        for ranking in f1[variant]:
+            problems.append((variant, ranking, x, t[:, kept], rank_neurons(x[train], t[train][:, kept], ranking)))
+    y = torch.from_numpy(np.concatenate([t.T for _, _, _, t, _ in problems]))  # [problems * classes, n]
+    for j, k in enumerate(ks):  # every problem of one k in one batched fit
+        chosen = torch.from_numpy(np.concatenate([x[:, order[:, :k]].transpose(1, 0, 2) for _, _, x, _, order in problems]))
+        w, b = fit_binary_logistic(chosen[:, train], y[:, train], C)
+        predicted = torch.bmm(chosen[:, scored].double(), w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0
+        for s, where in enumerate((part[scored] == 1, part[scored] == 2)):
+            mask = torch.from_numpy(where)
+            scores = f1_scores(predicted[:, mask], y[:, scored][:, mask]).numpy().reshape(len(problems), -1)
+            for (variant, ranking, *_), score in zip(problems, scores):
+                f1[variant][ranking][kept, s, j] = score
+    return {"kept": kept, "f1": f1}
+
+
+def select_unit(results: Sequence[dict[str, Any]], column: int, variant: str, ranking: str) -> dict[str, list]:
+    """One class's scores over units (`sparse_probe` results, at least one keeping `column`), per k.
+
+    Each unit's lift is its F1 minus its own shuffled F1 (same ranking). The unit with the highest lift on
+    select is chosen, per k; returns its report `f1` and `lift`, the `mean_lift` over units on report, the
+    largest report F1 over units (`max_f1`, the old selection-biased quantity) and the chosen `unit` index.
+    For `shuffled`, the unit chosen for the neurons is scored with its shuffled F1 (lifts NaN).
+    """
+    usable = [u for u, result in enumerate(results) if result["kept"][column]]
+
+    def stack(v: str) -> np.ndarray:  # [units, 2, ks]
+        return np.stack([results[u]["f1"][v][ranking][column] for u in usable])
+
+    probed, control = stack(variant), stack("shuffled")
+    lift = stack("neurons" if variant == "shuffled" else variant) - control
+    best = lift[:, 0].argmax(0)  # [ks], on select
+    at = np.arange(lift.shape[2])
+    own_lift = np.full(len(at), np.nan) if variant == "shuffled" else lift[best, 1, at]
+    mean_lift = np.full(len(at), np.nan) if variant == "shuffled" else lift[:, 1].mean(0)
+    return {"f1": probed[best, 1, at].tolist(), "lift": own_lift.tolist(), "mean_lift": mean_lift.tolist(),
+            "max_f1": probed[:, 1].max(0).tolist(), "unit": [usable[b] for b in best]}
+
+
+def probe_units(
+    sources: Mapping[str, Units],
+    values: Mapping[str, np.ndarray],
+    labels: Mapping[str, Label],
+    part: np.ndarray,
+    ks: Sequence[int] = KS,
+    rankings: Sequence[str] = RANKINGS,
+    min_count: int = 10,
+    max_classes: int | None = 8,
+    n_candidates: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """k-sparse probing of every class of every label in every source of units, with selection (`select_unit`).
+
+    `sources` maps a name ("dense", "experts", a `PSEUDO` name) to its units; `values[name]` are a label's
+    values at the `n` tokens (`binary_targets`), `part [n]` their splits. Unit u of a source draws its
+    candidates from `(seed, u)`, the same for every source. One row per (label, class, source, variant,
+    ranking): `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too
+    few positives or negatives). A class no unit of a source can probe is left out of that source.
+    """
+    rows = []
+    for name, label in labels.items():
+        targets, defined, classes = binary_targets(values[name], label, max_classes)
+        for source, units in sources.items():
+            results = []
+            for u, (acts, tokens) in enumerate(units):
+                used = defined[tokens]
+                results.append(sparse_probe(acts[used], targets[tokens[used]], part[tokens[used]], ks, rankings, min_count,
+                                            (seed, u), n_candidates=n_candidates))
+            for i, cls in enumerate(classes):
+                if not any(result["kept"][i] for result in results):
+                    continue
+                skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
+                for variant, by_ranking in results[0]["f1"].items():
+                    for ranking in by_ranking:
+                        rows.append({"label": name, "class": label.classes[cls], "units": source, "variant": variant, "ranking": ranking,
+                                     **select_unit(results, i, variant, ranking), "n_units": len(units), "skipped": skipped})
+    return rows
+
+
+def partition_units(post: np.ndarray, assignment: np.ndarray, n_units: int) -> Units:
+    """Units of a partition of the tokens: unit e holds the tokens with e in `assignment [n, k]` (a token at most once).
+
+    `post [n, k, d]` (an MoE's expert activations: each token's slot of unit e) or `[n, d]` (a dense MLP:
+    the same neurons, so unit e is a pseudo-expert made of the dense neurons on those tokens).
+    """
+    units = []
+    for e in range(n_units):
+        hit = assignment == e
+        tokens = hit.any(1).nonzero()[0]
+        units.append((post[hit] if post.ndim == 3 else post[tokens], tokens))
+    return units
+
+
+def pseudo_assignments(routing: np.ndarray, router_input: np.ndarray, n_experts: int, seed: int) -> dict[str, np.ndarray]:
+    """Token partitions `[n, k]` of the `PSEUDO` pseudo-experts, matched to an MoE's `routing [n, k]`.
+
+    `partition`: the routing itself. `random`: the routing of a random permutation of the tokens (the same
+    unit sizes, nothing to do with the tokens). `kmeans`: k-means with `n_experts` clusters on `router_input
+    [n, d]` (the dense model's router-input site); each token joins its k nearest centroids, as a top-k router would.
+    """
+    clusters = kmeans(router_input, n_experts, seed)
+    centroids = np.stack([router_input[clusters == c].mean(0) for c in range(n_experts)])
+    distance = ((router_input[:, None, :] - centroids[None]) ** 2).sum(-1)  # [n, E]
+    nearest = np.argsort(distance, axis=1, kind="stable")[:, : routing.shape[1]]
+    return {"partition": routing, "random": routing[np.random.default_rng(seed).permutation(len(routing))], "kmeans": nearest}
+
+
+def layer_sources(
+    post: np.ndarray, routing: np.ndarray | None, n_experts: int = 1,
+    dense_post: np.ndarray | None = None, router_input: np.ndarray | None = None, seed: int = 0,
+) -> dict[str, Units]:
+    """A layer's sources of units: `dense` (the MLP `post [n, d]` on every token) when `routing` is None; else
+    `experts` (`post [n, k, d]` by `routing [n, k]`) and, given the dense model's `dense_post [n, d]` and
+    `router_input [n, d_model]` on the same tokens, its `PSEUDO` pseudo-experts (`pseudo_assignments`)."""
+    if routing is None:
+        return {"dense": [(post, np.arange(len(post)))]}
+    sources = {"experts": partition_units(post, routing, n_experts)}
+    if dense_post is not None and router_input is not None:
+        for name, assignment in pseudo_assignments(routing, router_input, n_experts, seed).items():
+            sources[name] = partition_units(dense_post, assignment, n_experts)
+    return sources
+
+
+def ffn_activations(model: Transformer, task: Task, batch: Batch, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer's FFN activations at the task's real positions: dense `(post [n, d_mlp], None)`, MoE
+    `(post [n, k, d_expert], expert indices [n, k])`."""
     if not isinstance(model.blocks[layer].mlp, MoE):
-        post = token_activations(model, task, batch, [NEURONS.format(layer=layer)])[NEURONS.format(layer=layer)]
-        return [(None, post, np.arange(len(post)))]
+        return token_activations(model, task, batch, [NEURONS.format(layer=layer)])[NEURONS.format(layer=layer)], None
     names = [NEURONS.format(layer=layer), EXPERTS.format(layer=layer)]
     acts = token_activations(model, task, batch, names)
-    post, experts = acts[names[0]], acts[names[1]]  # [n, k, d_expert], [n, k]; a token uses an expert at most once
-    return [(e, post[experts == e], (experts == e).nonzero()[0]) for e in range(model.blocks[layer].mlp.n_experts)]
+    return acts[names[0]], acts[names[1]]
 
 
 def sparse_probing(
@@ -218,43 +361,34 @@ def sparse_probing(
     rankings: Sequence[str] = RANKINGS,
     min_count: int = 10,
     max_classes: int | None = 8,
-    test_fraction: float = 0.25,
+    fractions: tuple[float, float] = FRACTIONS,
+    n_candidates: int | None = None,
     seed: int = 0,
+    dense: Transformer | None = None,
 ) -> list[dict[str, Any]]:
-    """k-sparse probing of every FFN layer's neurons for every class of every label of `task`.
+    """k-sparse probing of every FFN layer of `model` for every class of every label of `task` (`probe_units` rows plus `layer`).
 
-    One row per (layer, label, class, variant, ranking): `f1` over `ks` of the best unit (the MLP,
-    or the expert with the highest F1 at the first k), `expert` (that expert, None for dense),
-    `expert_f1` (every expert's F1 at each k, None where skipped) and `skipped` (experts with too few
-    positives or negatives). Classes no unit can probe are left out. The split is by sequence.
+    A dense model gives source `dense`; an MoE gives `experts` and, with `dense` (a dense model of the same
+    architecture, run on the same batch), the `PSEUDO` pseudo-experts made of its neurons. The splits are by sequence.
     """
     keep = task.positions(batch)
     sequence = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
-    test = np.zeros(len(sequence), dtype=bool)
-    test[split(len(sequence), test_fraction, seed, sequence)[1]] = True
+    part = sequence_splits(sequence, seed, fractions)
+    values = {name: batch.labels[name][keep] for name in task.labels}
     rows = []
     for layer in range(model.cfg.n_layers):
-        units = layer_units(model, task, batch, layer)
-        for name, label in task.labels.items():
-            targets, defined, classes = binary_targets(batch.labels[name][keep], label, max_classes)
-            per_unit = []
-            for _, acts, tokens in units:
-                used = defined[tokens]
-                per_unit.append(sparse_probe(acts[used], targets[tokens[used]], test[tokens[used]], ks, rankings, min_count, seed))
-            for i, cls in enumerate(classes):
-                usable = [u for u, result in enumerate(per_unit) if result["kept"][i]]
-                if not usable:
-                    continue
-                for variant, by_ranking in per_unit[0]["f1"].items():
-                    for ranking in by_ranking:
-                        scores = np.stack([result["f1"][variant][ranking][i] for result in per_unit])  # [units, ks]
-                        best = max(usable, key=lambda u: scores[u, 0])
-                        rows.append({
-                            "layer": layer, "label": name, "class": label.classes[cls], "variant": variant, "ranking": ranking,
-                            "f1": scores[best].tolist(), "expert": units[best][0],
-                            "expert_f1": [s.tolist() if u in usable else None for u, s in enumerate(scores)] if len(units) > 1 else None,
-                            "skipped": [units[u][0] for u in range(len(units)) if u not in usable],
-                        })
+        post, routing = ffn_activations(model, task, batch, layer)
+        dense_post = router_input = None
+        n_experts = model.blocks[layer].mlp.n_experts if routing is not None else 1
+        if routing is not None and dense is not None:
+            dense_post, dense_routing = ffn_activations(dense, task, batch, layer)
+            if dense_routing is not None:
+                raise ToylabError("pseudo-experts need a dense model; got an MoE")
+            site = ROUTER_INPUT.format(layer=layer)
+            router_input = token_activations(dense, task, batch, [site])[site]
+        sources = layer_sources(post, routing, n_experts, dense_post, router_input, seed)
+        rows += [{"layer": layer, **row} for row in
+                 probe_units(sources, values, task.labels, part, ks, rankings, min_count, max_classes, n_candidates, seed)]
     return rows
 
 
@@ -262,47 +396,41 @@ def skipped_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Per model: (expert, class) pairs skipped for too few positives or negatives, and pairs in all, summed over seeds and layers."""
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
-        if row["variant"] == "neurons" and row["ranking"] == RANKINGS[0] and row["expert_f1"] is not None:
+        if row["variant"] == "neurons" and row["ranking"] == RANKINGS[0] and row["units"] == "experts":
             count = counts.setdefault(row["model"], {"pairs": 0, "of": 0})
             count["pairs"] += len(row["skipped"])
-            count["of"] += len(row["expert_f1"])
+            count["of"] += row["n_units"]
     return counts
 
 
 def class_scores(rows: Sequence[dict[str, Any]], ks: Sequence[int] = KS) -> pd.DataFrame:
-    """`sparse_probing` rows (with `model` and `seed` keys) as one row per (model, seed, layer, label, class, variant, ranking, k)."""
-    frame = pd.DataFrame([{key: row[key] for key in ("model", "seed", "layer", "label", "class", "variant", "ranking", "f1")}
-                          for row in rows])
+    """`sparse_probing` rows (with `model` and `seed` keys) as one row per (model, seed, layer, label, class, units,
+    variant, ranking, k), with the `MEASURES` as columns."""
+    keys = ("model", "seed", "layer", "label", "class", "units", "variant", "ranking")
+    frame = pd.DataFrame([{key: row[key] for key in (*keys, *MEASURES)} for row in rows])
     frame["k"] = [list(ks)] * len(frame)
-    return frame.explode(["f1", "k"]).astype({"f1": float, "k": int}).reset_index(drop=True)
+    return frame.explode([*MEASURES, "k"]).astype({**dict.fromkeys(MEASURES, float), "k": int}).reset_index(drop=True)
 
 
-def with_lift(scores: pd.DataFrame) -> pd.DataFrame:
-    """`class_scores` plus rows of variant `lift`: each class's F1 (first ranking) minus its shuffled control."""
-    keys = ["model", "seed", "layer", "label", "class", "k"]
-    control = scores[scores["variant"] == "shuffled"].set_index(keys)["f1"]
-    neurons = scores[(scores["variant"] == "neurons") & (scores["ranking"] == RANKINGS[0])].set_index(keys)
-    lift = neurons.assign(f1=neurons["f1"] - control.reindex(neurons.index), variant="lift").reset_index()
-    return pd.concat([scores, lift[scores.columns]], ignore_index=True)
-
-
-def macro_f1(scores: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per (model, layer, label, variant, ranking, k): F1 averaged over classes, mean and 95% CI over seeds."""
-    keys = ["model", "layer", "label", "variant", "ranking", "k"]
-    per_seed = scores.groupby([*keys, "seed"], sort=False)["f1"].mean().reset_index()
-    return [{**dict(zip(keys, group)), "f1": mean_ci(part["f1"], bounds=LIFT if group[3] == "lift" else UNIT)}
+def macro_scores(scores: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per (model, units, layer, label, variant, ranking, k): each of the `MEASURES` averaged over classes, mean and 95% CI over seeds."""
+    keys = ["model", "units", "layer", "label", "variant", "ranking", "k"]
+    per_seed = scores.groupby([*keys, "seed"], sort=False)[list(MEASURES)].mean().reset_index()
+    return [{**dict(zip(keys, group)), **{m: mean_ci(part[m], bounds=BOUNDS[m]) for m in MEASURES}}
             for group, part in per_seed.groupby(keys, sort=False)]
 
 
-def gaps(scores: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], by: Sequence[str] = ("layer", "label")) -> pd.DataFrame:
-    """Per seed and group: macro F1 of selection `a` minus selection `b` over the classes both probe.
+def gaps(
+    scores: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], by: Sequence[str] = ("layer", "label"), value: str = "f1"
+) -> pd.DataFrame:
+    """Per seed and group: the class average of `value` in selection `a` minus selection `b`, over the classes both probe.
 
-    `a` and `b` select rows by column values (e.g. `{"model": "moe-k1-e4", "variant": "neurons"}`);
+    `a` and `b` select rows by column values (e.g. `{"model": "moe-k1-e4", "units": "experts"}`);
     returns columns `[*by, "seed", "a", "b", "gap"]`.
     """
-    def pick(selection: dict[str, Any]) -> pd.DataFrame:
-        mask = np.logical_and.reduce([scores[column] == value for column, value in selection.items()])
-        return scores[mask].set_index(list(dict.fromkeys([*by, "seed", "layer", "label", "class"])))["f1"]
+    def pick(selection: dict[str, Any]) -> pd.Series:
+        mask = np.logical_and.reduce([scores[column] == v for column, v in selection.items()])
+        return scores[mask].set_index(list(dict.fromkeys([*by, "seed", "layer", "label", "class"])))[value]
 
     both = pd.concat({"a": pick(a), "b": pick(b)}, axis=1).dropna()
     per_seed = both.groupby([*by, "seed"], sort=False).mean().reset_index()
