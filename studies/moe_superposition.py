@@ -217,7 +217,7 @@ class MoESuperposition(Study):
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
-        batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = task.sample(cfg.n_eval, cfg.eval_seed)  # toy models train on fresh draws of continuous features, not on a split
         group = batch.labels["group"][:, 0]
         defined = group != IGNORE
         inputs = batch.inputs[defined, 0]

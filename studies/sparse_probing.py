@@ -143,7 +143,7 @@ class SparseProbing(Study):
         """One finished run (in a worker): its task metrics and k-sparse probing rows on the held-out sequences, with
         pseudo-experts from the dense run of the same seed (`dense_dir`, None when it failed or for the dense model)."""
         cfg, model = self.config, load_trained(run_dir).model
-        batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         name, seed = job.key.rsplit("-seed", 1)
         rankings = RANKINGS if name in cfg.robustness else RANKINGS[:1]
         dense = load_trained(dense_dir).model if dense_dir is not None else None
@@ -161,7 +161,7 @@ class SparseProbing(Study):
                       for job in finished]
         analysed = dict(zip([job.key for job in finished],
                             ctx.map(self.analyse, finished, [ctx.run_dir(job.key) for job in finished], dense_dirs, description="probing")))
-        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == self.headline()], self.task.sample(cfg.n_eval, cfg.eval_seed))
+        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == self.headline()], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         scores = class_scores(rows, cfg.ks)
         scores["kind"] = scores["label"].map({n: l.kind for n, l in self.task.labels.items()})
