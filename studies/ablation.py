@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from toylab.analysis.ablation import FAMILIES, FLOOR, MIN_COUNT, MODES, ablation_analysis, diagonal_damage, summarize_ablations
+from toylab.analysis.ablation import (
+    ARMS, COMPARISONS, FLOOR, KINDS, MIN_COUNT, MODES, ablation_analysis, diagonal_damage, summarize_ablations,
+)
 from toylab.analysis.expert_map import N_SHOWN
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
@@ -22,23 +24,34 @@ from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
-from toylab.training import TrainConfig, build_model, evaluate, load_trained
+from toylab.training import TrainConfig, build_model, evaluate, is_finished, load_trained
 
-FAMILY_NAMES = {
-    "experts": "MoE experts",
-    "random": "dense, random groups",
-    "kmeans": "dense, k-means groups",
-    "selective": "dense, class-selective groups",
+ARM_NAMES = {
+    "moe/experts": "MoE experts",
+    "hash/experts": "hash-MoE experts",
+    "dense/moe_partition": "dense MLP, MoE's partition",
+    "dense/kmeans_tokens": "dense MLP, k-means cell",
+    "dense/hash_tokens": "dense MLP, hash cell",
+    "dense/random": "dense random neurons",
+    "dense/kmeans": "dense k-means neurons",
+    "dense/selective": "dense selective neurons",
 }
+HEADLINE = COMPARISONS["primary"][0]
+"""The comparison that answers the study's question: experts vs the dense MLP on the MoE's own partition of the same tokens."""
+ROLES = {"primary": "Primary: experts vs the dense MLP on one cell of tokens (the same intervention)",
+         "hash": "Hash-routed control",
+         "neuron groups": "Old design: experts vs dense neuron groups (a different intervention)"}
 CONTROL_TASK = "modes"
 CONTROL_LABEL = "mode"
+VERDICTS = ("more", "less", "equivalent", "inconclusive")
 
 METRIC_NOTES = """\
-- **Ablations** replace neuron activations (`blocks.{{l}}.mlp.hook_post`) through `run_with_hooks`. An **expert** ablation acts on all of expert e's neurons, only in the slots routed to e. A **dense group** is {size} of the dense MLP's {d_mlp} neurons ({e} groups per layer, as many as the MoE has experts), acting on every token, grouped three ways: **random**; **k-means** on the neurons' unit-norm weight vectors (input and output weights concatenated; balanced to equal sizes by an optimal assignment); **class-selective**: for each class of each label, the {size} neurons whose activation on that class most exceeds their activation elsewhere (in standard deviations, measured on a separate reference batch), the strongest competitor. **Zero** ablation sets the neurons to 0; **mean** ablation to their mean on the reference batch (an expert's neurons: their mean over the tokens routed to it).
+- **Ablations** replace neuron activations (`blocks.{{l}}.mlp.hook_post`) through `run_with_hooks`, in the MoE layers, in {e} candidates per layer and family. An **expert** ablation acts on all of expert e's neurons, only in the slots routed to e. A **token-subset control** acts on all {d_mlp} neurons of the dense MLP, only on the tokens of one cell of a partition of the dense model's tokens into {e} cells: the **MoE's partition** (each token's top-1 expert in the same-seed MoE's same layer), a **k-means cell** (k-means on the dense model's router-input site `blocks.{{l}}.ln2.hook_normalized`, fitted on the tokens of all three batches), or a **hash cell** (a seeded random map of token ids onto cells, as a hash router's). It is the same intervention as an expert ablation: the whole FFN of some tokens. A **dense neuron group** is {size} of the {d_mlp} neurons, acting on every token: **random**; **k-means** on the neurons' unit-norm weight vectors (input and output weights concatenated; balanced to equal sizes by an optimal assignment); **selective**: for each of a label's {e} most frequent classes, the {size} neurons whose activation on that class most exceeds their activation elsewhere (in standard deviations, on the reference batch). **Zero** ablation sets the activations to 0 (output biases stay); **mean** ablation to their mean on the reference batch over the same tokens (an expert's or a cell's tokens; a neuron group's: all tokens).
 - **Damage** of an ablation on a class: the increase of the next-token loss (nats) at the task's scored positions whose label has that class, averaged over those positions. The causal matrix holds it for every ablation and class.
-- **Selectivity** of a family for class c: take the family's ablation that damages c most; with d_c its damage on c and d_other its mean damage on all other scored tokens (where the label is defined), the index is (d_c⁺ − d_other⁺) / (d_c⁺ + d_other⁺ + {floor} nats), x⁺ = max(x, 0): 1 when only c breaks, 0 when everything breaks alike or nothing breaks beyond ~{floor} nats, negative when c is spared. Averaged over the classes with at least {min_count} scored tokens (a label needs two such classes); for the class-selective family only the groups chosen for that label compete.
+- **Selectivity** of a family for class c: the family's ablation that damages c most **on the selection batch** is scored **on the evaluation batch**: with d_c its damage on c and d_other its mean damage on all other scored tokens (where the label is defined), the index is (d_c⁺ − d_other⁺) / (d_c⁺ + d_other⁺ + {floor} nats), x⁺ = max(x, 0): 1 when only c breaks, 0 when everything breaks alike or nothing breaks beyond ~{floor} nats, negative when c is spared. Choosing on other sequences than those scored keeps the maximum over candidates from inflating the score. Averaged over the classes with at least {min_count} scored tokens in both batches (a label needs two such classes); for the selective family only the groups chosen for that label compete.
+- **Which comparison answers the question.** Removing an expert removes the whole FFN on the tokens routed to it; removing a dense neuron group removes part of the FFN on every token. Experts vs neuron groups therefore mostly re-measures how routing correlates with class. The **primary** comparison is experts vs the dense MLP removed on one cell of the same kind of token subset, above all the MoE's own partition applied to the dense model's tokens: what is left is the difference between the models. The **hash-routed MoE** (trained like the MoE, each token id sent to a fixed expert drawn from the seed) is compared with the dense MLP on hash cells, and the learned experts with it.
 - **Causal vs routing**: per MoE layer and label, the Spearman correlation of the causal matrix (expert × class damage) with the routing matrix (the share of each class's scored tokens routed to each expert), and the share of classes whose most damaging expert is the expert most of their tokens go to (chance: 1/{e}).
-- **Verdicts** (paired by seed): from the per-seed differences of the selectivity index (experts minus the dense family) and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** inside ±δ (δ = {margin} in index units, two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the seeds would detect).
+- **Verdicts** (paired by seed): from the per-seed differences of the selectivity index (first arm minus second) and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** inside ±δ (δ = {margin} in index units, two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the seeds would detect). A claim of "more selective" is **supported** by *more*, **not shown** by *inconclusive* (a failure to reject says nothing), **contradicted** otherwise.
 - {interval}
 """
 
@@ -49,14 +62,15 @@ class AblationConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     seeds: int = 5
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
-    """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
+    """Options shared by the dense, the MoE and the hash-routed MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     top_k: int = 1
     router: RouterName = "learned"
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     n_eval: int = 500
-    """Held-out sequences on which ablations are scored; another batch as large gives means and selective neurons."""
+    """Held-out sequences on which ablations are scored; a selection batch as large chooses each class's best ablation,
+    and a reference batch as large gives means and selective neurons."""
     control: bool = True
     """Also train a label-routed MoE on `modes` (mode c -> expert c), the positive control."""
     control_seeds: int = 3
@@ -79,7 +93,7 @@ class AblationConfig:
 
 @register_study("ablation")
 class AblationStudy(Study):
-    """Zero- and mean-ablate each expert vs equal groups of dense neurons: which classes break, how selectively?"""
+    """Zero- and mean-ablate each expert vs the dense MLP on equal token subsets and equal neuron groups: how selectively do classes break?"""
 
     Config = AblationConfig
     fast = {"seeds": 2, "control_seeds": 2, "n_eval": 100,
@@ -89,9 +103,10 @@ class AblationStudy(Study):
     def __init__(self, config: AblationConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        self.models = dense_and_moe(config)
+        self.models = {**dense_and_moe(config), "hash": dense_and_moe(config, router="hash", router_label=None, top_k=1)["moe"]}
         dense = build_model(self.task, self.models["dense"])  # fails early on a bad model option or a real-valued task
         build_model(self.task, self.models["moe"])
+        build_model(self.task, self.models["hash"])
         if dense.cfg.d_mlp < config.n_experts:
             raise ToylabError(f"d_mlp={dense.cfg.d_mlp} cannot form {config.n_experts} neuron groups (one per expert): "
                               f"use d_mlp >= n_experts")
@@ -102,30 +117,35 @@ class AblationStudy(Study):
 
     def jobs(self) -> list[TrainJob]:
         cfg = self.config
-        jobs = [TrainJob(f"{kind}-seed{seed}", self.task, options, replace(cfg.train, seed=seed))
-                for seed in range(cfg.seeds) for kind, options in reversed(self.models.items())]
+        jobs = [TrainJob(f"{kind}-seed{seed}", self.task, self.models[kind], replace(cfg.train, seed=seed))
+                for seed in range(cfg.seeds) for kind in KINDS]
         if cfg.control:
             jobs += [TrainJob(f"control-seed{seed}", self.control_task, self.control_model, replace(cfg.train, seed=seed))
                      for seed in range(cfg.control_seeds)]
         return jobs
 
     def analyse(self, job: TrainJob, run_dir: Path) -> dict[str, Any]:
-        """One finished run (in a worker, on one torch thread): its held-out metrics and every ablation."""
+        """One finished run (in a worker, on one torch thread): its held-out metrics and every ablation; a dense run's
+        token-subset controls take the same seed's MoE run (beside it) for the MoE's partition."""
         cfg, task = self.config, job.task
-        batch, reference = task.sample(cfg.n_eval, cfg.eval_seed), task.sample(cfg.n_eval, cfg.eval_seed + 1)
+        batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
+        reference = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 1, exclude=[batch])
+        selection = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 2, exclude=[batch, reference])
         model = load_trained(run_dir).model
+        partner = run_dir.with_name(job.key.replace("dense-", "moe-"))
+        moe = load_trained(partner).model if job.key.startswith("dense-") and is_finished(partner) else None
         with torch_threads(1):
             return {"performance": evaluate(model, task, batch),
-                    **ablation_analysis(model, task, batch, reference, cfg.n_experts, job.config.seed, cfg.min_count, cfg.floor)}
+                    **ablation_analysis(model, task, batch, selection, reference, cfg.n_experts, job.config.seed, cfg.min_count, cfg.floor, moe)}
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg = self.config
         jobs = self.jobs()
         ctx.train(jobs)
         analysed = ctx.analyse_runs(jobs, self.analyse, "ablating")
-        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
         runs = {kind: [analysed.get(f"{kind}-seed{seed}") for seed in range(cfg.seeds if kind != "control" else cfg.control_seeds)]
-                for kind in (*self.models, *(("control",) if cfg.control else ()))}
+                for kind in (*KINDS, *(("control",) if cfg.control else ()))}
         performance = {kind: {f"seed{s}": r["performance"] if r else None for s, r in enumerate(found)} for kind, found in runs.items()}
         return {
             "task": {"name": self.task.name, "options": self.task.options, "primary_metric": self.task.primary_metric},
@@ -136,7 +156,7 @@ class AblationStudy(Study):
                 for kind, seeds in performance.items()
             },
             "group_size": self.group_size,
-            "selectivity": summarize_ablations(runs["moe"], runs["dense"], cfg.margin),
+            "selectivity": summarize_ablations({kind: runs[kind] for kind in KINDS}, cfg.margin),
             "control": self.control_summary(runs["control"]) if cfg.control else {},
             "per_seed": {kind: [None if r is None else {k: v for k, v in r.items() if k != "performance"} for r in found]
                          for kind, found in runs.items()},
@@ -165,43 +185,72 @@ class AblationStudy(Study):
         return out
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = []
-        for mode, labels in results["selectivity"].items():
-            for label, s in labels.items():
-                rows.append({
-                    "label": label, "ablation": mode,
-                    **{FAMILY_NAMES[f]: fmt_ci(s["families"][f]["index"]) for f in FAMILIES},
-                    "experts vs random": s["verdicts"]["random"]["verdict"],
-                    "vs k-means": s["verdicts"]["kmeans"]["verdict"],
-                    "vs selective": s["verdicts"]["selective"]["verdict"],
-                })
-        return rows
+        """Per label and ablation mode: the experts' selectivity and the verdicts of the primary and the old comparisons."""
+        return [
+            {"label": label, "ablation": mode, "MoE experts": fmt_ci(s["arms"]["moe/experts"]["index"]),
+             **{f"vs {ARM_NAMES[b]}": s["verdicts"][f"{a} vs {b}"]["verdict"] for a, b in COMPARISONS["primary"]},
+             **{f"old: vs {ARM_NAMES[b]}": s["verdicts"][f"{a} vs {b}"]["verdict"] for a, b in COMPARISONS["neuron groups"]}}
+            for mode, labels in self.by_mode(results) for label, s in labels.items()
+        ]
+
+    def index_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"label": label, "ablation": mode, **{ARM_NAMES[arm]: fmt_ci(s["arms"][arm]["index"]) for arm in ARMS}}
+                for mode, labels in self.by_mode(results) for label, s in labels.items()]
 
     def damage_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            {"label": label, "ablation": mode, "family": FAMILY_NAMES[f],
-             "damage on the class (nats)": fmt_ci(s["families"][f]["damage"]),
-             "damage on the others (nats)": fmt_ci(s["families"][f]["other"])}
-            for mode, labels in results["selectivity"].items() for label, s in labels.items() for f in FAMILIES
+            {"label": label, "ablation": mode, "arm": ARM_NAMES[arm],
+             "damage on the class (nats)": fmt_ci(s["arms"][arm]["damage"]),
+             "damage on the others (nats)": fmt_ci(s["arms"][arm]["other"])}
+            for mode, labels in self.by_mode(results) for label, s in labels.items() for arm in ARMS
         ]
 
     def routing_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            {"label": label, "ablation": mode, "layer": layer, "Spearman(causal, routing)": fmt_ci(r["spearman"]),
-             "most damaging = most routed": fmt_ci(r["agreement"]), "chance": fmt(1 / self.config.n_experts)}
-            for mode, labels in results["selectivity"].items() for label, s in labels.items() for layer, r in s["routing"].items()
+            {"model": ARM_NAMES[f"{kind}/experts"], "label": label, "ablation": mode, "layer": layer,
+             "Spearman(causal, routing)": fmt_ci(r["spearman"]), "most damaging = most routed": fmt_ci(r["agreement"]),
+             "chance": fmt(1 / self.config.n_experts)}
+            for mode, labels in self.by_mode(results) for label, s in labels.items()
+            for kind in KINDS if kind in s["routing"] for layer, r in s["routing"][kind].items()
         ]
 
+    def verdict_rows(self, results: dict[str, Any], role: str) -> list[dict[str, Any]]:
+        """One row per label, ablation mode and comparison of `role` (`COMPARISONS`): both arms' selectivity and the verdict."""
+        return [
+            {"label": label, "ablation": mode, "first": f"{ARM_NAMES[a]} {fmt_ci(s['arms'][a]['index'])}",
+             "second": f"{ARM_NAMES[b]} {fmt_ci(s['arms'][b]['index'])}", "first vs second": verdict_text(s["verdicts"][f"{a} vs {b}"])}
+            for mode, labels in self.by_mode(results) for label, s in labels.items() for a, b in COMPARISONS[role]
+        ]
+
+    @staticmethod
+    def by_mode(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """The selectivity summary's (mode, labels) in the order of `MODES`, modes without a scored label left out."""
+        return [(mode, results["selectivity"][mode]) for mode in MODES if results["selectivity"].get(mode)]
+
     def bottom_line(self, results: dict[str, Any]) -> str:
-        cfg = self.config
-        parts = []
-        for mode, labels in results["selectivity"].items():
-            verdicts = {f: [s["verdicts"][f]["verdict"] for s in labels.values()] for f in FAMILIES[1:]}
-            counts = "; ".join(f"vs {FAMILY_NAMES[f].split(', ')[1]}: " + ", ".join(f"{v.count(w)} {w}" for w in
-                               ("more", "less", "equivalent", "inconclusive") if w in v) for f, v in verdicts.items())
-            parts.append(f"{mode}-ablating experts, over {len(labels)} labels ({counts})")
-        text = (f"On `{self.task.name}` over {cfg.seeds} seeds, is the best single expert ablation more class-selective "
-                f"than the best dense neuron group of equal size? " + ("; ".join(parts) + "." if parts else "No pair of runs finished."))
+        cfg, modes = self.config, self.by_mode(results)
+        if not modes:
+            return (f"On `{self.task.name}` nothing was compared: no seed finished with both models, or no label had two classes "
+                    f"with {cfg.min_count} scored tokens.")
+
+        def tally(pair: tuple[str, str]) -> str:
+            """How many labels got each verdict on `pair`, per ablation mode: "zero: 2 more, 3 inconclusive; mean: ..."."""
+            found = {mode: [s["verdicts"][" vs ".join(pair)]["verdict"] for s in labels.values()] for mode, labels in modes}
+            return "; ".join(f"{mode}: " + ", ".join(f"{v.count(w)} {w}" for w in VERDICTS if w in v) for mode, v in found.items())
+
+        states = [claim_state(s["verdicts"][" vs ".join(HEADLINE)]["verdict"], ("more",)) for _, labels in modes for s in labels.values()]
+        claim = " and ".join(f"{state} in {states.count(state)}" for state in ("supported", "contradicted", "not shown") if state in states)
+        primary, hashed, old = COMPARISONS["primary"], COMPARISONS["hash"], COMPARISONS["neuron groups"]
+        text = (f"Are targeted ablations easier on MoEs? The comparison that answers it applies the same intervention to both models, "
+                f"the whole FFN removed on one subset of tokens: the best single expert ablation vs the dense MLP removed on one cell of "
+                f"the MoE's own partition of the same tokens (each class's best ablation chosen on a selection batch, scored on "
+                f"another). On `{self.task.name}` over {cfg.seeds} seeds and {len(modes[0][1])} labels its verdicts are "
+                f"{tally(HEADLINE)}; so \"expert ablations are more selective\" is {claim} of {len(states)} label × ablation cases (contradicted: "
+                f"equivalent or less). The other dense token-subset controls: k-means cells of the router input ({tally(primary[1])}); "
+                f"hash cells of the token id ({tally(primary[2])}). The old comparison, experts vs dense neuron groups of equal size, "
+                f"removes part of the FFN on every token, a different intervention that mostly re-measures how routing correlates "
+                f"with class; it would read " + "; ".join(f"vs {ARM_NAMES[b]} ({tally((a, b))})" for a, b in old)
+                + f". Hash-routed MoE experts vs the dense MLP on hash cells: {tally(hashed[0])}.")
         control = results["control"]
         if control:
             layers = "; ".join(f"layer {layer}: {fmt_ci(c['own'])} nats on its own mode, {fmt_ci(c['others'])} on the others "
@@ -213,11 +262,12 @@ class AblationStudy(Study):
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
-        if results["selectivity"]:
-            frame = pd.DataFrame([{"label": label, "family": FAMILY_NAMES[f], "mode": mode, **s["families"][f]["index"]}
-                                  for mode, labels in results["selectivity"].items() for label, s in labels.items() for f in FAMILIES])
-            figures.append(("Selectivity index of the best single ablation per class (mean over classes; mean, 95% CI over seeds)",
-                            ctx.figure("selectivity", interval_bars(frame, "label", "family", "mode", "selectivity index", reference=0.0))))
+        if self.by_mode(results):
+            frame = pd.DataFrame([{"label": label, "arm": ARM_NAMES[arm], "mode": mode, **s["arms"][arm]["index"]}
+                                  for mode, labels in self.by_mode(results) for label, s in labels.items() for arm in ARMS])
+            figures.append(("Selectivity index of the best single ablation per class, chosen on the selection batch and scored on the "
+                            "evaluation batch (mean over classes; mean, 95% CI over seeds)",
+                            ctx.figure("selectivity", interval_bars(frame, "label", "arm", "mode", "selectivity index", reference=0.0))))
             first = next((r for r in results["per_seed"]["moe"] if r), None)
             if first:
                 labels = first["modes"]["zero"]["labels"]
@@ -237,12 +287,6 @@ class AblationStudy(Study):
             figures.append(("Training curves", ctx.figure("training_curves", training_curves(logs, ["train_loss", f"val_{task.primary_metric}"]))))
         perf_rows = [{"model": kind, **{metric: fmt_ci(stat, 4) for metric, stat in metrics.items()}}
                      for kind, metrics in results["performance_summary"].items() if kind != "control"]
-        verdict_lines = [
-            f"- `{label}`, {mode} ablation: experts {fmt_ci(s['families']['experts']['index'])}; vs "
-            + "; vs ".join(f"{FAMILY_NAMES[f].split(', ')[1]} {fmt_ci(s['families'][f]['index'])}: {verdict_text(s['verdicts'][f])}"
-                           for f in FAMILIES[1:])
-            for mode, labels in results["selectivity"].items() for label, s in labels.items()
-        ]
         control_rows = [
             {"ablation": mode, "layer": layer, "own mode (nats)": fmt_ci(c["own"]), "other modes (nats)": fmt_ci(c["others"]),
              "largest |other|": fmt(c["largest_other"], 4), "own vs others": verdict_text(c["verdict"])}
@@ -257,16 +301,21 @@ class AblationStudy(Study):
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
-                f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}, router `{cfg.router}`) with shared "
-                f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with "
-                f"{cfg.seeds} seeds. Every expert of every MoE layer, and {cfg.n_experts} random and {cfg.n_experts} k-means groups of "
-                f"{results['group_size']} neurons per dense layer plus one class-selective group per class, were zero- and mean-ablated "
-                f"on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); means and selective neurons come from another "
-                f"{cfg.n_eval} (seed {cfg.eval_seed + 1}).")]),
+                f"A dense transformer, an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}, router `{cfg.router}`) and a "
+                f"hash-routed MoE ({cfg.n_experts} experts, top-1) with shared options `{cfg.model}`, each trained for {cfg.train.steps} "
+                f"steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. In every MoE layer, {cfg.n_experts} "
+                f"candidates per family were zero- and mean-ablated: the experts of each MoE; on the dense model, the whole MLP on each "
+                f"cell of three token partitions (the same-seed MoE's top-1 experts, k-means on the router input, a hash of the token "
+                f"id) and {cfg.n_experts} random, {cfg.n_experts} k-means and up to {cfg.n_experts} class-selective groups of "
+                f"{results['group_size']} neurons. Each class's best ablation of a family was chosen on {cfg.n_eval} held-out "
+                f"sequences (seed {cfg.eval_seed + 2}) and scored on {cfg.n_eval} others (seed {cfg.eval_seed}); means, k-means cells "
+                f"and selective neurons also use another {cfg.n_eval} (seed {cfg.eval_seed + 1}).")]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
-            Section("Verdicts: selectivity of experts vs dense neuron groups", [Text("\n".join(verdict_lines) or "(no pair of runs finished)")]),
+            *(Section(f"Verdicts. {title}", [Table(rows) if (rows := self.verdict_rows(results, role)) else Text("(no pair of runs finished)")])
+              for role, title in ROLES.items()),
             Section("Results", [
                 Table(self.summary(results)),
+                Section("Selectivity index of every arm", [Table(self.index_rows(results))]),
                 Section("Damage on the class and on the others", [Table(self.damage_rows(results))]),
                 Section("Does where tokens go predict what breaks?", [Table(self.routing_rows(results))]),
             ]),

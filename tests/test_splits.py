@@ -42,6 +42,15 @@ def test_the_split_keeps_the_task_distribution():
     assert abs(in_heldout(raw.inputs).mean() - HELDOUT_FRACTION) < 0.02
 
 
+def test_batches_drawn_with_exclude_are_disjoint():
+    task = get_task("modes")  # 4,096 held-out sequences: independent batches of 1,000 would share many
+    first = task.sample_split(1000, 1, "heldout")
+    assert overlap(first, task.sample_split(1000, 2, "heldout")) > 50
+    second = task.sample_split(1000, 2, "heldout", exclude=[first])
+    third = task.sample_split(1000, 3, "heldout", exclude=[first, second])
+    assert overlap(first, second) == overlap(first, third) == overlap(second, third) == 0
+
+
 def test_equal_sequences_hash_equal_and_others_differ():
     rows = np.array([[1, 2, 3], [1, 2, 3], [3, 2, 1]])
     hashes = sequence_hashes(rows)

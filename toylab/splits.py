@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -27,6 +28,8 @@ Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 HELDOUT_FRACTION = 0.25
 """Share of the sequence space (by hash) that training never samples."""
+HELDOUT_BOUND = np.uint64(HELDOUT_FRACTION * 2**64)
+"""Hashes below this lie in the held-out part."""
 MAX_ROUNDS = 64
 
 
@@ -39,31 +42,34 @@ def sequence_hashes(inputs: np.ndarray) -> np.ndarray:
 
 def in_heldout(inputs: np.ndarray) -> np.ndarray:
     """Bool `[batch]`: which sequences lie in the held-out part of the sequence space."""
-    return sequence_hashes(inputs) < np.uint64(HELDOUT_FRACTION * 2**64)
+    return sequence_hashes(inputs) < HELDOUT_BOUND
 
 
-def sample_split(task: Task, n: int, seed: int, split: Split) -> Batch:
-    """`n` sequences of `task` from one part of its sequence space, deterministic in `(n, seed, split)`.
+def sample_split(task: Task, n: int, seed: int, split: Split, exclude: Sequence[Batch] = ()) -> Batch:
+    """`n` sequences of `task` from one part of its sequence space, deterministic in `(n, seed, split, exclude)`.
 
     Rejection sampling: each round asks `task.sample` for enough sequences (with a seed derived from
-    `seed`, the split and the round) to fill the rest with high probability and keeps those of the part.
+    `seed`, the split and the round) to fill the rest with high probability and keeps those of the part
+    that occur in no batch of `exclude` (so, e.g., a selection batch and an evaluation batch are disjoint).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     task.check_sample(n, seed)
     keep = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
+    excluded = np.concatenate([sequence_hashes(b.inputs) for b in exclude]) if exclude else np.zeros(0, dtype=np.uint64)
     parts, have = [], 0
     for round_ in range(MAX_ROUNDS):
         if have >= n:
             break
         ask = math.ceil((n - have) / keep * 1.1) + 16
         drawn = task.sample(ask, int(np.random.SeedSequence([seed, SPLITS.index(split), round_]).generate_state(1)[0]))
-        mask = in_heldout(drawn.inputs) == (split == "heldout")
+        hashes = sequence_hashes(drawn.inputs)
+        mask = ((hashes < HELDOUT_BOUND) == (split == "heldout")) & ~np.isin(hashes, excluded)
         parts.append(drawn[np.flatnonzero(mask)])
         have += int(mask.sum())
     if have < n:  # a task whose sequences almost all hash to one part: its space is tiny
-        raise ToylabError(f"task '{task.name}' gave only {have} of {n} {split} sequences in {MAX_ROUNDS} rounds: "
-                         f"its sequence space is too small to hold out {HELDOUT_FRACTION:.0%} of it")
+        raise ToylabError(f"task '{task.name}' gave only {have} of {n} {split} sequences in {MAX_ROUNDS} rounds: its sequence "
+                          f"space is too small to hold out {HELDOUT_FRACTION:.0%} of it" + (" beside the excluded batches" if exclude else ""))
     return Batch.concat(parts)[:n]
 
 

@@ -155,12 +155,13 @@ class StudyContext:
         results = self.map(function, finished, [self.run_dir(job.key) for job in finished], description=description)
         return dict(zip([job.key for job in finished], results))
 
-    def heldout(self, task: Task, n: int, seed: int) -> Batch:
-        """`n` evaluation sequences from the held-out part of `task`'s sequence space (`toylab.splits`), noted for the
-        report with how many of them could occur in training (counted, 0 by construction)."""
-        batch = task.sample_split(n, seed, "heldout")
+    def heldout(self, task: Task, n: int, seed: int, exclude: Sequence[Batch] = ()) -> Batch:
+        """`n` evaluation sequences from the held-out part of `task`'s sequence space (`toylab.splits`), none of them in
+        the batches of `exclude`; noted for the report with how many could occur in training (counted, 0 by construction)."""
+        batch = task.sample_split(n, seed, "heldout", exclude)
         note = {"task": task.name, "sequences": n, "seed": seed, "distinct": len(set(sequence_hashes(batch.inputs).tolist())),
-                "in_training_part": int((~in_heldout(batch.inputs)).sum())}
+                "in_training_part": int((~in_heldout(batch.inputs)).sum()),
+                **({"disjoint_from": len(exclude)} if exclude else {})}
         if note not in self.heldout_batches:
             self.heldout_batches.append(note)
         return batch
@@ -285,7 +286,9 @@ def timing_note(timing: dict[str, Any]) -> Section:
 
 def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
     """The report's section on evaluation data: which held-out sequences were analysed, and their overlap with training."""
-    drawn = "; ".join(f"{b['sequences']:,} of task `{b['task']}` (seed {b['seed']}, {b['distinct']:,} distinct)" for b in batches)
+    drawn = "; ".join(f"{b['sequences']:,} of task `{b['task']}` (seed {b['seed']}, {b['distinct']:,} distinct"
+                      + (f", none in the {b['disjoint_from']} batch(es) drawn before it" if "disjoint_from" in b else "") + ")"
+                      for b in batches)
     overlap = sum(b["in_training_part"] for b in batches)
     return Section("Held-out data", [Text(
         f"Evaluation sequences: {drawn}. They come from the held-out {HELDOUT_FRACTION:.0%} of each task's sequence space "

@@ -139,12 +139,13 @@ class Task(ABC):
     def sample(self, n: int, seed: int) -> Batch:
         """Sample `n` sequences; the same `(n, seed)` gives the same batch (call `check_sample(n, seed)` first)."""
 
-    def sample_split(self, n: int, seed: int, split: Literal["train", "heldout"]) -> Batch:
+    def sample_split(self, n: int, seed: int, split: Literal["train", "heldout"], exclude: Sequence[Batch] = ()) -> Batch:
         """`n` sequences from the training or the held-out part of the task's sequence space (`toylab.splits`):
-        models train on "train" only, so "heldout" sequences (validation, evaluation) never occur in training."""
+        models train on "train" only, so "heldout" sequences (validation, evaluation) never occur in training.
+        Sequences of the batches in `exclude` are left out too."""
         from toylab.splits import sample_split
 
-        return sample_split(self, n, seed, split)
+        return sample_split(self, n, seed, split, exclude)
 
     def check_sample(self, n: int, seed: int, working_copies: int = 4) -> None:
         """Refuse (one-line ToylabError) a negative `n`, a seed out of range, or a batch too large for memory.
