@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.task import Batch
 from toylab.training import TrainConfig, build_model, evaluate, is_finished, load_trained
 
 ARM_NAMES = {
@@ -124,13 +126,12 @@ class AblationStudy(Study):
                      for seed in range(cfg.control_seeds)]
         return jobs
 
-    def analyse(self, job: TrainJob, run_dir: Path) -> dict[str, Any]:
-        """One finished run (in a worker, on one torch thread): its held-out metrics and every ablation; a dense run's
-        token-subset controls take the same seed's MoE run (beside it) for the MoE's partition."""
+    def analyse(self, batches: dict[str, tuple[Batch, Batch, Batch]], job: TrainJob, run_dir: Path) -> dict[str, Any]:
+        """One finished run (in a worker, on one torch thread): its held-out metrics and every ablation on its task's
+        `(evaluation, reference, selection)` batches; a dense run's token-subset controls take the same seed's MoE run
+        (beside it) for the MoE's partition."""
         cfg, task = self.config, job.task
-        batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
-        reference = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 1, exclude=[batch])
-        selection = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 2, exclude=[batch, reference])
+        batch, reference, selection = batches[task.name]
         model = load_trained(run_dir).model
         partner = run_dir.with_name(job.key.replace("dense-", "moe-"))
         moe = load_trained(partner).model if job.key.startswith("dense-") and is_finished(partner) else None
@@ -142,8 +143,13 @@ class AblationStudy(Study):
         cfg = self.config
         jobs = self.jobs()
         ctx.train(jobs)
-        analysed = ctx.analyse_runs(jobs, self.analyse, "ablating")
-        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
+        batches = {}
+        for task in {job.task.name: job.task for job in jobs}.values():  # three disjoint held-out batches per task
+            batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
+            reference = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 1, exclude=[batch])
+            batches[task.name] = (batch, reference, ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 2, exclude=[batch, reference]))
+        analysed = ctx.analyse_runs(jobs, partial(self.analyse, batches), "ablating")
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], batches[self.task.name][0])
         runs = {kind: [analysed.get(f"{kind}-seed{seed}") for seed in range(cfg.seeds if kind != "control" else cfg.control_seeds)]
                 for kind in (*KINDS, *(("control",) if cfg.control else ()))}
         performance = {kind: {f"seed{s}": r["performance"] if r else None for s, r in enumerate(found)} for kind, found in runs.items()}
