@@ -11,7 +11,9 @@ import pandas as pd
 import torch
 
 from toylab.analysis.expert_map import N_SHOWN
-from toylab.analysis.probes import SCORES, ahead, probe_residual_stream, residual_stream, summarize_probes
+from toylab.analysis.probes import (
+    SCORES, ahead, probe_residual_stream, residual_stream, summarize_against, summarize_conditional_probes, summarize_probes,
+)
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
 from toylab.config import build
@@ -24,16 +26,21 @@ from toylab.report import (
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
-from toylab.training import TrainConfig, evaluate, load_trained
+from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 PLAN_POSITIONS = ("pause", "path", "step")
 """Position types where the agent has a current cell: thinking pauses, `<path>`, and the path cells."""
+TRAINED, UNTRAINED = "trained", "random init"
+"""Values of the probe rows' `weights`: the trained network, and the same architecture with the weights it started from."""
+PROBE_KEYS = ["model", "weights", "target", "offset", "position", "layer"]
 
 METRIC_NOTES = """\
 - **Solve rate**: share of held-out mazes where greedy decoding from the prompt writes a shortest path (checked against BFS) and then `<eos>`. **Reach rate** accepts any walk along open edges that ends at the goal.
 - **Teacher-forced accuracies**: with the true path as input, `move_accuracy` counts path cells whose top prediction is one of the tied optimal next cells; `maze_accuracy` counts mazes right at every step.
 - **Probes**: a linear probe per (model, seed, layer, position type) on the residual stream (layer 0 = embeddings, layer l = after block l), fit on 75% of the held-out mazes and scored on the other 25% (split by maze). Distance is probed with ridge regression rounded to the nearest integer (also R²); move sets and on-path with multinomial logistic regression. **Baseline** is the majority class; **shuffled** is the same probe trained and scored on permuted labels. A probe means something only where it beats both: **vs controls** compares, paired over seeds, the accuracy with the stronger control of the same seed (see verdicts below).
 - **Move +k**: at a path cell, the optimal move set k cells later (the empty set at the goal), so k = 0 is the move the model is about to make and k ≥ 1 is plan the model does not yet need to output. **Next cell** is the token the model is about to write (the cell after a move), for comparison: what the unembedding reads.
+- **Move +k given the next move**: consecutive moves are correlated (a corridor continues), so a network that knows only its next move already reads move +k above the majority class. The probe is refit with the next move set (one-hot) as extra input and compared, paired by seed, with the same probe on the next move alone: *more* means the residual stream says more about move +k than the next move does, i.e. plan beyond the next step; *equivalent* means what move +k probes find is the next move.
+- **Random-init control**: every probe is also fit on the same architecture with untrained weights (drawn with the run's seed, as training draws them): what the token embeddings and random mixing already make linearly readable. **vs random init** compares, paired by seed, the trained network's accuracy with it.
 - **On path**: at an edge token of the maze description, whether that edge lies on some shortest path. The start and goal come before the maze, so this is computable in principle, though each edge token sees only the edges before it.
 - **Expert specialization**: NMI/ARI between the top-1 expert of each MoE layer and each label, against k-means with as many clusters on the router input, k-means on the dense model's same site, and a shuffled-assignment null (see the `expert-specialization` study).
 - **Verdicts** (probe vs controls, pause settings, routing vs k-means) are paired by seed, from the 90% Student-t interval of the per-seed differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±{margin} (accuracy, rate or NMI; two one-sided tests at 5%), *inconclusive* otherwise, stating the smallest difference the seeds would detect.
@@ -42,6 +49,8 @@ METRIC_NOTES = """\
 
 PROBE_VERDICTS = {"more": "beats both controls", "equivalent": f"at the controls (within ±{MARGIN})",
                   "less": "below the controls", "inconclusive": "not told apart from the controls (inconclusive)"}
+INIT_VERDICTS = {"more": "above the untrained network", "equivalent": f"at the untrained network (within ±{MARGIN})",
+                 "less": "below the untrained network", "inconclusive": "not told apart from the untrained network (inconclusive)"}
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,9 @@ def probe_targets(steps_ahead: int) -> list[tuple[str, str, str, int, tuple[str,
     ]
 
 
-def probe_plan(model: Transformer, task: Task, batch: Batch, steps_ahead: int, seed: int) -> list[dict[str, Any]]:
-    """Probe rows for every target, layer and position type of one model."""
+def probe_plan(model: Transformer, task: Task, batch: Batch, steps_ahead: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Probe rows for every target, layer and position type of one model, and the rows of move +k (k = 1 ..
+    `steps_ahead`) at path cells given the next move (`conditional_probe`)."""
     resid = residual_stream(model, torch.from_numpy(batch.inputs))
     types, type_names = batch.labels["token_type"], task.labels["token_type"].classes
     rows = []
@@ -99,7 +109,14 @@ def probe_plan(model: Transformer, task: Task, batch: Batch, steps_ahead: int, s
         selected = np.where(np.isin(types, [type_names.index(p) for p in positions]), types, IGNORE)
         found = probe_residual_stream(resid, ahead(batch.labels[label], offset), selected, type_names, kind, seed=seed)
         rows += [{"target": target, "offset": offset, **row} for row in found]
-    return rows
+    steps = np.where(types == type_names.index("step"), types, IGNORE)
+    conditional = [
+        {"target": f"move +{k} given next move", "offset": k, **row}
+        for k in range(1, steps_ahead + 1)
+        for row in probe_residual_stream(resid, ahead(batch.labels["next_moves"], k), steps, type_names, "logistic",
+                                         given=batch.labels["next_moves"], seed=seed)
+    ]
+    return rows, conditional
 
 
 @register_study("planning")
@@ -149,19 +166,27 @@ class Planning(Study):
         built = [build(TransformerConfig, options, vocab_size=len(self.task.vocab)) for options in self.models.values()]
         self.n_layers = built[0].n_layers  # building fails early on a bad model option
 
-    def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """One finished run (in a worker process): teacher-forced metrics, loss and greedy solve rates
-        on the held-out mazes (and on the larger ones), and, for the main task, its probe rows."""
+    def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, Any]]]:
+        """One finished run (in a worker process): teacher-forced metrics, loss and greedy solve rates on the held-out
+        mazes (and on the larger ones), and, for the main task, its probe rows and those given the next move, for the
+        trained network and for the same architecture with untrained weights (drawn with the run's seed, as in training)."""
         cfg, model = self.config, load_trained(run_dir).model
         batch = job.task.sample(cfg.n_eval, cfg.eval_seed)
         scores = {**evaluate(model, job.task, batch), **job.task.solve_rate(model, batch)}
         if job.task.options != self.task.options:
-            return scores, []
+            return scores, [], []
         if self.larger is not None:
             found = self.larger.solve_rate(model, self.larger.sample(cfg.n_eval, cfg.eval_seed))
             scores.update({f"larger_{name}": value for name, value in found.items()})
         kind, seed = job.key.split("-")[0], job.config.seed
-        return scores, [{"model": kind, "seed": seed, **row} for row in probe_plan(model, job.task, batch, cfg.ahead, seed)]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            networks = {TRAINED: model, UNTRAINED: build_model(job.task, job.model).eval()}
+        rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        for weights, network in networks.items():
+            for found, out in zip(probe_plan(network, job.task, batch, cfg.ahead, seed), rows):
+                out += [{"model": kind, "weights": weights, "seed": seed, **row} for row in found]
+        return scores, *rows
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
@@ -173,7 +198,9 @@ class Planning(Study):
         trained = ctx.train(jobs)
         evaluated = ctx.analyse_runs(jobs, self.evaluate, "evaluating")
         performance = {job.key: evaluated[job.key][0] if job.key in evaluated else None for job in jobs}
-        probes = sorted((row for _, rows in evaluated.values() for row in rows), key=lambda row: list(self.models).index(row["model"]))
+        probes, conditional = ([row for found in evaluated.values() for row in found[i]] for i in (1, 2))
+        probes.sort(key=lambda row: list(self.models).index(row["model"]))
+        conditional.sort(key=lambda row: list(self.models).index(row["model"]))
 
         per_seed = [
             specialization(trained[f"moe-seed{s}"].model, trained[f"dense-seed{s}"].model, task, eval_batch, cfg.n_permutations, s)
@@ -205,15 +232,25 @@ class Planning(Study):
                 for p in cfg.pauses
             },
             "probes": probes,
-            "probe_summary": summarize_probes(probes, ["model", "target", "offset", "position", "layer"]),
+            "probe_summary": summarize_probes(probes, PROBE_KEYS),
+            "vs_random_init": summarize_against(probes, [k for k in PROBE_KEYS if k != "weights"], "weights", UNTRAINED),
+            "conditional_probes": conditional,
+            "conditional_summary": summarize_conditional_probes(conditional, PROBE_KEYS),
+            "conditional_vs_random_init": summarize_against(conditional, [k for k in PROBE_KEYS if k != "weights"], "weights", UNTRAINED),
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed_specialization": per_seed,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
 
+    @staticmethod
+    def trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The summary rows of the trained networks' probes."""
+        return [r for r in rows if r["weights"] == TRAINED]
+
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         last = self.n_layers
-        probe = {(r["model"], r["target"], r["position"], r["layer"]): r for r in results["probe_summary"]}
+        probe = {(r["model"], r["target"], r["position"], r["layer"]): r for r in self.trained(results["probe_summary"])}
+        given = {(r["model"], r["layer"]): r for r in self.trained(results["conditional_summary"]) if r["offset"] == 1}
         rows = []
         for name, metrics in results["performance_summary"].items():
             row = {"model": name}
@@ -222,24 +259,44 @@ class Planning(Study):
             for target, position in (("next move", "path"), ("move +1", "step"), ("on path", "edge")):
                 found = probe.get((name, target, position, last))
                 row[f"{target} probe @{position}, layer {last}"] = fmt_ci(found["accuracy"]) if found else "n/a"
+            found = given.get((name, last))
+            row[f"move +1 given next move vs next move alone, layer {last}"] = (
+                f"{fmt(found['accuracy']['mean'])} vs {fmt(found['given_only']['mean'])}: {found['verdict']['verdict']}" if found else "n/a")
             rows.append(row)
         return rows
 
     def bottom_line(self, results: dict[str, Any]) -> str:
-        """Solve rates of the main models, and how many probe targets beat both controls somewhere."""
+        """Solve rates of the main models, how many probe targets beat both controls and the untrained network somewhere,
+        and whether move +k says more than the next move."""
         size, summary = self.task.config.size, results["performance_summary"]
         solved = [f"{kind} {fmt_ci(summary[kind]['solve_rate'])}" for kind in self.models if "solve_rate" in summary.get(kind, {})]
         if not solved:
             return "No model finished training, so nothing was measured."
-        found = {r["target"] for r in results["probe_summary"] if r["verdict"]["verdict"] == "more"}
-        targets = {r["target"] for r in results["probe_summary"]}
-        return (f"Share of held-out {size}×{size} mazes solved with a shortest path: {', '.join(solved)}. Linear probes "
-                f"beat both controls, at some layer and position, for {len(found)} of {len(targets)} plan targets"
-                + (f" ({', '.join(sorted(found))})." if found else "."))
+        probes = self.trained(results["probe_summary"])
+        found = {r["target"] for r in probes if r["verdict"]["verdict"] == "more"}
+        beyond_init = {r["target"] for r in results["vs_random_init"] if r["verdict"]["verdict"] == "more"} & found
+        targets = {r["target"] for r in probes}
+        planned = {(r["model"], r["offset"], r["layer"]) for r in self.trained(results["conditional_summary"]) if r["verdict"]["verdict"] == "more"}
+        learned = {(r["model"], r["offset"], r["layer"]) for r in results["conditional_vs_random_init"] if r["verdict"]["verdict"] == "more"}
+
+        def named(cases: set[tuple[str, int, int]]) -> str:
+            return ", ".join(f"{model} move +{k} (layer {layer})" for model, k, layer in sorted(cases))
+
+        return (f"Share of held-out {size}×{size} mazes solved with a shortest path: {', '.join(solved)}. Linear probes on the "
+                f"trained networks beat both controls, at some layer and position, for {len(found)} of {len(targets)} plan targets"
+                + (f" ({', '.join(sorted(found))})" if found else "")
+                + f"; {len(beyond_init)} of them also beat the same probe on the untrained network somewhere"
+                + (f" ({', '.join(sorted(beyond_init))})" if beyond_init else "")
+                + ". Plan beyond the next move (move +k at path cells given the next move): more than the next move alone for "
+                + (named(planned) or "no model, k or layer")
+                + "; of these, more than the same probe on the untrained network for "
+                + (named(planned & learned) + "." if planned & learned else
+                   "none, so planning beyond the next move that training put there is not shown."))
 
     def findings(self, results: dict[str, Any]) -> list[str]:
         """The headline results, each beside its control, as bullet points."""
-        cfg, size, probes = self.config, self.task.config.size, results["probe_summary"]
+        cfg, size, probes = self.config, self.task.config.size, self.trained(results["probe_summary"])
+        versus_init = {(r["model"], r["target"], r["position"], r["layer"]): r for r in results["vs_random_init"]}
         lines = []
         for kind in self.models:
             summary = results["performance_summary"][kind]
@@ -266,11 +323,28 @@ class Planning(Study):
                     rows = [r for r in probes if (r["model"], r["position"], r["target"]) == (kind, position, target)]
                     if rows:
                         r = max(rows, key=lambda row: row["accuracy"]["mean"])
+                        init = versus_init.get((kind, target, position, r["layer"]))
                         claims.append(f"{target} {fmt_ci(r['accuracy'])} at layer {r['layer']} vs baseline "
                                       f"{fmt(r['baseline']['mean'])} and shuffled {fmt(r['shuffled']['mean'])}: "
-                                      f"{PROBE_VERDICTS.get(r['verdict']['verdict'], r['verdict']['verdict'])}")
+                                      f"{PROBE_VERDICTS.get(r['verdict']['verdict'], r['verdict']['verdict'])}"
+                                      + (f"; untrained network {fmt(init['control']['mean'])}: {INIT_VERDICTS[init['verdict']['verdict']]}"
+                                         if init else ""))
                 if claims:
                     lines.append(f"**{kind} probes, {question}** (best layer): " + "; ".join(claims) + ".")
+            rows = [r for r in self.trained(results["conditional_summary"]) if r["model"] == kind]
+            if rows:
+                init = {(r["offset"], r["layer"]): r for r in results["conditional_vs_random_init"] if r["model"] == kind}
+                shown = [r for r in rows if r["verdict"]["verdict"] == "more"
+                         and init.get((r["offset"], r["layer"]), {}).get("verdict", {}).get("verdict") == "more"]
+                lines.append(
+                    f"**{kind}, plan beyond the next move** (move +k at path cells given the next move, every layer: accuracy "
+                    "vs the next move alone, and vs the same probe on the untrained network): " + "; ".join(
+                        f"+{r['offset']} at layer {r['layer']} {fmt_ci(r['accuracy'])} vs {fmt(r['given_only']['mean'])}: "
+                        f"{r['verdict']['verdict']}"
+                        + (f", untrained {fmt(c['control']['mean'])}: {c['verdict']['verdict']}" if (c := init.get((r["offset"], r["layer"]))) else "")
+                        for r in rows)
+                    + (". " + ("Both **more** at " + ", ".join(f"+{r['offset']} layer {r['layer']}" for r in shown) + "." if shown else
+                               "Planning beyond the next move that training put there is not shown at any layer.")))
         pairs = [(f"{label} (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
         if pairs:
             verdicts = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v]
@@ -288,7 +362,7 @@ class Planning(Study):
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
         figures = []
-        summary = pd.DataFrame(results["probe_summary"])
+        summary = pd.DataFrame(self.trained(results["probe_summary"]))
         if len(summary):
             for kind in self.models:
                 frame = summary[(summary["model"] == kind) & (summary["offset"] == 0)]
@@ -301,8 +375,13 @@ class Planning(Study):
             long += [{"cells ahead": r["offset"], "series": series, "layer": r["layer"], **r[score]}
                      for series, score in (("majority baseline", "baseline"), ("shuffled control (dense)", "shuffled"))
                      for _, r in steps[steps["model"] == "dense"].iterrows()]
+            long += [{"cells ahead": r["offset"], "series": f"{r['model']}, random init", "layer": r["layer"], **r["control"]}
+                     for r in results["vs_random_init"] if r["position"] == "step" and r["target"].startswith(("next move", "move +"))]
+            long += [{"cells ahead": r["offset"], "series": "next move alone (dense)", "layer": r["layer"], **r["given_only"]}
+                     for r in self.trained(results["conditional_summary"]) if r["model"] == "dense"]
             figures.append(Figure(ctx.figure("plan_ahead", interval_bars(pd.DataFrame(long), "cells ahead", "series", "layer", "accuracy")),
-                                  "How far ahead: the optimal move k path cells later, probed at path cells (mean, 95% CI)"))
+                                  "How far ahead: the optimal move k path cells later, probed at path cells, beside the same probes "
+                                  "on the untrained networks and the best guess from the next move alone (mean, 95% CI)"))
         if results["specialization"]:
             frame = pd.DataFrame(
                 [{"layer": layer, "label": label, "assignment": kind, **s[f"{kind}_nmi"]}
@@ -323,11 +402,23 @@ class Planning(Study):
             {"model": name, **{m: fmt_ci(metrics[m], 4) if m in metrics else "" for m in perf_columns}}
             for name, metrics in results["performance_summary"].items()
         ]
+        versus_init = {(r["model"], r["target"], r["position"], r["layer"]): r for r in results["vs_random_init"]}
         probe_rows = [
             {"model": r["model"], "target": r["target"], "position": r["position"], "layer": r["layer"],
              "accuracy": fmt_ci(r["accuracy"]), "baseline": fmt(r["baseline"]["mean"]), "shuffled": fmt(r["shuffled"]["mean"]),
-             "R²": fmt_ci(r["r2"]) if r["r2"]["n"] else "", "vs controls": r["verdict"]["verdict"]}
-            for r in results["probe_summary"]
+             "R²": fmt_ci(r["r2"]) if r["r2"]["n"] else "", "vs controls": r["verdict"]["verdict"],
+             "random init": fmt(init["control"]["mean"]) if init else "n/a", "vs random init": init["verdict"]["verdict"] if init else "n/a"}
+            for r in self.trained(results["probe_summary"])
+            for init in [versus_init.get((r["model"], r["target"], r["position"], r["layer"]))]
+        ]
+        conditional_init = {(r["model"], r["target"], r["layer"]): r for r in results["conditional_vs_random_init"]}
+        conditional_rows = [
+            {"model": r["model"], "weights": r["weights"], "target": r["target"], "layer": r["layer"],
+             "accuracy (activations + next move)": fmt_ci(r["accuracy"]), "next move alone": fmt_ci(r["given_only"]),
+             "baseline": fmt(r["baseline"]["mean"]), "vs next move alone": r["verdict"]["verdict"],
+             "vs random init": init["verdict"]["verdict"] if init and r["weights"] == TRAINED else ""}
+            for r in results["conditional_summary"]
+            for init in [conditional_init.get((r["model"], r["target"], r["layer"]))]
         ]
         spec_rows = [
             {"layer": layer, "label": label, "kind": task.labels[label].kind,
@@ -355,7 +446,14 @@ class Planning(Study):
                 for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
             ])]))
         blocks += [
-            Section("Where the plan appears: linear probes", [Table(probe_rows)]),
+            Section("Where the plan appears: linear probes", [Table(probe_rows, caption=(
+                "Trained networks; *random init* is the same probe on the same architecture with untrained weights, and *vs random "
+                "init* the paired verdict of the trained accuracy against it."))]),
+            Section("Plan beyond the next move: move +k given the next move", [Table(conditional_rows, caption=(
+                "At path cells: the probe of move +k with the next move set as extra input, against the same probe on the next "
+                "move alone (*more*: the residual stream says more about move +k than the next move does), for trained and "
+                "untrained networks; *vs random init* compares the trained network's accuracy with the untrained one's (the "
+                "current cell's token alone can narrow move +k down beyond the next move, and an untrained network carries it)."))] if conditional_rows else [Text("(`ahead` = 0: no move ahead was probed)")]),
             Section("Expert specialization on the planning labels", [Table(spec_rows) if spec_rows else Text("(no MoE runs finished)")]),
         ]
         blocks += [

@@ -11,7 +11,7 @@ import pandas as pd
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.load_balance import routing_load
 from toylab.analysis.sparse_probing import class_scores, compare_gaps, gaps, sparse_probing
-from toylab.analysis.specialization import specialization, summarize
+from toylab.analysis.paths import matched_routing, summarize_matched
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models import Transformer
 from toylab.models.superposition import torch_threads
@@ -28,7 +28,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "noisy": ({"router": "noisy"}, "noisy top-k gating (Shazeer et al. 2017)"),
     "capacity": ({"capacity_factor": 1.0}, "learned top-k with capacity factor 1 and token dropping (Switch / GShard)"),
     "expert-choice": ({"router": "expert_choice", "capacity_factor": 1.0},
-                      "expert-choice routing, capacity factor 1: each expert takes its top tokens (Zhou et al. 2022)"),
+                      "expert-choice routing, capacity factor 1: each expert takes its top tokens among all tokens of the batch "
+                      "(Zhou et al. 2022); not causal: a token's experts depend on later tokens and on other sequences"),
     "kmeans": ({"router": "kmeans"}, "parameter-free k-means router: cosine to running centroids of the router inputs"),
     "moe-x": ({"router": "sparsity", "activation": "relu"}, "ReLU experts with sparsity-aware routing (MoE-X, Yang et al. 2025)"),
     "fine-grained": ({"n_experts": 16, "top_k": 4}, "16 experts of a quarter the size, top-4 (fine-grained, DeepSeekMoE)"),
@@ -42,7 +43,8 @@ d_expert equal to the dense MLP's d_mlp, so active parameters match."""
 METRIC_NOTES = """\
 - **Matched active parameters**: every MoE gives a token (top_k + shared experts) × d_expert = d_mlp hidden neurons (expert choice: top_k experts per token on average), as many as the dense MLP.
 - **Load balance**: *usage entropy*, the entropy of the share of routed slots each expert gets over log(E) (1 = all experts used equally); *no expert*, the share of held-out tokens routed to no expert at all (expert choice leaves some; a capacity drops some). Empty slots have index -1 and weight 0 in `hook_expert_indices` / `hook_expert_weights`.
-- **Specialization** (as in `expert-specialization`): per MoE layer and label, NMI of each token's best expert with the label (tokens with no expert form one cluster of their own), against **k-means** with as many clusters as experts on the router input (`blocks.{{l}}.ln2.hook_normalized`), a **shuffled null** with the same expert frequencies, and the **linear ceiling** (NMI of a logistic probe's predictions from the router input). NMI grows with the number of clusters, so variants with 16 experts are compared with k-means with 16 clusters, not with the 4-expert variants.
+- **Specialization**: per MoE layer and label, NMI of each token's best expert with the label (tokens with no expert form one cluster of their own, "no expert"), against **k-means with as many clusters as the routing uses** on the router input (`blocks.{{l}}.ln2.hook_normalized`), a **shuffled null** with the same expert frequencies, and the **linear ceiling** (NMI of a logistic probe's predictions from the router input). NMI grows with the number of clusters, so the count is matched per layer and seed: a token-dropping router (expert choice, a capacity factor) that uses E + 1 clusters, the no-expert one included, is compared with k-means with E + 1, a router that uses fewer experts than it has with as few, and 16 experts with 16 clusters. All tokens are scored (not only routed ones), so every variant is scored on the same tokens and what dropping says about a label counts as routing.
+- **Expert choice is not causal**: each expert picks its top tokens among all tokens of the batch, so a token's experts depend on later positions of its own sequence and on other sequences. Its scores here come from one forward pass over the {n_eval} held-out sequences at once; such a router cannot route token by token at generation, and its numbers depend on the batch.
 - **k = 1 sparse-probing F1** (Gurnee et al. 2023; as in `sparse-probing`): for each class of each label, the single best neuron (ranked by the standardized difference of class means on the training split) of the best expert (probed on its own tokens), scored by held-out F1 and averaged over classes and FFN layers; the dense MLP's neurons beside it, and the same F1 with shuffled targets as the base-rate control.
 - **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (δ = {margin}; two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the seeds could detect).
 - {interval}
@@ -108,11 +110,9 @@ class RoutingVariants(Study):
         eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
         performance = {kind: [evaluate(trained[f"{kind}-seed{s}"].model, task, eval_batch)[task.primary_metric]
                               for s in range(cfg.seeds) if trained[f"{kind}-seed{s}"]] for kind in self.models}
-        pairs = [(kind, seed) for kind in cfg.variants for seed in range(cfg.seeds)
-                 if trained[f"{kind}-seed{seed}"] and trained[f"dense-seed{seed}"]]
+        pairs = [(kind, seed) for kind in cfg.variants for seed in range(cfg.seeds) if trained[f"{kind}-seed{seed}"]]
         analysed = dict(zip(pairs, ctx.map(self.analyse, [k for k, _ in pairs], [s for _, s in pairs],
-                                           [ctx.run_dir(f"{k}-seed{s}") for k, s in pairs],
-                                           [ctx.run_dir(f"dense-seed{s}") for _, s in pairs], description="analysing")))
+                                           [ctx.run_dir(f"{k}-seed{s}") for k, s in pairs], description="analysing")))
         dense = [s for s in range(cfg.seeds) if trained[f"dense-seed{s}"]]
         dense_probes = ctx.map(self.probe_run, ["dense"] * len(dense), dense, [ctx.run_dir(f"dense-seed{s}") for s in dense],
                                description="probing dense")
@@ -125,14 +125,14 @@ class RoutingVariants(Study):
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
 
-    def analyse(self, kind: str, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
-        """One (variant, seed) in a worker on one torch thread: specialization against k-means, the null and the linear
-        ceiling, load balance, and k = 1 sparse probing."""
+    def analyse(self, kind: str, seed: int, moe_dir: Path) -> dict[str, Any]:
+        """One (variant, seed) in a worker on one torch thread: routing against k-means with as many clusters as it
+        uses, the null and the linear ceiling (`matched_routing`), load balance, and k = 1 sparse probing."""
         cfg = self.config
         batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
-        moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
+        moe = load_trained(moe_dir).model
         with torch_threads(1):
-            return {"specialization": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+            return {"specialization": matched_routing(moe, self.task, batch, cfg.n_permutations, seed),
                     "load": routing_load(moe, self.task, batch), "probing": self.probe(kind, seed, moe, batch)}
 
     def probe_run(self, kind: str, seed: int, directory: Path) -> list[dict[str, Any]]:
@@ -157,7 +157,7 @@ class RoutingVariants(Study):
         return {
             "metric": mean_ci(metric, bounds=UNIT),
             "load": load,
-            "specialization": summarize([r["specialization"] for r in runs], self.config.margin) if runs else {},
+            "specialization": summarize_matched([r["specialization"] for r in runs], self.config.margin) if runs else {},
             "probe_f1": self.probe_summary(kind, scores),
         }
 
@@ -179,7 +179,7 @@ class RoutingVariants(Study):
         return out
 
     def recovering(self, results: dict[str, Any]) -> dict[str, list[str]]:
-        """Variant -> the (label, layer) pairs where routing recovers more than k-means on the router input."""
+        """Variant -> the (label, layer) pairs where routing recovers more than k-means on the router input (as many clusters)."""
         return {kind: [f"`{label}` (layer {layer})" for layer, labels in v["specialization"].items()
                        for label, s in labels.items() if s["verdict"]["verdict"] == "more"]
                 for kind, v in results["variants"].items()}
@@ -187,7 +187,7 @@ class RoutingVariants(Study):
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         metric = results["task"]["primary_metric"]
         rows = [{"variant": "dense", metric: fmt_ci(results["dense"]["metric"]), "usage entropy": "", "no expert": "",
-                 "k=1 F1": fmt(self.mean_f1(results["dense"]["probe_f1"])), "routing vs k-means (more/equiv./less/inconcl.)": ""}]
+                 "k=1 F1": fmt(self.mean_f1(results["dense"]["probe_f1"])), "routing vs k-means, equal clusters (more/equiv./less/inconcl.)": ""}]
         for kind, v in results["variants"].items():
             verdicts = [s["verdict"]["verdict"] for labels in v["specialization"].values() for s in labels.values()]
             rows.append({
@@ -195,7 +195,7 @@ class RoutingVariants(Study):
                 "usage entropy": fmt_ci(v["load"]["usage_entropy"]) if v["load"] else "n/a",
                 "no expert": fmt_ci(v["load"]["unrouted"]) if v["load"] else "n/a",
                 "k=1 F1": fmt(self.mean_f1(v["probe_f1"])),
-                "routing vs k-means (more/equiv./less/inconcl.)": "/".join(str(verdicts.count(x)) for x in ("more", "equivalent", "less", "inconclusive")),
+                "routing vs k-means, equal clusters (more/equiv./less/inconcl.)": "/".join(str(verdicts.count(x)) for x in ("more", "equivalent", "less", "inconclusive")),
             })
         return rows
 
@@ -205,8 +205,8 @@ class RoutingVariants(Study):
 
     def detail_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            {"variant": kind, "layer": layer, "label": label, "NMI routing": fmt_ci(s["routing_nmi"]),
-             "NMI k-means": fmt_ci(s["kmeans_moe_nmi"]), "NMI ceiling": fmt_ci(s["linear_nmi"]), "NMI null": fmt(s["null_nmi"]["mean"]),
+            {"variant": kind, "layer": layer, "label": label, "clusters used": fmt(s["n_clusters"]["mean"], 1),
+             "NMI routing": fmt_ci(s["routing_nmi"]), "NMI k-means (as many clusters)": fmt_ci(s["kmeans_nmi"]), "NMI ceiling": fmt_ci(s["linear_nmi"]), "NMI null": fmt(s["null_nmi"]["mean"]),
              "routing vs k-means": s["verdict"]["verdict"],
              "k=1 F1 [shuffled]": (f"{fmt_ci(v['probe_f1'][label]['f1'])} [{fmt(v['probe_f1'][label]['shuffled']['mean'])}]"
                                    if label in v["probe_f1"] else "n/a"),
@@ -220,12 +220,13 @@ class RoutingVariants(Study):
         found = {kind: pairs for kind, pairs in self.recovering(results).items() if pairs}
         seeds = self.config.seeds
         if not found:
-            return (f"No design's routing recovered more of any planted label than k-means on its router input "
-                    f"(over {seeds} seeds, δ = ±{self.config.margin:g} NMI): on `{results['task']['name']}`, at these sizes, the "
-                    "experts of every variant carve up the residual stream no better than clustering it does.")
+            return (f"No design's routing was shown to recover more of any planted label than k-means on its router input "
+                    f"with as many clusters as the routing uses (over {seeds} seeds, δ = ±{self.config.margin:g} NMI): on "
+                    f"`{results['task']['name']}`, at these sizes, experts that carve up the residual stream better than "
+                    "clustering it are not shown (see the table for which comparisons were equivalent and which inconclusive).")
         tested = sum(len(labels) for v in results["variants"].values() for labels in v["specialization"].values())
         more = sum(len(p) for p in found.values())
-        return ("Designs whose routing recovered more than k-means on the router input (paired over "
+        return ("Designs whose routing recovered more than k-means on the router input with as many clusters (paired over "
                 f"{seeds} seeds, δ = ±{self.config.margin:g} NMI): " + "; ".join(f"**{k}** on {', '.join(p)}" for k, p in found.items())
                 + ". Every other (variant, label, layer) was equivalent, less or inconclusive (see the table). "
                 f"That is {more} of {tested} comparisons, each a one-sided test at the 5% level with no correction for "
@@ -244,21 +245,27 @@ class RoutingVariants(Study):
             f"A dense transformer and one MoE per variant, with shared options `{cfg.model}` and base MoE {cfg.n_experts} experts, "
             f"top-{cfg.top_k}, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with "
             f"{cfg.seeds} seeds. Analyses ran on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); nulls use "
-            f"{cfg.n_permutations} shuffles.\n\n" + "\n".join(f"- **{k}**: {VARIANTS[k][1]}; options `{VARIANTS[k][0]}`" for k in cfg.variants))]))
+            f"{cfg.n_permutations} shuffles.\n\n" + "\n".join(f"- **{k}**: {VARIANTS[k][1]}; options `{VARIANTS[k][0]}`" for k in cfg.variants)
+            + ("\n\nExpert choice sees the whole batch: its routing of a token depends on later tokens of the sequence and on "
+               f"the other held-out sequences of the batch of {cfg.n_eval}, so it is not causal, could not route token by token "
+               "at generation, and its scores are not comparable with a causal router's as a deployable design."
+               if "expert-choice" in cfg.variants else ""))]))
         blocks.append(Section("All variants side by side", [Table(self.summary(results), caption=(
             f"Held-out `{task.primary_metric}`, load balance (mean over MoE layers) and mean k = 1 probe F1 over labels, mean [95% CI] "
-            "over seeds; the last column counts the (label, layer) verdicts of routing vs k-means on the router input."))]))
+            "over seeds; the last column counts the (label, layer) verdicts of routing vs k-means on the router input with as "
+            "many clusters as the routing uses (the no-expert cluster of token-dropping routers counted)."))]))
         if not frame.empty:
             fig = interval_bars(frame, "label", "variant", "layer", "NMI(routing) − NMI(k-means)", reference=0.0)
             blocks.append(Figure(ctx.figure("routing_vs_kmeans", fig),
-                                 "Routing minus k-means on the router input, NMI with each label per variant (mean, 90% CI of the paired difference)"))
+                                 "Routing minus k-means with as many clusters on the router input, NMI with each label per variant "
+                                 "(mean, 90% CI of the paired difference)"))
         blocks.append(Section("Per label: routing vs k-means vs the linear ceiling vs null, and k = 1 probing",
                               [Table(self.detail_rows(results))]))
         lines = [f"- **{kind}**, layer {layer}, `{label}`: {verdict_text(s['verdict'])}"
                  for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()]
         blocks.append(Section("Verdicts", [Text("\n".join(lines) or "(no variant finished)")]))
         blocks += expert_map_section(ctx.directory, N_SHOWN, f"The map shows the first variant, `{cfg.variants[0]}`.")
-        blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE))]))
+        blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE, n_eval=cfg.n_eval))]))
         blocks.append(Section("Conclusion", [Text(self.conclusion(results))]))
         blocks += failed_runs_section(results["failed_runs"])
         return Document(f"Routing variants on `{task.name}`", blocks)

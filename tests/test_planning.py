@@ -2,9 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
-from toylab.studies.planning import probe_targets
+from toylab.analysis.probes import ahead, multi_hot_classes, probe_residual_stream, summarize_conditional_probes, summarize_probes
+from toylab.registry import get_task
+from toylab.studies.planning import PROBE_KEYS, probe_targets
+from toylab.task import IGNORE
 from toylab import ToylabError
 from toylab.report import markdown_table
 from toylab.study import resolve, run_study
@@ -27,6 +32,28 @@ def test_bad_options_are_rejected(overrides: dict) -> None:
         resolve("planning", overrides)
 
 
+def test_a_residual_stream_that_holds_only_the_next_move_does_not_plan_ahead_given_it() -> None:
+    """Planted on real mazes: every position's residual stream is its next move set (one-hot, in a random basis, with
+    noise) and nothing else. The plain move +1 probe at path cells beats both controls, as consecutive moves correlate;
+    given the next move it adds nothing, so planning beyond the next move is not reported."""
+    task = get_task("gridworld")
+    plain, given = [], []
+    for seed in range(3):
+        batch = task.sample(300, seed)
+        moves = multi_hot_classes(batch.labels["next_moves"])
+        rng = np.random.default_rng(seed)
+        codes = np.eye(16)[np.maximum(moves, 0)] @ rng.normal(size=(16, 24))
+        resid = torch.from_numpy(codes + 0.3 * rng.normal(size=codes.shape))[None]
+        types, names = batch.labels["token_type"], task.labels["token_type"].classes
+        steps = np.where(types == names.index("step"), types, IGNORE)
+        later = ahead(batch.labels["next_moves"], 1)
+        plain += [{"seed": seed, **row} for row in probe_residual_stream(resid, later, steps, names, seed=seed)]
+        given += [{"seed": seed, **row} for row in probe_residual_stream(resid, later, steps, names, given=batch.labels["next_moves"], seed=seed)]
+    [found], [conditional] = summarize_probes(plain, ["position"]), summarize_conditional_probes(given, ["position"])
+    assert found["verdict"]["verdict"] == "more" and conditional["verdict"]["verdict"] != "more"
+    assert abs(conditional["accuracy"]["mean"] - conditional["given_only"]["mean"]) < 0.03
+
+
 def test_tiny_study_end_to_end(tmp_path) -> None:
     overrides = {
         "seeds": 2, "n_eval": 40, "ahead": 1, "pauses": (0,), "n_permutations": 20,
@@ -41,6 +68,12 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     targets = [t[0] for t in probe_targets(1)]
     assert {r["target"] for r in results["probes"]} == set(targets)
     assert len(results["probe_summary"]) * 2 == len(results["probes"])  # one row per seed in each summary row
+    # the random-init control: the same probes on untrained networks, and the trained ones compared with them
+    assert {(r["model"], r["weights"]) for r in results["probe_summary"]} == {(m, w) for m in ("dense", "moe") for w in ("trained", "random init")}
+    assert len(results["vs_random_init"]) * 2 == len(results["probe_summary"])
+    assert {r["target"] for r in results["conditional_summary"]} == {"move +1 given next move"}
+    assert {(r["model"], r["weights"]) for r in results["conditional_summary"]} == {(m, w) for m in ("dense", "moe") for w in ("trained", "random init")}
+    assert all(set(PROBE_KEYS) <= set(r) for r in results["conditional_probes"])
     assert set(results["specialization"]) == {"0", "1"}
     assert set(results["thinking_time"]["0"]) == {"solve_rate", "move_accuracy", "maze_accuracy"}
     assert [row["model"] for row in outcome.summary] == ["dense", "moe", "dense-pause0"]
@@ -48,6 +81,7 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     assert markdown_table(outcome.summary).count("\n") == 4
     report = (outcome.directory / "report.md").read_text()
     assert "## Thinking time" in report and "## Expert specialization" in report and "## Findings" in report
+    assert "## Plan beyond the next move" in report and "untrained network" in report
     assert "**Thinking time**: with 0 pause tokens instead of 4" in report and "**Experts**" in report
     assert all("verdict" in row for row in results["probe_summary"])
     for figure in ("probes_dense", "probes_moe", "plan_ahead", "specialization", "training_curves"):

@@ -7,6 +7,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from toylab.analysis.probes import (
     ahead,
+    conditional_probe,
     fit_logistic,
     fit_ridge,
     multi_hot_classes,
@@ -14,6 +15,8 @@ from toylab.analysis.probes import (
     probe_residual_stream,
     residual_stream,
     split,
+    summarize_against,
+    summarize_conditional_probes,
     summarize_probes,
 )
 from toylab.errors import ToylabError
@@ -174,3 +177,57 @@ def test_summary_compares_with_the_stronger_control_of_each_seed() -> None:
     differences = [a - max(b, c) for a, b, c in scores]
     assert summary["verdict"]["mean"] == pytest.approx(np.mean(differences))
     assert summary["verdict"]["verdict"] == "more"
+
+
+def next_move_world(n: int, seed: int, carries_ahead: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Moves now and one step later (4 classes; the later one repeats the first 60% of the time) and activations that
+    carry the move now in a random basis, plus, if `carries_ahead`, the later move too. Sequences of 10 rows."""
+    rng = np.random.default_rng(seed)
+    now = rng.integers(4, size=n)
+    later = np.where(rng.random(n) < 0.6, now, rng.integers(4, size=n))
+    codes = np.eye(4)[now] if not carries_ahead else np.concatenate([np.eye(4)[now], np.eye(4)[later]], axis=1)
+    acts = 2 * codes @ rng.normal(size=(codes.shape[1], 16)) + 0.5 * rng.normal(size=(n, 16))
+    return acts, later, now, np.arange(n) // 10
+
+
+@pytest.mark.parametrize("carries_ahead", [False, True])
+def test_knowing_the_next_move_is_not_planning_ahead(carries_ahead: bool) -> None:
+    """A representation of the next move alone reads the later move above both controls (it follows the next move
+    60% of the time), which the plain probe calls signal; given the next move it adds nothing (*equivalent*). One that
+    also carries the later move is *more* given the next move."""
+    plain, conditional = [], []
+    for seed in range(4):
+        acts, later, now, groups = next_move_world(2000, seed, carries_ahead)
+        plain.append({"seed": seed, **probe(acts, later, groups=groups, seed=seed).as_dict()})
+        conditional.append({"seed": seed, **conditional_probe(acts, later, now, groups=groups, seed=seed).as_dict()})
+    [found], [given] = summarize_probes(plain, []), summarize_conditional_probes(conditional, [])
+    assert found["verdict"]["verdict"] == "more"  # the plain probe "finds the plan" either way
+    assert given["given_only"]["mean"] == pytest.approx(0.7, abs=0.05)  # 0.6 + 0.4 / 4: the best guess from the next move
+    if carries_ahead:
+        assert given["verdict"]["verdict"] == "more" and given["accuracy"]["mean"] > 0.95
+    else:
+        assert given["verdict"]["verdict"] == "equivalent"
+
+
+def test_conditional_probe_uses_the_condition_and_checks_its_input() -> None:
+    now = np.arange(400) % 4
+    found = conditional_probe(np.zeros((400, 3)), now, now, seed=0)  # the label is the condition: no activations needed
+    assert found.accuracy == 1.0 and found.given_only == 1.0 and found.n_given == 4 and found.baseline < 0.5
+    with pytest.raises(ToylabError):
+        conditional_probe(np.zeros((3, 2)), np.arange(3), np.arange(3))
+    resid = torch.zeros(2, 4, 30, 3)
+    labels = np.tile(np.arange(30) % 2, (4, 1))
+    with pytest.raises(ToylabError, match="logistic"):
+        probe_residual_stream(resid, labels, np.zeros_like(labels), ["all"], kind="ridge", given=labels)
+    rows = probe_residual_stream(resid, labels, np.zeros_like(labels), ["all"], given=labels, min_rows=10)
+    assert [r["layer"] for r in rows] == [0, 1] and all(r["given_only"] == 1.0 for r in rows)
+
+
+def test_summary_against_a_control_network_pairs_by_seed() -> None:
+    rows = [{"target": "t", "weights": weights, "seed": seed, "accuracy": accuracy}
+            for seed, (trained, untrained) in enumerate([(0.9, 0.5), (0.8, 0.45), (0.85, 0.5)])
+            for weights, accuracy in (("trained", trained), ("random init", untrained))]
+    rows.append({"target": "t", "weights": "trained", "seed": 3, "accuracy": 0.1})  # no control for seed 3: left out
+    [found] = summarize_against(rows, ["target"], "weights", "random init")
+    assert found["weights"] == "trained" and found["verdict"]["verdict"] == "more" and found["verdict"]["n"] == 3
+    assert found["accuracy"]["mean"] == pytest.approx(0.85) and found["control"]["mean"] == pytest.approx(14.5 / 30)

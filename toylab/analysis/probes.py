@@ -5,6 +5,11 @@ regression whose prediction is rounded) on a training split and scores the held-
 result carries the majority-class baseline and a shuffled-label control (the same probe fit and
 scored after permuting the labels), so a probe is read as "above the baseline, and above what it
 finds without any signal". `probe_residual_stream` runs this for every layer and position type.
+
+`conditional_probe` asks what activations say about a label *given* another one (the move k steps
+ahead given the next move): the same probe with the condition as extra input, against a probe on the
+condition alone. `summarize_against` compares a probe with the same probe on a control network
+(e.g. untrained weights), paired by seed.
 """
 
 from __future__ import annotations
@@ -188,7 +193,63 @@ def probe(
     )
 
 
+@dataclass(frozen=True)
+class ConditionalProbeResult:
+    """Held-out accuracies of a probe given a condition (`conditional_probe`)."""
+
+    accuracy: float
+    """The probe on the activations and the one-hot condition."""
+    given_only: float
+    """The same probe on the one-hot condition alone: what the condition alone says about the label."""
+    baseline: float
+    """Accuracy of always predicting the training split's majority class."""
+    n_train: int
+    n_test: int
+    n_classes: int
+    n_given: int
+    """Values of the condition."""
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def conditional_probe(
+    acts: torch.Tensor | np.ndarray, labels: np.ndarray, given: np.ndarray, groups: np.ndarray | None = None,
+    test_fraction: float = 0.25, seed: int = 0, C: float = 1.0,
+) -> ConditionalProbeResult:
+    """What activations `[n, d]` say about `labels` `[n]` beyond a condition `given` `[n]` (integer classes).
+
+    Two multinomial logistic probes on the same split: one on the activations with the one-hot condition appended,
+    one on the one-hot condition alone. Activations that carry only the condition (or what follows from it) give the
+    first nothing the second lacks, so `accuracy` - `given_only` is what they add about the label given the condition.
+    """
+    labels = np.asarray(labels)
+    if len(labels) < 4:
+        raise ToylabError(f"a probe needs at least 4 labelled rows (got {len(labels)})")
+    values, index = np.unique(np.asarray(given), return_inverse=True)
+    onehot = torch.from_numpy(np.eye(len(values))[index.ravel()])
+    both = torch.cat([torch.as_tensor(acts).reshape(len(labels), -1).double(), onehot], dim=1)
+    train, test = split(len(labels), test_fraction, seed, groups)
+    scores = []
+    for x in (both, onehot):
+        x_train, x_test = _standardize(x[train], x[test])
+        scores.append(float((_logistic_predict(x_train, labels[train], x_test, C) == labels[test]).mean()))
+    classes, counts = np.unique(labels[train], return_counts=True)
+    return ConditionalProbeResult(
+        accuracy=scores[0], given_only=scores[1], baseline=float((labels[test] == classes[counts.argmax()]).mean()),
+        n_train=len(train), n_test=len(test), n_classes=len(classes), n_given=len(values),
+    )
+
+
 SCORES = ("accuracy", "baseline", "shuffled", "r2")
+CONDITIONAL_SCORES = ("accuracy", "given_only", "baseline")
+
+
+def _groups(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
 
 
 def summarize_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -199,15 +260,43 @@ def summarize_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> lis
     `max(baseline, shuffled)`: "more" means the probe beats both controls, "equivalent" that it is within
     the margin of them.
     """
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     out = []
-    for group, members in groups.items():
+    for group, members in _groups(rows, keys).items():
         scores = {s: [np.nan if r[s] is None else r[s] for r in members] for s in SCORES}
         control = np.maximum(scores["baseline"], scores["shuffled"])
         out.append({**dict(zip(keys, group)), **{s: mean_ci(v, bounds=None if s == "r2" else UNIT) for s, v in scores.items()},
                     "verdict": compare(scores["accuracy"], control, MARGIN)})
+    return out
+
+
+def summarize_conditional_probes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Across seeds, per group of `keys`: mean and 95% CI of `CONDITIONAL_SCORES`, and the verdict (`compare`, margin
+    `MARGIN`, paired by seed) of the probe on activations and condition against the probe on the condition alone:
+    "more" means the activations say more about the label than the condition does."""
+    out = []
+    for group, members in _groups(rows, keys).items():
+        scores = {s: [r[s] for r in members] for s in CONDITIONAL_SCORES}
+        out.append({**dict(zip(keys, group)), **{s: mean_ci(v, bounds=UNIT) for s, v in scores.items()},
+                    "verdict": compare(scores["accuracy"], scores["given_only"], MARGIN)})
+    return out
+
+
+def summarize_against(
+    rows: Sequence[dict[str, Any]], keys: Sequence[str], column: str, control: str, score: str = "accuracy",
+) -> list[dict[str, Any]]:
+    """A probe against the same probe on a control (rows whose `column` is `control`, e.g. untrained weights).
+
+    Per group of `keys` and `column` (other than `control`): mean and 95% CI of `score` and of the control's in the
+    same group and seeds (rows carry `seed`), and the verdict of `compare` paired by seed (margin `MARGIN`).
+    """
+    controls = {(tuple(r[k] for k in keys), r["seed"]): r[score] for r in rows if r[column] == control}
+    out = []
+    for group, members in _groups([r for r in rows if r[column] != control], [*keys, column]).items():
+        pairs = [(r[score], controls[group[:-1], r["seed"]]) for r in members if (group[:-1], r["seed"]) in controls]
+        if pairs:
+            treated, reference = ([p[i] for p in pairs] for i in (0, 1))
+            out.append({**dict(zip([*keys, column], group)), score: mean_ci(treated, bounds=UNIT),
+                        "control": mean_ci(reference, bounds=UNIT), "verdict": compare(treated, reference, MARGIN)})
     return out
 
 
@@ -244,6 +333,7 @@ def probe_residual_stream(
     type_names: Sequence[str],
     kind: ProbeKind = "logistic",
     min_rows: int = 40,
+    given: np.ndarray | None = None,
     **options: float,
 ) -> list[dict[str, float | int | str | None]]:
     """Probe `labels` `[batch, pos]` at every layer of `resid` `[layers, batch, pos, d]` and every position type.
@@ -251,22 +341,27 @@ def probe_residual_stream(
     `position_types` `[batch, pos]` gives each position's type (an index into `type_names`, IGNORE
     to skip); only positions where the label is defined are used, split by sequence. Types with
     fewer than `min_rows` such positions are skipped. Returns one row per (layer, type), with
-    `layer` counting the blocks applied (0 = embeddings). `options` go to `probe`.
+    `layer` counting the blocks applied (0 = embeddings). `options` go to `probe`. With `given`
+    (labels of the same shape, defined where used) each row is a logistic `conditional_probe` given it.
     """
-    if labels.ndim == 3:
-        labels = multi_hot_classes(labels)
-    if labels.shape != position_types.shape or resid.shape[1:3] != labels.shape:
+    labels, given = (multi_hot_classes(x) if x is not None and x.ndim == 3 else x for x in (labels, given))
+    if labels.shape != position_types.shape or resid.shape[1:3] != labels.shape or (given is not None and given.shape != labels.shape):
         raise ToylabError(
             f"shapes do not match: resid {tuple(resid.shape)}, labels {labels.shape}, position_types {position_types.shape}"
+            + (f", given {given.shape}" if given is not None else "")
         )
+    if given is not None and kind != "logistic":
+        raise ToylabError(f"a probe given a condition is logistic (got kind '{kind}')")
     sequence = np.broadcast_to(np.arange(labels.shape[0])[:, None], labels.shape)
     rows = []
     for type_index, type_name in enumerate(type_names):
-        keep = (position_types == type_index) & (labels != IGNORE)
+        keep = (position_types == type_index) & (labels != IGNORE) & (True if given is None else given != IGNORE)
         if keep.sum() < min_rows:
             continue
         index = torch.from_numpy(np.flatnonzero(keep))
         for layer, acts in enumerate(resid):
-            result = probe(acts.reshape(-1, acts.shape[-1])[index], labels[keep], kind, groups=sequence[keep], **options)
+            x = acts.reshape(-1, acts.shape[-1])[index]
+            result = (probe(x, labels[keep], kind, groups=sequence[keep], **options) if given is None
+                      else conditional_probe(x, labels[keep], given[keep], groups=sequence[keep], **options))
             rows.append({"layer": layer, "position": type_name, **result.as_dict()})
     return rows
