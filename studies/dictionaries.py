@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from toylab.analysis.clustering import kmeans, nmi
-from toylab.analysis.dictionary import assignment_codes, code_rsa, expert_codes, label_detection, score_dictionary
+from toylab.analysis.dictionary import (
+    assignment_codes, expert_codes, matched_label_detection, score_dictionary, summarize_detection, summarize_rsa,
+)
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
 from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
@@ -29,7 +31,8 @@ SCORES = ("mmcs", "mmcs_null", "matched_cosine", "recovered", "detection_f1", "v
 METRIC_NOTES = """\
 - **Planted features**: a toy model of superposition (Elhage et al. 2022) is trained on the `superposition` task; feature i's true direction in its hidden layer is W_i (column i of W), and it is active when x_i > 0. Dictionaries are trained on hidden activations h = W x and scored on fresh ones.
 - **MMCS**: mean over true features of the best cosine any latent direction reaches (SAELens' synthetic evaluation); **null**: the same dictionary against as many random directions; **matched**: the mean cosine of the best one-to-one matching (Hungarian); **recovered**: share of true features some latent matches with cosine ≥ 0.9.
-- **Detection F1**: per true feature, the best latent's F1 as a detector of the feature being active (latent > 0); median over features. For the token task, per label class (token has class c), mean over classes.
+- **Detection F1**: per true feature, the best latent's F1 as a detector of the feature being active (latent > 0); median over features. For the token task, per label class (token has class c), mean over classes, every code (SAE, Switch SAE, expert neurons) on the same number of candidate latents (random subsets of the larger codes) and against its own null (the same latents, labels shuffled over tokens).
+- **RSA reference**: a dictionary refit with another seed on the same activations; a pair of codes that agrees less than that agrees less than two runs of one dictionary do.
 - **Variance explained**: 1 − |h − h'|² / |h − mean h|²; **L0**: mean nonzero latents per sample; **dead / dense**: shares of latents never firing / firing on more than 10% of samples.
 - **Switch SAE** (Mudide et al. 2024): a router sends each activation to one of E expert SAEs of n/E latents; the same total dictionary size as the SAE. Its router's NMI with the planted feature groups is compared with k-means (E clusters) on the same activations.
 - **Comparisons** are paired over seeds with four outcomes (more / less / equivalent within ±δ / inconclusive, from the 90% interval of the differences).
@@ -107,45 +110,37 @@ def fit_planted(seed: int, h: np.ndarray, h_eval: np.ndarray, true: np.ndarray, 
 
 RSA_PAIRS = (("sae", "switch"), ("sae", "onehot"), ("sae", "router"), ("switch", "onehot"), ("switch", "router"))
 """Codes compared by RSA on the same tokens: the two dictionaries, and each against the MoE's expert assignments."""
-RSA_CODES = ("sae", "switch", "onehot", "router")
+RESEED = 1000
+"""Offset of the second dictionary's seed: each dictionary is refit with seed + RESEED on the same activations,
+and the RSA of the two fits is that code's reference."""
+REFERENCES = {method: f"{method}_reseed" for method in METHODS}
+DETECTION_CODES = (*METHODS, "experts")
 CODE_NAMES = {**METHOD_NAMES, "onehot": "expert assignment (one-hot)", "router": "router probabilities"}
 
 
 def fit_tokens(seed: int, resid: np.ndarray, resid_eval: np.ndarray, experts: np.ndarray, labels: dict[str, np.ndarray],
                subset: np.ndarray, cfg: DictionariesConfig) -> dict[str, Any]:
-    """One seed of the token part (in a worker): label-class detection F1 of SAE, Switch SAE and the MoE's expert
-    neurons, and the dictionaries' codes on the RSA tokens `subset`."""
+    """One seed of the token part (in a worker): label-class detection of SAE, Switch SAE and the MoE's expert neurons
+    (matched latent counts, each with its null), and the codes on the RSA tokens `subset` of each dictionary and of
+    the same dictionary refit with seed + RESEED on the same activations."""
     codes = {"experts": experts}
     for method in METHODS:
         sae_cfg = SAEConfig(d_in=resid.shape[1], n_latents=cfg.token_size, n_experts=1 if method == "sae" else cfg.n_experts)
-        sae = train_sae(SparseAutoencoder(sae_cfg, [seed]), resid, replace(cfg.sae_train, seed=seed), cfg.token_l1)
-        codes[method] = encode(sae, resid_eval)[0][:, 0].numpy()
-    shuffle = np.random.default_rng(seed).permutation(len(resid_eval))
-    detection = {
-        name: {**{method: label_detection(c[label != IGNORE], label[label != IGNORE]) for method, c in codes.items()},
-               "null": label_detection(codes["sae"][label != IGNORE], label[shuffle][label != IGNORE])}
-        for name, label in labels.items()
-    }
-    return {"detection": detection, "codes": {method: codes[method][subset] for method in METHODS}}
+        for name, init in ((method, seed), (REFERENCES[method], seed + RESEED)):
+            sae = train_sae(SparseAutoencoder(sae_cfg, [init]), resid, replace(cfg.sae_train, seed=init), cfg.token_l1)
+            codes[name] = encode(sae, resid_eval)[0][:, 0].numpy()
+    detection = {name: matched_label_detection({code: codes[code][label != IGNORE] for code in DETECTION_CODES},
+                                               label[label != IGNORE], seed)
+                 for name, label in labels.items()}
+    return {"detection": detection, "codes": {name: codes[name][subset] for name in (*METHODS, *REFERENCES.values())}}
 
 
-def summarize_rsa(codes: list[dict[str, np.ndarray]], margin: float) -> dict[str, Any]:
-    """Per pair of codes (`RSA_PAIRS`), over seeds (each `{code: [tokens, d]}` on the same tokens): RSA, its
-    shuffled-token null, and the seed-to-seed reference of each code (RSA of seed s with seed s + 1, cyclically)
-    with verdicts of the pair vs the null and vs each reference. One seed gives no reference."""
-    n = len(codes)
-    reference = {name: [code_rsa(codes[s][name], codes[(s + 1) % n][name], s)["rsa"] for s in range(n)] if n > 1 else []
-                 for name in RSA_CODES}
-    out: dict[str, Any] = {"seed_to_seed": {name: mean_ci(v, bounds=(-1.0, 1.0)) for name, v in reference.items() if v}}
-    for a, b in RSA_PAIRS:
-        scores = [code_rsa(c[a], c[b], s) for s, c in enumerate(codes)]
-        pair, null = [r["rsa"] for r in scores], [r["shuffled"] for r in scores]
-        out[f"{a}-{b}"] = {
-            "rsa": mean_ci(pair, bounds=(-1.0, 1.0)), "shuffled": mean_ci(null, bounds=(-1.0, 1.0)),
-            "per_seed": pair, "vs_shuffled": compare(pair, null, margin),
-            **({f"vs_{name}_seeds": compare(pair, reference[name], margin) for name in (a, b)} if n > 1 else {}),
-        }
-    return out
+def tally(verdicts: dict[str, dict[str, Any]]) -> str:
+    """Labels by verdict, e.g. "more: depth, position; not shown (inconclusive): stack_top"."""
+    groups = {verdict: [name for name, c in verdicts.items() if c["verdict"] == verdict]
+              for verdict in ("more", "less", "equivalent", "inconclusive")}
+    return "; ".join(f"{'not shown (inconclusive)' if verdict == 'inconclusive' else verdict}: {', '.join(names)}"
+                     for verdict, names in groups.items() if names) or "no labels"
 
 
 @register_study("dictionaries")
@@ -222,16 +217,11 @@ class Dictionaries(Study):
         fitted = ctx.map(fit_tokens, *zip(*inputs), [labels] * len(inputs), [subset] * len(inputs), [cfg] * len(inputs),
                          description="dictionaries on the residual stream")
         per_seed = [f["detection"] for f in fitted]
-        methods = (*METHODS, "experts", "null")
         return {
             "site": site,
             "rsa_tokens": len(subset),
-            "rsa": summarize_rsa([{**f["codes"], **r} for f, r in zip(fitted, routing)], cfg.margin),
-            "labels": {name: {m: mean_ci([s[name][m] for s in per_seed], bounds=UNIT) for m in methods} for name in labels},
-            "switch_vs_sae": {name: compare([s[name]["switch"] for s in per_seed], [s[name]["sae"] for s in per_seed], cfg.margin)
-                              for name in labels},
-            "experts_vs_sae": {name: compare([s[name]["experts"] for s in per_seed], [s[name]["sae"] for s in per_seed], cfg.margin)
-                               for name in labels},
+            "rsa": summarize_rsa([{**f["codes"], **r} for f, r in zip(fitted, routing)], RSA_PAIRS, REFERENCES, cfg.margin),
+            "labels": {name: summarize_detection([s[name] for s in per_seed], DETECTION_CODES, "sae", cfg.margin) for name in labels},
             "per_seed": per_seed,
         }
 
@@ -261,6 +251,66 @@ class Dictionaries(Study):
         axes[0].legend(fontsize=8)
         return ctx.figure("planted_recovery", fig)
 
+    def token_lines(self, tokens: dict[str, Any]) -> list[str]:
+        """Bottom-line sentences of the token part: SAE–Switch SAE RSA against the same-activation references, and
+        label detection at matched latent counts."""
+        pair = tokens["rsa"]["sae-switch"]
+        reference = tokens["rsa"]["reference"]
+        labels = tokens["labels"]
+        latents = next(iter(labels.values()))["latents"] if labels else 0
+        return [
+            f"- On `{self.config.token_task}`'s residual stream (`{tokens['site']}`), the SAE's and the Switch SAE's codes agree "
+            f"with RSA {fmt_ci(pair['rsa'])}; two seeds of one dictionary on the same activations agree with "
+            f"{fmt_ci(reference['sae'])} (SAE) and {fmt_ci(reference['switch'])} (Switch SAE). SAE–Switch SAE against the SAE's "
+            f"reference: {verdict_text(pair['vs_sae_reference'])}; against the Switch SAE's: {verdict_text(pair['vs_switch_reference'])}.",
+            f"- Label-class detection with {latents} candidate latents for every code, each against its own shuffled-label null "
+            "(verdicts per label):",
+            *[f"  - {METHOD_NAMES[code]} vs its null: {tally({n: s[code]['vs_null'] for n, s in labels.items()})}."
+              for code in DETECTION_CODES],
+            *[f"  - {METHOD_NAMES[code]} vs SAE, lift over the null: {tally({n: s[code]['vs_sae'] for n, s in labels.items()})}."
+              for code in DETECTION_CODES[1:]],
+        ]
+
+    def token_section(self, tokens: dict[str, Any]) -> Section:
+        """The token part: label detection at matched latent counts and RSA of codes, each with its reference."""
+        cfg = self.config
+        detection_rows = [
+            {"label": name, **{column: value for code in DETECTION_CODES for column, value in (
+                (METHOD_NAMES[code], fmt_ci(s[code]["f1"])), (f"{METHOD_NAMES[code]} null", fmt(s[code]["null"]["mean"])))},
+             "above null (SAE / Switch / experts)": " / ".join(s[code]["vs_null"]["verdict"] for code in DETECTION_CODES),
+             "Switch vs SAE (lift)": s["switch"]["vs_sae"]["verdict"], "experts vs SAE (lift)": s["experts"]["vs_sae"]["verdict"]}
+            for name, s in tokens["labels"].items()
+        ]
+        latents = next(iter(tokens["labels"].values()))["latents"] if tokens["labels"] else 0
+        reference_rows = [{"code": CODE_NAMES[name], "reference RSA (two seeds, same activations)": fmt_ci(stat)}
+                          for name, stat in tokens["rsa"]["reference"].items()]
+        rsa_rows = [
+            {"pair": f"{CODE_NAMES[a]} – {CODE_NAMES[b]}", "RSA": fmt_ci(tokens["rsa"][f"{a}-{b}"]["rsa"]),
+             "shuffled": fmt_ci(tokens["rsa"][f"{a}-{b}"]["shuffled"]),
+             "vs shuffled": verdict_text(tokens["rsa"][f"{a}-{b}"]["vs_shuffled"]),
+             **{f"vs {METHOD_NAMES[code]} reference": verdict_text(tokens["rsa"][f"{a}-{b}"][f"vs_{code}_reference"])
+                if f"vs_{code}_reference" in tokens["rsa"][f"{a}-{b}"] else "—" for code in METHODS}}
+            for a, b in RSA_PAIRS
+        ]
+        return Section(f"Token task `{cfg.token_task}`: label classes in the residual stream", [
+            Text(f"MoE transformers (`{cfg.token_model}`, {cfg.token_train.steps} steps); dictionaries of {cfg.token_size} latents "
+                 f"(L1 {cfg.token_l1}) on `{tokens['site']}`, next to the layer's expert neurons as a dictionary "
+                 f"({cfg.token_model.get('n_experts', 4)} experts × their hidden units, zero where a token was not routed). "
+                 f"Each cell: mean over classes of the best latent's F1 for \"the token has class c\", with {latents} candidate "
+                 f"latents for every code (random subsets of the larger codes, mean over draws); *null*: the same with the labels "
+                 f"shuffled over tokens. Codes are compared by their lift over their own null."),
+            Table(detection_rows),
+            Section(f"Representational similarity of codes (RSA on {tokens['rsa_tokens']} evaluation tokens)", [
+                Text("Spearman correlation of the Euclidean dissimilarities between tokens in two codes of the same tokens; "
+                     "*shuffled*: the same with one code's tokens permuted (no correspondence, about 0); *reference*: the same "
+                     f"dictionary refit with seed + {RESEED} on the same activations of the same model, the agreement two codes "
+                     "of those activations reach when only the seed differs. The model's routing has no reference: it is fixed "
+                     "once the model is."),
+                Table(rsa_rows),
+                Table(reference_rows),
+            ]),
+        ])
+
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, planted = self.config, results["planted"]
         rows = [
@@ -279,7 +329,6 @@ class Dictionaries(Study):
             f"{verdict_text(best['router_vs_kmeans'])}.",
         ]
         blocks = [
-            Section("Bottom line", [Text("\n".join(lines))]),
             Section("What was run", [Text(
                 f"Toy ReLU models of superposition with {cfg.n_features} features in {cfg.n_hidden} hidden dimensions, sparsity "
                 f"{cfg.sparsity}, uniform importance, {cfg.n_groups} planted feature groups, {cfg.seeds} seeds ({cfg.toy_train.steps} steps). "
@@ -289,34 +338,9 @@ class Dictionaries(Study):
             Section("Planted features (mean [95% CI] over seeds)", [Table(rows), Figure(self.figure(results, ctx), "recovery")]),
         ]
         if "tokens" in results:
-            tokens = results["tokens"]
-            token_rows = [
-                {"label": name, **{METHOD_NAMES.get(m, "SAE, shuffled labels"): fmt_ci(s[m]) for m in (*METHODS, "experts", "null")},
-                 "Switch vs SAE": tokens["switch_vs_sae"][name]["verdict"], "experts vs SAE": tokens["experts_vs_sae"][name]["verdict"]}
-                for name, s in tokens["labels"].items()
-            ]
-            seed_to_seed = [{"code": CODE_NAMES[name], "seed-to-seed RSA": fmt_ci(stat)} for name, stat in tokens["rsa"]["seed_to_seed"].items()]
-            blocks.append(Section(f"Token task `{cfg.token_task}`: label classes in the residual stream", [
-                Text(f"MoE transformers (`{cfg.token_model}`, {cfg.token_train.steps} steps); dictionaries of {cfg.token_size} latents "
-                     f"(L1 {cfg.token_l1}) on `{tokens['site']}`, next to the layer's expert neurons as a dictionary "
-                     f"({cfg.token_model.get('n_experts', 4)} experts × their hidden units, zero where a token was not routed). "
-                     "Each cell: mean over classes of the best latent's F1 for \"the token has class c\"."),
-                Table(token_rows),
-                Section(f"Representational similarity of codes (RSA on {tokens['rsa_tokens']} evaluation tokens)", [
-                    Text("Spearman correlation of the Euclidean dissimilarities between tokens in two codes of the same tokens; "
-                         "*shuffled*: the same with one code's tokens permuted (no correspondence, about 0); *seed-to-seed*: one "
-                         "code of seed s against the same code of seed s + 1 (another MoE and dictionary), the level two runs of one method reach."),
-                    Table([
-                        {"pair": f"{CODE_NAMES[a]} – {CODE_NAMES[b]}", "RSA": fmt_ci(tokens["rsa"][f"{a}-{b}"]["rsa"]),
-                         "shuffled": fmt_ci(tokens["rsa"][f"{a}-{b}"]["shuffled"]),
-                         "vs shuffled": verdict_text(tokens["rsa"][f"{a}-{b}"]["vs_shuffled"]),
-                         **{f"vs seed-to-seed ({side})": verdict_text(tokens["rsa"][f"{a}-{b}"][f"vs_{code}_seeds"])
-                            for side, code in (("first", a), ("second", b)) if f"vs_{code}_seeds" in tokens["rsa"][f"{a}-{b}"]}}
-                        for a, b in RSA_PAIRS
-                    ]),
-                    *[Table(seed_to_seed)] * bool(seed_to_seed),
-                ]),
-            ]))
+            lines += self.token_lines(results["tokens"])
+            blocks.append(self.token_section(results["tokens"]))
+        blocks.insert(0, Section("Bottom line", [Text("\n".join(lines))]))
         blocks += expert_map_section(ctx.directory, N_SHOWN, f"The map shows the MoE transformers trained on `{cfg.token_task}`.")
         blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}")]))
         blocks += failed_runs_section(results["failed_runs"])

@@ -6,18 +6,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
-from toylab.analysis.function_state import SITES, contrasts, function_state, summarize_function_state
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.function_state import PLANTED, PLANTED_SHARE, SITES, function_state, summarize_function_state
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+    verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, load_trained
@@ -26,8 +26,8 @@ METRIC_NOTES = """\
 - **Sites** of each FFN layer l: `router_input` = `blocks.{{l}}.ln2.hook_normalized` (what the router and experts read); `ffn_out` = `blocks.{{l}}.hook_mlp_out`, for the MoE the chosen experts' outputs `hook_expert_out` weighted by `hook_expert_weights` and summed, as they enter the residual stream (for the dense model, its MLP output); `resid_post` = `blocks.{{l}}.hook_resid_post`.
 - **Probe**: multinomial logistic regression on standardized activations, fit on 75% of the held-out sequences and scored on the rest (split by sequence); multi-hot labels as one class per set. **Baseline**: the majority class; **shuffled**: the same probe on permuted labels.
 - **Share** of a label at a site: (accuracy − control) / (1 − control) with control = max(baseline, shuffled): 0 at the control, 1 for a perfect read.
-- **Relative share**: share(ffn_out) − share(resid_post), averaged over the labels of one kind (`state`: readable off the input; `function`: computed). **Contrast** = relative share of function labels − that of state labels; above 0 means the FFN output carries function labels better than state labels, relative to the residual stream, as the claim says experts do.
-- **Verdicts** (paired by seed): from the per-seed values and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when inside ±δ (two one-sided tests at the 5% level; δ = {margin} in share), **inconclusive** otherwise (with the smallest difference the seeds would detect). *MoE vs dense* compares the two models' contrasts at the same layer.
+- **Relative share**: share(ffn_out) − share(resid_post), averaged over the labels of one kind (`state`: readable off the input; `function`: computed). **Contrast** = relative share of function labels − that of state labels. **Planted reference**: the same contrast for `planted`, a synthetic site per label where each token's class is written with probability {share} (else the majority class), so every label has share {share}; it is probed like the model's sites and divided by the same residual stream. **Excess** = contrast − planted reference: above 0 means the FFN output favours function labels beyond what equal shares give.
+- **Verdicts** (paired by seed): from the per-seed values and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when inside ±δ (two one-sided tests at the 5% level; δ = {margin} in share), **inconclusive** otherwise (with the smallest difference the seeds would detect; *not shown*, never *no*). The primary result, *MoE vs dense*, compares the two models' excess at the same layer; each model's contrast is compared with its planted reference.
 - {interval}
 """
 
@@ -92,8 +92,6 @@ class FunctionState(Study):
         analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
         ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
-        per_seed = contrasts(rows, self.kinds)
-        paired = per_seed.pivot_table(index=["seed", "layer"], columns="model", values="contrast").reset_index()
         return {
             "task": {"name": self.task.name, "options": self.task.options},
             "kinds": self.kinds,
@@ -105,10 +103,6 @@ class FunctionState(Study):
                 for name in self.models
             },
             **summarize_function_state(rows, self.kinds, cfg.margin),
-            "moe_vs_dense": [
-                {"layer": int(layer), "contrast": compare(part.get("moe", np.nan), part.get("dense", np.nan), cfg.margin)}
-                for layer, part in paired.groupby("layer")
-            ],
             "probes": rows,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
@@ -118,23 +112,36 @@ class FunctionState(Study):
         return [
             {"layer": layer, "label": label, "kind": self.kinds[label],
              **{f"MoE {site}": fmt_ci(share[("moe", layer, label, site)]) for site in SITES},
+             PLANTED: fmt_ci(share[("moe", layer, label, PLANTED)]),
              "dense ffn_out": fmt_ci(share[key]) if (key := ("dense", layer, label, "ffn_out")) in share else "n/a"}
             for (model, layer, label, site) in share if model == "moe" and site == "router_input"
         ]
 
+    def bottom_line(self, results: dict[str, Any]) -> list[str]:
+        """The primary result per layer: MoE vs dense, each contrast net of its planted reference."""
+        lines = []
+        for row in results["primary"]:
+            c, excess = row["verdict"], row["excess"]
+            finding = {"more": "the MoE's expert output favours function over state labels more than the dense MLP's output does",
+                       "less": "the MoE's expert output favours function over state labels less than the dense MLP's output does",
+                       "equivalent": "the MoE's expert output favours function over state labels as much as the dense MLP's output does",
+                       "inconclusive": "a difference between the MoE's expert output and the dense MLP's output is not shown"}[c["verdict"]]
+            lines.append(f"- Layer {row['layer']}: {finding} (each measured beyond a planted site that carries every label equally; "
+                         f"excess contrast {fmt_ci(excess['moe'])} MoE vs {fmt_ci(excess['dense'])} dense): **{verdict_text(c)}**.")
+        return lines or ["- No layer has finished runs of both models, so the MoE-vs-dense comparison is not shown."]
+
     def answers(self, results: dict[str, Any]) -> list[str]:
-        dense = {r["layer"]: r["contrast"] for r in results["moe_vs_dense"]}
+        """Per model and layer: the contrast against its planted reference of equal shares."""
         lines = []
         for row in results["contrasts"]:
-            c = row["contrast"]
-            line = (f"- `{row['model']}` layer {row['layer']}: relative share (ffn_out − resid_post) of function labels "
-                    f"{fmt_ci(row['function'])} vs state labels {fmt_ci(row['state'])}; the FFN output carries function labels "
-                    f"better than state labels relative to the residual stream: **{c['verdict']}** (contrast {fmt_ci(c)}, 90% CI, "
-                    f"δ = {c['margin']}, detectable {fmt(c['detectable'])})")
-            if row["model"] == "moe" and row["layer"] in dense:
-                d = dense[row["layer"]]
-                line += f"; MoE vs dense contrast: **{d['verdict']}** (Δ = {fmt_ci(d)})"
-            lines.append(line + ".")
+            c = row["vs_planted"]
+            finding = {"more": "the FFN output favours function labels beyond equal shares",
+                       "less": "the FFN output favours state labels beyond equal shares",
+                       "equivalent": "the FFN output is equivalent to a site of equal shares",
+                       "inconclusive": "a departure of the FFN output from equal shares is not shown"}[c["verdict"]]
+            lines.append(f"- `{row['model']}` layer {row['layer']}: relative share (ffn_out − resid_post) of function labels "
+                         f"{fmt_ci(row['function'])} vs state labels {fmt_ci(row['state'])}, contrast {fmt_ci(row['contrast'])} against "
+                         f"{fmt_ci(row['planted'])} for the planted site: {finding}, **{verdict_text(c)}**.")
         return lines
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
@@ -158,19 +165,25 @@ class FunctionState(Study):
         ]
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
         blocks = [
+            Section("Bottom line", [Text("\n".join(self.bottom_line(results)))]),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
                 + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".\n\n"
                 f"A dense transformer and an MoE ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, each trained "
                 f"for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. Probes read "
                 f"{cfg.n_eval} held-out sequences (seed {cfg.eval_seed}).")]),
-            Section("Answers", [Text("\n".join(self.answers(results)))]),
+            Section("Each model against a site of equal shares", [Text(
+                f"A contrast above 0 alone is no finding: where the residual stream carries state labels at the ceiling, a site "
+                f"that carries every label equally scores above 0 too. The reference is that site, planted: every label written "
+                f"with share {PLANTED_SHARE} into a site of its own (`{PLANTED}` in the tables), probed and divided by the same "
+                f"residual stream.\n\n"
+                + "\n".join(self.answers(results)))]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
             Section("Share of each label at each site", [Table(self.summary(results))]),
             Section("Every probe", [Table(probe_rows)]),
             *expert_map_section(ctx.directory, N_SHOWN),
             Section("Figures", [Figure(path, caption) for caption, path in figures]),
-            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, interval=INTERVAL_NOTE))]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, share=PLANTED_SHARE, interval=INTERVAL_NOTE))]),
         ]
         blocks += failed_runs_section(results["failed_runs"])
         return Document(f"Function vs state on `{task.name}`: what experts pull out of the residual stream", blocks)

@@ -18,8 +18,11 @@ from toylab.analysis.dictionary import (
     expert_codes,
     label_detection,
     matched_cosine,
+    matched_label_detection,
     mean_max_cosine,
     sparsity_stats,
+    summarize_detection,
+    summarize_rsa,
     variance_explained,
 )
 from toylab.config import build
@@ -142,6 +145,68 @@ def test_code_rsa_is_one_for_the_same_code_and_near_zero_without_correspondence(
     assert code_rsa(clustered, assignment_codes(tokens[:, None], np.zeros((300, 4)))["onehot"], seed=0)["rsa"] > 0.5
 
 
+def seed_codes(x: np.ndarray, init: int) -> np.ndarray:
+    """A sparse code of activations `x` as a dictionary fit with seed `init` gives: ReLU of 128 seed-specific directions."""
+    return np.maximum(x @ np.random.default_rng(init).normal(size=(x.shape[1], 128)), 0)
+
+
+def test_rsa_reference_is_two_seeds_of_one_dictionary_on_the_same_activations() -> None:
+    """SAE and Switch SAE codes drawn like two seeds of one dictionary of each model's activations agree as much as
+    the reference says, not more; a reference across models (different activations) would call them "more"."""
+    per_seed = []
+    for seed in range(5):  # each seed: another model, so other activations
+        x = np.random.default_rng(100 + seed).normal(size=(300, 8))
+        per_seed.append({name: seed_codes(x, 10 * seed + i) for i, name in enumerate(("sae", "switch", "sae_reseed", "switch_reseed"))})
+    references = {"sae": "sae_reseed", "switch": "switch_reseed"}
+    summary = summarize_rsa(per_seed, [("sae", "switch")], references, margin=0.05)
+    same = [code_rsa(c["sae"], c["sae_reseed"], s)["rsa"] for s, c in enumerate(per_seed)]
+    assert summary["reference"]["sae"]["mean"] == pytest.approx(np.mean(same))
+    pair = summary["sae-switch"]
+    assert pair["vs_sae_reference"]["verdict"] == pair["vs_switch_reference"]["verdict"] == "equivalent"
+    across_models = [code_rsa(per_seed[s]["sae"], per_seed[(s + 1) % 5]["sae"], s)["rsa"] for s in range(5)]
+    assert max(np.abs(across_models)) < 0.2 < min(pair["per_seed"])  # the confounded reference sits far below the pair
+    identical = [{**c, "switch": c["sae"]} for c in per_seed]  # the Switch SAE is the SAE: never less than its reference
+    assert summarize_rsa(identical, [("sae", "switch")], references, margin=0.05)["sae-switch"]["vs_sae_reference"]["verdict"] == "more"
+
+
+def test_dictionaries_of_two_seeds_are_fit_on_the_same_activations() -> None:
+    from toylab.studies.dictionaries import RESEED, DictionariesConfig, fit_tokens
+
+    rng = np.random.default_rng(0)
+    resid, resid_eval = rng.normal(size=(400, 8)).astype(np.float32), rng.normal(size=(120, 8)).astype(np.float32)
+    cfg = DictionariesConfig(seeds=2, token_size=8, n_experts=4, sae_train=SAETrainConfig(steps=20, batch_size=64))
+    experts = np.maximum(rng.normal(size=(120, 16)), 0)
+    fitted = fit_tokens(3, resid, resid_eval, experts, {"a": rng.integers(0, 3, 120)}, np.arange(50), cfg)
+    assert set(fitted["codes"]) == {"sae", "switch", "sae_reseed", "switch_reseed"}
+    for method, n_experts in (("sae", 1), ("switch", 4)):
+        sae_cfg = SAEConfig(d_in=8, n_latents=8, n_experts=n_experts)
+        refit = train_sae(SparseAutoencoder(sae_cfg, [3 + RESEED]), resid, SAETrainConfig(steps=20, batch_size=64, seed=3 + RESEED), cfg.token_l1)
+        np.testing.assert_allclose(fitted["codes"][f"{method}_reseed"], encode(refit, resid_eval[:50])[0][:, 0].numpy(), atol=1e-6)
+        assert not np.allclose(fitted["codes"][method], fitted["codes"][f"{method}_reseed"])
+    assert fitted["detection"]["a"]["latents"] == 8
+
+
+def test_label_detection_gives_every_code_the_same_latent_count_and_its_own_null() -> None:
+    """Codes with no signal: 8 latents and 128 latents of the same kind score alike once both get 8 candidates,
+    while the best of all 128 would look better; each code sits at its own null."""
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, 2000)
+    codes = {"small": np.maximum(rng.normal(size=(2000, 8)), 0), "large": np.maximum(rng.normal(size=(2000, 128)), 0) * (rng.random((2000, 128)) < 0.3)}
+    codes["small"] *= rng.random((2000, 8)) < 0.3
+    per_seed = [matched_label_detection(codes, label, seed) for seed in range(4)]
+    assert {s["latents"] for s in per_seed} == {8}
+    assert label_detection(codes["large"], label) > label_detection(codes["small"], label) + 0.01  # unmatched: more candidates win
+    summary = summarize_detection(per_seed, ["small", "large"], "small", margin=0.05)
+    assert summary["latents"] == 8 and summary["large"]["vs_small"]["verdict"] == "equivalent"
+    for name in codes:
+        assert summary[name]["vs_null"]["verdict"] == "equivalent"
+        assert abs(summary[name]["f1"]["mean"] - summary[name]["null"]["mean"]) < 0.02
+    perfect = {**codes, "detector": np.eye(4)[label]}  # a code that holds the label beats its own null
+    detected = summarize_detection([matched_label_detection(perfect, label, s) for s in range(3)], list(perfect), "small", 0.05)
+    assert detected["detector"]["f1"]["mean"] == pytest.approx(1.0) and detected["detector"]["vs_small"]["verdict"] == "more"
+    assert detected["latents"] == 4
+
+
 @pytest.mark.slow
 def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     from toylab.study import run_study
@@ -152,7 +217,9 @@ def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     point = results["planted"]["grid"][0]
     assert point["switch_vs_sae_mmcs"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
     assert all(0 <= point[m]["mmcs"]["mean"] <= 1 for m in ("sae", "switch"))
-    rsa = results["tokens"]["rsa"]
-    assert set(rsa["seed_to_seed"]) == {"sae", "switch", "onehot", "router"}
+    tokens = results["tokens"]
+    assert set(tokens["rsa"]["reference"]) == {"sae", "switch"}
     for pair in ("sae-switch", "sae-onehot", "switch-router"):
-        assert -1 <= rsa[pair]["rsa"]["mean"] <= 1 and {"vs_shuffled", f"vs_{pair.split('-')[0]}_seeds"} <= set(rsa[pair])
+        assert -1 <= tokens["rsa"][pair]["rsa"]["mean"] <= 1 and {"vs_shuffled", f"vs_{pair.split('-')[0]}_reference"} <= set(tokens["rsa"][pair])
+    for summary in tokens["labels"].values():
+        assert {"null", "vs_null"} <= set(summary["experts"]) and "vs_sae" in summary["switch"]

@@ -9,7 +9,10 @@ import torch
 from test_sparse_probing import token_tasks
 
 from toylab import get_task
-from toylab.analysis.function_state import SITES, function_state, site_probes, summarize_function_state
+from toylab.analysis.function_state import (
+    PLANTED, SITES, contrasts, function_state, planted_probes, planted_site, site_probes, summarize_function_state,
+)
+from toylab.analysis.stats import compare
 from toylab.cli import app
 from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
@@ -39,11 +42,12 @@ def test_label_planted_at_one_site_is_found_there_only() -> None:
 
 
 def fake_rows(model: str, seed: int, function_gap: float) -> list[dict]:
-    """Share rows where the FFN output is `function_gap` closer to the residual for the function label than for the state one."""
+    """Share rows where the FFN output is `function_gap` closer to the residual for the function label than for the state
+    one, and a planted site of equal shares."""
     jitter = 0.01 * np.random.default_rng(seed).normal()
     rows = []
     for label, ffn in (("depth", 0.8 + function_gap + jitter), ("token", 0.8)):
-        for site, value in (("router_input", 0.9), ("ffn_out", ffn), ("resid_post", 0.9)):
+        for site, value in (("router_input", 0.9), ("ffn_out", ffn), ("resid_post", 0.9), (PLANTED, 0.5)):
             rows.append({"model": model, "seed": seed, "layer": 0, "label": label, "site": site,
                          "accuracy": value, "baseline": 0.3, "shuffled": 0.3, "share": value})
     return rows
@@ -53,10 +57,62 @@ def test_contrast_verdicts() -> None:
     kinds = {"depth": "function", "token": "state"}
     rows = [r for s in range(3) for r in fake_rows("moe", s, 0.2) + fake_rows("dense", s, 0.0)]
     summary = summarize_function_state(rows, kinds)
-    verdicts = {c["model"]: c["contrast"] for c in summary["contrasts"]}
-    assert verdicts["moe"]["verdict"] == "more" and verdicts["moe"]["mean"] == pytest.approx(0.2, abs=0.02)
-    assert verdicts["dense"]["verdict"] == "equivalent"
-    assert len(summary["sites"]) == 2 * 2 * 3 and summary["sites"][0]["kind"] in kinds.values()
+    verdicts = {c["model"]: c for c in summary["contrasts"]}
+    assert verdicts["moe"]["vs_planted"]["verdict"] == "more" and verdicts["moe"]["contrast"]["mean"] == pytest.approx(0.2, abs=0.02)
+    assert verdicts["dense"]["vs_planted"]["verdict"] == "equivalent" and verdicts["dense"]["planted"]["mean"] == pytest.approx(0)
+    (primary,) = summary["primary"]
+    assert primary["verdict"]["verdict"] == "more" and primary["verdict"]["mean"] == pytest.approx(0.2, abs=0.02)
+    assert len(summary["sites"]) == 2 * 2 * 4 and summary["sites"][0]["kind"] in kinds.values()
+
+
+def test_planted_site_has_the_same_share_for_every_label() -> None:
+    """Equal shares for labels of any class count and skew, and for labels that depend on each other."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    depth = rng.integers(0, 5, n)
+    labels = {"binary": (rng.random(n) < 0.7).astype(int), "many": rng.integers(0, 12, n),
+              "skewed": rng.choice(4, n, p=[0.55, 0.25, 0.15, 0.05]), "depth": depth, "depth_parity": depth % 2}
+    labels["many"][:300] = IGNORE
+    site = planted_site(labels["many"], 0.5, seed=1)
+    assert site.shape == (n, 12) and not site[:300].any() and (site[300:].sum(1) == 1).all()
+    rows = planted_probes(labels, groups=np.arange(n) // 20)
+    assert {r["site"] for r in rows} == {PLANTED} and {r["label"] for r in rows} == set(labels)
+    assert all(abs(r["share"] - 0.5) < 0.06 for r in rows), [(r["label"], r["share"]) for r in rows]
+
+
+def embed(labels: dict[str, np.ndarray], keep: dict[str, float], rng: np.random.Generator, d: int = 24) -> np.ndarray:
+    """Activations `[n, d]` that carry each label with share `keep[label]`: the true class with that probability (else a
+    constant), as random class directions plus noise."""
+    x = 0.1 * rng.normal(size=(len(next(iter(labels.values()))), d))
+    for name, values in labels.items():
+        shown = np.where(rng.random(len(values)) < keep[name], values, 0)
+        x += 3 * rng.normal(size=(values.max() + 1, d))[shown]
+    return x
+
+
+def test_a_site_of_equal_shares_is_not_function_more_than_state() -> None:
+    """The FFN output carries every label equally; the residual carries state labels at the ceiling and function labels
+    less (more so in the MoE). Today's contrast against 0 says "function more than state"; the contrast against the
+    planted site of equal shares, and the MoE-vs-dense primary result, must not."""
+    kinds = {"token": "state", "depth": "function"}
+    rows = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n = 600
+        labels, groups = {"token": rng.integers(0, 4, n), "depth": rng.integers(0, 3, n)}, np.arange(n) // 24
+        planted = planted_probes(labels, groups, seed)
+        for model, function_in_resid in (("moe", 0.5), ("dense", 0.9)):
+            acts = {"ffn_out": embed(labels, {"token": 0.6, "depth": 0.6}, rng), "resid_post": embed(labels, {"token": 1.0, "depth": function_in_resid}, rng)}
+            rows += [{"model": model, "seed": seed, "layer": 0, **row} for row in site_probes(acts, labels, groups, seed) + planted]
+    summary = summarize_function_state(rows, kinds)
+    contrasts_ = {c["model"]: c for c in summary["contrasts"]}
+    assert contrasts_["moe"]["contrast"]["ci_low"] > 0.2  # the old verdict, contrast vs 0: "more"
+    for model in ("moe", "dense"):
+        assert contrasts_[model]["vs_planted"]["verdict"] in ("equivalent", "inconclusive")
+    (primary,) = summary["primary"]
+    assert primary["verdict"]["verdict"] in ("equivalent", "inconclusive")
+    raw = contrasts(rows, kinds).pivot_table(index="seed", columns="model", values="contrast")
+    assert compare(raw["moe"], raw["dense"])["verdict"] == "more"  # the MoE-vs-dense difference of raw contrasts is fooled
 
 
 def test_model_sites_and_ffn_output_is_the_weighted_expert_sum() -> None:
@@ -68,7 +124,7 @@ def test_model_sites_and_ffn_output_is_the_weighted_expert_sum() -> None:
     weighted = (cache["blocks.0.mlp.hook_expert_out"] * cache["blocks.0.mlp.hook_expert_weights"].unsqueeze(-1)).sum(2)
     torch.testing.assert_close(cache[SITES["ffn_out"].format(layer=0)], weighted)
     rows = function_state(model, task, batch, names=["depth", "stack_top"])
-    assert {(r["site"], r["label"], r["layer"]) for r in rows} == {(s, n, 0) for s in SITES for n in ("depth", "stack_top")}
+    assert {(r["site"], r["label"], r["layer"]) for r in rows} == {(s, n, 0) for s in (*SITES, PLANTED) for n in ("depth", "stack_top")}
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -91,6 +147,6 @@ def test_fast_study_through_the_cli_on_every_token_task(task: str, tmp_path, cap
     (directory,) = (tmp_path / "function-state").iterdir()
     results = json.loads((directory / "results.json").read_text())
     assert not results["failed_runs"] and {c["model"] for c in results["contrasts"]} == {"dense", "moe"}
-    assert {r["site"] for r in results["sites"]} == set(SITES)
+    assert {r["site"] for r in results["sites"]} == {*SITES, PLANTED} and results["primary"]
     report = (directory / "report.md").read_text()
-    assert "## Answers" in report and (directory / "figures" / "shares.png").is_file() and "figures/shares.png" in report
+    assert "## Bottom line" in report and (directory / "figures" / "shares.png").is_file() and "figures/shares.png" in report

@@ -12,7 +12,10 @@ Directions are rows: learned `D [n_latents, d]`, true `T [n_true, d]`; codes `[N
 
 `assignment_codes` turns an MoE layer's routing into codes (one-hot chosen experts, router
 probabilities), and `code_rsa` compares any two codes of the same tokens by RSA
-(`toylab.analysis.similarity.rsa`) beside its shuffled-token-correspondence null.
+(`toylab.analysis.similarity.rsa`) beside its shuffled-token-correspondence null; `summarize_rsa`
+sets each pair against the reference of the same activations: one dictionary refit with another seed.
+`matched_label_detection` scores label detection with the same number of candidate latents for every
+code, each beside its own shuffled-label null.
 
 `chance_mean_max_cosine` is the null: the same dictionary's MMCS against as many random directions,
 which is far from 0 in few dimensions, so a dictionary recovers features only well above it.
@@ -20,12 +23,16 @@ which is far from 0 in few dimensions, so a dictionary recovers features only we
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from toylab.analysis.similarity import rsa
+from toylab.analysis.stats import UNIT, compare, mean_ci
 
 DENSE = 0.1
 """A latent that fires on more than this share of samples is dense."""
@@ -142,3 +149,62 @@ def code_rsa(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
     no token correspondence; about 0)."""
     shuffled = np.asarray(y)[np.random.default_rng(seed).permutation(len(y))]
     return {"rsa": rsa(x, y), "shuffled": rsa(x, shuffled)}
+
+
+def matched_label_detection(codes: Mapping[str, np.ndarray], label: np.ndarray, seed: int, draws: int = 10) -> dict[str, Any]:
+    """`label_detection` of every code `[N, n_latents]` with the same number of candidate latents, beside its own null.
+
+    The best of more latents is higher by chance alone, so every code is scored on n of its latents, n = the smallest
+    code's count: per draw, n latents of each code at random (all of them for a code of n), against `label [N]` and
+    against the label permuted over tokens (the null: one permutation per draw, shared by the codes). Means over
+    draws: `{"latents": n, code: {"f1", "null", "lift" (= f1 - null)}}`.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(code.shape[1] for code in codes.values())
+    f1: dict[str, list[float]] = {name: [] for name in codes}
+    null: dict[str, list[float]] = {name: [] for name in codes}
+    for _ in range(draws):
+        shuffled = label[rng.permutation(len(label))]
+        for name, code in codes.items():
+            kept = code[:, rng.choice(code.shape[1], n, replace=False)]
+            f1[name].append(label_detection(kept, label))
+            null[name].append(label_detection(kept, shuffled))
+    out: dict[str, Any] = {"latents": n}
+    for name in codes:
+        out[name] = {"f1": float(np.mean(f1[name])), "null": float(np.mean(null[name]))}
+        out[name]["lift"] = out[name]["f1"] - out[name]["null"]
+    return out
+
+
+def summarize_detection(per_seed: Sequence[Mapping[str, Any]], codes: Sequence[str], reference: str, margin: float) -> dict[str, Any]:
+    """Over seeds, from `matched_label_detection` results of one label: each code's F1 and null (mean [95% CI]) with
+    the verdict F1 vs null, and each other code's lift over its null against `reference`'s (paired by seed)."""
+    out: dict[str, Any] = {"latents": per_seed[0]["latents"] if per_seed else 0}
+    for name in codes:
+        f1, null = [s[name]["f1"] for s in per_seed], [s[name]["null"] for s in per_seed]
+        out[name] = {"f1": mean_ci(f1, bounds=UNIT), "null": mean_ci(null, bounds=UNIT), "vs_null": compare(f1, null, margin)}
+        if name != reference:
+            out[name][f"vs_{reference}"] = compare([s[name]["lift"] for s in per_seed], [s[reference]["lift"] for s in per_seed], margin)
+    return out
+
+
+def summarize_rsa(codes: Sequence[Mapping[str, np.ndarray]], pairs: Sequence[tuple[str, str]], references: Mapping[str, str],
+                  margin: float) -> dict[str, Any]:
+    """RSA of pairs of codes over seeds, against a shuffled-token null and each code's reference on the same activations.
+
+    `codes`: per seed, `{code: [tokens, d]}` of the same tokens of one model. A code's reference is its RSA with
+    `references[code]`, the same dictionary refit with another seed on the same activations: the agreement two
+    codes of one model's activations reach when only the seed differs. A pair "less" than a reference agrees less
+    than two seeds of that dictionary; a code without a reference (the model's own routing) is not compared.
+    """
+    level = {name: [code_rsa(c[name], c[other], s)["rsa"] for s, c in enumerate(codes)] for name, other in references.items()}
+    out: dict[str, Any] = {"reference": {name: mean_ci(v, bounds=(-1.0, 1.0)) for name, v in level.items()}}
+    for a, b in pairs:
+        scores = [code_rsa(c[a], c[b], s) for s, c in enumerate(codes)]
+        pair, null = [r["rsa"] for r in scores], [r["shuffled"] for r in scores]
+        out[f"{a}-{b}"] = {
+            "rsa": mean_ci(pair, bounds=(-1.0, 1.0)), "shuffled": mean_ci(null, bounds=(-1.0, 1.0)),
+            "per_seed": pair, "vs_shuffled": compare(pair, null, margin),
+            **{f"vs_{name}_reference": compare(pair, level[name], margin) for name in (a, b) if name in level},
+        }
+    return out
