@@ -200,7 +200,8 @@ class Dictionaries(Study):
         models = ctx.train(jobs)
         site = ROUTER_INPUT.format(layer=cfg.token_layer)
         neurons, chosen = f"blocks.{cfg.token_layer}.mlp.hook_post", f"blocks.{cfg.token_layer}.mlp.hook_expert_indices"
-        train_batch, eval_batch = task.sample(cfg.n_eval, cfg.eval_seed), task.sample(cfg.n_eval, cfg.eval_seed + 1)
+        train_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)  # the dictionaries' training tokens
+        eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 1, exclude=[train_batch])
         ctx.expert_map(jobs, eval_batch)
         keep = task.positions(eval_batch)
         labels = {name: eval_batch.labels[name][keep] for name in analysable_labels(task)}

@@ -10,7 +10,16 @@ import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.paths import routing_paths, summarize_paths
-from toylab.analysis.specialization import ASSIGNMENTS, analysable_labels, routing_given_token, specialization, summarize
+from toylab.analysis.specialization import (
+    ASSIGNMENTS,
+    FAMILIES,
+    adjust_families,
+    analysable_labels,
+    primary_labels,
+    routing_given_token,
+    specialization,
+    summarize,
+)
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
@@ -120,6 +129,8 @@ class ExpertSpecialization(Study):
         if pairs:
             write_expert_map(ctx.directory / "expert_map.json", task, eval_batch, {str(s): analysed[s][3] for s in pairs},
                              cfg.n_experts, cfg.top_k)
+        specialization = summarize(per_seed, cfg.margin) if any(per_seed) else {}
+        paths_summary = summarize_paths(paths, cfg.margin) if paths else {}
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
             "performance": performance,
@@ -130,12 +141,13 @@ class ExpertSpecialization(Study):
                 }
                 for kind, runs in performance.items()
             },
-            "specialization": summarize(per_seed, cfg.margin) if any(per_seed) else {},
+            "specialization": specialization,
             "expert_entropy_given_token": {
                 layer: {**mean_ci([g[layer] for g in given_token]), "max": max(g[layer] for g in given_token)}
                 for layer in (given_token[0] if given_token else {})
             },
-            "paths": summarize_paths(paths, cfg.margin) if paths else {},
+            "paths": paths_summary,
+            "families": adjust_families(specialization, paths_summary, task),
             "per_seed": per_seed,
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
@@ -214,19 +226,43 @@ class ExpertSpecialization(Study):
             for label, s in labels.items()
         ]
 
+    def primary_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """The primary family: routing vs k-means for the function labels at the last MoE layer."""
+        if not results["specialization"]:
+            return []
+        last = max(results["specialization"], key=int)
+        return [{"layer": last, "label": label, "NMI routing": fmt_ci(s["routing_nmi"]),
+                 "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]), "linear probe NMI": fmt_ci(s["linear_nmi"]),
+                 "routing vs k-means": verdict_text(s["verdict"])}
+                for label, s in results["specialization"][last].items() if label in primary_labels(self.task)]
+
+    def family_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        def counts(tally: dict[str, int]) -> str:
+            return ", ".join(f"{n} {v}" for v, n in tally.items() if n) or "–"
+
+        return [{"family": name, "question": f["question"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]),
+                 "adjusted verdicts": counts(f["adjusted"])}
+                for name, f in sorted(results.get("families", {}).items(), key=lambda item: list(FAMILIES).index(item[0]))]
+
     def bottom_line(self, results: dict[str, Any]) -> str:
         cfg, task = self.config, self.task
         pairs = [(f"`{label}` (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
         if not pairs:
             return "No pair of dense and MoE runs finished, so there is nothing to compare."
+        primary = self.primary_rows(results)
+        answer = ("**Primary question**: do the last MoE layer's experts align with what the model must compute, beyond k-means "
+                  "on the router input? " + "; ".join(f"`{r['label']}`: {r['routing vs k-means']}" for r in primary) + ". ")
         seeds = max(s["verdict"]["n"] for _, s in pairs)
         groups = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v] for v in ("more", "less", "equivalent", "inconclusive")}
         counts = "; ".join(f"{v} for {len(names)}" + (f" ({', '.join(names)})" if names and v != "inconclusive" else "")
                            for v, names in groups.items() if names)
         moe = results["performance_summary"].get("moe", {}).get(task.primary_metric)
-        text = (f"With the {self.router_description()} on `{task.name}`, over {seeds} seed{'s' if seeds != 1 else ''}, "
-                f"routing aligned with the planted labels, compared with k-means on the router input (δ = ±{cfg.margin:g} NMI): "
-                f"{counts} of {len(pairs)} (label, layer) pairs.")
+        raw = sum(s["verdict"]["raw_verdict"] in ("more", "less") for _, s in pairs)
+        text = answer + (
+            f"With the {self.router_description()} on `{task.name}`, over {seeds} seed{'s' if seeds != 1 else ''}, "
+            f"routing aligned with the planted labels, compared with k-means on the router input (δ = ±{cfg.margin:g} NMI, "
+            f"verdicts Benjamini–Hochberg-adjusted within each family of tests): {counts} of {len(pairs)} (label, layer) pairs "
+            f"({raw} directional without the correction).")
         if moe is not None:
             text += f" The MoE model's held-out {task.primary_metric} is {fmt_ci(moe)}."
         entropy = results["expert_entropy_given_token"]
@@ -291,6 +327,19 @@ class ExpertSpecialization(Study):
                         for layer, e in results["expert_entropy_given_token"].items()]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("Primary question and families of tests", [
+                Text("The study's one primary question: do the experts of the last MoE layer specialize in what the model "
+                     f"must compute (the task's function labels: {', '.join(f'`{n}`' for n in primary_labels(task))}) beyond "
+                     "k-means on the router input? One test per label, corrected within this family. Every other verdict in "
+                     "this report is secondary: the tests are grouped into families of one kind of comparison, and each "
+                     "family is corrected on its own by Benjamini–Hochberg (at most 5% of a family's claims false on average; "
+                     "in a family with no effect, the chance of any *more* or *less* is at most 5%; *equivalent* uses the "
+                     "adjusted two one-sided tests). Directional "
+                     "verdicts are two-sided tests at 5% after the correction, so a 90% interval just above 0 may read "
+                     "*inconclusive*; each verdict also gives the uncorrected one where they differ."),
+                Table(self.primary_rows(results)),
+                Table(self.family_rows(results)),
+            ]),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "

@@ -79,7 +79,7 @@ class FunctionState(Study):
 
     def analyse(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """One finished run (in a worker): its task metrics and probe rows at every site."""
-        model, batch = load_trained(run_dir).model, self.task.sample(self.config.n_eval, self.config.eval_seed)
+        model, batch = load_trained(run_dir).model, self.task.sample_split(self.config.n_eval, self.config.eval_seed, "heldout")
         name, seed = job.key.rsplit("-seed", 1)
         rows = function_state(model, self.task, batch, seed=int(seed))
         return evaluate(model, self.task, batch), [{"model": name, "seed": int(seed), **row} for row in rows]
@@ -90,7 +90,7 @@ class FunctionState(Study):
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
         ctx.train(jobs)
         analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
-        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], self.task.sample(cfg.n_eval, cfg.eval_seed))
+        ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         return {
             "task": {"name": self.task.name, "options": self.task.options},

@@ -171,12 +171,12 @@ class Planning(Study):
         mazes (and on the larger ones), and, for the main task, its probe rows and those given the next move, for the
         trained network and for the same architecture with untrained weights (drawn with the run's seed, as in training)."""
         cfg, model = self.config, load_trained(run_dir).model
-        batch = job.task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = job.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         scores = {**evaluate(model, job.task, batch), **job.task.solve_rate(model, batch)}
         if job.task.options != self.task.options:
             return scores, [], []
         if self.larger is not None:
-            found = self.larger.solve_rate(model, self.larger.sample(cfg.n_eval, cfg.eval_seed))
+            found = self.larger.solve_rate(model, self.larger.sample_split(cfg.n_eval, cfg.eval_seed, "heldout"))
             scores.update({f"larger_{name}": value for name, value in found.items()})
         kind, seed = job.key.split("-")[0], job.config.seed
         with torch.random.fork_rng():
@@ -190,7 +190,7 @@ class Planning(Study):
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
-        eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
         jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))  # the slower MoE first
                 for seed in range(cfg.seeds) for kind, options in reversed(self.models.items())]
         jobs += [TrainJob(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], replace(cfg.train, seed=seed))

@@ -106,8 +106,8 @@ class RoutingVariants(Study):
         jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for kind, options in self.models.items()]
         trained = ctx.train(jobs)
-        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == cfg.variants[0]], task.sample(cfg.n_eval, cfg.eval_seed))
-        eval_batch = task.sample(cfg.n_eval, cfg.eval_seed)
+        eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
+        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == cfg.variants[0]], eval_batch)
         performance = {kind: [evaluate(trained[f"{kind}-seed{s}"].model, task, eval_batch)[task.primary_metric]
                               for s in range(cfg.seeds) if trained[f"{kind}-seed{s}"]] for kind in self.models}
         pairs = [(kind, seed) for kind in cfg.variants for seed in range(cfg.seeds) if trained[f"{kind}-seed{seed}"]]
@@ -129,7 +129,7 @@ class RoutingVariants(Study):
         """One (variant, seed) in a worker on one torch thread: routing against k-means with as many clusters as it
         uses, the null and the linear ceiling (`matched_routing`), load balance, and k = 1 sparse probing."""
         cfg = self.config
-        batch = self.task.sample(cfg.n_eval, cfg.eval_seed)
+        batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe = load_trained(moe_dir).model
         with torch_threads(1):
             return {"specialization": matched_routing(moe, self.task, batch, cfg.n_permutations, seed),
@@ -138,7 +138,7 @@ class RoutingVariants(Study):
     def probe_run(self, kind: str, seed: int, directory: Path) -> list[dict[str, Any]]:
         """`probe` of a finished run (in a worker, on one torch thread)."""
         with torch_threads(1):
-            return self.probe(kind, seed, load_trained(directory).model, self.task.sample(self.config.n_eval, self.config.eval_seed))
+            return self.probe(kind, seed, load_trained(directory).model, self.task.sample_split(self.config.n_eval, self.config.eval_seed, "heldout"))
 
     def probe(self, kind: str, seed: int, model: Transformer, batch: Batch) -> list[dict[str, Any]]:
         """k = 1 sparse probing of one model's FFN neurons on `batch` (rows tagged with model and seed)."""

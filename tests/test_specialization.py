@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from toylab import get_task
 from toylab.analysis.clustering import kmeans
-from toylab.analysis.specialization import alignment, label_scores, summarize
+from toylab.analysis.specialization import alignment, analysable_labels, label_scores, summarize
 from toylab.analysis.stats import compare
 
 
@@ -81,3 +82,28 @@ def test_planted_quiet_label_separates_routing_from_clustering(routing, verdict)
         routed = [seed["label"]["routing"] for seed in seeds]
         assert compare([r["nmi"] for r in routed], [r["null_nmi_mean"] for r in routed])["verdict"] == "equivalent"
         assert s["conditional_vs_null"]["verdict"] == "equivalent" and s["routing_max_p_value"] > 0.01
+
+
+def test_families_put_function_labels_of_the_last_layer_first_and_correct_each_family():
+    """No effect anywhere: many uncorrected one-sided verdicts at 5% per direction give directional calls; Benjamini–Hochberg
+    within each family leaves almost none; the primary family is the function labels at the last MoE layer."""
+    from toylab.analysis.specialization import FAMILIES, PRIMARY, adjust_families, primary_labels
+
+    task = get_task("brackets")
+    rng = np.random.default_rng(1)
+
+    def noise() -> dict:
+        return compare(rng.normal(size=5), rng.normal(size=5))
+
+    raw = adjusted = 0
+    for _ in range(100):
+        summary = {layer: {label: {"verdict": noise(), "conditional_verdict": noise(), "conditional_vs_null": noise(),
+                                   "label_entropy_given_token": 1.0} for label in analysable_labels(task)} for layer in ("0", "1")}
+        families = adjust_families(summary, {}, task)
+        assert set(families) == set(FAMILIES) - {"paths"}
+        assert families[PRIMARY]["tests"] == len(primary_labels(task)) == 3
+        assert sum(f["tests"] for f in families.values()) == 3 * 2 * len(analysable_labels(task))
+        raw += any(f["raw"]["more"] + f["raw"]["less"] for f in families.values())
+        adjusted += sum(f["adjusted"]["more"] + f["adjusted"]["less"] > 0 for f in families.values())
+        assert all("raw_verdict" in s["verdict"] for labels in summary.values() for s in labels.values())
+    assert raw >= 90 and adjusted <= 0.1 * 100 * 4  # at most about 5% of the 400 families, with room for chance

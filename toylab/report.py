@@ -47,6 +47,10 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     if c["n"] < 2:
         return f"inconclusive (one seed, so no interval: Δ = {fmt(c['mean'], digits)})" if c["n"] else "inconclusive (no finished seeds)"
     interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
+    if "p_adjusted" in c:  # a verdict corrected within its family (`stats.adjust`)
+        p = c["p_equivalent_adjusted"] if verdict == "equivalent" else c["p_adjusted"]
+        interval += (f"; {c['adjustment']}-adjusted over {c['family_size']} tests: p = {fmt(p, 4)}"
+                     + (f", uncorrected {c['raw_verdict']}" if c["raw_verdict"] != verdict else ""))
     if verdict == "equivalent":
         return f"equivalent within ±{c['margin']:g} ({interval})"
     if verdict == "inconclusive":

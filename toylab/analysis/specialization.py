@@ -34,7 +34,7 @@ from toylab.analysis.clustering import (
     permutation_nmi,
 )
 from toylab.analysis.probes import logistic_predictions
-from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci, permutation_p_value
+from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci, permutation_p_value
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -193,3 +193,50 @@ def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], m
                 "conditional_vs_null": compare([r["cnmi"] for r in routing], [r["null_cnmi_mean"] for r in routing], margin),
             }
     return summary
+
+
+PRIMARY = "primary"
+FAMILIES = {
+    PRIMARY: "routing vs k-means NMI, the task's function labels at the last MoE layer",
+    "nmi": "routing vs k-means NMI, every other (label, layer)",
+    "cnmi": "routing vs k-means NMI given the token, every (label, layer) the token does not determine",
+    "cnmi_vs_null": "routing's NMI given the token vs its within-token null, every (label, layer) as above",
+    "paths": "routing paths vs the best single layer, vs k-means with as many clusters, vs the null, every label",
+}
+"""The families of tests of `expert-specialization`, each corrected for multiplicity on its own (`adjust`)."""
+
+
+def primary_labels(task: Task) -> list[str]:
+    """The labels of the primary question: those the model must compute (`kind == "function"`), else every label."""
+    labels = analysable_labels(task)
+    return [name for name in labels if task.labels[name].kind == "function"] or labels
+
+
+def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Any]], task: Task) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of `summarize` and `summarize_paths` within the `FAMILIES` (in place; each keeps its
+    `raw_verdict`), and return per family its question, number of tests and verdict counts before and after.
+
+    The primary family answers the study's question: routing vs k-means on the router input for the function
+    labels at the last MoE layer. Everything else is secondary, in families of one kind of comparison.
+    """
+    last, primary = (max(summary, key=int) if summary else None), set(primary_labels(task))
+    members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
+    for layer, labels in summary.items():
+        for label, s in labels.items():
+            members[PRIMARY if layer == last and label in primary else "nmi"].append((s, "verdict"))
+            if s["label_entropy_given_token"] > 1e-9:
+                members["cnmi"].append((s, "conditional_verdict"))
+                members["cnmi_vs_null"].append((s, "conditional_vs_null"))
+    for s in paths.values():
+        members["paths"] += [(s, key) for key in ("path_vs_layer", "path_vs_kmeans", "path_vs_null")]
+    families = {}
+    for name, tests in members.items():
+        if not tests:
+            continue
+        raw = [holder[key]["verdict"] for holder, key in tests]
+        for (holder, key), corrected in zip(tests, adjust([holder[key] for holder, key in tests])):
+            holder[key] = corrected
+        families[name] = {"question": FAMILIES[name], "tests": len(tests), "adjustment": ADJUSTMENT,
+                          "raw": {v: raw.count(v) for v in VERDICTS},
+                          "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
+    return families

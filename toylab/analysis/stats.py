@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -14,6 +15,10 @@ UNIT = (0.0, 1.0)
 """Bounds of NMI, rates, accuracies and shares, for `mean_ci`."""
 NONNEGATIVE = (0.0, math.inf)
 """Bounds of losses, counts and other quantities that cannot be negative, for `mean_ci`."""
+ADJUSTMENT = "Benjamini–Hochberg"
+"""How `adjust` corrects a family of tests."""
+VERDICTS = ("more", "less", "equivalent", "inconclusive")
+"""The four outcomes of `compare`."""
 INTERVAL_NOTE = (
     "Every `mean [low, high]` is a mean over seeds with its 95% Student-t interval; for quantities bounded to a "
     "range (NMI, ARI, rates, accuracies, shares) the interval is intersected with that range, which keeps its coverage "
@@ -55,7 +60,8 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
     - "more" / "less": otherwise, the interval lies above / below 0 (a one-sided test at level alpha);
     - "inconclusive": neither (also with fewer than 2 seeds: no interval).
     Also returns `detectable`, the smallest true difference these seeds would call more or less with the
-    given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), and the two-sided paired t-test p-value.
+    given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), the two-sided paired t-test p-value and the TOST
+    p-value `p_equivalent` (the larger of the two one-sided p-values), which `adjust` corrects for multiplicity.
     """
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
@@ -65,14 +71,17 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
     if n < 2:
         mean = float(differences[0]) if n else math.nan
         return {**out, "mean": mean, "ci_low": math.nan, "ci_high": math.nan, "detectable": math.nan,
-                "p_value": math.nan, "verdict": "inconclusive"}
+                "p_value": math.nan, "p_equivalent": math.nan, "verdict": "inconclusive"}
     diff = mean_ci(differences, 1 - 2 * alpha)
     sd = float(differences.std(ddof=1))
     if sd <= 1e-12:  # no spread: the t-interval is undefined and the difference is certain
         diff["ci_low"] = diff["ci_high"] = diff["mean"]
         p = 1.0 if abs(diff["mean"]) <= 1e-12 else 0.0
+        p_equivalent = 0.0 if abs(diff["mean"]) < margin else 1.0
     else:
         p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
+        se = sd / math.sqrt(n)
+        p_equivalent = float(max(stats.t.sf((diff["mean"] + margin) / se, n - 1), stats.t.cdf((diff["mean"] - margin) / se, n - 1)))
     detectable = float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
     if -margin < diff["ci_low"] and diff["ci_high"] < margin:
         verdict = "equivalent"
@@ -82,7 +91,41 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
         verdict = "less"
     else:
         verdict = "inconclusive"
-    return {**out, **diff, "detectable": detectable, "p_value": p, "verdict": verdict}
+    return {**out, **diff, "detectable": detectable, "p_value": p, "p_equivalent": p_equivalent, "verdict": verdict}
+
+
+def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """The verdicts of one family of `compare` results, corrected for multiplicity by Benjamini–Hochberg
+    (`scipy.stats.false_discovery_control`).
+
+    Within the family, the two-sided p-values (a difference in either direction) and the TOST p-values are each
+    adjusted, and a verdict reads: "equivalent" where the adjusted TOST p < alpha, else "more" / "less" (by the
+    sign of the mean difference) where the adjusted two-sided p < alpha, else "inconclusive". Benjamini–Hochberg
+    bounds the expected share of false claims among a family's claims by alpha; in a family with no effect
+    anywhere every claim is false, so the chance of any "more" or "less" there is at most alpha. Each result keeps
+    its `raw_verdict` (uncorrected, one-sided at alpha per direction) and gains `p_adjusted`,
+    `p_equivalent_adjusted`, `family_size` and `adjustment`. Results without p-values (one seed) stay inconclusive.
+    """
+    def corrected(key: str) -> np.ndarray:
+        p = np.array([c.get(key, math.nan) for c in comparisons], dtype=np.float64)
+        out = np.full(len(p), math.nan)
+        finite = np.isfinite(p)
+        if finite.any():
+            out[finite] = stats.false_discovery_control(p[finite], method="bh")
+        return out
+
+    direction, equivalence = corrected("p_value"), corrected("p_equivalent")
+    adjusted = []
+    for c, p, p_eq in zip(comparisons, direction, equivalence):
+        if p_eq < alpha:
+            verdict = "equivalent"
+        elif p < alpha:
+            verdict = "more" if c["mean"] > 0 else "less"
+        else:
+            verdict = "inconclusive"
+        adjusted.append({**c, "raw_verdict": c.get("raw_verdict", c["verdict"]), "verdict": verdict, "p_adjusted": float(p),
+                         "p_equivalent_adjusted": float(p_eq), "family_size": len(comparisons), "adjustment": ADJUSTMENT})
+    return adjusted
 
 
 def claim_state(verdict: str, expected: Sequence[str]) -> str:
