@@ -251,8 +251,8 @@ class AblationStudy(Study):
                 f"the whole FFN removed on one subset of tokens: the best single expert ablation vs the dense MLP removed on one cell of "
                 f"the MoE's own partition of the same tokens (each class's best ablation chosen on a selection batch, scored on "
                 f"another). On `{self.task.name}` over {cfg.seeds} seeds and {len(modes[0][1])} labels its verdicts are "
-                f"{tally(HEADLINE)}; so \"expert ablations are more selective\" is {claim} of {len(states)} label × ablation cases (contradicted: "
-                f"equivalent or less). The other dense token-subset controls: k-means cells of the router input ({tally(primary[1])}); "
+                f"{tally(HEADLINE)}; so \"expert ablations are more selective\" is {claim} of {len(states)} label × ablation cases (an *equivalent* "
+                f"or *less* verdict would contradict it). The other dense token-subset controls: k-means cells of the router input ({tally(primary[1])}); "
                 f"hash cells of the token id ({tally(primary[2])}). The old comparison, experts vs dense neuron groups of equal size, "
                 f"removes part of the FFN on every token, a different intervention that mostly re-measures how routing correlates "
                 f"with class; it would read " + "; ".join(f"vs {ARM_NAMES[b]} ({tally((a, b))})" for a, b in old)
