@@ -49,7 +49,7 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
     if "p_adjusted" in c:  # a verdict corrected within its family (`stats.adjust`)
         p = c["p_equivalent_adjusted"] if verdict == "equivalent" else c["p_adjusted"]
-        interval += (f"; {c['adjustment']}-adjusted over {c['family_size']} tests: p = {fmt(p, 4)}"
+        interval += (f"; {c['adjustment']}-adjusted over {c['family_size']} test{'s' if c['family_size'] != 1 else ''}: p = {fmt(p, 4)}"
                      + (f", uncorrected {c['raw_verdict']}" if c["raw_verdict"] != verdict else ""))
     if verdict == "equivalent":
         return f"equivalent within ±{c['margin']:g} ({interval})"
