@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 from toylab.analysis.ablation import (
-    ARMS, COMPARISONS, FLOOR, KINDS, MIN_COUNT, MODES, ablation_analysis, diagonal_damage, summarize_ablations,
+    ARMS, COMPARISONS, FLOOR, KINDS, MIN_COUNT, MODES, ablation_analysis, adjust_verdicts, diagonal_damage, summarize_ablations,
 )
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, compare, mean_ci
@@ -153,6 +153,7 @@ class AblationStudy(Study):
         runs = {kind: [analysed.get(f"{kind}-seed{seed}") for seed in range(cfg.seeds if kind != "control" else cfg.control_seeds)]
                 for kind in (*KINDS, *(("control",) if cfg.control else ()))}
         performance = {kind: {f"seed{s}": r["performance"] if r else None for s, r in enumerate(found)} for kind, found in runs.items()}
+        selectivity = summarize_ablations({kind: runs[kind] for kind in KINDS}, cfg.margin)
         return {
             "task": {"name": self.task.name, "options": self.task.options, "primary_metric": self.task.primary_metric},
             "performance": performance,
@@ -162,7 +163,8 @@ class AblationStudy(Study):
                 for kind, seeds in performance.items()
             },
             "group_size": self.group_size,
-            "selectivity": summarize_ablations({kind: runs[kind] for kind in KINDS}, cfg.margin),
+            "selectivity": selectivity,
+            "test_families": adjust_verdicts(selectivity),
             "control": self.control_summary(runs["control"]) if cfg.control else {},
             "per_seed": {kind: [None if r is None else {k: v for k, v in r.items() if k != "performance"} for r in found]
                          for kind, found in runs.items()},
@@ -250,7 +252,8 @@ class AblationStudy(Study):
         text = (f"Are targeted ablations easier on MoEs? The comparison that answers it applies the same intervention to both models, "
                 f"the whole FFN removed on one subset of tokens: the best single expert ablation vs the dense MLP removed on one cell of "
                 f"the MoE's own partition of the same tokens (each class's best ablation chosen on a selection batch, scored on "
-                f"another). On `{self.task.name}` over {cfg.seeds} seeds and {len(modes[0][1])} labels its verdicts are "
+                f"another). On `{self.task.name}` over {cfg.seeds} seeds and {len(modes[0][1])} labels its verdicts (each family of "
+                f"tests Benjamini–Hochberg-corrected) are "
                 f"{tally(HEADLINE)}; so \"expert ablations are more selective\" is {claim} of {len(states)} label × ablation cases (an *equivalent* "
                 f"or *less* verdict would contradict it). The other dense token-subset controls: k-means cells of the router input ({tally(primary[1])}); "
                 f"hash cells of the token id ({tally(primary[2])}). The old comparison, experts vs dense neuron groups of equal size, "
@@ -317,6 +320,18 @@ class AblationStudy(Study):
                 f"sequences (seed {cfg.eval_seed + 2}) and scored on {cfg.n_eval} others (seed {cfg.eval_seed}); means, k-means cells "
                 f"and selective neurons also use another {cfg.n_eval} (seed {cfg.eval_seed + 1}).")]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
+            Section("Primary question and families of tests", [
+                Text("The one primary question: is the best single expert ablation more selective than the dense MLP removed "
+                     "on one cell of the MoE's own partition of the same tokens (the same intervention)? Its family is that "
+                     "comparison over every (ablation mode, label); every other comparison is secondary, one family per "
+                     "comparison. Each family is corrected on its own by Benjamini–Hochberg (in a family with no effect, the "
+                     "chance of any *more* or *less* is at most 5%); directional verdicts are then two-sided tests at 5%, and "
+                     "each verdict gives the uncorrected one where they differ."),
+                Table([{"family": name.replace("/", " "), "role": f["role"], "tests": f["tests"],
+                        "uncorrected verdicts": ", ".join(f"{n} {v}" for v, n in f["raw"].items() if n),
+                        "adjusted verdicts": ", ".join(f"{n} {v}" for v, n in f["adjusted"].items() if n)}
+                       for name, f in results.get("test_families", {}).items()]),
+            ]),
             *(Section(f"Verdicts. {title}", [Table(rows) if (rows := self.verdict_rows(results, role)) else Text("(no pair of runs finished)")])
               for role, title in ROLES.items()),
             Section("Results", [

@@ -44,7 +44,7 @@ from sklearn.cluster import KMeans
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, analysable_labels, token_activations
-from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci
 from toylab.models import Transformer
 from toylab.models.hooks import HookPoint
 from toylab.models.transformer import MLP
@@ -480,3 +480,27 @@ def diagonal_damage(causal: np.ndarray, n_experts: int) -> dict[str, float]:
     own[np.arange(causal.shape[1]) % n_experts, np.arange(causal.shape[1])] = True
     return {"own": float(np.nanmean(causal[own])), "others": float(np.nanmean(causal[~own])),
             "largest_other": float(np.nanmax(np.abs(causal[~own])))}
+
+
+PRIMARY = COMPARISONS["primary"][0]
+"""The primary comparison: the experts vs the dense MLP removed on the MoE's own partition of the same tokens."""
+
+
+def adjust_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of `summarize_ablations` for multiplicity (in place; each keeps its `raw_verdict`): a family
+    is one comparison of `COMPARISONS` over every (ablation mode, label), corrected on its own (`stats.adjust`). Returns
+    per family its role, number of tests and verdict counts before and after; the first is the primary family."""
+    families = {}
+    for role, pairs in COMPARISONS.items():
+        for pair in pairs:
+            name = " vs ".join(pair)
+            tests = [s["verdicts"] for labels in summary.values() for s in labels.values() if name in s["verdicts"]]
+            if not tests:
+                continue
+            raw = [t[name]["verdict"] for t in tests]
+            for holder, corrected in zip(tests, adjust([t[name] for t in tests])):
+                holder[name] = corrected
+            families[name] = {"role": "primary" if pair == PRIMARY else "secondary, " + role, "tests": len(tests), "adjustment": ADJUSTMENT,
+                              "raw": {v: raw.count(v) for v in VERDICTS},
+                              "adjusted": {v: sum(t[name]["verdict"] == v for t in tests) for v in VERDICTS}}
+    return families
