@@ -40,6 +40,8 @@ ARM_NAMES = {
 }
 HEADLINE = COMPARISONS["primary"][0]
 """The comparison that answers the study's question: experts vs the dense MLP on the MoE's own partition of the same tokens."""
+PAIRS = [" vs ".join(pair) for pairs in COMPARISONS.values() for pair in pairs]
+"""The comparisons in report order, the primary first."""
 ROLES = {"primary": "Primary: experts vs the dense MLP on one cell of tokens (the same intervention)",
          "hash": "Hash-routed control",
          "neuron groups": "Old design: experts vs dense neuron groups (a different intervention)"}
@@ -330,7 +332,7 @@ class AblationStudy(Study):
                 Table([{"family": name.replace("/", " "), "role": f["role"], "tests": f["tests"],
                         "uncorrected verdicts": ", ".join(f"{n} {v}" for v, n in f["raw"].items() if n),
                         "adjusted verdicts": ", ".join(f"{n} {v}" for v, n in f["adjusted"].items() if n)}
-                       for name, f in results.get("test_families", {}).items()]),
+                       for name, f in sorted(results.get("test_families", {}).items(), key=lambda item: PAIRS.index(item[0]))]),
             ]),
             *(Section(f"Verdicts. {title}", [Table(rows) if (rows := self.verdict_rows(results, role)) else Text("(no pair of runs finished)")])
               for role, title in ROLES.items()),

@@ -486,6 +486,10 @@ PRIMARY = COMPARISONS["primary"][0]
 """The primary comparison: the experts vs the dense MLP removed on the MoE's own partition of the same tokens."""
 
 
+SECONDARY = {"primary": "the same intervention, other cells", "hash": "hash-routed control", "neuron groups": "old design"}
+"""What the secondary families of each role of `COMPARISONS` are."""
+
+
 def adjust_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Correct the verdicts of `summarize_ablations` for multiplicity (in place; each keeps its `raw_verdict`): a family
     is one comparison of `COMPARISONS` over every (ablation mode, label), corrected on its own (`stats.adjust`). Returns
@@ -500,7 +504,7 @@ def adjust_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raw = [t[name]["verdict"] for t in tests]
             for holder, corrected in zip(tests, adjust([t[name] for t in tests])):
                 holder[name] = corrected
-            families[name] = {"role": "primary" if pair == PRIMARY else "secondary, " + role, "tests": len(tests), "adjustment": ADJUSTMENT,
+            families[name] = {"role": "primary" if pair == PRIMARY else f"secondary: {SECONDARY[role]}", "tests": len(tests), "adjustment": ADJUSTMENT,
                               "raw": {v: raw.count(v) for v in VERDICTS},
                               "adjusted": {v: sum(t[name]["verdict"] == v for t in tests) for v in VERDICTS}}
     return families
