@@ -11,7 +11,7 @@ import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.sparse_probing import (
-    BOUNDS, FRACTIONS, KS, PSEUDO, RANKINGS, class_scores, compare_gaps, gap_trend, gaps, macro_scores, skipped_pairs, sparse_probing,
+    BOUNDS, FRACTIONS, KS, PSEUDO, RANKINGS, adjust_comparisons, class_scores, compare_gaps, gap_trend, gaps, macro_scores, skipped_pairs, sparse_probing,
 )
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.config import build
@@ -191,6 +191,7 @@ class SparseProbing(Study):
                 for name in self.models
             },
             "macro": macro_scores(scores),
+            "test_families": adjust_comparisons(comparisons, trends, f"{PRIMARY}/{RANKINGS[0]}/kind", self.headline()),
             "comparisons": comparisons,
             "trends": trends,
             "skipped": skipped_pairs(rows),
@@ -234,7 +235,11 @@ class SparseProbing(Study):
     def verdict_text(self, results: dict[str, Any], key: str, model: str, field: str, value: str) -> str:
         """`**verdict** (Δ = mean [90% CI])` of one comparison row, or n/a."""
         row = next((r for r in results["comparisons"].get(key, []) if r["model"] == model and r[field] == value), None)
-        return "n/a" if row is None else f"**{row['gap']['verdict']}** (Δ = {fmt_ci(row['gap'])})"
+        if row is None:
+            return "n/a"
+        gap = row["gap"]
+        uncorrected = f", uncorrected {gap['raw_verdict']}" if gap.get("raw_verdict", gap["verdict"]) != gap["verdict"] else ""
+        return f"**{gap['verdict']}** (Δ = {fmt_ci(gap)}{uncorrected})"
 
     def bottom_line(self, results: dict[str, Any]) -> str:
         """The primary verdict, experts of the headline MoE vs pseudo-experts on its own partition, per kind of label."""
@@ -337,6 +342,17 @@ class SparseProbing(Study):
             Section("Answers", [Text(self.bottom_line(results)),
                                 Text(f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers."),
                                 Text("\n".join(self.answers(results)))]),
+            Section("Families of tests", [
+                Text("The primary family is the bottom line's comparison (the headline MoE's experts vs pseudo-experts on its "
+                     "own partition, per kind of label). Every other comparison and trend is secondary, one family per table "
+                     "key (comparison / ranking / grouping, over models and groups), each corrected on its own by "
+                     "Benjamini–Hochberg (in a family with no effect, the chance of any *more* or *less* is at most 5%). "
+                     "Verdicts in this report are the corrected ones; where they differ, the uncorrected one is named."),
+                Table([{"family": name, "role": f["role"], "tests": f["tests"],
+                        "uncorrected verdicts": ", ".join(f"{n} {v}" for v, n in f["raw"].items() if n),
+                        "adjusted verdicts": ", ".join(f"{n} {v}" for v, n in f["adjusted"].items() if n)}
+                       for name, f in sorted(results.get("test_families", {}).items(), key=lambda item: item[1]["role"] != "primary")]),
+            ]),
             Section("Old design vs new, per MoE (pooled over layers and labels of a kind)", [Table(old_vs_new)]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
             Section(f"k={cfg.ks[0]} scores by model, layer and label", [Table(self.summary(results))]),

@@ -339,3 +339,24 @@ def test_fast_study_through_the_cli_on_every_token_task(task: str, tmp_path, cap
     for label in {row["label"] for row in results["macro"]}:
         assert f"figures/lift_vs_sparsity_{label}.png" in report and (directory / "figures" / f"lift_vs_sparsity_{label}.png").is_file()
     assert "## Answers\n\n**Bottom line** (primary comparison)" in report
+
+
+def test_comparisons_are_corrected_within_families_with_the_headline_primary():
+    """No effect: noise gaps for 3 models x 10 groups in two comparison keys; the headline model's rows of the primary
+    key form the primary family; after the correction few families keep any directional verdict."""
+    from toylab.analysis.sparse_probing import adjust_comparisons
+    from toylab.analysis.stats import compare
+
+    rng = np.random.default_rng(0)
+    raw = adjusted = 0
+    for _ in range(30):
+        comparisons = {key: [{"model": m, "label": g, "gap": compare(rng.normal(size=5), np.zeros(5))} for m in ("a", "b", "c")
+                             for g in range(10)] for key in ("partition/x/label", "random/x/label")}
+        trends = {"partition/x/label": [{"label": g, "slope": compare(rng.normal(size=5), np.zeros(5))} for g in range(10)]}
+        families = adjust_comparisons(comparisons, trends, "partition/x/label", "b")
+        assert {name: f["tests"] for name, f in families.items()} == {
+            "primary": 10, "partition/x/label": 20, "random/x/label": 30, "trend: partition/x/label": 10}
+        assert all("raw_verdict" in row["gap"] for rows in comparisons.values() for row in rows)
+        raw += sum(f["raw"]["more"] + f["raw"]["less"] > 0 for f in families.values())
+        adjusted += sum(f["adjusted"]["more"] + f["adjusted"]["less"] > 0 for f in families.values())
+    assert raw > 0.6 * 120 and adjusted <= 0.1 * 120

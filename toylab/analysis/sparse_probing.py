@@ -33,7 +33,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans, mutual_info_from_tables
 from toylab.analysis.specialization import ROUTER_INPUT, token_activations
-from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.models.moe import MoE
@@ -466,3 +466,31 @@ def verdict(differences: Sequence[float], margin: float = MARGIN) -> dict[str, A
     """`compare` of per-seed differences with 0: more, less, equivalent (inside +-margin) or inconclusive."""
     differences = np.asarray(differences, dtype=np.float64)
     return compare(differences, np.zeros_like(differences), margin)
+
+
+def adjust_comparisons(
+    comparisons: dict[str, list[dict[str, Any]]], trends: dict[str, list[dict[str, Any]]], primary: str, headline: str
+) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of the study's comparisons (`gap`) and trends (`slope`) for multiplicity (in place; each
+    keeps its `raw_verdict`) and return per family its role, number of tests and verdict counts before and after.
+
+    The primary family is the `headline` model's rows of comparison `primary`; every other comparison key, and every
+    trend key, is a family of its own over its models and groups, corrected on its own (`stats.adjust`).
+    """
+    members: dict[str, list[tuple[dict[str, Any], str]]] = {"primary": []}
+    for key, rows in comparisons.items():
+        for row in rows:
+            members.setdefault("primary" if key == primary and row["model"] == headline else key, []).append((row, "gap"))
+    for key, rows in trends.items():
+        members.setdefault(f"trend: {key}", []).extend((row, "slope") for row in rows)
+    families = {}
+    for name, tests in members.items():
+        if not tests:
+            continue
+        raw = [holder[field]["verdict"] for holder, field in tests]
+        for (holder, field), corrected in zip(tests, adjust([holder[field] for holder, field in tests])):
+            holder[field] = corrected
+        families[name] = {"role": "primary" if name == "primary" else "secondary", "tests": len(tests), "adjustment": ADJUSTMENT,
+                          "raw": {v: raw.count(v) for v in VERDICTS},
+                          "adjusted": {v: sum(holder[field]["verdict"] == v for holder, field in tests) for v in VERDICTS}}
+    return families
