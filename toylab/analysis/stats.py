@@ -58,7 +58,8 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
     From the per-seed differences a - b and their (1 - 2 alpha) = 90% Student-t interval:
     - "equivalent": the interval lies inside (-margin, margin): two one-sided tests (TOST) at level alpha;
     - "more" / "less": otherwise, the interval lies above / below 0 (a one-sided test at level alpha);
-    - "inconclusive": neither (also with fewer than 2 seeds: no interval).
+    - "inconclusive": neither (also with fewer than 2 seeds, or with no spread over seeds, where the interval
+      cannot be estimated: `no_spread`; identical differences in a few seeds are not certainty).
     Also returns `detectable`, the smallest true difference these seeds would call more or less with the
     given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), the two-sided paired t-test p-value and the TOST
     p-value `p_equivalent` (the larger of the two one-sided p-values), which `adjust` corrects for multiplicity.
@@ -74,10 +75,10 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
                 "p_value": math.nan, "p_equivalent": math.nan, "verdict": "inconclusive"}
     diff = mean_ci(differences, 1 - 2 * alpha)
     sd = float(differences.std(ddof=1))
-    if sd <= 1e-12:  # no spread: the t-interval is undefined and the difference is certain
+    if sd <= 1e-12:  # no spread over seeds: zero variance is not certainty, the interval cannot be estimated
         diff["ci_low"] = diff["ci_high"] = diff["mean"]
-        p = 1.0 if abs(diff["mean"]) <= 1e-12 else 0.0
-        p_equivalent = 0.0 if abs(diff["mean"]) < margin else 1.0
+        return {**out, **diff, "detectable": math.nan, "p_value": math.nan, "p_equivalent": math.nan,
+                "verdict": "inconclusive", "no_spread": True}
     else:
         p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
         se = sd / math.sqrt(n)
