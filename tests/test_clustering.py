@@ -113,9 +113,11 @@ def test_compare_four_outcomes():
     assert compare([0.5, 0.1, 0.9], [0.4, 0.3, 0.8])["verdict"] == "inconclusive"
     assert compare([0.50, 0.31, 0.60], [0.49, 0.30, 0.61])["verdict"] == "equivalent"
     assert compare([0.50, 0.31, 0.60], [0.49, 0.30, 0.61], margin=0.005)["verdict"] == "inconclusive"
-    # identical differences in every seed: zero spread is not certainty, so no interval and no verdict
-    for same in (compare([0.3, 0.3], [0.3, 0.3]), compare([0.4, 0.5], [0.3, 0.4]), compare([0.4, 0.5, 0.6], [0.3, 0.4, 0.5])):
+    # the same nonzero difference in every seed: zero spread is not certainty, so no interval and no verdict
+    for same in (compare([0.4, 0.5], [0.3, 0.4]), compare([0.4, 0.5, 0.6], [0.3, 0.4, 0.5])):
         assert same["verdict"] == "inconclusive" and same["no_spread"]
+    identical = compare([0.3, 0.2, 0.3], [0.3, 0.2, 0.3])  # identical in every seed (exact by construction): said so
+    assert identical["verdict"] == "equivalent" and identical["identical"]
     one = compare([0.3], [0.1])
     assert one["verdict"] == "inconclusive" and one["mean"] == pytest.approx(0.2) and math.isnan(one["ci_low"])
 

@@ -17,9 +17,9 @@ def test_tiny_label_and_hash_routers_give_their_known_assignments(tmp_path):
     hashed = run_study("expert-specialization", {**TINY, "task": "modes", "router": "hash"}, out=tmp_path, progress=False)
     assert all(e["max"] == 0 for e in hashed.results["expert_entropy_given_token"].values())
     mode = hashed.results["specialization"]["0"]["mode"]
-    # exactly 0 given the token in every seed, as its null: no spread, so no interval and no verdict is claimed
-    assert mode["routing_cnmi"]["mean"] == 0 and mode["conditional_vs_null"]["no_spread"]
-    assert mode["conditional_vs_null"]["verdict"] == "inconclusive"
+    # exactly 0 given the token in every seed, as its null: identical by construction, and said so
+    assert mode["routing_cnmi"]["mean"] == 0 and mode["conditional_vs_null"]["identical"]
+    assert mode["conditional_vs_null"]["verdict"] == "equivalent"
     report = (hashed.directory / "report.md").read_text()
     assert report.startswith("# Expert specialization on `modes`\n\n**Bottom line.**") and "## Controls" in report
     assert "Routing is a function of the token" in report

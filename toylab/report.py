@@ -46,6 +46,8 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     c, verdict = comparison, comparison["verdict"]
     if c["n"] < 2:
         return f"inconclusive (one seed, so no interval: Δ = {fmt(c['mean'], digits)})" if c["n"] else "inconclusive (no finished seeds)"
+    if c.get("identical"):
+        return f"equivalent (identical in every one of {c['n']} seeds: Δ = 0 exactly)"
     if c.get("no_spread"):
         return f"inconclusive (Δ = {fmt(c['mean'], digits)} in every one of {c['n']} seeds: no spread, so no interval can be estimated)"
     interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"

@@ -58,8 +58,9 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
     From the per-seed differences a - b and their (1 - 2 alpha) = 90% Student-t interval:
     - "equivalent": the interval lies inside (-margin, margin): two one-sided tests (TOST) at level alpha;
     - "more" / "less": otherwise, the interval lies above / below 0 (a one-sided test at level alpha);
-    - "inconclusive": neither (also with fewer than 2 seeds, or with no spread over seeds, where the interval
-      cannot be estimated: `no_spread`; identical differences in a few seeds are not certainty).
+    - "inconclusive": neither (also with fewer than 2 seeds, or when every seed gives the same nonzero
+      difference: no interval can be estimated, `no_spread`, and the same difference in a few seeds is not certainty).
+    Where a and b are identical in every seed (`identical`, e.g. exact by construction), the verdict is "equivalent".
     Also returns `detectable`, the smallest true difference these seeds would call more or less with the
     given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), the two-sided paired t-test p-value and the TOST
     p-value `p_equivalent` (the larger of the two one-sided p-values), which `adjust` corrects for multiplicity.
@@ -75,10 +76,12 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
                 "p_value": math.nan, "p_equivalent": math.nan, "verdict": "inconclusive"}
     diff = mean_ci(differences, 1 - 2 * alpha)
     sd = float(differences.std(ddof=1))
-    if sd <= 1e-12:  # no spread over seeds: zero variance is not certainty, the interval cannot be estimated
+    if sd <= 1e-12:  # no spread over seeds: the t-interval cannot be estimated
         diff["ci_low"] = diff["ci_high"] = diff["mean"]
+        if abs(diff["mean"]) <= 1e-12:  # the two are identical in every seed (e.g. exact by construction): say so
+            return {**out, **diff, "detectable": 0.0, "p_value": 1.0, "p_equivalent": 0.0, "verdict": "equivalent", "identical": True}
         return {**out, **diff, "detectable": math.nan, "p_value": math.nan, "p_equivalent": math.nan,
-                "verdict": "inconclusive", "no_spread": True}
+                "verdict": "inconclusive", "no_spread": True}  # the same nonzero difference in every seed is not certainty
     else:
         p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
         se = sd / math.sqrt(n)
