@@ -422,7 +422,7 @@ class MoESuperposition(Study):
                  + " (*not shown*: the seeds could not tell, which is not a *no*). "
                  + ("Top-1 routing aligned with the planted feature groups, compared with k-means on the inputs: "
                     + ", ".join(f"{v} for {n}" for v, n in aligned.items() if n) + f" of {len(trained)} MoE configurations "
-                    "whose gate trains" + (f" (top-1 MoEs with the paper's weight 1 have an untrained gate: "
+                    "whose gate trains" + (" (top-1 MoEs with the paper's weight 1 have an untrained gate: "
                                            + "; ".join(f"E={configs[n]['E']}: NMI {fmt_ci(configs[n]['routing_nmi'])}, "
                                                        f"{verdict_text(configs[n]['verdict'])}" for n in moe if n not in trained) + ")"
                                            if len(trained) < len(moe) else "") + "."
