@@ -55,6 +55,8 @@ def sample_split(task: Task, n: int, seed: int, split: Split, exclude: Sequence[
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     task.check_sample(n, seed)
+    if n == 0:
+        return task.sample(0, seed)
     keep = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
     excluded = np.concatenate([sequence_hashes(b.inputs) for b in exclude]) if exclude else np.zeros(0, dtype=np.uint64)
     parts, have = [], 0
