@@ -55,13 +55,11 @@ def sample_split(task: Task, n: int, seed: int, split: Split, exclude: Sequence[
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     task.check_sample(n, seed)
-    if n == 0:
-        return task.sample(0, seed)
     keep = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
     excluded = np.concatenate([sequence_hashes(b.inputs) for b in exclude]) if exclude else np.zeros(0, dtype=np.uint64)
     parts, have = [], 0
     for round_ in range(MAX_ROUNDS):
-        if have >= n:
+        if parts and have >= n:  # (at least one round, so that n = 0 gives an empty batch of the task's shapes)
             break
         ask = math.ceil((n - have) / keep * 1.1) + 16
         drawn = task.sample(ask, int(np.random.SeedSequence([seed, SPLITS.index(split), round_]).generate_state(1)[0]))
