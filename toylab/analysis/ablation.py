@@ -44,7 +44,7 @@ from sklearn.cluster import KMeans
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, analysable_labels, token_activations
-from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, adjust_family, compare, mean_ci
 from toylab.models import Transformer
 from toylab.models.hooks import HookPoint
 from toylab.models.transformer import MLP
@@ -498,13 +498,7 @@ def adjust_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for role, pairs in COMPARISONS.items():
         for pair in pairs:
             name = " vs ".join(pair)
-            tests = [s["verdicts"] for labels in summary.values() for s in labels.values() if name in s["verdicts"]]
-            if not tests:
-                continue
-            raw = [t[name]["verdict"] for t in tests]
-            for holder, corrected in zip(tests, adjust([t[name] for t in tests])):
-                holder[name] = corrected
-            families[name] = {"role": "primary" if pair == PRIMARY else f"secondary: {SECONDARY[role]}", "tests": len(tests), "adjustment": ADJUSTMENT,
-                              "raw": {v: raw.count(v) for v in VERDICTS},
-                              "adjusted": {v: sum(t[name]["verdict"] == v for t in tests) for v in VERDICTS}}
+            tests = [(s["verdicts"], name) for labels in summary.values() for s in labels.values() if name in s["verdicts"]]
+            if tests:
+                families[name] = {"role": "primary" if pair == PRIMARY else f"secondary: {SECONDARY[role]}", **adjust_family(tests)}
     return families

@@ -33,7 +33,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans, mutual_info_from_tables
 from toylab.analysis.specialization import ROUTER_INPUT, token_activations
-from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, adjust_family, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.models.moe import MoE
@@ -483,14 +483,5 @@ def adjust_comparisons(
             members.setdefault("primary" if key == primary and row["model"] == headline else key, []).append((row, "gap"))
     for key, rows in trends.items():
         members.setdefault(f"trend: {key}", []).extend((row, "slope") for row in rows)
-    families = {}
-    for name, tests in members.items():
-        if not tests:
-            continue
-        raw = [holder[field]["verdict"] for holder, field in tests]
-        for (holder, field), corrected in zip(tests, adjust([holder[field] for holder, field in tests])):
-            holder[field] = corrected
-        families[name] = {"role": "primary" if name == "primary" else "secondary", "tests": len(tests), "adjustment": ADJUSTMENT,
-                          "raw": {v: raw.count(v) for v in VERDICTS},
-                          "adjusted": {v: sum(holder[field]["verdict"] == v for holder, field in tests) for v in VERDICTS}}
-    return families
+    return {name: {"role": "primary" if name == "primary" else "secondary", **adjust_family(tests)}
+            for name, tests in members.items() if tests}

@@ -34,7 +34,7 @@ from toylab.analysis.clustering import (
     permutation_nmi,
 )
 from toylab.analysis.probes import logistic_predictions
-from toylab.analysis.stats import ADJUSTMENT, MARGIN, UNIT, VERDICTS, adjust, compare, mean_ci, permutation_p_value
+from toylab.analysis.stats import MARGIN, UNIT, adjust_family, compare, mean_ci, permutation_p_value
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -229,14 +229,4 @@ def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[s
                 members["cnmi_vs_null"].append((s, "conditional_vs_null"))
     for s in paths.values():
         members["paths"] += [(s, key) for key in ("path_vs_layer", "path_vs_kmeans", "path_vs_null")]
-    families = {}
-    for name, tests in members.items():
-        if not tests:
-            continue
-        raw = [holder[key]["verdict"] for holder, key in tests]
-        for (holder, key), corrected in zip(tests, adjust([holder[key] for holder, key in tests])):
-            holder[key] = corrected
-        families[name] = {"question": FAMILIES[name], "tests": len(tests), "adjustment": ADJUSTMENT,
-                          "raw": {v: raw.count(v) for v in VERDICTS},
-                          "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
-    return families
+    return {name: {"question": FAMILIES[name], **adjust_family(tests)} for name, tests in members.items() if tests}

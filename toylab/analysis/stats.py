@@ -132,6 +132,16 @@ def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[d
     return adjusted
 
 
+def adjust_family(tests: Sequence[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """Correct one family of verdicts in place: each test is `(holder, key)` with a `compare` result at `holder[key]`,
+    replaced by its `adjust`ed version. Returns the family's size, adjustment and verdict counts before and after."""
+    raw = [holder[key]["verdict"] for holder, key in tests]
+    for (holder, key), corrected in zip(tests, adjust([holder[key] for holder, key in tests])):
+        holder[key] = corrected
+    return {"tests": len(tests), "adjustment": ADJUSTMENT, "raw": {v: raw.count(v) for v in VERDICTS},
+            "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
+
+
 def claim_state(verdict: str, expected: Sequence[str]) -> str:
     """A claim's state from a four-outcome verdict: "supported" when the verdict is one the claim `expected`,
     "not shown" when inconclusive (a test that failed to reject says nothing), "contradicted" otherwise (the
