@@ -22,7 +22,7 @@ from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves, verdict_text,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.task import Batch
@@ -40,8 +40,6 @@ ARM_NAMES = {
 }
 HEADLINE = COMPARISONS["primary"][0]
 """The comparison that answers the study's question: experts vs the dense MLP on the MoE's own partition of the same tokens."""
-PAIRS = [" vs ".join(pair) for pairs in COMPARISONS.values() for pair in pairs]
-"""The comparisons in report order, the primary first."""
 ROLES = {"primary": "Primary: experts vs the dense MLP on one cell of tokens (the same intervention)",
          "hash": "Hash-routed control",
          "neuron groups": "Old design: experts vs dense neuron groups (a different intervention)"}
@@ -322,18 +320,10 @@ class AblationStudy(Study):
                 f"sequences (seed {cfg.eval_seed + 2}) and scored on {cfg.n_eval} others (seed {cfg.eval_seed}); means, k-means cells "
                 f"and selective neurons also use another {cfg.n_eval} (seed {cfg.eval_seed + 1}).")]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
-            Section("Primary question and families of tests", [
-                Text("The one primary question: is the best single expert ablation more selective than the dense MLP removed "
-                     "on one cell of the MoE's own partition of the same tokens (the same intervention)? Its family is that "
-                     "comparison over every (ablation mode, label); every other comparison is secondary, one family per "
-                     "comparison. Each family is corrected on its own by Benjamini–Hochberg (in a family with no effect, the "
-                     "chance of any *more* or *less* is at most 5%); directional verdicts are then two-sided tests at 5%, and "
-                     "each verdict gives the uncorrected one where they differ."),
-                Table([{"family": name.replace("/", " "), "role": f["role"], "tests": f["tests"],
-                        "uncorrected verdicts": ", ".join(f"{n} {v}" for v, n in f["raw"].items() if n),
-                        "adjusted verdicts": ", ".join(f"{n} {v}" for v, n in f["adjusted"].items() if n)}
-                       for name, f in sorted(results.get("test_families", {}).items(), key=lambda item: PAIRS.index(item[0]))]),
-            ]),
+            families_section("The one primary question: is the best single expert ablation more selective than the dense MLP "
+                             "removed on one cell of the MoE's own partition of the same tokens (the same intervention)? Its family "
+                             "is that comparison over every (ablation mode, label); every other comparison is a family of its own.",
+                             {name.replace("/", " "): f for name, f in results.get("test_families", {}).items()}),
             *(Section(f"Verdicts. {title}", [Table(rows) if (rows := self.verdict_rows(results, role)) else Text("(no pair of runs finished)")])
               for role, title in ROLES.items()),
             Section("Results", [

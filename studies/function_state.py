@@ -9,25 +9,35 @@ from typing import Any
 import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
-from toylab.analysis.function_state import PLANTED, PLANTED_SHARE, SITES, function_state, summarize_function_state
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.analysis.function_state import (
+    FAMILIES, PLANTED, PLANTED_SHARE, SITES, adjust_function_state, function_state, summarize_function_state,
+)
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
-    verdict_text,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,
+    training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, load_trained
+
+QUESTION = ("The study's one primary question: do an MoE's experts pull out function (what the model computes) while "
+            "state stays in the residual stream, more than a dense MLP does? The one comparison that answers it: per FFN "
+            "layer, the MoE's excess contrast (function minus state labels' share at the FFN output relative to the residual "
+            "stream, beyond the planted site of equal shares) vs the dense model's, paired by seed. Every layer is tested and "
+            "the layers form one family, so no layer is picked after the fact; the sites are fixed in advance.")
+"""The primary question of `function-state` and the family that answers it (`function_state.FAMILIES`), for the report."""
 
 METRIC_NOTES = """\
 - **Sites** of each FFN layer l: `router_input` = `blocks.{{l}}.ln2.hook_normalized` (what the router and experts read); `ffn_out` = `blocks.{{l}}.hook_mlp_out`, for the MoE the chosen experts' outputs `hook_expert_out` weighted by `hook_expert_weights` and summed, as they enter the residual stream (for the dense model, its MLP output); `resid_post` = `blocks.{{l}}.hook_resid_post`.
 - **Probe**: multinomial logistic regression on standardized activations, fit on 75% of the held-out sequences and scored on the rest (split by sequence); multi-hot labels as one class per set. **Baseline**: the majority class; **shuffled**: the same probe on permuted labels.
 - **Share** of a label at a site: (accuracy − control) / (1 − control) with control = max(baseline, shuffled): 0 at the control, 1 for a perfect read.
 - **Relative share**: share(ffn_out) − share(resid_post), averaged over the labels of one kind (`state`: readable off the input; `function`: computed). **Contrast** = relative share of function labels − that of state labels. **Planted reference**: the same contrast for `planted`, a synthetic site per label where each token's class is written with probability {share} (else the majority class), so every label has share {share}; it is probed like the model's sites and divided by the same residual stream. **Excess** = contrast − planted reference: above 0 means the FFN output favours function labels beyond what equal shares give.
-- **Verdicts** (paired by seed): from the per-seed values and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when inside ±δ (two one-sided tests at the 5% level; δ = {margin} in share), **inconclusive** otherwise (with the smallest difference the seeds would detect; *not shown*, never *no*). The primary result, *MoE vs dense*, compares the two models' excess at the same layer; each model's contrast is compared with its planted reference.
+- **Verdicts** (paired by seed, at least 3 seeds): **more** / **less** (a paired t-test), **equivalent** inside ±δ (two one-sided tests; δ = {margin} in share), **inconclusive** otherwise (with the smallest difference the seeds would detect), each at the 5% level after the Benjamini–Hochberg correction within its family (see *Primary question and families of tests*); intervals are the uncorrected 90% Student-t intervals. The primary result, *MoE vs dense*, compares the two models' excess at the same layer; each model's contrast is compared with its planted reference.
+- **Claims** read **supported** (*more*), **contradicted** (*equivalent* within ±δ, or *less*) or **not shown** (*inconclusive*; never *no*).
 - {interval}
 """
 
@@ -92,6 +102,7 @@ class FunctionState(Study):
         analysed = ctx.analyse_runs(jobs, self.analyse, "probing")
         ctx.expert_map([job for job in jobs if job.key.startswith("moe-seed")], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
         rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
+        summary = summarize_function_state(rows, self.kinds, cfg.margin)
         return {
             "task": {"name": self.task.name, "options": self.task.options},
             "kinds": self.kinds,
@@ -102,7 +113,8 @@ class FunctionState(Study):
                        for metric in next((v[0] for key, v in analysed.items() if key.startswith(f"{name}-seed")), {})}
                 for name in self.models
             },
-            **summarize_function_state(rows, self.kinds, cfg.margin),
+            **summary,
+            "test_families": adjust_function_state(summary),
             "probes": rows,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
@@ -127,7 +139,8 @@ class FunctionState(Study):
                        "equivalent": "the MoE's expert output favours function over state labels as much as the dense MLP's output does",
                        "inconclusive": "a difference between the MoE's expert output and the dense MLP's output is not shown"}[c["verdict"]]
             lines.append(f"- Layer {row['layer']}: {finding} (each measured beyond a planted site that carries every label equally; "
-                         f"excess contrast {fmt_ci(excess['moe'])} MoE vs {fmt_ci(excess['dense'])} dense): **{verdict_text(c)}**.")
+                         f"excess contrast {fmt_ci(excess['moe'])} MoE vs {fmt_ci(excess['dense'])} dense): **{verdict_text(c)}**; "
+                         f"the claim that experts pull out function more than a dense MLP is **{claim_state(c['verdict'], ('more',))}**.")
         return lines or ["- No layer has finished runs of both models, so the MoE-vs-dense comparison is not shown."]
 
     def answers(self, results: dict[str, Any]) -> list[str]:
@@ -141,7 +154,8 @@ class FunctionState(Study):
                        "inconclusive": "a departure of the FFN output from equal shares is not shown"}[c["verdict"]]
             lines.append(f"- `{row['model']}` layer {row['layer']}: relative share (ffn_out − resid_post) of function labels "
                          f"{fmt_ci(row['function'])} vs state labels {fmt_ci(row['state'])}, contrast {fmt_ci(row['contrast'])} against "
-                         f"{fmt_ci(row['planted'])} for the planted site: {finding}, **{verdict_text(c)}**.")
+                         f"{fmt_ci(row['planted'])} for the planted site: {finding}, **{verdict_text(c)}**; \"it favours function "
+                         f"labels\" is **{claim_state(c['verdict'], ('more',))}**.")
         return lines
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
@@ -166,6 +180,7 @@ class FunctionState(Study):
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
         blocks = [
             Section("Bottom line", [Text("\n".join(self.bottom_line(results)))]),
+            families_section(QUESTION, {name: found[name] for name in FAMILIES if name in (found := results.get("test_families", {}))}),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
                 + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".\n\n"

@@ -14,7 +14,9 @@ import torch
 
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, claim_state, claim_states, compare, mean_ci, trend_verdict
+from toylab.analysis.stats import (
+    INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, adjust_families, claim_state, claim_states, compare, mean_ci, trend_verdict,
+)
 from toylab.analysis.superposition import (
     REPRESENTED,
     expert_group_purity,
@@ -39,7 +41,9 @@ from toylab.models.superposition import (
     train_toy_model,
 )
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, contingency_heatmaps, fmt, fmt_ci, interval_bars, verdict_text
+from toylab.report import (
+    Document, Figure, Section, Table, Text, contingency_heatmaps, families_section, fmt, fmt_ci, interval_bars, verdict_text,
+)
 from toylab.study import Study, StudyContext
 from toylab.task import IGNORE
 
@@ -50,8 +54,8 @@ METRIC_NOTES = """\
 - **Group purity** of an expert: the share of its represented features that belong to its most common planted group (usage-weighted).
 - **Router confidence**: the mean router probability of the top expert.
 - **NMI** between the top-1 expert of each sample and its planted group (samples with no active feature left out), against **k-means on the inputs** with as many clusters as experts, and a **permutation null** (expert assignment shuffled, same frequencies; p-value add-one, one-sided).
-- **Verdicts** compare two quantities paired by seed through the 90% Student-t interval of their differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±δ (two one-sided tests at 5%), *inconclusive* otherwise, with the smallest difference the seeds would detect. δ = {margin} for NMI; for the loss, δ is {loss_margin:.0%} of the dense model's mean loss.
-- **Trends**: Spearman rank correlation ρ with k/E over all (configuration, seed) pairs (untrained-gate conditions left out), with its 90% interval (Fisher z, Bonett–Wright standard error); a trend is shown when the interval excludes 0 and is contradicted as "no trend" when it lies inside ±{trend_margin}.
+- **Verdicts** compare two quantities paired by seed through the 90% Student-t interval of their differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±δ (two one-sided tests at 5%), *inconclusive* otherwise, with the smallest difference the seeds would detect; a verdict needs at least 3 seeds. δ = {margin} for NMI, monosemanticity and dimensionality; for the loss and features per dimension, δ is {loss_margin:.0%} of the dense model's mean. Each verdict is then corrected within its family (see *Primary question and families of tests*).
+- **Trends**: Spearman rank correlation ρ with k/E over all (configuration, seed) pairs (untrained-gate conditions left out), with its 90% interval (Fisher z, Bonett–Wright standard error); a trend is shown when the interval excludes 0 and is contradicted as "no trend" when it lies inside ±{trend_margin}; the p-values of the same z tests are corrected with the family's other verdicts, and an undefined ρ (no spread) is *not shown*.
 - **Claims** read *supported* (the verdict the paper predicts), *contradicted* (the opposite direction, or equivalence within the margin where a direction was claimed) or *not shown* (inconclusive: the seeds could not tell; never read as "no"); a claim checked at several E is *mixed* when the E disagree.
 - **Intervals**: {interval}
 """
@@ -71,12 +75,22 @@ def gate_label(n_experts: int, top_k: int, gate_weights: str) -> str:
 
 BOUNDED = {"monosemanticity", "dimensionality", "group_purity", "router_confidence", "routing_nmi", "kmeans_nmi",
            "own_block_share"}
-"""Per-seed scores in [0, 1], whose intervals are kept in it; the others (loss, counts, features per dimension) are
-non-negative, and their intervals stay at or above 0."""
+"""Per-seed scores in [0, 1], whose intervals are kept in it; `represented` (a count of features) stays in
+[0, n_features], and the others (loss, features per dimension) are non-negative, their intervals at or above 0."""
 TREND_MARGIN = 0.2
 """A trend claim is contradicted as "no trend" when the 90% interval of Spearman's ρ lies inside ±this."""
 LOSS_MARGIN = 0.1
 """Equivalence margin of the sparsest network's loss with the dense one's, as a share of the dense mean loss."""
+CLAIMS, ALIGNMENT = "the paper's claims", "routing vs k-means, other configurations"
+"""The primary family (every verdict behind the paper's claims) and the secondary one."""
+TRENDS = {"monosemanticity": "less", "dimensionality": "less", "features_per_dim": "more"}
+"""The paper's trend claims: each metric's predicted direction of Spearman's ρ with k/E (greater network sparsity,
+i.e. smaller k/E, gives more monosemanticity, more of a dimension per feature, fewer features per dimension)."""
+PRIMARY_CLAIM = "Greater network sparsity (smaller k/E) gives greater monosemanticity"
+"""The study's primary question, the paper's headline claim: does monosemanticity fall as k/E rises? Answered by
+one test, the trend of monosemanticity with k/E (Spearman ρ over (configuration, seed)). Its family is every verdict
+behind the paper's claims (the trends, the loss, MoE vs dense, expert specialization), corrected together; the
+routing-vs-k-means verdicts of the configurations no claim is about form the one secondary family."""
 
 
 TOYLAB_TRAIN = ToyTrainConfig(steps=2000, batch_size=512, lr=1e-2)
@@ -204,7 +218,7 @@ class MoESuperposition(Study):
     """Toy MoEs at fixed total capacity: monosemanticity vs network sparsity k/E, and expert-group alignment vs k-means."""
 
     Config = MoESuperpositionConfig
-    fast = {"seeds": 2, "experts": (1, 2, 4), "top_k": (1,), "train": {"steps": 600, "lr": 1e-2}, "n_eval": 1000,
+    fast = {"seeds": 3, "experts": (1, 2, 4), "top_k": (1,), "train": {"steps": 600, "lr": 1e-2}, "n_eval": 1000,
             "n_permutations": 100}
     config: MoESuperpositionConfig
 
@@ -234,19 +248,14 @@ class MoESuperposition(Study):
             result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=ctx.directory / "models" / name)
             configs[name] = {**self.analyse(result.model, result.loss, torch.from_numpy(batch.inputs), group, baseline),
                              "gate": gate_label(e, k, gate_weights), "control": name.endswith(CONTROL)}
-        main = [c for c in configs.values() if not c["control"]]
-        x = [c["network_sparsity"] for c in main for _ in range(cfg.seeds)]  # one point per (config, seed)
-        trends = {
-            metric: rank_trend(x, [v for c in main for v in c["per_seed"][metric]])
-            for metric in ("monosemanticity", "dimensionality", "features_per_dim", "loss")
-        }
         results = {
             "task": {"name": task.name, "options": task.options},
             "configurations": configs,
-            "trends": trends,
+            "claim_tests": self.claim_tests(configs),
             "kmeans_nmi": {str(e): mean_ci([baseline[e, s]["nmi"] for s in range(cfg.seeds)], bounds=UNIT)
                            for e in cfg.experts if e > 1 and cfg.n_groups > 1},
         }
+        results["test_families"] = self.test_families(results)
         results["claims"] = self.claims(results)
         return results
 
@@ -279,7 +288,8 @@ class MoESuperposition(Study):
             per_seed["own_block_share"] = usage_weighted_mean(own_block_share(W, model.khot_blocks), usage).numpy()
         out: dict[str, Any] = {
             "E": e, "k": k, "m": model.cfg.n_hidden, "network_sparsity": k / e,
-            **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else NONNEGATIVE) for name, values in per_seed.items()},
+            **{name: mean_ci(values, bounds=UNIT if name in BOUNDED else (0.0, cfg.n_features) if name == "represented" else NONNEGATIVE)
+               for name, values in per_seed.items()},
             "usage": usage.numpy().round(4).tolist(),
             "seed0_dimensionality": feature_dimensionality(W[0]).numpy().round(3).tolist(),
             "seed0_global_dimensionality": global_dimensionality(W[0], usage[0]).numpy().round(3).tolist(),
@@ -307,58 +317,85 @@ class MoESuperposition(Study):
         out["per_seed"] = {name: np.asarray(values, dtype=np.float64).tolist() for name, values in per_seed.items()}
         return out
 
-    def claims(self, results: dict[str, Any]) -> list[dict[str, str]]:
-        """The paper's qualitative results beside the measured ones, each supported, contradicted or not shown.
-
-        A trend claim is judged by the 90% interval of Spearman's ρ with k/E (no trend: |ρ| < `TREND_MARGIN`); a
-        comparison by `compare` paired by seed; a claim checked at several E by each E's state.
-        """
-        trends, configs = results["trends"], results["configurations"]
-        sparsest = min((c for c in configs.values() if not c["control"]), key=lambda c: (c["network_sparsity"], c["E"]))
+    def claim_tests(self, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The verdicts behind the paper's claims, before correction: each `TRENDS` metric's Spearman ρ with k/E over
+        (configuration, seed) (untrained-gate controls left out; no trend: |ρ| < `TREND_MARGIN`), the sparsest
+        network's loss vs the dense one's, and each top-1 MoE's monosemanticity, dimensionality and features per
+        dimension vs the dense model's (paired by seed). The top-1 MoEs' own `verdict` and `own_block_verdict` are the
+        rest."""
+        main = [c for c in configs.values() if not c["control"]]
+        x = [c["network_sparsity"] for c in main for _ in c["per_seed"]["loss"]]  # one point per (config, seed)
+        sparsest = min(main, key=lambda c: (c["network_sparsity"], c["E"]))
         dense = configs["E1-k1"]
-        loss = compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"])
+        margins = {"monosemanticity": MARGIN, "dimensionality": MARGIN, "features_per_dim": LOSS_MARGIN * dense["features_per_dim"]["mean"]}
 
-        def trend(name: str, direction: str) -> dict[str, str]:
-            t = trends[name]
-            v = trend_verdict(t["rho"], t["n"], TREND_MARGIN)
-            measured = (f"Spearman ρ(k/E, {name}) = {fmt(t['rho'], 2)} [{fmt(v['ci_low'], 2)}, {fmt(v['ci_high'], 2)}] "
-                        f"(90% CI), n = {t['n']}" if math.isfinite(t["rho"]) else
-                        f"Spearman ρ(k/E, {name}) undefined (no spread in one of them), n = {t['n']}")
-            return {"measured": measured, "state": claim_state(v["verdict"], (direction,))}
+        def trend(metric: str) -> dict[str, float | str]:
+            rank = rank_trend(x, [v for c in main for v in c["per_seed"][metric]])
+            return trend_verdict(rank["rho"], rank["n"], TREND_MARGIN)
+
+        return {
+            "trends": {metric: trend(metric) for metric in TRENDS},
+            "sparsest": f"E{sparsest['E']}-k{sparsest['k']}",
+            "loss": compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"]),
+            "vs_dense": {metric: {name: compare(c["per_seed"][metric], dense["per_seed"][metric], margin) for name, c in top1(configs).items()}
+                         for metric, margin in margins.items()},
+        }
+
+    def test_families(self, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Correct the verdicts for multiplicity (in place; each keeps its `raw_verdict`): the primary family is every
+        verdict behind the paper's claims (`PRIMARY_CLAIM` first); the secondary one, routing vs k-means of the MoE
+        configurations no claim is about (untrained gates, k > 1)."""
+        tests, configs = results["claim_tests"], results["configurations"]
+        claimed = top1(configs)
+        members = [(tests["trends"], metric) for metric in TRENDS] + [(tests, "loss")]
+        members += [(verdicts, name) for verdicts in tests["vs_dense"].values() for name in verdicts]
+        members += [(c, key) for c in claimed.values() for key in ("own_block_verdict", "verdict") if key in c]
+        others = [(c, "verdict") for name, c in configs.items() if "verdict" in c and name not in claimed]
+        return adjust_families({CLAIMS: members, ALIGNMENT: others}, {
+            CLAIMS: f"every verdict behind the paper's claims, the headline first ({PRIMARY_CLAIM.replace('Greater', 'greater', 1)})",
+            ALIGNMENT: "NMI with the planted groups, routing vs k-means, MoEs with an untrained gate or k > 1"}, CLAIMS)
+
+    def claims(self, results: dict[str, Any]) -> list[dict[str, str]]:
+        """The paper's qualitative results beside the measured ones, each supported, contradicted or not shown, from
+        the corrected verdicts of `claim_tests` (a claim checked at several E takes each E's state)."""
+        tests, configs = results["claim_tests"], results["configurations"]
+        sparsest, dense = configs[tests["sparsest"]], configs["E1-k1"]
+
+        def trend(name: str) -> dict[str, str]:
+            t = tests["trends"][name]
+            return {"measured": trend_text(t, name), "state": claim_state(t["verdict"], (TRENDS[name],))}
 
         claims = [
-            {"claim": "Greater network sparsity (smaller k/E) gives greater monosemanticity", **trend("monosemanticity", "less")},
-            {"claim": "... represented features get more of a dimension each (usage-weighted mean D_i)", **trend("dimensionality", "less")},
-            {"claim": "... fewer features per dimension (the paper's Σ_e u_e ||W_e||²_F / (m k))", **trend("features_per_dim", "more")},
+            {"claim": PRIMARY_CLAIM, **trend("monosemanticity")},
+            {"claim": "... represented features get more of a dimension each (usage-weighted mean D_i)", **trend("dimensionality")},
+            {"claim": "... fewer features per dimension (the paper's Σ_e u_e ||W_e||²_F / (m k))", **trend("features_per_dim")},
             {"claim": "... without sacrificing performance",
              "measured": f"loss of the sparsest network (E={sparsest['E']}, k={sparsest['k']}) {fmt_ci(sparsest['loss'], 5)} "
-                         f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(loss, 5)}",
-             "state": claim_state(loss["verdict"], ("equivalent", "less"))},
+                         f"vs dense {fmt_ci(dense['loss'], 5)}, sparsest minus dense: {verdict_text(tests['loss'], 5)}",
+             "state": claim_state(tests["loss"]["verdict"], ("equivalent", "less"))},
         ]
-        top1 = [c for c in configs.values() if c["E"] > 1 and c["k"] == 1 and not c["control"]]
-        names = [f"E={c['E']}" for c in top1]
-        for name, label, better, margin in (
-            ("monosemanticity", "more monosemantic", "more", MARGIN), ("dimensionality", "give features more of a dimension", "more", MARGIN),
-            ("features_per_dim", "have fewer features per dimension", "less", LOSS_MARGIN * dense["features_per_dim"]["mean"]),
-        ):
-            verdicts = [(c, compare(c["per_seed"][name], dense["per_seed"][name], margin)) for c in top1]
+        moes = top1(configs)
+        names = [f"E={c['E']}" for c in moes.values()]
+        for name, label, better in (("monosemanticity", "more monosemantic", "more"), ("dimensionality", "give features more of a dimension", "more"),
+                                    ("features_per_dim", "have fewer features per dimension", "less")):
+            verdicts = tests["vs_dense"][name]
             claims.append({
                 "claim": f"Top-1 MoEs {label} than the dense model (the paper's MoE-vs-dense comparison)",
-                "measured": "; ".join(f"E={c['E']}: {fmt_ci(c[name], 2)} vs dense {fmt_ci(dense[name], 2)}, {verdict_text(v, 2)}"
-                                      for c, v in verdicts),
-                "state": claim_states([claim_state(v["verdict"], (better,)) for _, v in verdicts], names)})
-        if any("own_block_verdict" in c for c in top1):
+                "measured": "; ".join(f"E={c['E']}: {fmt_ci(c[name], 2)} vs dense {fmt_ci(dense[name], 2)}, {verdict_text(verdicts[n], 2)}"
+                                      for n, c in moes.items()),
+                "state": claim_states([claim_state(verdicts[n]["verdict"], (better,)) for n in moes], names)})
+        if any("own_block_verdict" in c for c in moes.values()):
             claims.append({
                 "claim": "Experts specialize on coherent feature sets when initialized K-hot (k = 1)",
                 "measured": "; ".join(f"E={c['E']}: own-block share {fmt_ci(c['own_block_share'])} vs chance 1/E, "
-                                      f"{verdict_text(c['own_block_verdict'])}" for c in top1),
-                "state": claim_states([claim_state(c["own_block_verdict"]["verdict"], ("more",)) for c in top1], names)})
-        if any("verdict" in c for c in top1):
+                                      f"{verdict_text(c['own_block_verdict'])}" for c in moes.values()),
+                "state": claim_states([claim_state(c["own_block_verdict"]["verdict"], ("more",)) for c in moes.values()], names)})
+        if any("verdict" in c for c in moes.values()):
             claims.append({
                 "claim": "Top-1 routing organizes around coherent (planted) feature groups, as k-means on the inputs does",
                 "measured": "; ".join(f"E={c['E']}: NMI {fmt_ci(c['routing_nmi'])} vs k-means {fmt_ci(c['kmeans_nmi'])}, "
-                                      f"{verdict_text(c['verdict'])}" for c in top1),
-                "state": claim_states([claim_state(c["verdict"]["verdict"], ("more", "equivalent")) for c in top1], names)})
+                                      f"{verdict_text(c['verdict'])}" for c in moes.values()),
+                "state": claim_states([claim_state(c["verdict"]["verdict"], ("more", "equivalent")) for c in moes.values()], names)})
         return claims
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -427,6 +464,12 @@ class MoESuperposition(Study):
                                                        f"{verdict_text(configs[n]['verdict'])}" for n in moe if n not in trained) + ")"
                                            if len(trained) < len(moe) else "") + "."
                     if moe else "")),
+            families_section(
+                f"The primary question is the paper's headline claim, *{PRIMARY_CLAIM}*, answered by one test: the "
+                f"trend of monosemanticity with k/E, here {results['claims'][0]['state']} ({results['claims'][0]['measured']}). "
+                "Its family is every verdict behind the paper's claims (the claims table), corrected together; the "
+                "routing-vs-k-means verdicts of the configurations no claim is about are one secondary family.",
+                {name: results["test_families"][name] for name in (CLAIMS, ALIGNMENT) if name in results["test_families"]}),
             Section("What was run", [Text(
                 f"Preset `{cfg.preset}`. Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
                 f"group(s); each sample draws its active features from one group (each active with probability {1 - cfg.sparsity:.2f}). "
@@ -457,6 +500,24 @@ class MoESuperposition(Study):
                 margin=MARGIN, loss_margin=LOSS_MARGIN, trend_margin=TREND_MARGIN, interval=INTERVAL_NOTE))]),
         ]
         return Document("Superposition in mixtures of experts (Chaudhari et al. 2025)", blocks)
+
+
+def top1(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The top-1 MoEs the paper's MoE-vs-dense claims are about (E > 1, k = 1, no untrained-gate control), by name."""
+    return {name: c for name, c in configs.items() if c["E"] > 1 and c["k"] == 1 and not c["control"]}
+
+
+def trend_text(t: dict[str, Any], name: str) -> str:
+    """A corrected `trend_verdict` as a phrase: ρ with its 90% interval, n, the verdict and its adjusted p."""
+    if not math.isfinite(t["rho"]):
+        return f"Spearman ρ(k/E, {name}) undefined (no spread in one of them), n = {t['n']}: inconclusive"
+    text = (f"Spearman ρ(k/E, {name}) = {fmt(t['rho'], 2)} [{fmt(t['ci_low'], 2)}, {fmt(t['ci_high'], 2)}] (90% CI), n = {t['n']}: "
+            f"{t['verdict']}")
+    if "p_adjusted" in t:
+        p = t["p_equivalent_adjusted"] if t["verdict"] == "equivalent" else t["p_adjusted"]
+        text += (f" ({t['adjustment']}-adjusted over {t['family_size']} tests: p = {fmt(p, 4)}"
+                 + (f", uncorrected {t['raw_verdict']}" if t["raw_verdict"] != t["verdict"] else "") + ")")
+    return text
 
 
 SPARSITY_METRICS = ("monosemanticity", "dimensionality", "features_per_dim", "loss")

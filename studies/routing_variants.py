@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,15 @@ from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.load_balance import routing_load
 from toylab.analysis.sparse_probing import class_scores, compare_gaps, gaps, sparse_probing
 from toylab.analysis.paths import matched_routing, summarize_matched
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.analysis.specialization import primary_labels
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, mean_ci
+from toylab.analysis.variants import FAMILIES, PRIMARY, adjust_variant_families, primary_verdicts, variant_claim
 from toylab.models import Transformer
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, verdict_text,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,
+    verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.task import Batch
@@ -40,13 +44,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 """Variant name -> (MoE options over the study's base MoE, description). Every variant keeps (top_k + shared_experts) *
 d_expert equal to the dense MLP's d_mlp, so active parameters match."""
 
+QUESTION = ("The study's one primary question: does some MoE design make its experts align with what the model must "
+            "compute (the task's function labels: {labels}) beyond clustering the residual stream? The one comparison that "
+            "answers it: per variant and function label, the NMI of routing vs that of k-means on the router input with as "
+            "many clusters as the routing uses, at the last MoE layer, paired by seed. All {tests} tests (every variant × "
+            "label) form one family: naming the variants that beat k-means is a choice among the candidates, and the "
+            "correction over all of them makes that choice part of the test.")
+"""The primary question of `routing-variants` and the family that answers it (`variants.FAMILIES`), for the report."""
+
 METRIC_NOTES = """\
 - **Matched active parameters**: every MoE gives a token (top_k + shared experts) × d_expert = d_mlp hidden neurons (expert choice: top_k experts per token on average), as many as the dense MLP.
 - **Load balance**: *usage entropy*, the entropy of the share of routed slots each expert gets over log(E) (1 = all experts used equally); *no expert*, the share of held-out tokens routed to no expert at all (expert choice leaves some; a capacity drops some). Empty slots have index -1 and weight 0 in `hook_expert_indices` / `hook_expert_weights`.
 - **Specialization**: per MoE layer and label, NMI of each token's best expert with the label (tokens with no expert form one cluster of their own, "no expert"), against **k-means with as many clusters as the routing uses** on the router input (`blocks.{{l}}.ln2.hook_normalized`), a **shuffled null** with the same expert frequencies, and the **linear ceiling** (NMI of a logistic probe's predictions from the router input). NMI grows with the number of clusters, so the count is matched per layer and seed: a token-dropping router (expert choice, a capacity factor) that uses E + 1 clusters, the no-expert one included, is compared with k-means with E + 1, a router that uses fewer experts than it has with as few, and 16 experts with 16 clusters. All tokens are scored (not only routed ones), so every variant is scored on the same tokens and what dropping says about a label counts as routing.
 - **Expert choice is not causal**: each expert picks its top tokens among all tokens of the batch, so a token's experts depend on later positions of its own sequence and on other sequences. Its scores here come from one forward pass over the {n_eval} held-out sequences at once; such a router cannot route token by token at generation, and its numbers depend on the batch.
 - **k = 1 sparse-probing F1** (Gurnee et al. 2023; as in `sparse-probing`): for each class of each label, the single best neuron (ranked by the standardized difference of class means on the training split) of the best expert (probed on its own tokens), scored by held-out F1 and averaged over classes and FFN layers; the dense MLP's neurons beside it, and the same F1 with shuffled targets as the base-rate control.
-- **Verdicts** (paired by seed): from the per-seed differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** when it lies inside ±δ (δ = {margin}; two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the seeds could detect).
+- **Verdicts** (paired by seed, at least 3 seeds): from the per-seed differences, **more** / **less** (a paired t-test), **equivalent** inside ±δ (δ = {margin}; two one-sided tests), **inconclusive** otherwise (with the smallest difference the seeds could detect), each at the 5% level after the Benjamini–Hochberg correction within its family (see *Primary question and families of tests*); the 90% intervals shown are uncorrected.
+- **Claims** read **supported** (*more*), **contradicted** (*equivalent* within ±δ, or *less*) or **not shown** (*inconclusive*): a comparison that fails to reach *more* says nothing about whether routing is no better than clustering.
 - {interval}
 """
 
@@ -88,7 +101,7 @@ class RoutingVariants(Study):
     """Routing and expert variants (expert choice, k-means, MoE-X, fine-grained, shared, orthogonal, noisy, capacity) at matched active parameters."""
 
     Config = RoutingVariantsConfig
-    fast = {"seeds": 2, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1},
+    fast = {"seeds": 3, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1},
             "train": {"steps": 30, "n_train": 256, "n_val": 32, "eval_every": 30, "warmup_steps": 5},
             "n_eval": 24, "n_permutations": 10, "max_classes": 3, "min_count": 3}
     config: RoutingVariantsConfig
@@ -118,9 +131,11 @@ class RoutingVariants(Study):
                                description="probing dense")
         rows = [row for result in [*(a["probing"] for a in analysed.values()), *dense_probes] for row in result]
         scores = class_scores(rows, ks=(1,)) if rows else None
+        variants = {kind: self.summarize_variant(kind, performance[kind], analysed, scores) for kind in cfg.variants}
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
-            "variants": {kind: self.summarize_variant(kind, performance[kind], analysed, scores) for kind in cfg.variants},
+            "test_families": adjust_variant_families(variants, primary_labels(task)),
+            "variants": variants,
             "dense": {"metric": mean_ci(performance["dense"], bounds=UNIT), "probe_f1": self.probe_summary("dense", scores)},
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
@@ -178,12 +193,6 @@ class RoutingVariants(Study):
                 out[row["label"]]["vs_dense"] = row["gap"]
         return out
 
-    def recovering(self, results: dict[str, Any]) -> dict[str, list[str]]:
-        """Variant -> the (label, layer) pairs where routing recovers more than k-means on the router input (as many clusters)."""
-        return {kind: [f"`{label}` (layer {layer})" for layer, labels in v["specialization"].items()
-                       for label, s in labels.items() if s["verdict"]["verdict"] == "more"]
-                for kind, v in results["variants"].items()}
-
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         metric = results["task"]["primary_metric"]
         rows = [{"variant": "dense", metric: fmt_ci(results["dense"]["metric"]), "usage entropy": "", "no expert": "",
@@ -216,22 +225,38 @@ class RoutingVariants(Study):
             for label, s in labels.items()
         ]
 
+    def primary_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per test of the primary family: variant, function label, claim state and corrected verdict."""
+        labels = primary_labels(self.task)
+        return [{"variant": kind, "label": f"`{label}`", "claim": claim_state(c["verdict"], ("more",)), "routing vs k-means": verdict_text(c)}
+                for kind, v in results["variants"].items() for label, c in primary_verdicts(v["specialization"], labels).items()]
+
     def conclusion(self, results: dict[str, Any]) -> str:
-        found = {kind: pairs for kind, pairs in self.recovering(results).items() if pairs}
-        seeds = self.config.seeds
-        if not found:
-            return (f"No design's routing was shown to recover more of any planted label than k-means on its router input "
-                    f"with as many clusters as the routing uses (over {seeds} seeds, δ = ±{self.config.margin:g} NMI): on "
-                    f"`{results['task']['name']}`, at these sizes, experts that carve up the residual stream better than "
-                    "clustering it are not shown (see the table for which comparisons were equivalent and which inconclusive).")
-        tested = sum(len(labels) for v in results["variants"].values() for labels in v["specialization"].values())
-        more = sum(len(p) for p in found.values())
-        return ("Designs whose routing recovered more than k-means on the router input with as many clusters (paired over "
-                f"{seeds} seeds, δ = ±{self.config.margin:g} NMI): " + "; ".join(f"**{k}** on {', '.join(p)}" for k, p in found.items())
-                + ". Every other (variant, label, layer) was equivalent, less or inconclusive (see the table). "
-                f"That is {more} of {tested} comparisons, each a one-sided test at the 5% level with no correction for "
-                f"multiplicity: about {0.05 * tested:.1f} would read *more* by chance alone if no design beat k-means, so treat "
-                "an isolated *more* as a lead to rerun with more seeds, not as a finding.")
+        """The primary question's answer: per variant, the state of "its routing recovers the function labels beyond
+        k-means with as many clusters", supported, contradicted or not shown (with what the seeds could detect)."""
+        cfg, labels = self.config, primary_labels(self.task)
+        claims: dict[str, list[str]] = {}
+        for kind, v in results["variants"].items():
+            claims.setdefault(variant_claim(v["specialization"], labels), []).append(kind)
+        detectable = [c["detectable"] for v in results["variants"].values() for c in primary_verdicts(v["specialization"], labels).values()
+                      if c["verdict"] == "inconclusive" and math.isfinite(c["detectable"])]
+        meaning = {
+            "supported": "routing recovered more than k-means for every function label",
+            "contradicted": f"routing was equivalent to k-means within ±{cfg.margin:g} NMI or less, for every function "
+                            "label: shown to carve up the residual stream no better than clustering it, within the margin",
+            "not shown": f"inconclusive, neither more nor equivalence within ±{cfg.margin:g} NMI was shown"
+                         + (f" (differences below {fmt(min(detectable))}–{fmt(max(detectable))} NMI were not reliably detected)"
+                            if detectable else ""),
+        }
+        parts = [f"**{state}** for {', '.join(f'`{k}`' for k in kinds)}: {meaning[state]}"
+                 for state in meaning if (kinds := claims.get(state))]
+        parts += [f"`{kind}` {state}" for state, kinds in claims.items() if state not in meaning for kind in kinds]
+        text = (f"Does some design's routing recover what the model must compute ({', '.join(f'`{n}`' for n in labels)}) beyond "
+                f"k-means on its router input with as many clusters, at the last MoE layer? Over {cfg.seeds} seeds, with the "
+                f"verdicts corrected over every variant and label (δ = ±{cfg.margin:g} NMI): " + "; ".join(parts) + ".")
+        if "supported" not in claims:
+            text += " No design was shown to beat clustering; where the claim is not shown, that is no evidence that none does."
+        return text
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
@@ -239,7 +264,11 @@ class RoutingVariants(Study):
             {"layer": layer, "label": label, "variant": kind, **{k: s["verdict"][k] for k in ("mean", "ci_low", "ci_high")}}
             for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()
         ])
-        blocks: list[Any] = [Text(f"**Bottom line.** {self.conclusion(results)}")]
+        found = results.get("test_families", {})
+        families = {name: found[name] for name in FAMILIES if name in found}
+        question = QUESTION.format(labels=", ".join(f"`{n}`" for n in primary_labels(task)), tests=families.get(PRIMARY, {"tests": 0})["tests"])
+        blocks: list[Any] = [Text(f"**Bottom line.** {self.conclusion(results)}"),
+                             families_section(question, families, [Table(self.primary_rows(results))])]
         blocks.append(Section("What was run", [Text(
             f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
             f"A dense transformer and one MoE per variant, with shared options `{cfg.model}` and base MoE {cfg.n_experts} experts, "
@@ -253,7 +282,8 @@ class RoutingVariants(Study):
         blocks.append(Section("All variants side by side", [Table(self.summary(results), caption=(
             f"Held-out `{task.primary_metric}`, load balance (mean over MoE layers) and mean k = 1 probe F1 over labels, mean [95% CI] "
             "over seeds; the last column counts the (label, layer) verdicts of routing vs k-means on the router input with as "
-            "many clusters as the routing uses (the no-expert cluster of token-dropping routers counted)."))]))
+            "many clusters as the routing uses (the no-expert cluster of token-dropping routers counted), corrected within "
+            "their families."))]))
         if not frame.empty:
             fig = interval_bars(frame, "label", "variant", "layer", "NMI(routing) − NMI(k-means)", reference=0.0)
             blocks.append(Figure(ctx.figure("routing_vs_kmeans", fig),

@@ -19,7 +19,7 @@ from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars, training_curves,
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.training import TrainConfig, evaluate, is_finished, load_trained
@@ -342,17 +342,10 @@ class SparseProbing(Study):
             Section("Answers", [Text(self.bottom_line(results)),
                                 Text(f"Headline MoE: `{self.headline()}` (the sparsest learned router); pooled over layers."),
                                 Text("\n".join(self.answers(results)))]),
-            Section("Families of tests", [
-                Text("The primary family is the bottom line's comparison (the headline MoE's experts vs pseudo-experts on its "
-                     "own partition, per kind of label). Every other comparison and trend is secondary, one family per table "
-                     "key (comparison / ranking / grouping, over models and groups), each corrected on its own by "
-                     "Benjamini–Hochberg (in a family with no effect, the chance of any *more* or *less* is at most 5%). "
-                     "Verdicts in this report are the corrected ones; where they differ, the uncorrected one is named."),
-                Table([{"family": name, "role": f["role"], "tests": f["tests"],
-                        "uncorrected verdicts": ", ".join(f"{n} {v}" for v, n in f["raw"].items() if n),
-                        "adjusted verdicts": ", ".join(f"{n} {v}" for v, n in f["adjusted"].items() if n)}
-                       for name, f in sorted(results.get("test_families", {}).items(), key=lambda item: item[1]["role"] != "primary")]),
-            ]),
+            families_section("The primary question is the bottom line's comparison: the headline MoE's experts vs pseudo-experts "
+                             "on its own partition, per kind of label. Every other comparison and trend is a family of its own "
+                             "(one per table key: comparison / ranking / grouping, over models and groups).",
+                             results.get("test_families", {})),
             Section("Old design vs new, per MoE (pooled over layers and labels of a kind)", [Table(old_vs_new)]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
             Section(f"k={cfg.ks[0]} scores by model, layer and label", [Table(self.summary(results))]),

@@ -84,7 +84,8 @@ def test_primary_comparison_is_not_more_when_the_dense_mlp_on_the_same_tokens_is
     assert found["arms"]["dense/moe_partition"]["index"]["mean"] > 0.9
     assert abs(found["verdicts"]["moe/experts vs dense/moe_partition"]["mean"]) < 0.05
     assert found["verdicts"]["moe/experts vs dense/moe_partition"]["verdict"] != "more"
-    assert found["verdicts"]["moe/experts vs dense/random"]["verdict"] == "more"  # the old design's answer
+    old = found["verdicts"]["moe/experts vs dense/random"]  # the old design's answer: an interval above 0, though
+    assert old["ci_low"] > 0.2 and old["too_few_seeds"]     # 2 seeds are too few for the verdict "more"
     assert summary["zero"]["mode"]["verdicts"]["hash/experts vs dense/hash_tokens"]["n"] == 0  # no hash runs given: no pairs
 
 

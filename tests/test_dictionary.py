@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, r2_score
 
 from toylab.analysis.dictionary import (
+    PRIMARY,
+    adjust_families,
     assignment_codes,
     chance_mean_max_cosine,
     code_rsa,
@@ -25,6 +27,7 @@ from toylab.analysis.dictionary import (
     summarize_rsa,
     variance_explained,
 )
+from toylab.analysis.stats import compare
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
@@ -167,6 +170,9 @@ def test_rsa_reference_is_two_seeds_of_one_dictionary_on_the_same_activations() 
     assert max(np.abs(across_models)) < 0.2 < min(pair["per_seed"])  # the confounded reference sits far below the pair
     identical = [{**c, "switch": c["sae"]} for c in per_seed]  # the Switch SAE is the SAE: never less than its reference
     assert summarize_rsa(identical, [("sae", "switch")], references, margin=0.05)["sae-switch"]["vs_sae_reference"]["verdict"] == "more"
+    families = adjust_families([], summary)  # corrected in place: the pair vs shuffled, and vs each code's reference
+    assert {name: f["tests"] for name, f in families.items()} == {"RSA vs shuffled": 1, "RSA vs reference": 2}
+    assert pair["vs_sae_reference"]["family_size"] == 2 and pair["vs_shuffled"]["verdict"] == "more"
 
 
 def test_dictionaries_of_two_seeds_are_fit_on_the_same_activations() -> None:
@@ -207,6 +213,53 @@ def test_label_detection_gives_every_code_the_same_latent_count_and_its_own_null
     assert detected["latents"] == 4
 
 
+def planted_grid(switch_gain: float, seeds: int, rng: np.random.Generator) -> list[dict]:
+    """The study's planted-feature summary of per-seed scores drawn around known means: the Switch SAE's MMCS is the
+    SAE's plus `switch_gain`, at each of 4 (size, L1) points; every other score is noise."""
+    from toylab.studies.dictionaries import SCORES, Dictionaries, DictionariesConfig
+
+    study = Dictionaries(DictionariesConfig(seeds=seeds, sizes=(20, 40), l1=(0.01, 0.03), token_task=None))
+    per_seed = []
+    for _ in range(seeds):
+        seed: dict = {"kmeans_group_nmi": rng.uniform(0.3, 0.5)}
+        for size in (20, 40):
+            sae = [{score: rng.uniform(0, 0.2) for score in SCORES} | {"mmcs": 0.7 + rng.normal(0, 0.05)} for _ in range(2)]
+            switch = [{score: rng.uniform(0, 0.2) for score in SCORES} | {"mmcs": r["mmcs"] + switch_gain + rng.normal(0, 0.03),
+                                                                           "router_group_nmi": rng.uniform(0.3, 0.5)} for r in sae]
+            seed |= {f"sae-{size}": sae, f"switch-{size}": switch}
+        per_seed.append(seed)
+    return study.summarize_planted(per_seed)["grid"]
+
+
+def test_the_primary_family_finds_a_planted_gain_and_no_direction_in_a_null() -> None:
+    """A Switch SAE better by 0.2 MMCS in every seed is "more" at every point after the correction; with no difference
+    anywhere, the chance of any "more" or "less" in the family stays near 5% (BH over the 4 points; 100 simulated grids)."""
+    rng = np.random.default_rng(0)
+    grid = planted_grid(0.2, 4, rng)
+    families = adjust_families(grid)
+    assert list(families) == [PRIMARY, "router vs k-means"] and families[PRIMARY]["tests"] == 4
+    assert families[PRIMARY]["adjusted"]["more"] == 4 and all("p_adjusted" in p["switch_vs_sae_mmcs"] for p in grid)
+    assert planted_grid(0.2, 2, rng)[0]["switch_vs_sae_mmcs"]["too_few_seeds"]  # two seeds: no verdict
+    def null_point() -> dict:
+        sae = rng.normal(0.7, 0.05, 4)
+        return {key: compare(sae + rng.normal(0, 0.03, 4), sae, 0.05) for key in ("switch_vs_sae_mmcs", "router_vs_kmeans")}
+
+    false = [adjust_families([null_point() for _ in range(4)])[PRIMARY]["adjusted"] for _ in range(100)]
+    assert np.mean([f["more"] + f["less"] > 0 for f in false]) <= 0.1
+
+
+def test_planted_score_intervals_stay_in_their_range() -> None:
+    """L0 near 0 and shares near 1 keep their intervals in range; variance explained may be negative, so its interval may too."""
+    from toylab.studies.dictionaries import SCORES, Dictionaries, DictionariesConfig
+
+    study = Dictionaries(DictionariesConfig(seeds=3, sizes=(20,), l1=(0.01,), token_task=None))
+    rows = [{score: 0.5 for score in SCORES} | {"l0": l0, "dead": dead, "variance_explained": ve, "router_group_nmi": 0.5}
+            for l0, dead, ve in ((0.0, 1.0, -0.3), (0.02, 0.9, -0.2), (0.4, 1.0, -0.25))]
+    point = study.summarize_planted([{"sae-20": [r], "switch-20": [r], "kmeans_group_nmi": 0.5} for r in rows])["grid"][0]["sae"]
+    assert point["l0"]["ci_low"] == 0.0 < point["l0"]["ci_high"] and point["dead"]["ci_high"] == 1.0 > point["dead"]["ci_low"]
+    assert point["variance_explained"]["ci_low"] < point["variance_explained"]["mean"] < 0
+
+
 @pytest.mark.slow
 def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     from toylab.study import run_study
@@ -215,7 +268,9 @@ def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     results = outcome.results
     assert {"planted", "tokens"} <= set(results) and (outcome.directory / "report.md").is_file()
     point = results["planted"]["grid"][0]
-    assert point["switch_vs_sae_mmcs"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
+    assert point["switch_vs_sae_mmcs"]["too_few_seeds"] and point["switch_vs_sae_mmcs"]["verdict"] == "inconclusive"
+    assert next(iter(results["test_families"])) == PRIMARY and results["test_families"][PRIMARY]["tests"] == len(results["planted"]["grid"])
+    assert "Primary question and families of tests" in (outcome.directory / "report.md").read_text()
     assert all(0 <= point[m]["mmcs"]["mean"] <= 1 for m in ("sae", "switch"))
     tokens = results["tokens"]
     assert set(tokens["rsa"]["reference"]) == {"sae", "switch"}

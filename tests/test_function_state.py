@@ -1,4 +1,5 @@
-"""Function vs state: a label planted at one site is found there and not elsewhere; the contrast and its verdict."""
+"""Function vs state: a label planted at one site is found there and not elsewhere; the contrast, its verdict and the
+families of tests."""
 
 import json
 import re
@@ -10,7 +11,8 @@ from test_sparse_probing import token_tasks
 
 from toylab import get_task
 from toylab.analysis.function_state import (
-    PLANTED, SITES, contrasts, function_state, planted_probes, planted_site, site_probes, summarize_function_state,
+    PLANTED, SITES, adjust_function_state, contrasts, function_state, planted_probes, planted_site, site_probes,
+    summarize_function_state,
 )
 from toylab.analysis.stats import compare
 from toylab.cli import app
@@ -41,14 +43,14 @@ def test_label_planted_at_one_site_is_found_there_only() -> None:
     assert {r["n_train"] + r["n_test"] for r in rows if r["label"] == "identity"} == {n - 100}
 
 
-def fake_rows(model: str, seed: int, function_gap: float) -> list[dict]:
+def fake_rows(model: str, seed: int, function_gap: float, layer: int = 0) -> list[dict]:
     """Share rows where the FFN output is `function_gap` closer to the residual for the function label than for the state
     one, and a planted site of equal shares."""
     jitter = 0.01 * np.random.default_rng(seed).normal()
     rows = []
     for label, ffn in (("depth", 0.8 + function_gap + jitter), ("token", 0.8)):
         for site, value in (("router_input", 0.9), ("ffn_out", ffn), ("resid_post", 0.9), (PLANTED, 0.5)):
-            rows.append({"model": model, "seed": seed, "layer": 0, "label": label, "site": site,
+            rows.append({"model": model, "seed": seed, "layer": layer, "label": label, "site": site,
                          "accuracy": value, "baseline": 0.3, "shuffled": 0.3, "share": value})
     return rows
 
@@ -63,6 +65,42 @@ def test_contrast_verdicts() -> None:
     (primary,) = summary["primary"]
     assert primary["verdict"]["verdict"] == "more" and primary["verdict"]["mean"] == pytest.approx(0.2, abs=0.02)
     assert len(summary["sites"]) == 2 * 2 * 4 and summary["sites"][0]["kind"] in kinds.values()
+
+
+def test_primary_family_finds_a_planted_difference_at_every_layer_and_states_the_claim() -> None:
+    """The MoE's FFN output favours function labels by 0.2 at both layers, the dense one's not at all: after the
+    correction over the two layers the primary verdicts read *more* (claim supported), and each model's contrast vs its
+    planted reference is a secondary family of its own (MoE *more*, dense *equivalent*)."""
+    kinds = {"depth": "function", "token": "state"}
+    rows = [r for s in range(3) for layer in (0, 1) for r in fake_rows("moe", s, 0.2 + 0.01 * s, layer) + fake_rows("dense", s, 0.005 * s, layer)]
+    summary = summarize_function_state(rows, kinds)
+    families = adjust_function_state(summary)
+    assert list(families) == ["primary", "vs_planted"] and families["primary"]["role"].startswith("primary: ")
+    assert families["primary"]["tests"] == 2 and families["primary"]["adjusted"]["more"] == 2 and families["vs_planted"]["tests"] == 4
+    assert all(row["verdict"]["family_size"] == 2 and row["verdict"]["p_adjusted"] < 0.05 for row in summary["primary"])
+    assert {(c["model"], c["vs_planted"]["verdict"]) for c in summary["contrasts"]} == {("moe", "more"), ("dense", "equivalent")}
+    lines = resolve("function-state", fast=True).bottom_line(summary)
+    assert len(lines) == 2 and all("a dense MLP is **supported**" in line for line in lines)
+
+
+def test_without_a_difference_the_corrected_primary_family_rarely_says_more_or_less() -> None:
+    """200 studies of 4 layers, 3 seeds, MoE and dense excess drawn alike: any *more* or *less* in the primary family
+    after the correction in at most ~5% of them, where the uncorrected verdicts give one far more often; the claim of
+    an inconclusive layer reads "not shown"."""
+    rng = np.random.default_rng(0)
+    raw = adjusted = 0
+    for _ in range(200):
+        summary = {"primary": [{"layer": layer, "verdict": compare(rng.normal(0, 0.1, 3), rng.normal(0, 0.1, 3))} for layer in range(4)],
+                   "contrasts": []}
+        family = adjust_function_state(summary)["primary"]
+        raw += family["raw"]["more"] + family["raw"]["less"] > 0
+        adjusted += family["adjusted"]["more"] + family["adjusted"]["less"] > 0
+    assert raw / 200 > 0.2 and adjusted / 200 <= 0.08, (raw, adjusted)
+    row = {"layer": 0, "excess": {"moe": {"mean": 0.0}, "dense": {"mean": 0.0}},
+           "verdict": compare([0.1, -0.2, 0.15], [0.0, 0.0, 0.0])}
+    adjust_function_state({"primary": [row], "contrasts": []})
+    (line,) = resolve("function-state", fast=True).bottom_line({"primary": [row]})
+    assert row["verdict"]["verdict"] == "inconclusive" and "is **not shown**" in line
 
 
 def test_planted_site_has_the_same_share_for_every_label() -> None:

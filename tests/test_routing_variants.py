@@ -1,5 +1,6 @@
 """Routing and expert variants: expert choice, k-means, MoE-X, fine-grained and shared experts, orthogonality,
-noisy top-k and capacity dropping; dispatch against the loop reference, CLI training, bad input."""
+noisy top-k and capacity dropping; dispatch against the loop reference, CLI training, bad input; the study's families
+of tests and its claims."""
 
 import math
 
@@ -12,12 +13,14 @@ from toylab.analysis.load_balance import usage
 from toylab.analysis.paths import matched_routing, matched_scores, summarize_matched
 from toylab.analysis.specialization import token_activations, top_expert
 from toylab.analysis.stats import compare
+from toylab.analysis.variants import adjust_variant_families, primary_verdicts, variant_claim
 from toylab.cli import app
 from toylab.errors import ToylabError
 from toylab.models import MoE, Transformer, TransformerConfig
 from toylab.models.moe import reference_forward
 from toylab.models.routing import capacity, drop_overflow, orthogonality_penalty
 from toylab.registry import get_task
+from toylab.study import resolve
 
 VARIANTS = {
     "learned": {},
@@ -294,3 +297,61 @@ def test_matched_routing_counts_the_no_expert_cluster_of_an_expert_choice_model(
     assert (indices < 0).all(1).any() and used == 5  # capacity 0.5: some tokens get no expert
     assert all(scores["n_clusters"] <= used for scores in found["0"].values())
     assert found["0"]["token_type"]["n_clusters"] == used  # token_type is defined at every token
+
+
+FUNCTION, STATE = ("depth", "stack_top", "match_distance"), ("token_type", "position")
+"""The labels of `brackets` by kind: the primary family tests the function labels."""
+
+
+def planted_variants(effects: dict[str, tuple[float, float]], rng: np.random.Generator, seeds: int = 5) -> dict:
+    """Variants as `summarize_variant` gives them, whose routing NMI exceeds k-means' by `effect` (per-seed noise `sd`) for
+    the function labels at the last layer ("1"), and by noise alone at layer 0, for the state labels and in probe F1."""
+    variants = {}
+    for kind, (effect, sd) in effects.items():
+        specialization = {layer: {} for layer in ("0", "1")}
+        for layer, labels in specialization.items():
+            for label in (*FUNCTION, *STATE):
+                clustered = rng.uniform(0.2, 0.4, seeds)
+                shift = effect if layer == "1" and label in FUNCTION else 0.0
+                labels[label] = {"verdict": compare(clustered + shift + rng.normal(0, sd, seeds), clustered)}
+        probe = {label: {"vs_dense": compare(rng.normal(0, sd, seeds), np.zeros(seeds))} for label in FUNCTION}
+        variants[kind] = {"specialization": specialization, "probe_f1": probe}
+    return variants
+
+
+def test_primary_family_finds_the_variant_that_beats_kmeans_and_states_each_claim():
+    """`switch` beats k-means by 0.2 NMI on every function label: found after the correction, claim supported;
+    `kmeans` matches k-means within ±0.01: equivalent, claim contradicted; `noisy` has no effect and much noise: no
+    directional verdict, claim not shown. Only the last layer's function labels are primary."""
+    variants = planted_variants({"switch": (0.2, 0.03), "kmeans": (0.0, 0.005), "noisy": (0.0, 0.08)}, np.random.default_rng(0))
+    families = adjust_variant_families(variants, FUNCTION)
+    assert list(families) == ["primary", "nmi", "f1_vs_dense"] and families["primary"]["role"].startswith("primary: ")
+    assert [families[name]["tests"] for name in families] == [3 * 3, 3 * (5 + 2), 3 * 3]
+    found = {kind: [c["verdict"] for c in primary_verdicts(v["specialization"], FUNCTION).values()] for kind, v in variants.items()}
+    assert found["switch"] == ["more"] * 3 and found["kmeans"] == ["equivalent"] * 3
+    assert not {"more", "less"} & set(found["noisy"])
+    assert all(c["family_size"] == 9 and "raw_verdict" in c for v in variants.values() for c in primary_verdicts(v["specialization"], FUNCTION).values())
+    claims = {kind: variant_claim(v["specialization"], FUNCTION) for kind, v in variants.items()}
+    assert claims == {"switch": "supported", "kmeans": "contradicted", "noisy": "not shown"}
+    text = resolve("routing-variants", fast=True).conclusion({"variants": variants})
+    assert "**supported** for `switch`" in text and "**contradicted** for `kmeans`" in text and "**not shown** for `noisy`" in text
+    assert "no better than clustering" in text  # said of `kmeans`, shown equivalent
+
+
+def test_without_an_effect_the_corrected_primary_family_rarely_says_more_or_less_and_never_no_better():
+    """200 studies' primary families (2 variants × 3 function labels, no effect anywhere, 5 seeds): any *more* or
+    *less* after the correction in at most ~5% of them, where the uncorrected verdicts give one in most; and a study
+    with nothing shown reads "not shown", never "no better than clustering"."""
+    rng = np.random.default_rng(1)
+    raw = adjusted = 0
+    for _ in range(200):
+        variants = {kind: {"specialization": {"0": {label: {"verdict": compare(rng.normal(0.3, 0.03, 5), rng.normal(0.3, 0.03, 5))}
+                                                    for label in FUNCTION}}, "probe_f1": {}} for kind in ("a", "b")}
+        family = adjust_variant_families(variants, FUNCTION)["primary"]
+        raw += family["raw"]["more"] + family["raw"]["less"] > 0
+        adjusted += family["adjusted"]["more"] + family["adjusted"]["less"] > 0
+    assert raw / 200 > 0.2 and adjusted / 200 <= 0.08, (raw, adjusted)
+    variants = planted_variants({"switch": (0.0, 0.08), "noisy": (0.0, 0.08)}, np.random.default_rng(2))
+    adjust_variant_families(variants, FUNCTION)
+    text = resolve("routing-variants", fast=True).conclusion({"variants": variants})
+    assert "**not shown** for `switch`, `noisy`" in text and "differences below" in text and "no better" not in text

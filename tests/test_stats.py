@@ -60,3 +60,19 @@ def test_adjusted_verdicts_keep_the_raw_one_and_equivalence():
     assert first["verdict"] == first["raw_verdict"] == "equivalent" and second["verdict"] == "more"
     assert first["family_size"] == 2 and first["p_adjusted"] >= first["p_value"]
     assert adjust([compare([0.3], [0.1])])[0]["verdict"] == "inconclusive"  # one seed: no p-value
+
+
+def test_two_seeds_give_no_verdict_however_tight_their_interval():
+    """Two seeds whose differences agree to four decimals: a tiny interval above 0 from one degree of freedom, which
+    is no evidence; with a third seed of the same kind the verdict is drawn."""
+    from toylab.report import verdict_text
+
+    two = compare([0.50, 0.60], [0.40, 0.50001])
+    assert two["ci_low"] > 0 and two["verdict"] == "inconclusive" and two["too_few_seeds"]
+    assert math.isnan(two["p_value"]) and adjust([two])[0]["verdict"] == "inconclusive"
+    assert "2 seeds, and a verdict needs at least 3" in verdict_text(two)
+    assert compare([0.50, 0.60, 0.70], [0.40, 0.50001, 0.60002])["verdict"] == "more"
+    assert compare([0.5, 0.6], [0.5, 0.6])["verdict"] == "equivalent"  # identical in every seed: exact, said so
+    # a null with 2 seeds: uncorrected one-sided tests at 5% would call about 10% of noise pairs; now none
+    rng = np.random.default_rng(3)
+    assert all(compare(rng.normal(size=2), rng.normal(size=2))["verdict"] == "inconclusive" for _ in range(200))

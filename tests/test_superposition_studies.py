@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from toylab.analysis.stats import compare, mean_ci
 from toylab.errors import ToylabError
+from toylab.models.superposition import ToyModelConfig, build_toy_model
+from toylab.studies.moe_superposition import CLAIMS
 from toylab.study import resolve, run_study
 
 TINY = {
@@ -64,3 +69,57 @@ def test_paper_preset_resolves_and_runs_fast(tmp_path: Path) -> None:
 def test_bad_study_configs_are_one_line_errors(name: str, options: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ToylabError, match=message):
         run_study(name, options, tmp_path, progress=False)
+
+
+def moe_configs(rng: np.random.Generator, effect: float, seeds: int = 4) -> dict[str, dict]:
+    """Per-seed results of the (E, k) configurations of `moe-superposition` drawn around known means: with `effect`,
+    monosemanticity and dimensionality fall and features per dimension rise with k/E as the paper says, the loss is
+    flat and routing matches k-means; with 0, every score is the same noise in every configuration."""
+    configs = {}
+    for e, k in ((4, 1), (2, 1), (1, 1), (2, 2), (4, 4)):
+        ratio = k / e
+        per_seed = {"loss": 0.1 + rng.normal(0, 0.001 if effect else 0.01, seeds),
+                    "monosemanticity": 0.5 - effect * ratio + rng.normal(0, 0.05, seeds),
+                    "dimensionality": 0.5 - effect * ratio + rng.normal(0, 0.05, seeds),
+                    "features_per_dim": 2 + 4 * effect * ratio + rng.normal(0, 0.1, seeds)}
+        c = {"E": e, "k": k, "network_sparsity": ratio, "control": False, "per_seed": per_seed}
+        if e > 1:
+            per_seed["kmeans_nmi"] = rng.uniform(0.7, 0.9, seeds)
+            per_seed["routing_nmi"] = per_seed["kmeans_nmi"] + rng.normal(0, 0.005 if effect else 0.05, seeds)
+            c["verdict"] = compare(per_seed["routing_nmi"], per_seed["kmeans_nmi"])
+        configs[f"E{e}-k{k}"] = c | {name: mean_ci(v) for name, v in per_seed.items()}
+    return configs
+
+
+def test_claims_family_finds_the_planted_claims_and_no_direction_in_a_null() -> None:
+    """Results planted as the paper predicts support every claim after the correction, the primary first; where
+    nothing differs, the chance of any "more" or "less" among the claims' verdicts stays near 5%."""
+    study = resolve("moe-superposition", {"seeds": 4, "n_features": 8, "n_groups": 2, "capacity": 4, "experts": (1, 2, 4)})
+    rng = np.random.default_rng(0)
+    results = {"configurations": moe_configs(rng, 0.6)}
+    results["claim_tests"] = study.claim_tests(results["configurations"])
+    families = study.test_families(results)
+    assert families[CLAIMS]["role"].startswith("primary") and families[CLAIMS]["tests"] == 12
+    claims = study.claims(results)
+    assert claims[0]["claim"].startswith("Greater network sparsity") and "adjusted over 12 tests" in claims[0]["measured"]
+    assert [c["state"] for c in claims] == ["supported"] * 8
+    false = []
+    for _ in range(50):
+        null = {"configurations": moe_configs(rng, 0.0)}
+        null["claim_tests"] = study.claim_tests(null["configurations"])
+        adjusted = study.test_families(null)[CLAIMS]["adjusted"]
+        false.append(adjusted["more"] + adjusted["less"] > 0)
+    assert np.mean(false) <= 0.1
+
+
+def test_non_negative_summaries_keep_their_intervals_in_range() -> None:
+    """A loss near 0 and a count of represented features near its maximum give intervals inside their ranges."""
+    study = resolve("moe-superposition", {"seeds": 3, "n_features": 8, "n_groups": 1, "capacity": 4, "experts": (1, 2)})
+    model = build_toy_model(ToyModelConfig(n_features=8, n_hidden=2, n_instances=3, n_experts=2), [0, 1, 2])
+    with torch.no_grad():
+        model.W[1].mul_(0.1)  # seed 1's experts represent almost nothing: a large spread of `represented`
+    batch = study.task.sample(200, 0)
+    out = study.analyse(model, np.array([0.0, 1e-6, 3e-5]), torch.from_numpy(batch.inputs), batch.labels["group"][:, 0], {})
+    assert out["loss"]["ci_low"] == 0.0 < out["loss"]["ci_high"]
+    assert 0.0 <= out["represented"]["ci_low"] and out["represented"]["ci_high"] <= 8
+    assert out["features_per_dim"]["ci_low"] >= 0.0

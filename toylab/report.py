@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from toylab import io  # noqa: E402
+from toylab.analysis.stats import VERDICTS  # noqa: E402
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -48,6 +49,9 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
         return f"inconclusive (one seed, so no interval: Δ = {fmt(c['mean'], digits)})" if c["n"] else "inconclusive (no finished seeds)"
     if c.get("identical"):
         return f"equivalent (identical in every one of {c['n']} seeds: Δ = 0 exactly)"
+    if c.get("too_few_seeds"):
+        return (f"inconclusive ({c['n']} seeds, and a verdict needs at least 3: Δ = {fmt_ci(c, digits)}, "
+                f"{round(100 * c['confidence'])}% CI)")
     if c.get("no_spread"):
         return f"inconclusive (Δ = {fmt(c['mean'], digits)} in every one of {c['n']} seeds: no spread, so no interval can be estimated)"
     interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
@@ -238,6 +242,28 @@ def to_html(document: Document, directory: Path) -> str:
     blocks = [prepare(block, 2, counter) for block in document.blocks]
     return env.get_template("report.html.j2").render(title=renderer.renderInline(document.title), blocks=blocks,
                                                       has_map=counter[1] > 0)
+
+
+FAMILIES_NOTE = (
+    "Every other verdict in this report is secondary. Tests are grouped into families of one kind of comparison, and "
+    "each family, the primary one included, is corrected on its own by Benjamini–Hochberg: on average at most 5% of a "
+    "family's claims are false, and in a family with no effect anywhere the chance of any *more* or *less* is at most 5%. "
+    "*Equivalent* uses the adjusted two one-sided tests. A verdict needs at least 3 seeds; with fewer, or where a test "
+    "fails to reject, it reads *inconclusive*: not shown, never *no*."
+)
+
+
+def families_section(question: str, families: Mapping[str, Mapping[str, Any]], blocks: Sequence[Block] = ()) -> Section:
+    """The "Primary question and families of tests" section: the study's primary `question` (markdown), then `blocks`
+    (e.g. the primary verdicts), then one row per family of `stats.adjust_family` results (with its `role`): its number
+    of tests and its verdict counts before and after the correction, the primary family first."""
+    def counts(tally: Mapping[str, int]) -> str:
+        return ", ".join(f"{tally[verdict]} {verdict}" for verdict in VERDICTS if tally.get(verdict)) or "none"
+
+    rows = [{"family": name, "role": f["role"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]),
+             "adjusted verdicts": counts(f["adjusted"])}
+            for name, f in sorted(families.items(), key=lambda item: not item[1]["role"].startswith("primary"))]
+    return Section("Primary question and families of tests", [Text(f"{question} {FAMILIES_NOTE}"), *blocks, Table(rows)])
 
 
 def failed_runs_section(failures: Sequence[Mapping[str, str]]) -> list[Section]:

@@ -15,7 +15,8 @@ probabilities), and `code_rsa` compares any two codes of the same tokens by RSA
 (`toylab.analysis.similarity.rsa`) beside its shuffled-token-correspondence null; `summarize_rsa`
 sets each pair against the reference of the same activations: one dictionary refit with another seed.
 `matched_label_detection` scores label detection with the same number of candidate latents for every
-code, each beside its own shuffled-label null.
+code, each beside its own shuffled-label null. `adjust_families` corrects the verdicts of the study
+`dictionaries` in families of one kind of comparison.
 
 `chance_mean_max_cosine` is the null: the same dictionary's MMCS against as many random directions,
 which is far from 0 in few dimensions, so a dictionary recovers features only well above it.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from toylab.analysis.similarity import rsa
+from toylab.analysis import stats
 from toylab.analysis.stats import UNIT, compare, mean_ci
 
 DENSE = 0.1
@@ -208,3 +210,40 @@ def summarize_rsa(codes: Sequence[Mapping[str, np.ndarray]], pairs: Sequence[tup
             **{f"vs_{name}_reference": compare(pair, level[name], margin) for name in (a, b) if name in level},
         }
     return out
+
+
+PRIMARY = "Switch SAE vs SAE"
+FAMILIES = {
+    PRIMARY: "does a Switch SAE recover the planted features as well as an SAE of the same size? "
+             "MMCS, Switch SAE minus SAE, at every (size, L1)",
+    "router vs k-means": "the Switch SAE's router vs k-means, NMI with the planted feature groups, every (size, L1)",
+    "RSA vs shuffled": "RSA of each pair of codes vs its shuffled-token null",
+    "RSA vs reference": "RSA of each pair of codes vs each code's same-activation reference",
+    "detection vs null": "label-class detection F1 of each code vs its shuffled-label null, every label",
+    "detection lift vs SAE": "each other code's detection lift over its null vs the SAE's, every label",
+}
+"""The families of verdicts of the study `dictionaries`, the primary first, by their question."""
+
+
+def adjust_families(grid: Sequence[dict[str, Any]], rsa: Mapping[str, Any] | None = None,
+                    labels: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of the study `dictionaries` within the `FAMILIES` (in place; each keeps its `raw_verdict`)
+    and return per family its role, number of tests and verdict counts before and after.
+
+    `grid`: the planted-feature points, each with `switch_vs_sae_mmcs` and `router_vs_kmeans`; `rsa`: a
+    `summarize_rsa` result; `labels`: per label a `summarize_detection` result with reference "sae". Picking the
+    best setting of the grid is covered by correcting over every point of it.
+    """
+    members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
+    for point in grid:
+        members[PRIMARY].append((point, "switch_vs_sae_mmcs"))
+        members["router vs k-means"].append((point, "router_vs_kmeans"))
+    for pair in (v for key, v in (rsa or {}).items() if key != "reference"):
+        members["RSA vs shuffled"].append((pair, "vs_shuffled"))
+        members["RSA vs reference"] += [(pair, key) for key in pair if key.endswith("_reference")]
+    for summary in (labels or {}).values():
+        for code, s in summary.items():
+            if code != "latents":
+                members["detection vs null"].append((s, "vs_null"))
+                members["detection lift vs SAE"] += [(s, "vs_sae")] if "vs_sae" in s else []
+    return stats.adjust_families(members, FAMILIES, PRIMARY)

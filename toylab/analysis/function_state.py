@@ -17,7 +17,7 @@ at the ceiling, a site that carries every label equally scores above 0 too. So e
 against its **planted reference**, the contrast of a synthetic site that carries every label with the
 same share (`planted_site`, one per label), probed and divided by the same residual; `excess` = contrast - reference.
 The primary result compares the MoE's excess with the dense model's, paired by seed (`primary` of
-`summarize_function_state`).
+`summarize_function_state`); `adjust_function_state` corrects it and the secondary verdicts in their `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pandas as pd
 
 from toylab.analysis.probes import ProbeResult, multi_hot_classes, probe
 from toylab.analysis.specialization import token_activations
-from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, adjust_families, compare, mean_ci
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -43,6 +43,12 @@ PLANTED = "planted"
 """The synthetic site of equal shares, probed beside the model's sites."""
 PLANTED_SHARE = 0.5
 """The share of every label at the planted site (the reference contrast does not depend on it)."""
+FAMILIES = {
+    "primary": "MoE vs dense, excess contrast over the planted reference, every FFN layer",
+    "vs_planted": "each model's contrast vs its planted reference, every (model, layer)",
+}
+"""The families of tests of `summarize_function_state`, each corrected for multiplicity on its own. The primary family
+holds every layer (none is picked as the best), and the sites are fixed in advance (`ffn_out` vs `resid_post`)."""
 
 
 def share(result: ProbeResult) -> float:
@@ -160,3 +166,11 @@ def summarize_function_state(
         for layer, part in paired.groupby("layer") if set(models) <= set(part)
     ]
     return {"sites": sites, "contrasts": verdicts, "primary": primary}
+
+
+def adjust_function_state(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of `summarize_function_state` within the `FAMILIES` (in place; each keeps its `raw_verdict`),
+    and return per family its role (primary or secondary, and its question), number of tests and verdict counts before and after."""
+    members = {"primary": [(row, "verdict") for row in summary["primary"]],
+               "vs_planted": [(row, "vs_planted") for row in summary["contrasts"]]}
+    return adjust_families(members, FAMILIES)

@@ -33,7 +33,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans, mutual_info_from_tables
 from toylab.analysis.specialization import ROUTER_INPUT, token_activations
-from toylab.analysis.stats import MARGIN, UNIT, adjust_family, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, adjust_families, compare, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.models.moe import MoE
@@ -483,5 +483,6 @@ def adjust_comparisons(
             members.setdefault("primary" if key == primary and row["model"] == headline else key, []).append((row, "gap"))
     for key, rows in trends.items():
         members.setdefault(f"trend: {key}", []).extend((row, "slope") for row in rows)
-    return {name: {"role": "primary" if name == "primary" else "secondary", **adjust_family(tests)}
-            for name, tests in members.items() if tests}
+    questions = {name: f"the comparison `{name}` over models and groups" for name in members}
+    questions["primary"] = f"`{headline}`'s experts vs pseudo-experts on its own partition (`{primary}`)"
+    return adjust_families(members, questions)

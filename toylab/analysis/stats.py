@@ -19,6 +19,9 @@ ADJUSTMENT = "Benjamini–Hochberg"
 """How `adjust` corrects a family of tests."""
 VERDICTS = ("more", "less", "equivalent", "inconclusive")
 """The four outcomes of `compare`."""
+MIN_SEEDS = 3
+"""The fewest seeds `compare` draws a verdict from: with two, one degree of freedom makes the interval's width
+as noisy as the difference itself (two seeds that happen to agree give a tiny interval)."""
 INTERVAL_NOTE = (
     "Every `mean [low, high]` is a mean over seeds with its 95% Student-t interval; for quantities bounded to a "
     "range (NMI, ARI, rates, accuracies, shares) the interval is intersected with that range, which keeps its coverage "
@@ -52,14 +55,17 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= observed)) / (1 + len(null)))
 
 
-def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alpha: float = 0.05, power: float = 0.8) -> dict[str, float | str]:
+def compare(
+    a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alpha: float = 0.05, power: float = 0.8, min_seeds: int = MIN_SEEDS
+) -> dict[str, float | str]:
     """Is `a` more than, less than, equivalent to `b`, or can the seeds not tell? Paired by seed.
 
     From the per-seed differences a - b and their (1 - 2 alpha) = 90% Student-t interval:
     - "equivalent": the interval lies inside (-margin, margin): two one-sided tests (TOST) at level alpha;
     - "more" / "less": otherwise, the interval lies above / below 0 (a one-sided test at level alpha);
-    - "inconclusive": neither (also with fewer than 2 seeds, or when every seed gives the same nonzero
-      difference: no interval can be estimated, `no_spread`, and the same difference in a few seeds is not certainty).
+    - "inconclusive": neither; also with fewer than `min_seeds` seeds (`too_few_seeds`: the interval is reported,
+      but no verdict and no p-value drawn from it), or when every seed gives the same nonzero difference (no
+      interval can be estimated, `no_spread`: the same difference in a few seeds is not certainty).
     Where a and b are identical in every seed (`identical`, e.g. exact by construction), the verdict is "equivalent".
     Also returns `detectable`, the smallest true difference these seeds would call more or less with the
     given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), the two-sided paired t-test p-value and the TOST
@@ -82,11 +88,13 @@ def compare(a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alph
             return {**out, **diff, "detectable": 0.0, "p_value": 1.0, "p_equivalent": 0.0, "verdict": "equivalent", "identical": True}
         return {**out, **diff, "detectable": math.nan, "p_value": math.nan, "p_equivalent": math.nan,
                 "verdict": "inconclusive", "no_spread": True}  # the same nonzero difference in every seed is not certainty
-    else:
-        p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
-        se = sd / math.sqrt(n)
-        p_equivalent = float(max(stats.t.sf((diff["mean"] + margin) / se, n - 1), stats.t.cdf((diff["mean"] - margin) / se, n - 1)))
     detectable = float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+    if n < min_seeds:
+        return {**out, **diff, "detectable": detectable, "p_value": math.nan, "p_equivalent": math.nan,
+                "verdict": "inconclusive", "too_few_seeds": True}
+    p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
+    se = sd / math.sqrt(n)
+    p_equivalent = float(max(stats.t.sf((diff["mean"] + margin) / se, n - 1), stats.t.cdf((diff["mean"] - margin) / se, n - 1)))
     if -margin < diff["ci_low"] and diff["ci_high"] < margin:
         verdict = "equivalent"
     elif diff["ci_low"] > 0:
@@ -142,6 +150,15 @@ def adjust_family(tests: Sequence[tuple[dict[str, Any], str]]) -> dict[str, Any]
             "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
 
 
+def adjust_families(members: dict[str, Sequence[tuple[dict[str, Any], str]]], questions: dict[str, str],
+                    primary: str = "primary") -> dict[str, dict[str, Any]]:
+    """Correct each family of `members` (name -> `(holder, key)` tests) on its own (`adjust_family`) and return per
+    non-empty family its `role` ("primary: <question>" for `primary`, else "secondary: <question>"), its number of
+    tests and its verdict counts before and after the correction."""
+    return {name: {"role": f"{'primary' if name == primary else 'secondary'}: {questions[name]}", **adjust_family(tests)}
+            for name, tests in members.items() if tests}
+
+
 def claim_state(verdict: str, expected: Sequence[str]) -> str:
     """A claim's state from a four-outcome verdict: "supported" when the verdict is one the claim `expected`,
     "not shown" when inconclusive (a test that failed to reject says nothing), "contradicted" otherwise (the
@@ -161,12 +178,14 @@ def claim_states(states: Sequence[str], names: Sequence[str]) -> str:
 def trend_verdict(rho: float, n: int, margin: float = 0.2, alpha: float = 0.05) -> dict[str, float | str]:
     """Four-outcome verdict on a Spearman rank correlation from its (1 - 2 alpha) = 90% interval (Fisher z with the
     Bonett-Wright standard error sqrt((1 + rho^2 / 2) / (n - 3))): "more" / "less" (a rising / falling trend),
-    "equivalent" (no trend: |rho| < margin), or "inconclusive" (also when rho is undefined or n < 4)."""
-    out: dict[str, float | str] = {"rho": rho, "n": n, "margin": margin, "confidence": 1 - 2 * alpha}
+    "equivalent" (no trend: |rho| < margin), or "inconclusive" (also when rho is undefined or n < 4). Also returns
+    the p-values `adjust` corrects, on the same z and standard error: `p_value`, the two-sided test of no trend, and
+    `p_equivalent`, the larger of the two one-sided tests of |rho| < margin; `mean` is rho (the sign of a trend)."""
+    out: dict[str, float | str] = {"rho": rho, "mean": rho, "n": n, "margin": margin, "confidence": 1 - 2 * alpha}
     if not math.isfinite(rho) or n < 4:
-        return {**out, "ci_low": math.nan, "ci_high": math.nan, "verdict": "inconclusive"}
+        return {**out, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "p_equivalent": math.nan, "verdict": "inconclusive"}
     z, se = math.atanh(min(max(rho, -0.999999), 0.999999)), math.sqrt((1 + rho**2 / 2) / (n - 3))
-    half = float(stats.norm.ppf(1 - alpha)) * se
+    half, bound = float(stats.norm.ppf(1 - alpha)) * se, math.atanh(margin)
     low, high = math.tanh(z - half), math.tanh(z + half)
     if -margin < low and high < margin:
         verdict = "equivalent"
@@ -176,4 +195,5 @@ def trend_verdict(rho: float, n: int, margin: float = 0.2, alpha: float = 0.05) 
         verdict = "less"
     else:
         verdict = "inconclusive"
-    return {**out, "ci_low": low, "ci_high": high, "verdict": verdict}
+    return {**out, "ci_low": low, "ci_high": high, "p_value": float(2 * stats.norm.sf(abs(z) / se)),
+            "p_equivalent": float(max(stats.norm.sf((z + bound) / se), stats.norm.cdf((z - bound) / se))), "verdict": verdict}
