@@ -15,7 +15,7 @@ import torch
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
 from toylab.analysis.stats import (
-    INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, adjust_families, claim_state, claim_states, compare, mean_ci, trend_verdict,
+    INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, claim_state, claim_states, compare, correct_families, mean_ci, trend_verdict,
 )
 from toylab.analysis.superposition import (
     REPRESENTED,
@@ -351,7 +351,7 @@ class MoESuperposition(Study):
         members += [(verdicts, name) for verdicts in tests["vs_dense"].values() for name in verdicts]
         members += [(c, key) for c in claimed.values() for key in ("own_block_verdict", "verdict") if key in c]
         others = [(c, "verdict") for name, c in configs.items() if "verdict" in c and name not in claimed]
-        return adjust_families({CLAIMS: members, ALIGNMENT: others}, {
+        return correct_families({CLAIMS: members, ALIGNMENT: others}, {
             CLAIMS: f"every verdict behind the paper's claims, the headline first ({PRIMARY_CLAIM.replace('Greater', 'greater', 1)})",
             ALIGNMENT: "NMI with the planted groups, routing vs k-means, MoEs with an untrained gate or k > 1"}, CLAIMS)
 

@@ -11,18 +11,19 @@ import pandas as pd
 import torch
 
 from toylab.analysis.expert_map import N_SHOWN
+from toylab.analysis.planning import FAMILIES, PRIMARY, adjust_families
 from toylab.analysis.probes import (
     SCORES, ahead, probe_residual_stream, residual_stream, summarize_against, summarize_conditional_probes, summarize_probes,
 )
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_somewhere, compare, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
-    verdict_text,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,
+    training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
@@ -33,6 +34,16 @@ PLAN_POSITIONS = ("pause", "path", "step")
 TRAINED, UNTRAINED = "trained", "random init"
 """Values of the probe rows' `weights`: the trained network, and the same architecture with the weights it started from."""
 PROBE_KEYS = ["model", "weights", "target", "offset", "position", "layer"]
+QUESTION = (
+    "The one primary question: do the trained models plan beyond the next move? It is answered by one comparison, "
+    f"the family *{PRIMARY}*: at path cells, the probe of the optimal move k cells later with the next move set as extra "
+    "input, against the stronger (in each seed) of two controls: the same probe on the next move alone (what a network "
+    "that knows only its next move reads) and on the untrained network (what the current cell's token and random mixing "
+    "carry). One test per (model, k, layer), every layer a candidate, corrected together; the claim *the model plans "
+    "beyond the next move* is supported where any of its tests reads *more*, contradicted where every one reads "
+    "*equivalent* or *less*, and not shown otherwise."
+)
+"""The study's primary question and the family of tests that answers it (`toylab.analysis.planning.PRIMARY`)."""
 
 METRIC_NOTES = """\
 - **Solve rate**: share of held-out mazes where greedy decoding from the prompt writes a shortest path (checked against BFS) and then `<eos>`. **Reach rate** accepts any walk along open edges that ends at the goal.
@@ -43,14 +54,14 @@ METRIC_NOTES = """\
 - **Random-init control**: every probe is also fit on the same architecture with untrained weights (drawn with the run's seed, as training draws them): what the token embeddings and random mixing already make linearly readable. **vs random init** compares, paired by seed, the trained network's accuracy with it.
 - **On path**: at an edge token of the maze description, whether that edge lies on some shortest path. The start and goal come before the maze, so this is computable in principle, though each edge token sees only the edges before it.
 - **Expert specialization**: NMI/ARI between the top-1 expert of each MoE layer and each label, against k-means with as many clusters on the router input, k-means on the dense model's same site, and a shuffled-assignment null (see the `expert-specialization` study).
-- **Verdicts** (probe vs controls, pause settings, routing vs k-means) are paired by seed, from the 90% Student-t interval of the per-seed differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±{margin} (accuracy, rate or NMI; two one-sided tests at 5%), *inconclusive* otherwise, stating the smallest difference the seeds would detect.
+- **Verdicts** (probe vs controls, pause settings, routing vs k-means) are paired by seed, from the 90% Student-t interval of the per-seed differences: *more* / *less* when it lies above / below 0, *equivalent* when it lies inside ±{margin} (accuracy, rate or NMI; two one-sided tests at 5%), *inconclusive* otherwise, stating the smallest difference the seeds would detect. Each verdict shown is then corrected within its family of tests (Benjamini–Hochberg; see *Primary question and families of tests*), and a verdict needs at least 3 seeds. *Inconclusive* means not shown either way, never *no*.
 - **Intervals**: {interval}
 """
 
 PROBE_VERDICTS = {"more": "beats both controls", "equivalent": f"at the controls (within ±{MARGIN})",
-                  "less": "below the controls", "inconclusive": "not told apart from the controls (inconclusive)"}
+                  "less": "below the controls", "inconclusive": "above the controls not shown (inconclusive)"}
 INIT_VERDICTS = {"more": "above the untrained network", "equivalent": f"at the untrained network (within ±{MARGIN})",
-                 "less": "below the untrained network", "inconclusive": "not told apart from the untrained network (inconclusive)"}
+                 "less": "below the untrained network", "inconclusive": "above the untrained network not shown (inconclusive)"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,8 @@ class Planning(Study):
 
         settings = {kind: scores_of(kind) for kind in self.models}
         settings.update({f"dense-pause{p}": scores_of(f"dense-pause{p}") for p in cfg.pauses})
-        return {
+        keys = [k for k in PROBE_KEYS if k != "weights"]
+        results = {
             "task": {"name": task.name, "options": task.options, "seq_len": task.seq_len, "vocab_size": len(task.vocab)},
             "larger_task": self.larger.options if self.larger else None,
             "performance": performance,
@@ -233,14 +245,16 @@ class Planning(Study):
             },
             "probes": probes,
             "probe_summary": summarize_probes(probes, PROBE_KEYS),
-            "vs_random_init": summarize_against(probes, [k for k in PROBE_KEYS if k != "weights"], "weights", UNTRAINED),
+            "vs_random_init": summarize_against(probes, keys, "weights", UNTRAINED),
             "conditional_probes": conditional,
+            "plan": summarize_against(conditional, keys, "weights", UNTRAINED, given="given_only"),
             "conditional_summary": summarize_conditional_probes(conditional, PROBE_KEYS),
-            "conditional_vs_random_init": summarize_against(conditional, [k for k in PROBE_KEYS if k != "weights"], "weights", UNTRAINED),
+            "conditional_vs_random_init": summarize_against(conditional, keys, "weights", UNTRAINED),
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed_specialization": per_seed,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
+        return {**results, "test_families": adjust_families(results, TRAINED)}
 
     @staticmethod
     def trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -250,7 +264,7 @@ class Planning(Study):
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         last = self.n_layers
         probe = {(r["model"], r["target"], r["position"], r["layer"]): r for r in self.trained(results["probe_summary"])}
-        given = {(r["model"], r["layer"]): r for r in self.trained(results["conditional_summary"]) if r["offset"] == 1}
+        plan = {(r["model"], r["layer"]): r for r in results["plan"] if r["offset"] == 1}
         rows = []
         for name, metrics in results["performance_summary"].items():
             row = {"model": name}
@@ -259,39 +273,50 @@ class Planning(Study):
             for target, position in (("next move", "path"), ("move +1", "step"), ("on path", "edge")):
                 found = probe.get((name, target, position, last))
                 row[f"{target} probe @{position}, layer {last}"] = fmt_ci(found["accuracy"]) if found else "n/a"
-            found = given.get((name, last))
-            row[f"move +1 given next move vs next move alone, layer {last}"] = (
-                f"{fmt(found['accuracy']['mean'])} vs {fmt(found['given_only']['mean'])}: {found['verdict']['verdict']}" if found else "n/a")
+            found = plan.get((name, last))
+            row[f"move +1 given next move vs stronger control, layer {last}"] = (
+                f"{fmt(found['accuracy']['mean'])} vs {fmt(found['stronger_control']['mean'])}: {found['verdict']['verdict']}"
+                if found else "n/a")
             rows.append(row)
         return rows
 
+    def plan_claims(self, results: dict[str, Any]) -> dict[str, str]:
+        """Per model, the state of the primary claim (it plans beyond the next move at some k and layer) and the tests it
+        rests on: those reading *more* where supported, else the one with the largest mean difference."""
+        claims = {}
+        for kind in self.models:
+            tests = [r for r in results["plan"] if r["model"] == kind]
+            if not tests:
+                continue
+            state = claim_somewhere([r["verdict"]["verdict"] for r in tests], ("more",))
+            shown = [r for r in tests if r["verdict"]["verdict"] == "more"] or [max(tests, key=lambda r: r["verdict"]["mean"])]
+            claims[kind] = f"**{state}** (" + "; ".join(
+                f"move +{r['offset']} at layer {r['layer']}: {verdict_text(r['verdict'])}" for r in shown) + ")"
+        return claims
+
     def bottom_line(self, results: dict[str, Any]) -> str:
-        """Solve rates of the main models, how many probe targets beat both controls and the untrained network somewhere,
-        and whether move +k says more than the next move."""
+        """Solve rates of the main models, the primary claim per model, and in which state the secondary claims on the
+        probe targets are (readable beyond both controls, and beyond the untrained network, somewhere)."""
         size, summary = self.task.config.size, results["performance_summary"]
         solved = [f"{kind} {fmt_ci(summary[kind]['solve_rate'])}" for kind in self.models if "solve_rate" in summary.get(kind, {})]
         if not solved:
             return "No model finished training, so nothing was measured."
         probes = self.trained(results["probe_summary"])
-        found = {r["target"] for r in probes if r["verdict"]["verdict"] == "more"}
-        beyond_init = {r["target"] for r in results["vs_random_init"] if r["verdict"]["verdict"] == "more"} & found
-        targets = {r["target"] for r in probes}
-        planned = {(r["model"], r["offset"], r["layer"]) for r in self.trained(results["conditional_summary"]) if r["verdict"]["verdict"] == "more"}
-        learned = {(r["model"], r["offset"], r["layer"]) for r in results["conditional_vs_random_init"] if r["verdict"]["verdict"] == "more"}
+        targets = list(dict.fromkeys(r["target"] for r in probes))
 
-        def named(cases: set[tuple[str, int, int]]) -> str:
-            return ", ".join(f"{model} move +{k} (layer {layer})" for model, k, layer in sorted(cases))
+        def states(rows: list[dict[str, Any]]) -> str:
+            found = {t: claim_somewhere([r["verdict"]["verdict"] for r in rows if r["target"] == t], ("more",)) for t in targets}
+            return "; ".join(f"{state} for {', '.join(t for t in targets if found[t] == state)}"
+                             for state in dict.fromkeys(found.values()))
 
-        return (f"Share of held-out {size}×{size} mazes solved with a shortest path: {', '.join(solved)}. Linear probes on the "
-                f"trained networks beat both controls, at some layer and position, for {len(found)} of {len(targets)} plan targets"
-                + (f" ({', '.join(sorted(found))})" if found else "")
-                + f"; {len(beyond_init)} of them also beat the same probe on the untrained network somewhere"
-                + (f" ({', '.join(sorted(beyond_init))})" if beyond_init else "")
-                + ". Plan beyond the next move (move +k at path cells given the next move): more than the next move alone for "
-                + (named(planned) or "no model, k or layer")
-                + "; of these, more than the same probe on the untrained network for "
-                + (named(planned & learned) + "." if planned & learned else
-                   "none, so planning beyond the next move that training put there is not shown."))
+        claims = self.plan_claims(results)
+        return (f"Share of held-out {size}×{size} mazes solved with a shortest path: {', '.join(solved)}. Do the trained models "
+                "plan beyond the next move (move +k at path cells given the next move, above both the next move alone and the "
+                "untrained network at some k and layer)? " + ("; ".join(f"{kind}: {claim}" for kind, claim in claims.items())
+                                                             or "(no probe was fit)")
+                + ". Secondary, a target read by linear probes on the trained networks beyond both controls at some layer "
+                f"and position: {states(probes) or 'n/a'}; beyond the same probe on the untrained network: "
+                f"{states(results['vs_random_init']) or 'n/a'}.")
 
     def findings(self, results: dict[str, Any]) -> list[str]:
         """The headline results, each beside its control, as bullet points."""
@@ -316,46 +341,44 @@ class Planning(Study):
         questions = [("plan ahead, at path cells", "step", [f"move +{k}" for k in range(1, cfg.ahead + 1)]),
                      ("before the path, at `<path>`", "path", ["next move", "distance"]),
                      ("while reading the maze, at edge tokens", "edge", ["on path"])]
+        claims = self.plan_claims(results)
         for kind in self.models:
             for question, position, targets in questions:
-                claims = []
+                found = []
                 for target in targets:
                     rows = [r for r in probes if (r["model"], r["position"], r["target"]) == (kind, position, target)]
                     if rows:
                         r = max(rows, key=lambda row: row["accuracy"]["mean"])
                         init = versus_init.get((kind, target, position, r["layer"]))
-                        claims.append(f"{target} {fmt_ci(r['accuracy'])} at layer {r['layer']} vs baseline "
-                                      f"{fmt(r['baseline']['mean'])} and shuffled {fmt(r['shuffled']['mean'])}: "
-                                      f"{PROBE_VERDICTS.get(r['verdict']['verdict'], r['verdict']['verdict'])}"
-                                      + (f"; untrained network {fmt(init['control']['mean'])}: {INIT_VERDICTS[init['verdict']['verdict']]}"
-                                         if init else ""))
-                if claims:
-                    lines.append(f"**{kind} probes, {question}** (best layer): " + "; ".join(claims) + ".")
-            rows = [r for r in self.trained(results["conditional_summary"]) if r["model"] == kind]
+                        found.append(f"{target} {fmt_ci(r['accuracy'])} at layer {r['layer']} vs baseline "
+                                     f"{fmt(r['baseline']['mean'])} and shuffled {fmt(r['shuffled']['mean'])}: "
+                                     f"{PROBE_VERDICTS.get(r['verdict']['verdict'], r['verdict']['verdict'])}"
+                                     + (f"; untrained network {fmt(init['control']['mean'])}: {INIT_VERDICTS[init['verdict']['verdict']]}"
+                                        if init else ""))
+                if found:
+                    lines.append(f"**{kind} probes, {question}** (the layer of highest mean accuracy; its verdicts are corrected "
+                                 "over every layer and position of their family): " + "; ".join(found) + ".")
+            rows = [r for r in results["plan"] if r["model"] == kind]
             if rows:
-                init = {(r["offset"], r["layer"]): r for r in results["conditional_vs_random_init"] if r["model"] == kind}
-                shown = [r for r in rows if r["verdict"]["verdict"] == "more"
-                         and init.get((r["offset"], r["layer"]), {}).get("verdict", {}).get("verdict") == "more"]
                 lines.append(
-                    f"**{kind}, plan beyond the next move** (move +k at path cells given the next move, every layer: accuracy "
-                    "vs the next move alone, and vs the same probe on the untrained network): " + "; ".join(
-                        f"+{r['offset']} at layer {r['layer']} {fmt_ci(r['accuracy'])} vs {fmt(r['given_only']['mean'])}: "
-                        f"{r['verdict']['verdict']}"
-                        + (f", untrained {fmt(c['control']['mean'])}: {c['verdict']['verdict']}" if (c := init.get((r["offset"], r["layer"]))) else "")
-                        for r in rows)
-                    + (". " + ("Both **more** at " + ", ".join(f"+{r['offset']} layer {r['layer']}" for r in shown) + "." if shown else
-                               "Planning beyond the next move that training put there is not shown at any layer.")))
+                    f"**{kind}, plan beyond the next move** (primary: move +k at path cells given the next move, every layer, "
+                    "vs the stronger of the next move alone and the same probe on the untrained network): " + "; ".join(
+                        f"+{r['offset']} at layer {r['layer']} {fmt_ci(r['accuracy'])} vs {fmt(r['given_only']['mean'])} "
+                        f"(next move alone) and {fmt(r['control']['mean'])} (untrained): {r['verdict']['verdict']}" for r in rows)
+                    + f". The claim that {kind} plans beyond the next move: {claims[kind]}.")
         pairs = [(f"{label} (layer {layer})", s) for layer, labels in results["specialization"].items() for label, s in labels.items()]
         if pairs:
             verdicts = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v]
                         for v in ("more", "less", "equivalent", "inconclusive")}
             significant = sum(s["routing_max_p_value"] <= 0.05 for _, s in pairs)
             lines.append(
-                f"**Experts**: top-1 routing aligns with a label more than k-means on the router input for "
-                f"{', '.join(verdicts['more']) or 'none'}; less for {', '.join(verdicts['less']) or 'none'}; "
-                f"equivalently (within ±{MARGIN} NMI) for {len(verdicts['equivalent'])} and inconclusively for "
-                f"{len(verdicts['inconclusive'])} of {len(pairs)} (label, layer) pairs. Routing beats its "
-                f"shuffled null (p ≤ 0.05 in every seed) for {significant} of them."
+                f"**Experts** (secondary, {len(pairs)} (label, layer) pairs corrected together): top-1 routing aligns with a "
+                f"label more than k-means on the router input for {len(verdicts['more'])}"
+                + (f" ({', '.join(verdicts['more'])})" if verdicts["more"] else "")
+                + f", less for {len(verdicts['less'])}" + (f" ({', '.join(verdicts['less'])})" if verdicts["less"] else "")
+                + f", equivalently (within ±{MARGIN} NMI) for {len(verdicts['equivalent'])}; for the other "
+                f"{len(verdicts['inconclusive'])} neither is shown (inconclusive). Routing beats its shuffled null "
+                f"(permutation p ≤ 0.05 in every seed, uncorrected over the pairs) for {significant} of them."
             )
         return [f"- {line}" for line in lines]
 
@@ -427,8 +450,16 @@ class Planning(Study):
              "routing max p": fmt(s["routing_max_p_value"], 4), "routing vs k-means": s["verdict"]["verdict"]}
             for layer, labels in results["specialization"].items() for label, s in labels.items()
         ]
+        plan_rows = [
+            {"model": r["model"], "k": r["offset"], "layer": r["layer"], "accuracy (activations + next move)": fmt_ci(r["accuracy"]),
+             "next move alone": fmt_ci(r["given_only"]), "untrained network": fmt_ci(r["control"]), "verdict": verdict_text(r["verdict"])}
+            for r in results["plan"]
+        ]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            families_section(QUESTION, {name: results["test_families"][name] for name in FAMILIES if name in results["test_families"]},
+                             [Table(plan_rows, caption=(
+                "The primary tests: accuracy against the stronger control of the same seed, paired by seed."))] if plan_rows else []),
             Section("What was run", [Text(
                 f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}\n\n"
                 f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "
@@ -442,7 +473,8 @@ class Planning(Study):
         if results["thinking_time"]:
             blocks.append(Section("Thinking time: pause tokens before the path", [Table([
                 {"pauses": p, "metric": metric, f"Δ vs {task.config.pause} pauses (90% CI)": fmt_ci(c), "p": fmt(c["p_value"]),
-                 "detectable": fmt(c["detectable"]), "verdict": c["verdict"]}
+                 "p adjusted": fmt(c["p_adjusted"]), "detectable": fmt(c["detectable"]), "uncorrected verdict": c["raw_verdict"],
+                 "verdict": c["verdict"]}
                 for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
             ])]))
         blocks += [

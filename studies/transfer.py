@@ -9,13 +9,16 @@ from typing import Any
 import pandas as pd
 
 from toylab.analysis.expert_map import N_SHOWN
-from toylab.analysis.similarity import pair_similarity, residual_streams, summarize_similarity
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.analysis.similarity import (
+    FAMILIES, PRIMARY, adjust_families, pair_similarity, residual_streams, summarize_similarity,
+)
+from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_everywhere, mean_ci
 from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_bars, training_curves,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,
+    training_curves,
 )
 from toylab.report import verdict_text as seed_verdict_text
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
@@ -27,6 +30,17 @@ def verdict_text(comparison: dict[str, Any]) -> str:
 
 
 KINDS = {"dense-dense": "dense vs dense (seeds)", "moe-moe": "MoE vs MoE (seeds)", "dense-moe": "dense vs MoE"}
+SAME = ("equivalent", "more")
+"""Verdicts that support "as similar as two seeds": within ±δ of the seed-to-seed level, or above it."""
+QUESTION = (
+    "The one primary question: do dense and MoE transformers learn the same representation? It is answered by one "
+    f"comparison, the family *{PRIMARY}*: the linear CKA between a dense and an MoE model at the last layer (fixed in "
+    "advance, not picked from the results) against the CKA between two seeds of the same architecture, dense and MoE, "
+    "paired by replicate. The claim *the same representation* is supported where both read *equivalent* within ±δ (or "
+    "*more*: closer than two seeds), contradicted where either reads *less*, and not shown otherwise. Here the paired unit "
+    "is the replicate, so a verdict needs at least 3 replicates."
+)
+"""The study's primary question and the family of tests that answers it (`toylab.analysis.similarity.PRIMARY`)."""
 
 METRIC_NOTES = """\
 - **Residual stream** at layer 0 = the embeddings (`blocks.0.hook_resid_pre`), layer l ≥ 1 = after block l (`blocks.{{l-1}}.hook_resid_post`), at every real token of {n_eval} held-out sequences.
@@ -34,7 +48,7 @@ METRIC_NOTES = """\
 - **RSA**: the Spearman correlation of the two representational dissimilarity matrices (Euclidean distances between every pair of the same {n_tokens} tokens).
 - **Reference level**: two seeds of the same architecture. Each replicate trains two dense and two MoE seeds; it gives one dense–dense pair, one MoE–MoE pair and two dense–MoE pairs (dense s with MoE t and dense t with MoE s, averaged), so every pair has two different seeds (a seed fixes the initial embeddings and the data order, whatever the architecture) and replicates are independent. A cross-architecture score *equivalent* to the dense–dense one is within the seed-to-seed range.
 - **Probe transfer**: a multinomial logistic probe (standardized inputs) is fit on one model's residual stream for a label (50% of the sequences), and scored on the held-out 25% of that model (**in-architecture**) and of the other model mapped into the first one's space by orthogonal Procrustes with one isotropic scale, fit on the remaining 25% (disjoint from the test set; **transferred**). **Shuffled**: the same map fit to shuffled token correspondences (the control: a rotation that carries nothing). **Seed transfer**: the same probe transfer between two seeds of the probe's own architecture. **Majority**: always the training majority class.
-- **Verdicts** (paired by replicate): from the per-replicate differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** inside ±δ (δ = {margin}, in CKA/RSA or accuracy units; two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the replicates would detect). A probe **transfers** when its transferred accuracy is equivalent to (or above) its in-architecture accuracy.
+- **Verdicts** (paired by replicate): from the per-replicate differences and their 90% Student-t interval, **more** / **less** when it lies above / below 0, **equivalent** inside ±δ (δ = {margin}, in CKA/RSA or accuracy units; two one-sided tests at the 5% level), **inconclusive** otherwise (with the smallest difference the replicates would detect); at least 3 replicates are needed for any verdict. Each verdict shown is corrected within its family of tests (Benjamini–Hochberg; see *Primary question and families of tests*). A probe **transfers** when its transferred accuracy is equivalent to (or above) its in-architecture accuracy at every layer after the embeddings, both ways; **not shown** where some verdict is inconclusive, never *does not transfer*.
 - {interval}
 """
 
@@ -71,7 +85,7 @@ class TransferStudy(Study):
     """Dense vs MoE residual streams: CKA and RSA against the seed-to-seed level, and probes moved across by Procrustes."""
 
     Config = TransferConfig
-    fast = {"replicates": 2, "n_eval": 60, "n_tokens": 500,
+    fast = {"replicates": 3, "n_eval": 60, "n_tokens": 500,
             "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}}
     config: TransferConfig
 
@@ -118,6 +132,8 @@ class TransferStudy(Study):
         for (r, kind, _, _), rows in zip(pairs, found):
             replicates.setdefault(r, {}).setdefault(kind, []).append(rows)
         complete = [replicates[r] for r in sorted(replicates) if set(replicates[r]) == set(KINDS)]
+        summary = summarize_similarity(complete, margin=cfg.margin) if complete else {"similarity": {}, "probes": {}}
+        families = adjust_families(summary)
         return {
             "task": {"name": self.task.name, "options": self.task.options, "primary_metric": self.task.primary_metric},
             "performance": {job.key: performance.get(job.key) for job in jobs},
@@ -127,7 +143,8 @@ class TransferStudy(Study):
                        for metric in next((p for key, p in performance.items() if key.startswith(f"{kind}-")), {})}
                 for kind in self.models
             },
-            **(summarize_similarity(complete, margin=cfg.margin) if complete else {"similarity": {}, "probes": {}}),
+            **summary,
+            "test_families": families,
             "replicates_complete": len(complete),
             "pairs": [{"replicate": r, "kind": kind, "a": a, "b": b, "layers": rows} for (r, kind, a, b), rows in zip(pairs, found)],
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
@@ -149,34 +166,37 @@ class TransferStudy(Study):
             for label, layers in results["probes"].items() for layer, directions in layers.items() for direction, p in directions.items()
         ]
 
-    def transfers(self, results: dict[str, Any]) -> dict[str, list[str]]:
-        """Labels whose probes transfer (equivalent to or above in-architecture accuracy) in both directions, at every
-        layer after the embeddings; partly (above the shuffled control everywhere, but not fully); or not."""
-        groups: dict[str, list[str]] = {"fully": [], "partly": [], "not": []}
+    def claims(self, results: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """Per label, the states of two claims over every layer after the embeddings and both directions: `transfers`
+        (transferred accuracy equivalent to or above the in-architecture one) and `carries` (above the shuffled alignment)."""
+        out = {}
         for label, layers in results["probes"].items():
             deep = [p for layer, directions in layers.items() if layer != "0" for p in directions.values()]
-            if all(p["vs_in_architecture"]["verdict"] in ("equivalent", "more") for p in deep):
-                groups["fully"].append(label)
-            elif all(p["vs_shuffled"]["verdict"] == "more" for p in deep):
-                groups["partly"].append(label)
-            else:
-                groups["not"].append(label)
-        return groups
+            out[label] = {"transfers": claim_everywhere([p["vs_in_architecture"]["verdict"] for p in deep], SAME),
+                          "carries": claim_everywhere([p["vs_shuffled"]["verdict"] for p in deep], ("more",))}
+        return out
 
     def bottom_line(self, results: dict[str, Any]) -> str:
         if not results["similarity"]:
             return "No replicate finished all its pairs, so there is nothing to compare."
         last = list(results["similarity"])[-1]
         cka = results["similarity"][last]["cka"]
-        verdict = cka["verdicts"]["dense-dense"]["verdict"]
-        reading = {"equivalent": "within the seed-to-seed range", "less": "below the seed-to-seed range",
-                   "more": "above the dense seed-to-seed level", "inconclusive": "not distinguishable from the seed-to-seed level by these replicates"}
-        groups = self.transfers(results)
-        named = "; ".join(f"{k}: {', '.join(f'`{n}`' for n in v)}" for k, v in groups.items() if v)
-        return (f"On `{self.task.name}` over {results['replicates_complete']} replicates, at the last layer the dense–MoE CKA is "
-                f"{fmt_ci(cka['dense-moe'])} against {fmt_ci(cka['dense-dense'])} between dense seeds and {fmt_ci(cka['moe-moe'])} "
-                f"between MoE seeds: {reading[verdict]} ({verdict_text(cka['verdicts']['dense-dense'])}). Probes moved across "
-                f"architectures by Procrustes transfer (at every layer after the embeddings, both ways) — {named}.")
+        same = claim_everywhere([v["verdict"] for v in cka["verdicts"].values()], SAME)
+        claims = self.claims(results)
+
+        def states(claim: str) -> str:
+            found = {label: c[claim] for label, c in claims.items()}
+            return "; ".join(f"{state} for {', '.join(f'`{n}`' for n, s in found.items() if s == state)}"
+                             for state in dict.fromkeys(found.values())) or "n/a"
+
+        return (f"On `{self.task.name}` over {results['replicates_complete']} replicates: do dense and MoE transformers learn the "
+                f"same representation (at the last layer, dense–MoE CKA as high as between two seeds of one architecture)? "
+                f"**{same}**. The dense–MoE CKA is {fmt_ci(cka['dense-moe'])} against {fmt_ci(cka['dense-dense'])} between dense "
+                f"seeds ({verdict_text(cka['verdicts']['dense-dense'])}) and {fmt_ci(cka['moe-moe'])} between MoE seeds "
+                f"({verdict_text(cka['verdicts']['moe-moe'])}). Secondary, probes moved across architectures by Procrustes, "
+                f"at every layer after the embeddings and both ways: *transfers* (within ±{self.config.margin:g} of, or above, "
+                f"the in-architecture accuracy): {states('transfers')}; *carries the label* (above the shuffled alignment): "
+                f"{states('carries')}.")
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
         cfg, task = self.config, self.task
@@ -203,8 +223,16 @@ class TransferStudy(Study):
             f"vs MoE seeds: {verdict_text(s['verdicts']['moe-moe'])}."
             for layer, metrics in results["similarity"].items() for metric, s in metrics.items()
         ]
+        primary_rows = [
+            {"layer": layer, "reference": KINDS[kind], "dense vs MoE": fmt_ci(cka["dense-moe"]), "reference CKA": fmt_ci(cka[kind]),
+             "verdict": verdict_text(v)}
+            for layer in list(results["similarity"])[-1:] for cka in [results["similarity"][layer]["cka"]]
+            for kind, v in cka["verdicts"].items()
+        ]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            families_section(QUESTION, {name: results["test_families"][name] for name in FAMILIES if name in results["test_families"]},
+                             [Table(primary_rows)] if primary_rows else []),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"{cfg.replicates} replicates, each with two dense and two MoE transformers ({cfg.n_experts} experts, top-{cfg.top_k}, "

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from toylab.analysis.probes import ahead, multi_hot_classes, probe_residual_stream, summarize_conditional_probes, summarize_probes
+from toylab.analysis.planning import PRIMARY, adjust_families
+from toylab.analysis.stats import claim_somewhere
+from toylab.analysis.probes import (
+    ahead, multi_hot_classes, probe_residual_stream, summarize_against, summarize_conditional_probes, summarize_probes,
+)
 from toylab.registry import get_task
-from toylab.studies.planning import PROBE_KEYS, probe_targets
+from toylab.studies.planning import PROBE_KEYS, TRAINED, UNTRAINED, probe_targets
 from toylab.task import IGNORE
 from toylab import ToylabError
 from toylab.report import markdown_table
@@ -54,6 +58,59 @@ def test_a_residual_stream_that_holds_only_the_next_move_does_not_plan_ahead_giv
     assert abs(conditional["accuracy"]["mean"] - conditional["given_only"]["mean"]) < 0.03
 
 
+def planted_plan(trained: dict[int, float], untrained: dict[int, float], rng: np.random.Generator, seeds: int = 4,
+                 alone: float = 0.45, noise: float = 0.01) -> dict:
+    """The planning results the families read, from conditional-probe rows of one model at the layers of `trained`: per
+    seed, the trained network's accuracy at a layer is `trained[layer]` above the stronger of its two controls (the next
+    move alone, `alone`, and the untrained network, `alone + untrained[layer]`), plus noise."""
+    keys = [k for k in PROBE_KEYS if k != "weights"]
+    rows = []
+    for seed in range(seeds):
+        given = alone + rng.normal(0, noise)
+        for layer, effect in trained.items():
+            control = given + untrained[layer] + rng.normal(0, noise)
+            rows += [{"model": "moe", "weights": weights, "target": "move +1 given next move", "offset": 1, "position": "step",
+                      "layer": layer, "seed": seed, "accuracy": accuracy, "given_only": given, "baseline": 0.3}
+                     for weights, accuracy in ((UNTRAINED, control), (TRAINED, max(control, given) + effect + rng.normal(0, noise)))]
+    return {"plan": summarize_against(rows, keys, "weights", UNTRAINED, given="given_only"),
+            "conditional_summary": summarize_conditional_probes(rows, PROBE_KEYS),
+            "conditional_vs_random_init": summarize_against(rows, keys, "weights", UNTRAINED),
+            "probe_summary": [], "vs_random_init": [], "thinking_time": {}, "specialization": {}}
+
+
+def test_the_primary_family_finds_a_planted_plan_beyond_both_controls() -> None:
+    """Planted: at layer 2 the trained network reads move +1 given the next move 0.15 above both controls; at layer 1 the
+    untrained network reads as much as the trained one (0.10 above the next move alone: what the current cell's token
+    carries), at layer 0 nothing beyond the next move. Only layer 2 is *more* after correction; layer 1 is *more* than
+    the next move alone (a secondary family), but not beyond the untrained network."""
+    results = planted_plan({0: 0.0, 1: 0.0, 2: 0.15}, {0: -0.1, 1: 0.1, 2: -0.1}, np.random.default_rng(0))
+    families = adjust_families(results, TRAINED)
+    assert list(families) == [PRIMARY, "given the next move vs the next move alone", "given the next move vs random init",
+                              "untrained, given the next move vs the next move alone"]
+    assert families[PRIMARY]["role"].startswith("primary") and families[PRIMARY]["tests"] == 3
+    verdicts = {r["layer"]: r["verdict"]["verdict"] for r in results["plan"]}
+    assert verdicts[2] == "more" and verdicts[1] != "more" and verdicts[0] != "more"
+    assert all("p_adjusted" in r["verdict"] and r["verdict"]["family_size"] == 3 for r in results["plan"])
+    given = {r["layer"]: r["verdict"]["verdict"] for r in results["conditional_summary"] if r["weights"] == TRAINED}
+    assert given[1] == "more" and given[2] == "more"
+    assert claim_somewhere(list(verdicts.values()), ("more",)) == "supported"
+
+
+def test_the_primary_family_stays_quiet_without_a_plan() -> None:
+    """No plan anywhere (the trained network reads exactly what the stronger control does, plus noise): after the
+    correction, at most a few of 60 planted studies show any *more* or *less* among their three layers, and a claim
+    resting on equivalent or inconclusive verdicts is contradicted or not shown, never *supported*."""
+    rng = np.random.default_rng(1)
+    directional = 0
+    for _ in range(60):
+        results = planted_plan({0: 0.0, 1: 0.0, 2: 0.0}, {0: -0.1, 1: 0.0, 2: 0.05}, rng, seeds=3, noise=0.03)
+        adjust_families(results, TRAINED)
+        directional += any(r["verdict"]["verdict"] in ("more", "less") for r in results["plan"])
+    assert directional <= 6  # at most 5% expected; 10% leaves room for chance
+    assert claim_somewhere(["equivalent", "less"], ("more",)) == "contradicted"
+    assert claim_somewhere(["equivalent", "inconclusive"], ("more",)) == "not shown"
+
+
 def test_tiny_study_end_to_end(tmp_path) -> None:
     overrides = {
         "seeds": 2, "n_eval": 40, "ahead": 1, "pauses": (0,), "n_permutations": 20,
@@ -84,6 +141,16 @@ def test_tiny_study_end_to_end(tmp_path) -> None:
     assert "## Plan beyond the next move" in report and "untrained network" in report
     assert "**Thinking time**: with 0 pause tokens instead of 4" in report and "**Experts**" in report
     assert all("verdict" in row for row in results["probe_summary"])
+    # two seeds: no directional verdict, every family corrected, the primary first, and the claim not shown
+    families = results["test_families"]
+    assert list(outcome.results["test_families"])[0] == PRIMARY and families[PRIMARY]["tests"] == len(results["plan"]) == 2 * 3
+    assert [name for name, f in families.items() if f["role"].startswith("primary")] == [PRIMARY]
+    assert {"probes vs controls", "thinking time", "experts vs k-means"} <= set(families)
+    assert all(f["adjusted"]["more"] == f["adjusted"]["less"] == 0 for f in families.values())  # identical seeds: equivalent
+    assert all("p_adjusted" in r["verdict"] for r in results["probe_summary"] + results["vs_random_init"])
+    assert report.index("## Primary question and families of tests") < report.index("## What was run")
+    assert report.index(f"| {PRIMARY} | primary") < report.index("| probes vs controls | secondary")  # the primary row first
+    assert "dense: **not shown**" in report and "moe: **not shown**" in report and "for no model" not in report
     for figure in ("probes_dense", "probes_moe", "plan_ahead", "specialization", "training_curves"):
         assert (outcome.directory / "figures" / f"{figure}.png").is_file()
         assert f"figures/{figure}.png" in report

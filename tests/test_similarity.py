@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from toylab.analysis.similarity import Procrustes, linear_cka, probe_transfer, rsa, transfer_splits
+from toylab.analysis.similarity import (
+    PRIMARY, Procrustes, adjust_families, linear_cka, probe_transfer, rsa, summarize_similarity, transfer_splits,
+)
+from toylab.analysis.stats import claim_everywhere
 from toylab.cli import app
 from toylab.errors import ToylabError
 from toylab.study import run_study
@@ -105,6 +108,61 @@ def test_mismatched_representations_are_one_line_errors() -> None:
         Procrustes.fit(np.zeros((5, 2)), np.zeros((5, 3)))
 
 
+def planted_replicates(levels: dict[str, float], transfer: float, rng: np.random.Generator, replicates: int = 4,
+                       noise: float = 0.01) -> list[dict]:
+    """`summarize_similarity` input for three layers: per replicate, CKA and RSA at `levels[kind]` for the kinds dense–dense,
+    MoE–MoE and dense–MoE (two pairs), and a probe of `depth` scoring 0.90 on its own architecture, `transfer` carried to
+    the other (0.90 to another seed of its own) and 0.30 with a shuffled alignment; all plus noise."""
+    def rows(kind: str) -> list[dict]:
+        carried = transfer if kind == "dense-moe" else 0.9
+        return [{"layer": layer, **{m: levels[kind] + rng.normal(0, noise) for m in ("cka", "rsa")},
+                 "probes": {"depth": {d: {"in_architecture": 0.9, "transfer": carried + rng.normal(0, noise), "shuffled": 0.3,
+                                          "baseline": 0.25} for d in ("a_to_b", "b_to_a")}}} for layer in range(3)]
+
+    return [{kind: [rows(kind) for _ in range(2 if kind == "dense-moe" else 1)] for kind in levels} for _ in range(replicates)]
+
+
+def primary_verdicts(summary: dict) -> list[str]:
+    return [v["verdict"] for v in summary["similarity"]["2"]["cka"]["verdicts"].values()]
+
+
+def test_families_find_planted_differences_and_the_primary_comes_first() -> None:
+    """Planted: the dense–MoE CKA 0.3 below the level between seeds, and probes that lose 0.4 accuracy when carried
+    across. The primary (last-layer CKA vs both references) is *less* after correction, so the claim *the same
+    representation* is contradicted; the probes' transfer is *less* than in-architecture and *more* than shuffled."""
+    summary = summarize_similarity(planted_replicates({"dense-dense": 0.85, "moe-moe": 0.8, "dense-moe": 0.525}, 0.5,
+                                                      np.random.default_rng(0)))
+    families = adjust_families(summary)
+    assert list(families)[0] == PRIMARY and families[PRIMARY]["role"].startswith("primary") and families[PRIMARY]["tests"] == 2
+    assert {name: f["tests"] for name, f in families.items() if name != PRIMARY} == {
+        "CKA, earlier layers": 4, "RSA": 6, "probe transfer vs in-architecture": 6, "probe transfer vs shuffled alignment": 6,
+        "probe transfer vs seed transfer": 6}
+    assert primary_verdicts(summary) == ["less", "less"]
+    assert all(v["family_size"] == 2 and "p_adjusted" in v for v in summary["similarity"]["2"]["cka"]["verdicts"].values())
+    assert claim_everywhere(primary_verdicts(summary), ("equivalent", "more")) == "contradicted"
+    probes = [p for layers in summary["probes"]["depth"].values() for p in layers.values()]
+    assert all(p["vs_in_architecture"]["verdict"] == "less" and p["vs_shuffled"]["verdict"] == "more" for p in probes)
+
+
+def test_same_representations_read_equivalent_and_no_difference_gives_no_direction() -> None:
+    """Planted: the dense–MoE level between two references 0.05 apart, and probes that transfer fully: the primary is
+    *equivalent* to both and the claim supported. With no difference at all (every level 0.85, noisier), at most a few
+    of 30 planted studies show any *more* or *less* in their primary family after the correction."""
+    summary = summarize_similarity(planted_replicates({"dense-dense": 0.85, "moe-moe": 0.8, "dense-moe": 0.825}, 0.9,
+                                                      np.random.default_rng(1)))
+    adjust_families(summary)
+    assert primary_verdicts(summary) == ["equivalent", "equivalent"]
+    assert claim_everywhere(primary_verdicts(summary), ("equivalent", "more")) == "supported"
+    rng, directional = np.random.default_rng(2), 0
+    for _ in range(30):
+        found = summarize_similarity(planted_replicates(dict.fromkeys(("dense-dense", "moe-moe", "dense-moe"), 0.85), 0.9, rng,
+                                                        replicates=3, noise=0.03))
+        adjust_families(found)
+        directional += any(v in ("more", "less") for v in primary_verdicts(found))
+    assert directional <= 4  # at most 5% expected; 13% leaves room for chance
+    assert claim_everywhere(["equivalent", "inconclusive"], ("equivalent", "more")) == "not shown"
+
+
 def test_tiny_study_writes_results_figures_and_report(tmp_path) -> None:
     tiny = {"replicates": 1, "n_eval": 24, "n_tokens": 100, "task_options": {"max_length": 12},
             "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32}, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}}
@@ -129,5 +187,5 @@ def test_fast_study_through_the_cli_on_every_token_task(task: str, tmp_path, cap
     assert "cross vs dense seeds" in capsys.readouterr().out
     (directory,) = (tmp_path / "transfer").iterdir()
     results = json.loads((directory / "results.json").read_text())
-    assert results["replicates_complete"] == 2 and results["probes"] and not results["failed_runs"]
+    assert results["replicates_complete"] == 3 and results["probes"] and not results["failed_runs"]
     assert (directory / "report.md").is_file() and (directory / "figures" / "probe_transfer.png").is_file()

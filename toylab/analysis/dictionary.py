@@ -246,4 +246,4 @@ def adjust_families(grid: Sequence[dict[str, Any]], rsa: Mapping[str, Any] | Non
             if code != "latents":
                 members["detection vs null"].append((s, "vs_null"))
                 members["detection lift vs SAE"] += [(s, "vs_sae")] if "vs_sae" in s else []
-    return stats.adjust_families(members, FAMILIES, PRIMARY)
+    return stats.correct_families(members, FAMILIES, PRIMARY)

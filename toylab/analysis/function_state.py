@@ -30,7 +30,7 @@ import pandas as pd
 
 from toylab.analysis.probes import ProbeResult, multi_hot_classes, probe
 from toylab.analysis.specialization import token_activations
-from toylab.analysis.stats import MARGIN, UNIT, adjust_families, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, compare, correct_families, mean_ci
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -173,4 +173,4 @@ def adjust_function_state(summary: Mapping[str, Any]) -> dict[str, dict[str, Any
     and return per family its role (primary or secondary, and its question), number of tests and verdict counts before and after."""
     members = {"primary": [(row, "verdict") for row in summary["primary"]],
                "vs_planted": [(row, "vs_planted") for row in summary["contrasts"]]}
-    return adjust_families(members, FAMILIES)
+    return correct_families(members, FAMILIES)

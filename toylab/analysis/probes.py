@@ -283,20 +283,29 @@ def summarize_conditional_probes(rows: Sequence[dict[str, Any]], keys: Sequence[
 
 def summarize_against(
     rows: Sequence[dict[str, Any]], keys: Sequence[str], column: str, control: str, score: str = "accuracy",
+    given: str | None = None,
 ) -> list[dict[str, Any]]:
     """A probe against the same probe on a control (rows whose `column` is `control`, e.g. untrained weights).
 
     Per group of `keys` and `column` (other than `control`): mean and 95% CI of `score` and of the control's in the
-    same group and seeds (rows carry `seed`), and the verdict of `compare` paired by seed (margin `MARGIN`).
+    same group and seeds (rows carry `seed`), and the verdict of `compare` paired by seed (margin `MARGIN`). With
+    `given` (e.g. "given_only" of conditional probes) the probe is compared with the stronger of two controls in each
+    seed, the control's `score` and its own `given` score (also summarized, with `stronger_control`): "more" then
+    means it beats both, e.g. says more about move +k than the next move alone and than the untrained network.
     """
     controls = {(tuple(r[k] for k in keys), r["seed"]): r[score] for r in rows if r[column] == control}
     out = []
     for group, members in _groups([r for r in rows if r[column] != control], [*keys, column]).items():
-        pairs = [(r[score], controls[group[:-1], r["seed"]]) for r in members if (group[:-1], r["seed"]) in controls]
-        if pairs:
-            treated, reference = ([p[i] for p in pairs] for i in (0, 1))
+        paired = [r for r in members if (group[:-1], r["seed"]) in controls]
+        if paired:
+            treated, network = [r[score] for r in paired], [controls[group[:-1], r["seed"]] for r in paired]
+            reference, extra = network, {}
+            if given is not None:
+                alone = [r[given] for r in paired]
+                reference = np.maximum(network, alone).tolist()
+                extra = {given: mean_ci(alone, bounds=UNIT), "stronger_control": mean_ci(reference, bounds=UNIT)}
             out.append({**dict(zip([*keys, column], group)), score: mean_ci(treated, bounds=UNIT),
-                        "control": mean_ci(reference, bounds=UNIT), "verdict": compare(treated, reference, MARGIN)})
+                        "control": mean_ci(network, bounds=UNIT), **extra, "verdict": compare(treated, reference, MARGIN)})
     return out
 
 

@@ -8,6 +8,8 @@
 - `probe_transfer`: a logistic probe fit on model A's activations, scored on A (in-architecture) and on
   model B's activations mapped into A's space by orthogonal Procrustes (with one isotropic scale), fit on
   tokens disjoint from the probe's test set, and on the same map fit to shuffled token correspondences.
+- `adjust_families`: the verdicts of `summarize_similarity` in families (the primary first), each corrected for
+  multiplicity on its own.
 
 All three are invariant to rotations of either representation: a rotated copy scores CKA = RSA = 1 and
 transfers exactly.
@@ -15,7 +17,7 @@ transfers exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from scipy.stats import spearmanr
 
 from toylab.analysis.probes import logistic_classifier, split
 from toylab.analysis.specialization import analysable_labels, token_activations
-from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, compare, correct_families, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
@@ -215,3 +217,37 @@ def summarize_similarity(replicates: Sequence[dict[str, list[list[dict[str, Any]
                 }
             probes[label][str(layer)] = entry
     return {"similarity": similarity, "probes": probes}
+
+
+PRIMARY = "CKA at the last layer"
+"""The family that answers "do the two architectures learn the same representation?"."""
+FAMILIES = {
+    PRIMARY: "across-architecture linear CKA at the last layer vs each seed-to-seed reference (one per architecture)",
+    "CKA, earlier layers": "across-architecture linear CKA vs each seed-to-seed reference, every earlier layer",
+    "RSA": "across-architecture RSA vs each seed-to-seed reference, every layer",
+    "probe transfer vs in-architecture": "transferred vs in-architecture probe accuracy, every (label, layer, direction)",
+    "probe transfer vs shuffled alignment": "transferred accuracy vs the map fit to shuffled tokens, every (label, layer, direction)",
+    "probe transfer vs seed transfer": "transferred accuracy across architectures vs between two seeds of the probe's own "
+                                       "architecture, every (label, layer, direction)",
+}
+"""The families of tests of `summarize_similarity`, the primary first, each corrected for multiplicity on its own."""
+PROBE_FAMILIES = {"vs_in_architecture": "probe transfer vs in-architecture", "vs_shuffled": "probe transfer vs shuffled alignment",
+                  "vs_seed_transfer": "probe transfer vs seed transfer"}
+
+
+def adjust_families(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of `summarize_similarity` within the `FAMILIES` (in place; each keeps its `raw_verdict`) and
+    return per family its role (primary or secondary, and what it compares), number of tests and verdict counts before
+    and after. The primary layer is fixed in advance (the last), not picked from the results."""
+    members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
+    last = max(summary["similarity"], key=int, default=None)
+    for layer, metrics in summary["similarity"].items():
+        for metric, s in metrics.items():
+            name = "RSA" if metric == "rsa" else PRIMARY if layer == last else "CKA, earlier layers"
+            members[name] += [(s["verdicts"], kind) for kind in s["verdicts"]]
+    for layers in summary["probes"].values():
+        for directions in layers.values():
+            for p in directions.values():
+                for key, name in PROBE_FAMILIES.items():
+                    members[name].append((p, key))
+    return correct_families(members, FAMILIES, PRIMARY)

@@ -33,7 +33,7 @@ import torch
 
 from toylab.analysis.clustering import kmeans, mutual_info_from_tables
 from toylab.analysis.specialization import ROUTER_INPUT, token_activations
-from toylab.analysis.stats import MARGIN, UNIT, adjust_families, compare, mean_ci
+from toylab.analysis.stats import MARGIN, UNIT, compare, correct_families, mean_ci
 from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.models.moe import MoE
@@ -485,4 +485,4 @@ def adjust_comparisons(
         members.setdefault(f"trend: {key}", []).extend((row, "slope") for row in rows)
     questions = {name: f"the comparison `{name}` over models and groups" for name in members}
     questions["primary"] = f"`{headline}`'s experts vs pseudo-experts on its own partition (`{primary}`)"
-    return adjust_families(members, questions)
+    return correct_families(members, questions)

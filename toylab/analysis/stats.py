@@ -150,7 +150,7 @@ def adjust_family(tests: Sequence[tuple[dict[str, Any], str]]) -> dict[str, Any]
             "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
 
 
-def adjust_families(members: dict[str, Sequence[tuple[dict[str, Any], str]]], questions: dict[str, str],
+def correct_families(members: dict[str, Sequence[tuple[dict[str, Any], str]]], questions: dict[str, str],
                     primary: str = "primary") -> dict[str, dict[str, Any]]:
     """Correct each family of `members` (name -> `(holder, key)` tests) on its own (`adjust_family`) and return per
     non-empty family its `role` ("primary: <question>" for `primary`, else "secondary: <question>"), its number of
@@ -173,6 +173,25 @@ def claim_states(states: Sequence[str], names: Sequence[str]) -> str:
     if len(set(states)) == 1:
         return states[0]
     return "mixed (" + ", ".join(f"{name}: {state}" for name, state in zip(names, states)) + ")"
+
+
+def claim_somewhere(verdicts: Sequence[str], expected: Sequence[str]) -> str:
+    """The state of a claim that holds if it holds in some setting (e.g. at some layer), from that setting's verdicts
+    (corrected together): "supported" where any supports it, "contradicted" where every one contradicts it (e.g.
+    equivalent within the margin at every layer), else "not shown"."""
+    states = [claim_state(v, expected) for v in verdicts]
+    if "supported" in states:
+        return "supported"
+    return "contradicted" if states and all(s == "contradicted" for s in states) else "not shown"
+
+
+def claim_everywhere(verdicts: Sequence[str], expected: Sequence[str]) -> str:
+    """The state of a claim that must hold in every setting (every layer, direction or reference), from their verdicts
+    (corrected): "supported" where every one supports it, "contradicted" where any contradicts it, else "not shown"."""
+    states = [claim_state(v, expected) for v in verdicts]
+    if states and all(s == "supported" for s in states):
+        return "supported"
+    return "contradicted" if "contradicted" in states else "not shown"
 
 
 def trend_verdict(rho: float, n: int, margin: float = 0.2, alpha: float = 0.05) -> dict[str, float | str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from toylab.analysis.stats import adjust_families, claim_state, claim_states
+from toylab.analysis.stats import claim_state, claim_states, correct_families
 
 PRIMARY = "primary"
 FAMILIES = {
@@ -34,7 +34,7 @@ def adjust_variant_families(variants: Mapping[str, Mapping[str, Any]], labels: C
             for label, s in scores.items():
                 members[PRIMARY if layer == last and label in labels else "nmi"].append((s, "verdict"))
         members["f1_vs_dense"] += [(p, "vs_dense") for p in v["probe_f1"].values() if "vs_dense" in p]
-    return adjust_families(members, FAMILIES, PRIMARY)
+    return correct_families(members, FAMILIES, PRIMARY)
 
 
 def primary_verdicts(specialization: Mapping[str, Mapping[str, Any]], labels: Collection[str]) -> dict[str, dict[str, Any]]:
