@@ -98,7 +98,7 @@ class AblationStudy(Study):
     """Zero- and mean-ablate each expert vs the dense MLP on equal token subsets and equal neuron groups: how selectively do classes break?"""
 
     Config = AblationConfig
-    fast = {"seeds": 2, "control_seeds": 2, "n_eval": 100,
+    fast = {"seeds": 3, "control_seeds": 3, "n_eval": 100,
             "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}}
     config: AblationConfig
 

@@ -12,7 +12,9 @@ from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.paths import routing_paths, summarize_paths
 from toylab.analysis.specialization import (
     ASSIGNMENTS,
-    FAMILIES,
+    MARGIN_FLOOR,
+    MARGIN_FRACTION,
+    NULL_ROUTERS,
     adjust_families,
     analysable_labels,
     primary_labels,
@@ -20,12 +22,12 @@ from toylab.analysis.specialization import (
     specialization,
     summarize,
 )
-from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
+from toylab.analysis.stats import FLOOR, INTERVAL_NOTE, MARGIN, UNIT, mean_ci, verdict_label
 from toylab.models.routing import RouterName
 from toylab.models.superposition import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, contingency_heatmaps, expert_map_section, failed_runs_section, fmt, fmt_ci,
+    Document, Figure, Section, Table, Text, contingency_heatmaps, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci,
     interval_bars, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
@@ -51,7 +53,10 @@ METRIC_NOTES = """\
 - **Dense control**: the same k-means at the same site of a dense model trained alike, asking whether the structure is there without any routing.
 - **Linear ceiling**: a multinomial logistic probe from the router input to the label, fit on 75% of the held-out sequences and scored on the rest: its accuracy (beside the majority class's) and the NMI of its predictions with the label. It says how much of the label the router could read linearly at all, so "routing recovers 0.3 of 1.0 available" can be told from "0.3 of 0.35". For labels with more classes than experts the probe may use every class; an assignment to {e} experts cannot.
 - **Null and p-value**: the expert assignment shuffled across tokens (expert frequencies kept) gives the NMI of a router that ignores its input; the p-value is the share of shuffles scoring at least the observed NMI (add-one, one-sided).
-- **Verdicts** (routing vs k-means on the router input, paired by seed): from the per-seed differences in NMI and their 90% Student-t interval, **more** / **less** when the interval lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level; δ = {margin} NMI), **inconclusive** otherwise. An inconclusive verdict states the smallest difference the seeds would detect (80% power, 5% one-sided): a difference smaller than that may well be there.
+- **AMI** (adjusted mutual information) is NMI corrected for chance: 0 in expectation for any grouping unrelated to the label, whatever its number and sizes of groups, 1 for a perfect match. NMI of an unrelated grouping sits at its shuffled null (above 0); AMI sits at 0.
+- **Usage-matched nulls**: what a router with the learned router's expert usage could do without learning anything about the label. *Size-balanced k-means*: k-means centroids on the router input, tokens assigned to the nearest centroids under exactly the routing's expert counts (the largest count to the largest cluster). *Random linear routers*: {draws} draws of scores x W on the router input with W random Gaussian, tokens assigned under the same counts (mean NMI over the draws). Both assignments maximize the total score under the counts exactly (a transportation problem), which makes each a linear router with a bias tuned to the learned router's usage. A load-balanced router is compared with them as with groupings of its own sizes; they share the routing's shuffled null.
+- **Verdicts** (routing vs k-means on the router input, and vs each usage-matched null, paired by seed): from the per-seed differences in NMI and their 90% Student-t interval, **more** / **less** when the interval lies above / below 0, **equivalent** when it lies inside ±δ (two one-sided tests at the 5% level), **inconclusive** otherwise. {margin} An inconclusive verdict states the smallest difference the seeds would detect (80% power, 5% one-sided): a difference smaller than that may well be there.
+- **Both at floor**: when neither routing nor the baseline exceeds its shuffled null's mean NMI by more than δ, the two agree only in saying nothing about the label: such a verdict reads **both at floor** instead of *equivalent* (it counts as not shown, never as equivalence); a directional verdict there is marked as such.
 - **Intervals**: {interval}
 """
 
@@ -60,8 +65,17 @@ Three routers with known assignments (`--set router=...`) show what the analysis
 - **Label router** (positive control): the expert is the class of a named label (`router_label`), in training and analysis. Experts specialize by that label by construction, so with as many experts as classes routing must recover it fully (NMI 1 in every seed) and **more** than k-means, unless k-means on the router input happens to find the label too.
 - **Hash router** (state control, Roller et al. 2021): a fixed random token → expert map. Its routing is a function of the token (H(expert | token) = 0 bits, reported below), so its NMI with any label is what token identity alone explains, and its NMI given the token must sit at the null. A learned router that scores like the hash router carries nothing beyond the token.
 - **Learned router**: what this study is about. Read its verdicts against the two controls: near the label router means experts specialize by the label; near the hash router, that they route by token.
-- The planted unit tests (`tests/test_specialization.py`) check the analysis itself: activations carrying a label only in a quiet direction (so k-means misses it) give **more** when the assignment is the label, **equivalent** when it is k-means of the same activations, and the null when it is random.
+- The planted unit tests (`tests/test_specialization.py`) check the analysis itself: activations carrying a label only in a quiet direction (so k-means misses it) give **more** when the assignment is the label and **both at floor** when it is k-means of the same activations or random; with the label in the loud direction, the label and k-means are **equivalent** above the floor.
 """
+
+
+def margin_text(margin: dict[str, Any]) -> str:
+    """A label's margin (`label_margin`) and where it comes from."""
+    if margin["rule"] == "absolute":
+        return f"{margin['delta']:g} (absolute)"
+    share = f"{margin['fraction']:.0%} of ceiling {fmt(margin['ceiling'])}"
+    return f"{margin['delta']:.3f} ({share})" if margin["delta"] > margin["floor"] else f"{margin['delta']:g} (floor; {share} is less)"
+
 
 @dataclass(frozen=True)
 class ExpertSpecializationConfig:
@@ -80,15 +94,19 @@ class ExpertSpecializationConfig:
     n_eval: int = 500
     """Held-out sequences on which activations are analysed (the same for every seed)."""
     n_permutations: int = 500
-    margin: float = MARGIN
-    """Equivalence margin δ in NMI: routing and k-means are equivalent when the 90% interval of their difference lies inside ±δ."""
+    null_draws: int = 5
+    """Random linear routers drawn per seed and layer (the usage-matched nulls; 0 for none, and no size-balanced k-means)."""
+    margin: float | None = None
+    """Equivalence margin δ in NMI: routing and a baseline are equivalent when the 90% interval of their difference lies
+    inside ±δ. None: per label, `MARGIN_FRACTION` of its linear ceiling's NMI (at least `MARGIN_FLOOR`); a number: that δ
+    for every verdict."""
     eval_seed: int = 20261121
 
     def __post_init__(self) -> None:
-        if self.seeds < 1 or self.n_eval < 1 or self.n_permutations < 1:
-            raise ValueError("seeds, n_eval and n_permutations must be >= 1")
-        if not 0 < self.margin < 1:
-            raise ValueError(f"margin must be in (0, 1) NMI (got {self.margin})")
+        if self.seeds < 1 or self.n_eval < 1 or self.n_permutations < 1 or self.null_draws < 0:
+            raise ValueError("seeds, n_eval and n_permutations must be >= 1, null_draws >= 0")
+        if self.margin is not None and not 0 < self.margin < 1:
+            raise ValueError(f"margin must be in (0, 1) NMI, or None for a share of each label's linear ceiling (got {self.margin})")
 
 
 @register_study("expert-specialization")
@@ -130,7 +148,7 @@ class ExpertSpecialization(Study):
             write_expert_map(ctx.directory / "expert_map.json", task, eval_batch, {str(s): analysed[s][3] for s in pairs},
                              cfg.n_experts, cfg.top_k)
         specialization = summarize(per_seed, cfg.margin) if any(per_seed) else {}
-        paths_summary = summarize_paths(paths, cfg.margin) if paths else {}
+        paths_summary = summarize_paths(paths, self.path_margin()) if paths else {}
         return {
             "task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
             "performance": performance,
@@ -160,8 +178,21 @@ class ExpertSpecialization(Study):
         moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
         with torch_threads(1):
             paths = routing_paths(moe, self.task, batch, cfg.n_permutations, seed) if len(moe.moe_layers()) > 1 else None
-            return (specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+            return (specialization(moe, dense, self.task, batch, cfg.n_permutations, seed, cfg.null_draws),
                     routing_given_token(moe, self.task, batch), paths, routing_view(moe, self.task, batch, N_SHOWN, seed))
+
+    def path_margin(self) -> float:
+        """The margin of the path verdicts: `margin`, or the absolute default (a path's verdicts span every layer)."""
+        return MARGIN if self.config.margin is None else self.config.margin
+
+    def margin_rule(self) -> str:
+        """Which margin the verdicts used, in a sentence."""
+        if self.config.margin is not None:
+            return f"Every verdict uses the absolute margin δ = ±{self.config.margin:g} NMI."
+        return (f"Each label's verdicts use δ = {MARGIN_FRACTION:.0%} of its linear ceiling (the probe's NMI with the label at "
+                f"that layer, mean over seeds), at least {MARGIN_FLOOR:g} NMI, given per (layer, label) in the tables: a "
+                f"difference that small is small beside what the router could read. The same δ serves the verdicts given the "
+                f"token. Path verdicts use the absolute δ = ±{self.path_margin():g} NMI.")
 
     def path_section(self, results: dict[str, Any]) -> list[Section]:
         """Routing paths across layers: is the tuple of experts a token takes more aligned with a label than
@@ -205,8 +236,11 @@ class ExpertSpecialization(Study):
                     "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]),
                     "NMI k-means (dense)": fmt_ci(s["kmeans_dense_nmi"]),
                     "NMI null": fmt(s["null_nmi"]["mean"]),
+                    "AMI routing": fmt_ci(s["routing_ami"]),
+                    "AMI k-means (router input)": fmt_ci(s["kmeans_moe_ami"]),
                     "linear probe acc.": fmt(s["linear_accuracy"]["mean"]),
-                    "routing vs k-means": s["verdict"]["verdict"],
+                    "δ": margin_text(s["margin"]),
+                    "routing vs k-means": verdict_label(s["verdict"]),
                     "given the token": s["conditional_verdict"]["verdict"] if s["label_entropy_given_token"] > 1e-9 else "n/a",
                 })
         return rows
@@ -232,17 +266,33 @@ class ExpertSpecialization(Study):
             return []
         last = max(results["specialization"], key=int)
         return [{"layer": last, "label": label, "NMI routing": fmt_ci(s["routing_nmi"]),
-                 "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]), "linear probe NMI": fmt_ci(s["linear_nmi"]),
-                 "routing vs k-means": verdict_text(s["verdict"])}
+                 "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]), "AMI routing": fmt_ci(s["routing_ami"]),
+                 "AMI k-means": fmt_ci(s["kmeans_moe_ami"]), "linear probe NMI": fmt_ci(s["linear_nmi"]),
+                 "δ": margin_text(s["margin"]), "routing vs k-means": verdict_text(s["verdict"])}
                 for label, s in results["specialization"][last].items() if label in primary_labels(self.task)]
 
-    def family_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        def counts(tally: dict[str, int]) -> str:
-            return ", ".join(f"{n} {v}" for v, n in tally.items() if n) or "–"
+    def null_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Routing beside the usage-matched nulls, per (layer, label), where they were run."""
+        return [{"layer": layer, "label": label, "NMI routing": fmt_ci(s["routing_nmi"]),
+                 **{f"NMI {name}": fmt_ci(s[f"{kind}_nmi"]) for kind, name in NULL_ROUTERS.items()},
+                 "NMI shuffled null": fmt(s["null_nmi"]["mean"]), "AMI routing": fmt_ci(s["routing_ami"]),
+                 **{f"AMI {name}": fmt_ci(s[f"{kind}_ami"]) for kind, name in NULL_ROUTERS.items()},
+                 **{f"routing vs {name}": verdict_label(s[f"vs_{kind}"]) for kind, name in NULL_ROUTERS.items()}}
+                for layer, labels in results["specialization"].items() for label, s in labels.items() if "vs_random_linear" in s]
 
-        return [{"family": name, "question": f["question"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]),
-                 "adjusted verdicts": counts(f["adjusted"])}
-                for name, f in sorted(results.get("families", {}).items(), key=lambda item: list(FAMILIES).index(item[0]))]
+    def null_summary(self, results: dict[str, Any]) -> list[Text]:
+        """What the usage-matched nulls show for the primary labels at the last MoE layer, in a sentence (none if not run)."""
+        if not self.null_rows(results):
+            return []
+        last = results["specialization"][max(results["specialization"], key=int)]
+        parts = [f"`{label}`: NMI {fmt(s['kmeans_balanced_nmi']['mean'])} for size-balanced k-means and "
+                 f"{fmt(s['random_linear_nmi']['mean'])} for random linear routers (routing {fmt(s['routing_nmi']['mean'])}); "
+                 f"routing vs balanced k-means {verdict_label(s['vs_kmeans_balanced'])}, vs random linear routers "
+                 f"{verdict_label(s['vs_random_linear'])}"
+                 for label, s in last.items() if label in primary_labels(self.task)]
+        return [Text("The primary family compares routing with unconstrained k-means; beside it, the usage-matched nulls "
+                     "(secondary, each family corrected on its own) ask the same of groupings with the learned router's expert "
+                     "counts, at the last layer: " + "; ".join(parts) + ".")]
 
     def bottom_line(self, results: dict[str, Any]) -> str:
         cfg, task = self.config, self.task
@@ -253,14 +303,16 @@ class ExpertSpecialization(Study):
         answer = ("**Primary question**: do the last MoE layer's experts align with what the model must compute, beyond k-means "
                   "on the router input? " + "; ".join(f"`{r['label']}`: {r['routing vs k-means']}" for r in primary) + ". ")
         seeds = max(s["verdict"]["n"] for _, s in pairs)
-        groups = {v: [name for name, s in pairs if s["verdict"]["verdict"] == v] for v in ("more", "less", "equivalent", "inconclusive")}
+        groups = {v: [name for name, s in pairs if verdict_label(s["verdict"]) == v] for v in ("more", "less", "equivalent", FLOOR, "inconclusive")}
         counts = "; ".join(f"{v} for {len(names)}" + (f" ({', '.join(names)})" if names and v != "inconclusive" else "")
                            for v, names in groups.items() if names)
         moe = results["performance_summary"].get("moe", {}).get(task.primary_metric)
         raw = sum(s["verdict"]["raw_verdict"] in ("more", "less") for _, s in pairs)
+        margin = (f"δ = ±{cfg.margin:g} NMI" if cfg.margin is not None
+                  else f"δ = {MARGIN_FRACTION:.0%} of each label's linear ceiling, at least {MARGIN_FLOOR:g} NMI")
         text = answer + (
             f"With the {self.router_description()} on `{task.name}`, over {seeds} seed{'s' if seeds != 1 else ''}, "
-            f"routing aligned with the planted labels, compared with k-means on the router input (δ = ±{cfg.margin:g} NMI, "
+            f"routing aligned with the planted labels, compared with k-means on the router input ({margin}, "
             f"verdicts Benjamini–Hochberg-adjusted within each family of tests): {counts} of {len(pairs)} (label, layer) pairs "
             f"({raw} directional without the correction).")
         if moe is not None:
@@ -279,11 +331,12 @@ class ExpertSpecialization(Study):
                 against_null = "beats" if s["routing_max_p_value"] < 0.05 else "does not clearly beat"
                 given = (f"given the token, {verdict_text(s['conditional_verdict'])}"
                          if s["label_entropy_given_token"] > 1e-9 else "given the token, nothing is left to recover (the token determines the label)")
+                nulls = "".join(f" Routing vs {name}: {verdict_text(s[f'vs_{kind}'])}." for kind, name in NULL_ROUTERS.items() if f"vs_{kind}" in s)
                 lines.append(
-                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}): routing vs k-means on the router input: "
-                    f"{verdict_text(s['verdict'])}; {given}. A linear probe reads the label with accuracy "
-                    f"{fmt_ci(s['linear_accuracy'])} (majority class {fmt(s['linear_baseline']['mean'])}). Routing {against_null} "
-                    f"the shuffled-assignment null in every seed (largest p = {fmt(s['routing_max_p_value'], 4)})."
+                    f"- Layer {layer}, `{label}` ({self.task.labels[label].kind}), δ = {margin_text(s['margin'])}: routing vs "
+                    f"k-means on the router input: {verdict_text(s['verdict'])}; {given}.{nulls} A linear probe reads the label "
+                    f"with accuracy {fmt_ci(s['linear_accuracy'])} (majority class {fmt(s['linear_baseline']['mean'])}). Routing "
+                    f"{against_null} the shuffled-assignment null in every seed (largest p = {fmt(s['routing_max_p_value'], 4)})."
                 )
         return lines
 
@@ -302,11 +355,13 @@ class ExpertSpecialization(Study):
                     {"layer": layer, "label": label, "assignment": name, **s[key]}
                     for layer, labels in results["specialization"].items()
                     for label, s in labels.items()
-                    for key, name in (("null_nmi", "shuffled null"), ("linear_nmi", "linear probe (ceiling)"))
+                    for key, name in (*((f"{kind}_nmi", name) for kind, name in NULL_ROUTERS.items() if f"{kind}_nmi" in s),
+                                      ("null_nmi", "shuffled null"), ("linear_nmi", "linear probe (ceiling)"))
                 ]
             )
             figures.append(Figure(ctx.figure("nmi_comparison", interval_bars(frame, "label", "assignment", "layer", "NMI")),
-                                  "NMI with each label: routing vs k-means vs null, and the linear probe's NMI (mean, 95% CI over seeds)"))
+                                  "NMI with each label: routing vs k-means, the usage-matched nulls and the shuffled null, and the linear "
+                                  "probe's NMI (mean, 95% CI over seeds)"))
             first = next(s for s in results["per_seed"] if s)
             names = {name: task.labels[name].classes for name in analysable_labels(task)}
             for layer, labels in first.items():
@@ -327,25 +382,16 @@ class ExpertSpecialization(Study):
                         for layer, e in results["expert_entropy_given_token"].items()]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
-            Section("Primary question and families of tests", [
-                Text("The study's one primary question: do the experts of the last MoE layer specialize in what the model "
-                     f"must compute (the task's function labels: {', '.join(f'`{n}`' for n in primary_labels(task))}) beyond "
-                     "k-means on the router input? One test per label, corrected within this family. Every other verdict in "
-                     "this report is secondary: the tests are grouped into families of one kind of comparison, and each "
-                     "family is corrected on its own by Benjamini–Hochberg (at most 5% of a family's claims false on average; "
-                     "in a family with no effect, the chance of any *more* or *less* is at most 5%; *equivalent* uses the "
-                     "adjusted two one-sided tests). Directional "
-                     "verdicts are two-sided tests at 5% after the correction, so a 90% interval just above 0 may read "
-                     "*inconclusive*; each verdict also gives the uncorrected one where they differ."),
-                Table(self.primary_rows(results)),
-                Table(self.family_rows(results)),
-            ]),
+            families_section("The study's one primary question: do the experts of the last MoE layer specialize in what the "
+                             f"model must compute (the task's function labels: {', '.join(f'`{n}`' for n in primary_labels(task))}) "
+                             "beyond k-means on the router input? One test per label, corrected within this family.",
+                             results.get("families", {}), [Table(self.primary_rows(results)), *self.null_summary(results)]),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "
                 f"options `{cfg.model}`, each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) "
                 f"with {cfg.seeds} seeds. Activations were collected on {cfg.n_eval} held-out sequences (seed {cfg.eval_seed}); "
-                f"nulls use {cfg.n_permutations} shuffles; the equivalence margin is δ = ±{cfg.margin:g} NMI.")]),
+                f"nulls use {cfg.n_permutations} shuffles and {cfg.null_draws} random linear routers. {self.margin_rule()}")]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [
                 Table(perf_rows),
                 Text(f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split())),
@@ -353,6 +399,12 @@ class ExpertSpecialization(Study):
             Section("Verdicts", [Text("\n".join(self.verdict_lines(results)))]),
             Section("Results", [Table(self.summary(results)),
                                 Section("ARI, NMI given the token, and the linear ceiling", [Table(self.detail_rows(results))])]),
+            *([Section("Usage-matched nulls", [Text(
+                "Size-balanced k-means and random linear routers on the router input, each with exactly the routing's expert "
+                "counts (see *What the numbers mean*): groupings of the routing's own sizes that a linear router could make "
+                "without learning the label. Routing *more* than them is specialization beyond what its usage and a linear map "
+                "give for free; *both at floor* means none of them says anything about the label."),
+                Table(self.null_rows(results))])] if self.null_rows(results) else []),
             Section("Controls", [
                 Text(CONTROLS),
                 Text(f"This run's router: {self.router_description()}. How far routing is a function of the token:"),
@@ -363,7 +415,8 @@ class ExpertSpecialization(Study):
             *expert_map_section(ctx.directory, N_SHOWN),
             Section("Figures", figures),
             *self.path_section(results),
-            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=cfg.margin, e=cfg.n_experts, interval=INTERVAL_NOTE, l="{l}"))]),
+            Section("What the numbers mean", [Text(METRIC_NOTES.format(margin=self.margin_rule(), draws=cfg.null_draws, e=cfg.n_experts,
+                                                                       interval=INTERVAL_NOTE, l="{l}"))]),
         ]
         blocks += failed_runs_section(results["failed_runs"])
         return Document(f"Expert specialization on `{task.name}`", blocks)

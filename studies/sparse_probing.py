@@ -96,7 +96,7 @@ class SparseProbing(Study):
     random-basis and label-router controls."""
 
     Config = SparseProbingConfig
-    fast = {"seeds": 2, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 160, "ks": (1, 4), "max_classes": 4,
+    fast = {"seeds": 3, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 160, "ks": (1, 4), "max_classes": 4,
             "min_count": 5, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
     config: SparseProbingConfig
 

@@ -1,13 +1,15 @@
 """Agreement metrics against scikit-learn, planted clusters, nulls and interval statistics."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import adjusted_rand_score, mutual_info_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, mutual_info_score, normalized_mutual_info_score
 
 from toylab.analysis.clustering import (
+    ami,
     ari,
     conditional_entropy,
     conditional_nmi,
@@ -18,6 +20,7 @@ from toylab.analysis.clustering import (
     permutation_nmi,
     shuffled_tables,
 )
+from toylab.analysis.null_routers import balanced_kmeans, random_linear_routers, usage_matched_assignment
 from toylab.analysis.stats import compare, mean_ci, permutation_p_value
 
 
@@ -31,12 +34,94 @@ def test_nmi_and_ari_match_sklearn(seed):
         b = (a + (rng.random(n) < 0.1)) % 5  # strongly dependent
     assert nmi(a, b) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
     assert ari(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    assert ami(a, b) == pytest.approx(adjusted_mutual_info_score(a, b), abs=1e-10)
 
 
 def test_edge_cases_match_sklearn():
-    for a, b in [([0, 0, 0], [1, 1, 1]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 2], [2, 0, 1]), ([3], [5])]:
+    for a, b in [([0, 0, 0], [1, 1, 1]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 2], [2, 0, 1]), ([3], [5]), ([0, 0, 1, 1], [0, 1, 0, 1])]:
         assert nmi(np.array(a), np.array(b)) == pytest.approx(normalized_mutual_info_score(a, b))
         assert ari(np.array(a), np.array(b)) == pytest.approx(adjusted_rand_score(a, b))
+        assert ami(np.array(a), np.array(b)) == pytest.approx(adjusted_mutual_info_score(a, b))
+
+
+def test_ami_is_chance_corrected_where_nmi_is_not():
+    """Many small clusters against unrelated labels: NMI well above 0 by chance alone, AMI 0 on average."""
+    rng = np.random.default_rng(2)
+    a, labels = rng.integers(0, 40, 300), rng.integers(0, 5, (40, 300))
+    assert np.mean([nmi(a, b) for b in labels]) > 0.1 and abs(np.mean([ami(a, b) for b in labels])) < 0.01
+    b = labels[0]
+    assert ami(a, a % 5) == pytest.approx(adjusted_mutual_info_score(a, a % 5)) and ami(b, b) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_usage_matched_assignment_has_the_counts_and_is_optimal_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(2, 8)), int(rng.integers(2, 4))
+    scores = rng.normal(size=(n, k)) + (seed % 2) * 3 * np.arange(k)  # odd seeds: every token prefers the last column
+    counts = np.bincount(rng.integers(0, k, n), minlength=k)
+    found = usage_matched_assignment(scores, counts)
+    np.testing.assert_array_equal(np.bincount(found, minlength=k), counts)
+    best = max(scores[np.arange(n), list(cols)].sum() for cols in itertools.product(range(k), repeat=n)
+               if (np.bincount(cols, minlength=k) == counts).all())
+    assert scores[np.arange(n), found].sum() == pytest.approx(best, abs=1e-9)
+
+
+def test_usage_matched_assignment_is_optimal_with_tied_tokens():
+    """Identical router inputs (one token in one context) give exactly tied scores: the optimum of the transportation
+    linear program (HiGHS) is still reached, with the counts."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(5)
+    n, k = 200, 4
+    scores = rng.normal(size=(3, k))[rng.integers(0, 3, n)]
+    counts = np.array([20, 50, 60, 70])
+    found = usage_matched_assignment(scores, counts)
+    np.testing.assert_array_equal(np.bincount(found, minlength=k), counts)
+    constraints = sparse.vstack([sparse.kron(sparse.eye(n), np.ones((1, k))), sparse.kron(np.ones((1, n)), sparse.eye(k))])
+    optimum = -linprog(-scores.ravel(), A_eq=constraints, b_eq=np.concatenate([np.ones(n), counts]), bounds=(0, 1)).fun
+    assert scores[np.arange(n), found].sum() == pytest.approx(optimum, abs=1e-8)
+
+
+def test_usage_matched_assignment_is_exact_at_scale_and_rejects_bad_counts():
+    """Thousands of tokens, one column preferred by nearly all of them: the counts are met exactly, and the
+    result is a biased argmax (each token's column beats every other by at least the bias difference)."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5000, 5)) + [2.0, 0, 0, 0, -1.0]
+    counts = np.array([100, 1000, 1500, 2000, 400])
+    found = usage_matched_assignment(scores, counts)
+    np.testing.assert_array_equal(np.bincount(found, minlength=5), counts)
+    gain = scores - scores[np.arange(5000), found][:, None]  # a token never gains by leaving alone: no cheaper swap
+    for e, f in itertools.permutations(range(5), 2):
+        assert gain[found == e, f].max() + gain[found == f, e].max() <= 1e-9
+    with pytest.raises(ValueError):
+        usage_matched_assignment(scores, np.array([1, 2, 3, 4, 5]))
+
+
+def test_random_linear_routers_keep_the_usage_and_find_only_linear_structure():
+    """On activations with no label structure, random linear routers score AMI about 0; where the label is the
+    dominant direction of the activations, they find it."""
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 2, 3000)
+    counts = np.bincount(label)
+    noise = random_linear_routers(rng.normal(size=(3000, 8)), counts, 5, seed=0)
+    assert noise.shape == (5, 3000) and all((np.bincount(draw) == counts).all() for draw in noise)
+    assert max(abs(ami(draw, label)) for draw in noise) < 0.01
+    planted = rng.normal(size=(3000, 3))
+    planted[:, 0] += 6 * label
+    found = random_linear_routers(planted, counts, 5, seed=0)
+    assert np.mean([ami(draw, label) for draw in found]) > 0.3
+
+
+def test_balanced_kmeans_keeps_the_usage_and_recovers_planted_clusters_of_those_sizes():
+    rng = np.random.default_rng(3)
+    truth = np.repeat(np.arange(3), [200, 500, 1300])
+    acts = 8 * rng.normal(size=(3, 6))[truth] + rng.normal(size=(2000, 6))
+    sizes = np.array([1300, 500, 200])
+    found = balanced_kmeans(acts, sizes, seed=0)
+    assert sorted(np.bincount(found)) == [200, 500, 1300] and nmi(found, truth) > 0.99
+    even = balanced_kmeans(acts, np.array([667, 667, 666]), seed=0)  # the usage of a perfectly balanced router
+    assert sorted(np.bincount(even)) == [666, 667, 667] and nmi(kmeans(acts, 3, seed=0), truth) > 0.99
 
 
 def test_contingency_counts():

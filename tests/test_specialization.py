@@ -5,8 +5,11 @@ import pytest
 
 from toylab import get_task
 from toylab.analysis.clustering import kmeans
-from toylab.analysis.specialization import alignment, analysable_labels, label_scores, summarize
-from toylab.analysis.stats import compare
+from toylab.analysis.null_routers import balanced_kmeans, random_linear_routers
+from toylab.analysis.specialization import (
+    MARGIN_FLOOR, alignment, analysable_labels, floor_compare, label_margin, label_scores, summarize,
+)
+from toylab.analysis.stats import FLOOR, adjust_family, compare, verdict_label
 
 
 def test_planted_assignment_is_found_and_random_is_not():
@@ -23,13 +26,13 @@ def test_planted_assignment_is_found_and_random_is_not():
     assert noise["nmi"] < 0.01 and noise["p_value"] > 0.01
 
 
-def fake_seed(routing: float, kmeans: float, p: float = 0.001) -> dict:
+def fake_seed(routing: float, kmeans: float, p: float = 0.001, ceiling: float = 0.8) -> dict:
     def result(nmi: float) -> dict:
-        return {"nmi": nmi, "ari": nmi / 2, "cnmi": nmi / 3, "null_nmi_mean": 0.001, "null_cnmi_mean": 0.002,
+        return {"nmi": nmi, "ami": nmi - 0.001, "ari": nmi / 2, "cnmi": nmi / 3, "null_nmi_mean": 0.001, "null_cnmi_mean": 0.002,
                 "p_value": p, "cnmi_p_value": p}
 
     scores = {"routing": result(routing), "kmeans_moe": result(kmeans), "kmeans_dense": result(kmeans),
-              "linear": {"accuracy": 0.9, "baseline": 0.3, "nmi": 0.8}, "label": {"entropy_given_token": 1.0}}
+              "linear": {"accuracy": 0.9, "baseline": 0.3, "nmi": ceiling}, "label": {"entropy_given_token": 1.0}}
     return {"0": {"depth": scores}}
 
 
@@ -45,6 +48,20 @@ def test_summary_gives_cis_and_four_way_verdicts_over_seeds():
     assert same["verdict"]["verdict"] == "equivalent"
     failed_seed = summarize([fake_seed(0.8, 0.3), None, fake_seed(0.82, 0.31)])["0"]["depth"]
     assert failed_seed["routing_nmi"]["n"] == 2
+    assert more["routing_ami"]["mean"] == pytest.approx(0.789) and more["margin"] == {"delta": 0.05, "rule": "absolute"}
+
+
+def test_relative_margin_scales_with_the_linear_ceiling():
+    """The default margin is a share of what a linear probe reads: the same differences (about 0.03 NMI) are
+    equivalent beside a ceiling of 0.8 (δ = 0.08) and a difference (more) beside one of 0.2 (δ = 0.02); the floor holds."""
+    assert label_margin(0.8)["delta"] == pytest.approx(0.08) and label_margin(0.4)["delta"] == pytest.approx(0.04)
+    assert label_margin(0.02)["delta"] == MARGIN_FLOOR and label_margin(0.8, margin=0.05) == {"delta": 0.05, "rule": "absolute"}
+    pairs = [(0.50, 0.47), (0.31, 0.29), (0.62, 0.58), (0.44, 0.41)]
+    for ceiling, delta, verdict in ((0.8, 0.08, "equivalent"), (0.2, 0.02, "more")):
+        s = summarize([fake_seed(r, k, ceiling=ceiling) for r, k in pairs], margin=None)["0"]["depth"]
+        assert s["margin"]["rule"] == "relative" and s["margin"]["delta"] == pytest.approx(delta)
+        assert s["verdict"]["margin"] == s["conditional_verdict"]["margin"] == pytest.approx(delta)
+        assert s["verdict"]["verdict"] == verdict and not s["verdict"]["both_at_floor"]
 
 
 def test_nmi_intervals_stay_in_range():
@@ -52,30 +69,44 @@ def test_nmi_intervals_stay_in_range():
     assert near_one["ci_high"] == 1.0 and near_one["ci_low"] < near_one["mean"]
 
 
-def planted_seed(seed: int, routing: str) -> dict:
-    """Activations with 4 loud clusters unrelated to the label and the label in one quiet direction:
-    k-means finds the clusters, a linear probe finds the label. `routing` is the label, k-means of the
-    same activations, or random."""
+def planted_seed(seed: int, routing: str, loud_label: bool = False) -> dict:
+    """Activations with 4 loud clusters and a label in one quiet direction: k-means finds the clusters, a linear
+    probe finds the label (with `loud_label`, the label is the loud cluster: both find it). `routing` is the
+    label, k-means of the same activations, or random; the null routers have the routing's usage."""
     rng = np.random.default_rng(seed)
     n = 2000
     label, loud = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    if loud_label:
+        loud = label
     acts = rng.normal(0, 0.05, (n, 8))
     acts[:, :2] += 10 * rng.normal(size=(4, 2))[loud]
     acts[:, 2] += 0.5 * label
     clusters = kmeans(acts, 4, seed)
     assignment = {"label": label, "kmeans": clusters, "random": rng.integers(0, 4, n)}[routing]
+    usage = np.bincount(assignment, minlength=4)
+    nulls = {"kmeans_balanced": balanced_kmeans(acts, usage, seed)[None], "random_linear": random_linear_routers(acts, usage, 3, seed)}
     scores = label_scores({"routing": assignment, "kmeans_moe": clusters, "kmeans_dense": clusters}, acts, label, 4,
-                          tokens=rng.integers(0, 6, n), sequences=np.arange(n) // 10, n_permutations=50, seed=seed)
+                          tokens=rng.integers(0, 6, n), sequences=np.arange(n) // 10, n_permutations=50, seed=seed,
+                          null_routers=nulls)
     return {"0": {"label": scores}}
 
 
-@pytest.mark.parametrize("routing,verdict", [("label", "more"), ("kmeans", "equivalent"), ("random", "equivalent")])
+@pytest.mark.parametrize("routing,verdict", [("label", "more"), ("kmeans", FLOOR), ("random", FLOOR)])
 def test_planted_quiet_label_separates_routing_from_clustering(routing, verdict):
+    """A label router beats k-means (and the usage-matched nulls, which miss the quiet label too); routing that is
+    k-means, or random, sits with k-means at the null: both at floor, which is no evidence of equivalence."""
     seeds = [planted_seed(seed, routing)["0"] for seed in range(5)]
-    s = summarize([{"0": seed} for seed in seeds])["0"]["label"]
+    s = summarize([{"0": seed} for seed in seeds], margin=None)["0"]["label"]
     assert s["kmeans_moe_nmi"]["mean"] < 0.02  # k-means misses the quiet label ...
     assert s["linear_accuracy"]["mean"] > 0.95 and s["linear_nmi"]["mean"] > 0.9  # ... which is linearly there
-    assert s["verdict"]["verdict"] == verdict  # random routing: as little as k-means, both at the null
+    assert s["margin"]["delta"] == pytest.approx(round(0.1 * s["linear_nmi"]["mean"], 3))
+    assert s["kmeans_balanced_ami"]["mean"] < 0.02 and s["random_linear_ami"]["mean"] < 0.1
+    for key in ("verdict", "vs_kmeans_balanced"):
+        assert verdict_label(s[key]) == verdict and s[key]["both_at_floor"] == (routing != "label")
+    family = adjust_family([(s, "verdict")])  # after the correction, an "equivalent" at the floor still counts as not shown
+    assert family["adjusted"]["more" if routing == "label" else "inconclusive"] == 1 and family["adjusted"]["equivalent"] == 0
+    assert family.get("at_floor") == (None if routing == "label" else {"raw": 1, "adjusted": 1})
+    assert verdict_label(s["verdict"]) == verdict
     if routing == "label":
         assert s["routing_min_nmi"] == pytest.approx(1.0) and s["routing_cnmi"]["mean"] == pytest.approx(1.0)
     if routing == "random":  # at the null, unconditionally and given the token
@@ -84,10 +115,27 @@ def test_planted_quiet_label_separates_routing_from_clustering(routing, verdict)
         assert s["conditional_vs_null"]["verdict"] == "equivalent" and s["routing_max_p_value"] > 0.01
 
 
+def test_loud_label_gives_equivalence_above_the_floor():
+    """When k-means finds the label too (it is the loud cluster), a label router and k-means are equivalent, well
+    above the null, so the equivalence stands (no floor flag)."""
+    s = summarize([planted_seed(seed, "label", loud_label=True) for seed in range(4)], margin=None)["0"]["label"]
+    assert s["kmeans_moe_nmi"]["mean"] > 0.95 and s["verdict"]["verdict"] == "equivalent" and not s["verdict"]["both_at_floor"]
+    assert s["kmeans_balanced_nmi"]["mean"] > 0.95 and s["vs_kmeans_balanced"]["verdict"] == "equivalent"
+
+
+def test_floor_compare_flags_scores_at_their_nulls_only():
+    at_null = floor_compare([0.011, 0.012, 0.010], [0.012, 0.011, 0.011], [0.01] * 3, [0.01] * 3, 0.05)
+    assert at_null["verdict"] == "inconclusive" and at_null["both_at_floor"]
+    above = floor_compare([0.411, 0.412, 0.410], [0.412, 0.411, 0.411], [0.01] * 3, [0.01] * 3, 0.05)
+    assert above["verdict"] == "equivalent" and not above["both_at_floor"]
+    one_above = floor_compare([0.30, 0.35, 0.32], [0.012, 0.011, 0.011], [0.01] * 3, [0.01] * 3, 0.05)
+    assert one_above["verdict"] == "more" and not one_above["both_at_floor"]
+
+
 def test_families_put_function_labels_of_the_last_layer_first_and_correct_each_family():
     """No effect anywhere: many uncorrected one-sided verdicts at 5% per direction give directional calls; Benjamini–Hochberg
     within each family leaves almost none; the primary family is the function labels at the last MoE layer."""
-    from toylab.analysis.specialization import FAMILIES, PRIMARY, adjust_families, primary_labels
+    from toylab.analysis.specialization import FAMILIES, NULL_ROUTERS, PRIMARY, adjust_families, primary_labels
 
     task = get_task("brackets")
     rng = np.random.default_rng(1)
@@ -100,7 +148,7 @@ def test_families_put_function_labels_of_the_last_layer_first_and_correct_each_f
         summary = {layer: {label: {"verdict": noise(), "conditional_verdict": noise(), "conditional_vs_null": noise(),
                                    "label_entropy_given_token": 1.0} for label in analysable_labels(task)} for layer in ("0", "1")}
         families = adjust_families(summary, {}, task)
-        assert set(families) == set(FAMILIES) - {"paths"}
+        assert set(families) == set(FAMILIES) - {"paths", *NULL_ROUTERS}
         assert families[PRIMARY]["tests"] == len(primary_labels(task)) == 3
         assert sum(f["tests"] for f in families.values()) == 3 * 2 * len(analysable_labels(task))
         raw += any(f["raw"]["more"] + f["raw"]["less"] for f in families.values())

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from toylab import io  # noqa: E402
-from toylab.analysis.stats import VERDICTS  # noqa: E402
+from toylab.analysis.stats import FLOOR, VERDICTS  # noqa: E402
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -47,6 +47,8 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     c, verdict = comparison, comparison["verdict"]
     if c["n"] < 2:
         return f"inconclusive (one seed, so no interval: Δ = {fmt(c['mean'], digits)})" if c["n"] else "inconclusive (no finished seeds)"
+    if c.get("identical") and c.get("both_at_floor"):
+        return f"{FLOOR} (identical in every one of {c['n']} seeds and within ±{c['margin']:g} of their nulls, so their agreement says nothing)"
     if c.get("identical"):
         return f"equivalent (identical in every one of {c['n']} seeds: Δ = 0 exactly)"
     if c.get("too_few_seeds"):
@@ -59,6 +61,10 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
         p = c["p_equivalent_adjusted"] if verdict == "equivalent" else c["p_adjusted"]
         interval += (f"; {c['adjustment']}-adjusted over {c['family_size']} test{'s' if c['family_size'] != 1 else ''}: p = {fmt(p, 4)}"
                      + (f", uncorrected {c['raw_verdict']}" if c["raw_verdict"] != verdict else ""))
+    if c.get("both_at_floor"):
+        interval += f"; both within ±{c['margin']:g} of their nulls"
+        if verdict == "inconclusive":
+            return f"{FLOOR} ({interval}, so their agreement says nothing)"
     if verdict == "equivalent":
         return f"equivalent within ±{c['margin']:g} ({interval})"
     if verdict == "inconclusive":
@@ -256,12 +262,16 @@ FAMILIES_NOTE = (
 def families_section(question: str, families: Mapping[str, Mapping[str, Any]], blocks: Sequence[Block] = ()) -> Section:
     """The "Primary question and families of tests" section: the study's primary `question` (markdown), then `blocks`
     (e.g. the primary verdicts), then one row per family of `stats.adjust_family` results (with its `role`): its number
-    of tests and its verdict counts before and after the correction, the primary family first."""
+    of tests and its verdict counts before and after the correction (inconclusive ones `both_at_floor` said so), the
+    primary family first."""
     def counts(tally: Mapping[str, int]) -> str:
         return ", ".join(f"{tally[verdict]} {verdict}" for verdict in VERDICTS if tally.get(verdict)) or "none"
 
-    rows = [{"family": name, "role": f["role"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]),
-             "adjusted verdicts": counts(f["adjusted"])}
+    def floor(f: Mapping[str, Any], stage: str) -> str:
+        return f" (of which {n} {FLOOR})" if (n := f.get("at_floor", {}).get(stage)) else ""
+
+    rows = [{"family": name, "role": f["role"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]) + floor(f, "raw"),
+             "adjusted verdicts": counts(f["adjusted"]) + floor(f, "adjusted")}
             for name, f in sorted(families.items(), key=lambda item: not item[1]["role"].startswith("primary"))]
     return Section("Primary question and families of tests", [Text(f"{question} {FAMILIES_NOTE}"), *blocks, Table(rows)])
 

@@ -1,6 +1,6 @@
 """Agreement between two labelings of the same tokens, and the clustering baseline.
 
-`nmi` and `ari` follow scikit-learn's definitions (arithmetic-mean NMI; ARI from pair counts),
+`nmi`, `ami` and `ari` follow scikit-learn's definitions (arithmetic-mean NMI and AMI; ARI from pair counts),
 computed from contingency tables, so that a permutation null draws the tables of its shuffles
 directly (`shuffled_tables`) instead of shuffling every token. `kmeans` is scikit-learn's k-means,
 the residual-stream clustering baseline.
@@ -9,6 +9,7 @@ the residual-stream clustering baseline.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import gammaln
 from sklearn.cluster import KMeans
 
 
@@ -87,10 +88,51 @@ def ari_from_table(table: np.ndarray) -> float:
     return float(2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)))
 
 
+def expected_mutual_info(rows: np.ndarray, cols: np.ndarray) -> float:
+    """E[I(A; B)] in nats over random labelings with cluster sizes `rows` and class counts `cols` (the hypergeometric
+    model of Vinh et al. 2010, as scikit-learn's `expected_mutual_information`), summed over every possible cell count
+    n_ij of every cell at once: sum_ij sum_nij (n_ij / n) log(n n_ij / (a_i b_j)) P(n_ij)."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    n = int(rows.sum())
+    a, b = np.broadcast_arrays(rows[:, None], cols[None, :])
+    a, b = a.ravel(), b.ravel()
+    low, high = np.maximum(1, a + b - n), np.minimum(a, b)
+    lengths = np.maximum(high - low + 1, 0)
+    cell = np.repeat(np.arange(len(a)), lengths)
+    count = low[cell] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    a, b = a[cell].astype(np.float64), b[cell].astype(np.float64)
+    log_p = (gammaln(a + 1) + gammaln(b + 1) + gammaln(n - a + 1) + gammaln(n - b + 1) - gammaln(n + 1) - gammaln(count + 1)
+             - gammaln(a - count + 1) - gammaln(b - count + 1) - gammaln(n - a - b + count + 1))
+    return float((count / n * np.log(n * count / (a * b)) * np.exp(log_p)).sum())
+
+
+def ami_from_table(table: np.ndarray) -> float:
+    """Adjusted mutual information (arithmetic mean of entropies) of a contingency table: (I - E[I]) / (mean H - E[I]),
+    0 in expectation for unrelated labelings whatever their numbers and sizes of clusters, 1 for identical ones."""
+    table = np.asarray(table)
+    rows, cols = table.sum(1), table.sum(0)
+    rows, cols = rows[rows > 0], cols[cols > 0]
+    if len(rows) <= 1 or len(cols) <= 1:  # scikit-learn's limits: both unsplit is a perfect match, one unsplit none
+        return 1.0 if len(rows) == len(cols) else 0.0
+    mi, h_a, h_b = _information(table)
+    expected = expected_mutual_info(rows, cols)
+    tiny = np.finfo(np.float64).eps
+    numerator, denominator = mi - expected, (h_a + h_b) / 2 - expected
+    numerator = min(numerator, -tiny) if numerator < 0 else max(numerator, tiny)  # signs kept as scikit-learn does
+    denominator = min(denominator, -tiny) if denominator < 0 else max(denominator, tiny)
+    return float(numerator / denominator)
+
+
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
     """Normalized mutual information between two labelings (equals sklearn's `normalized_mutual_info_score`)."""
     (a, _), (b, _) = _compact(np.asarray(a)), _compact(np.asarray(b))
     return float(nmi_from_tables(contingency(a, b)))
+
+
+def ami(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted mutual information (equals sklearn's `adjusted_mutual_info_score`)."""
+    (a, _), (b, _) = _compact(np.asarray(a)), _compact(np.asarray(b))
+    return ami_from_table(contingency(a, b))
 
 
 def ari(a: np.ndarray, b: np.ndarray) -> float:
@@ -158,7 +200,11 @@ def permutation_nmi(assignment: np.ndarray, labels: np.ndarray, n_permutations: 
     return nmi_from_tables(shuffled_tables(table.sum(1), table.sum(0), n_permutations, np.random.default_rng(seed)))
 
 
+def fit_kmeans(activations: np.ndarray, n_clusters: int, seed: int) -> KMeans:
+    """scikit-learn k-means (k-means++ init, 4 restarts) fitted to `activations` `[n, d]`."""
+    return KMeans(n_clusters=n_clusters, n_init=4, random_state=seed).fit(np.asarray(activations, dtype=np.float64))
+
+
 def kmeans(activations: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """Cluster ids from scikit-learn k-means (k-means++ init, 4 restarts)."""
-    model = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed)
-    return model.fit_predict(np.asarray(activations, dtype=np.float64))
+    """Cluster ids from `fit_kmeans`."""
+    return fit_kmeans(activations, n_clusters, seed).labels_

@@ -7,7 +7,15 @@ the label (NMI, ARI, expert x class table) against controls and on two scales:
 - a permutation null: the expert assignment shuffled across tokens (same expert frequencies),
 - token identity: the NMI given the token (`conditional_nmi`), with a null that shuffles experts only
   among tokens of one kind, asks what the assignment says about the label beyond which token it is,
-- the linear ceiling: how much of the label a linear probe reads off the router input at all.
+- the linear ceiling: how much of the label a linear probe reads off the router input at all,
+- with `null_draws`, null routers with the routing's expert usage (`toylab.analysis.null_routers`): size-balanced
+  k-means and random linear routers on the router input, so that a load-balanced router is compared with
+  groupings of the same sizes that a linear router could make.
+
+Scores are NMI with AMI beside it (AMI is 0 in expectation for any unrelated grouping of any sizes). By default a
+label's verdicts use an equivalence margin on its own scale, a share of its linear ceiling (`label_margin`), and an
+"equivalent" between two scores that both sit at the shuffled null is no evidence of anything: it reads
+inconclusive, flagged `both_at_floor` (`floor_compare`).
 
 A token's assignment is its best expert (slot 0 of `hook_expert_indices`); a token with no expert (all
 slots empty, index -1: expert-choice routing, or a token dropped at capacity) forms one more cluster of
@@ -16,6 +24,7 @@ its own, "no expert", with id n_experts (`top_expert`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +32,7 @@ import numpy as np
 import torch
 
 from toylab.analysis.clustering import (
+    ami_from_table,
     ari_from_table,
     conditional_entropy,
     conditional_nmi,
@@ -33,8 +43,9 @@ from toylab.analysis.clustering import (
     permutation_conditional_nmi,
     permutation_nmi,
 )
+from toylab.analysis.null_routers import balanced_kmeans, random_linear_routers
 from toylab.analysis.probes import logistic_predictions
-from toylab.analysis.stats import MARGIN, UNIT, adjust_family, compare, mean_ci, permutation_p_value
+from toylab.analysis.stats import MARGIN, UNIT, at_floor, compare, correct_families, mean_ci, permutation_p_value
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -42,7 +53,15 @@ ROUTER_INPUT = "blocks.{layer}.ln2.hook_normalized"
 EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
 ASSIGNMENTS = ("routing", "kmeans_moe", "kmeans_dense")
 """The labelings compared with each label: top-1 experts, k-means on the MoE's router input, k-means on the dense model's same site."""
-BOUNDS = {"nmi": UNIT, "cnmi": UNIT, "ari": (-1.0, 1.0)}
+NULL_ROUTERS = {"kmeans_balanced": "size-balanced k-means", "random_linear": "random linear routers"}
+"""The null routers of `specialization` with `null_draws` (groupings of the routing's usage on the router input), by name."""
+BOUNDS = {"nmi": UNIT, "ami": (-math.inf, 1.0), "cnmi": UNIT, "ari": (-1.0, 1.0)}
+NULL_METRICS = ("nmi", "ami")
+"""The scores of the null routers (no permutation null or conditional score: their sizes are the routing's)."""
+MARGIN_FRACTION = 0.1
+"""The default equivalence margin of a label's verdicts, as a share of its linear ceiling's NMI (`label_margin`)."""
+MARGIN_FLOOR = 0.01
+"""The smallest default margin in NMI, for labels a linear probe barely reads."""
 
 
 def top_expert(indices: np.ndarray, n_experts: int) -> np.ndarray:
@@ -69,12 +88,13 @@ def token_activations(model: Transformer, task: Task, batch: Batch, names: Seque
 
 
 def alignment(assignment: np.ndarray, label: np.ndarray, n_classes: int, n_permutations: int, seed: int) -> dict[str, Any]:
-    """NMI and ARI of a cluster assignment with a label, its permutation null, and the contingency table."""
+    """NMI, AMI and ARI of a cluster assignment with a label, its permutation null, and the contingency table."""
     table = contingency(assignment, label, int(assignment.max()) + 1, n_classes)
     observed = float(nmi_from_tables(table))
     null = permutation_nmi(assignment, label, n_permutations, seed)
     return {
         "nmi": observed,
+        "ami": ami_from_table(table),
         "ari": ari_from_table(table),
         "null_nmi_mean": float(null.mean()),
         "null_nmi_q95": float(np.quantile(null, 0.95)),
@@ -91,6 +111,13 @@ def conditional_alignment(assignment: np.ndarray, label: np.ndarray, given: np.n
     return {"cnmi": observed, "null_cnmi_mean": float(null.mean()), "cnmi_p_value": permutation_p_value(observed, null)}
 
 
+def null_router_alignment(draws: np.ndarray, label: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Mean NMI and AMI with a label over a null router's draws `[n_draws, n]`, and each draw's NMI."""
+    tables = [contingency(draw, label, int(draw.max()) + 1, n_classes) for draw in draws]
+    nmis = [float(nmi_from_tables(table)) for table in tables]
+    return {"nmi": float(np.mean(nmis)), "ami": float(np.mean([ami_from_table(table) for table in tables])), "nmi_draws": nmis}
+
+
 def linear_ceiling(router_input: np.ndarray, label: np.ndarray, sequences: np.ndarray, seed: int) -> dict[str, float]:
     """How much of a label is linearly available at the router input: a multinomial logistic probe's held-out
     accuracy (split by sequence), the majority-class accuracy, and the NMI of its predictions with the label."""
@@ -105,10 +132,12 @@ def linear_ceiling(router_input: np.ndarray, label: np.ndarray, sequences: np.nd
 def label_scores(
     assignments: dict[str, np.ndarray], router_input: np.ndarray, label: np.ndarray, n_classes: int,
     tokens: np.ndarray, sequences: np.ndarray, n_permutations: int, seed: int,
+    null_routers: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every score of one label (defined tokens only): per assignment its alignment and NMI given the token
-    (with the conditional null for routing), the linear ceiling of the router input, and H(label | token) in bits
-    (0 when the token determines the label, so that no assignment says anything about it given the token)."""
+    (with the conditional null for routing), per null router (`{kind: draws [n_draws, n]}`) its mean NMI and AMI,
+    the linear ceiling of the router input, and H(label | token) in bits (0 when the token determines the label,
+    so that no assignment says anything about it given the token)."""
     scores: dict[str, dict[str, Any]] = {}
     for kind, assignment in assignments.items():
         found = alignment(assignment, label, n_classes, n_permutations, seed)
@@ -117,15 +146,19 @@ def label_scores(
         else:
             found["cnmi"] = conditional_nmi(assignment, label, tokens)
         scores[kind] = found
+    for kind, draws in (null_routers or {}).items():
+        scores[kind] = null_router_alignment(draws, label, n_classes)
     scores["linear"] = linear_ceiling(router_input, label, sequences, seed)
     scores["label"] = {"entropy_given_token": conditional_entropy(label, tokens)}
     return scores
 
 
 def specialization(
-    moe: Transformer, dense: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int
+    moe: Transformer, dense: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int, null_draws: int = 0,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{layer: {label: {assignment or "linear": scores}}}` for one seed's pair of models (see `label_scores`)."""
+    """`{layer: {label: {assignment, null router or "linear": scores}}}` for one seed's pair of models (see
+    `label_scores`). With `null_draws` > 0 the `NULL_ROUTERS` are scored too, fitted to every analysed token with
+    the routing's expert usage over them: one size-balanced k-means and `null_draws` random linear routers."""
     keep = task.positions(batch)
     tokens = batch.inputs[keep]
     sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
@@ -135,11 +168,15 @@ def specialization(
     dense_acts = token_activations(dense, task, batch, inputs)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for layer, site in zip(layers, inputs):
+        routing = top_expert(moe_acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts)
         assignments = {
-            "routing": top_expert(moe_acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts),
+            "routing": routing,
             "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed),
             "kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed),
         }
+        usage = np.bincount(routing, minlength=moe.cfg.n_experts)
+        nulls = {"kmeans_balanced": balanced_kmeans(moe_acts[site], usage, seed)[None],
+                 "random_linear": random_linear_routers(moe_acts[site], usage, null_draws, seed)} if null_draws else {}
         results[str(layer)] = {}
         for name in analysable_labels(task):
             label = batch.labels[name][keep]
@@ -147,6 +184,7 @@ def specialization(
             results[str(layer)][name] = label_scores(
                 {kind: a[defined] for kind, a in assignments.items()}, moe_acts[site][defined], label[defined],
                 task.labels[name].n_classes, tokens[defined], sequences[defined], n_permutations, seed,
+                {kind: draws[:, defined] for kind, draws in nulls.items()},
             )
     return results
 
@@ -159,38 +197,65 @@ def routing_given_token(moe: Transformer, task: Task, batch: Batch) -> dict[str,
     return {layer: conditional_entropy(top_expert(experts[name], moe.cfg.n_experts), batch.inputs[keep]) for layer, name in names.items()}
 
 
-def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], margin: float = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:
+def label_margin(ceiling: float, margin: float | None = None) -> dict[str, Any]:
+    """The equivalence margin δ (NMI) of one label's verdicts: `margin` when given ("absolute"), else ("relative")
+    `MARGIN_FRACTION` of the label's linear ceiling `ceiling` (its probe's NMI, mean over seeds), rounded to 3
+    decimals and at least `MARGIN_FLOOR`: a difference that small is small beside what the router could read."""
+    if margin is not None:
+        return {"delta": margin, "rule": "absolute"}
+    return {"delta": max(MARGIN_FLOOR, round(MARGIN_FRACTION * ceiling, 3)), "rule": "relative", "ceiling": ceiling,
+            "fraction": MARGIN_FRACTION, "floor": MARGIN_FLOOR}
+
+
+def floor_compare(a: Sequence[float], b: Sequence[float], null_a: Sequence[float], null_b: Sequence[float], margin: float) -> dict[str, Any]:
+    """`compare(a, b, margin)` of two NMIs per seed, flagged `both_at_floor` when neither mean exceeds the mean of
+    its shuffled null (`null_a`, `null_b`, per seed) by more than `margin`. Two scores at the null agree without
+    saying anything about the label, so such an "equivalent" reads "inconclusive" (`at_floor`)."""
+    excess = max(float(np.mean(a)) - float(np.mean(null_a)), float(np.mean(b)) - float(np.mean(null_b)))
+    return at_floor(compare(a, b, margin), excess <= margin)
+
+
+def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], margin: float | None = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:
     """Across seeds: mean and 95% CI of every score (in range), the nulls, the largest p-values, and the verdicts.
 
-    `verdict` compares NMI(routing) with NMI(k-means on the router input) (`compare`, margin `margin`);
-    `conditional_verdict` the same given the token; `conditional_vs_null` routing's NMI given the token with
-    its conditional null.
+    `verdict` compares NMI(routing) with NMI(k-means on the router input) (`floor_compare`); `conditional_verdict`
+    the same given the token; `conditional_vs_null` routing's NMI given the token with its conditional null; with
+    null routers, `vs_kmeans_balanced` and `vs_random_linear` routing's NMI with theirs (both at floor against routing's
+    shuffled null, which has their cluster sizes). Every verdict of a label uses its `margin` (`label_margin`:
+    `margin`, or with None a share of the label's linear ceiling).
     """
     per_seed = [s for s in per_seed if s is not None]
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for layer in per_seed[0]:
         summary[layer] = {}
         for label in per_seed[0][layer]:
-            scores = {kind: [s[layer][label][kind] for s in per_seed] for kind in (*ASSIGNMENTS, "linear")}
+            runs = [s[layer][label] for s in per_seed]
+            nulls = [kind for kind in NULL_ROUTERS if kind in runs[0]]
+            scores = {kind: [r[kind] for r in runs] for kind in (*ASSIGNMENTS, *nulls, "linear")}
+            nmis = {kind: [r["nmi"] for r in scores[kind]] for kind in (*ASSIGNMENTS, *nulls)}
             routing, kmeans_moe = scores["routing"], scores["kmeans_moe"]
+            linear = {metric: mean_ci([r[metric] for r in scores["linear"]], bounds=UNIT) for metric in ("accuracy", "baseline", "nmi")}
+            delta = label_margin(linear["nmi"]["mean"], margin)
+            null = [r["null_nmi_mean"] for r in routing]
             summary[layer][label] = {
                 **{
-                    f"{kind}_{metric}": mean_ci([r[metric] for r in scores[kind]], bounds=bounds)
-                    for kind in ASSIGNMENTS
-                    for metric, bounds in BOUNDS.items()
+                    f"{kind}_{metric}": mean_ci([r[metric] for r in scores[kind]], bounds=BOUNDS[metric])
+                    for kind in (*ASSIGNMENTS, *nulls)
+                    for metric in (BOUNDS if kind in ASSIGNMENTS else NULL_METRICS)
                 },
-                **{f"linear_{metric}": mean_ci([r[metric] for r in scores["linear"]], bounds=UNIT)
-                   for metric in ("accuracy", "baseline", "nmi")},
-                "null_nmi": mean_ci([r["null_nmi_mean"] for r in routing], bounds=UNIT),
+                **{f"linear_{metric}": stat for metric, stat in linear.items()},
+                "margin": delta,
+                "null_nmi": mean_ci(null, bounds=UNIT),
                 "null_cnmi": mean_ci([r["null_cnmi_mean"] for r in routing], bounds=UNIT),
                 "routing_min_nmi": min(r["nmi"] for r in routing),
-                "label_entropy_given_token": max(s[layer][label]["label"]["entropy_given_token"] for s in per_seed),
+                "label_entropy_given_token": max(r["label"]["entropy_given_token"] for r in runs),
                 "routing_max_p_value": max(r["p_value"] for r in routing),
                 "kmeans_max_p_value": max(r["p_value"] for r in kmeans_moe),
                 "routing_max_cnmi_p_value": max(r["cnmi_p_value"] for r in routing),
-                "verdict": compare([r["nmi"] for r in routing], [r["nmi"] for r in kmeans_moe], margin),
-                "conditional_verdict": compare([r["cnmi"] for r in routing], [r["cnmi"] for r in kmeans_moe], margin),
-                "conditional_vs_null": compare([r["cnmi"] for r in routing], [r["null_cnmi_mean"] for r in routing], margin),
+                "verdict": floor_compare(nmis["routing"], nmis["kmeans_moe"], null, [r["null_nmi_mean"] for r in kmeans_moe], delta["delta"]),
+                "conditional_verdict": compare([r["cnmi"] for r in routing], [r["cnmi"] for r in kmeans_moe], delta["delta"]),
+                "conditional_vs_null": compare([r["cnmi"] for r in routing], [r["null_cnmi_mean"] for r in routing], delta["delta"]),
+                **{f"vs_{kind}": floor_compare(nmis["routing"], nmis[kind], null, null, delta["delta"]) for kind in nulls},
             }
     return summary
 
@@ -201,6 +266,8 @@ FAMILIES = {
     "nmi": "routing vs k-means NMI, every other (label, layer)",
     "cnmi": "routing vs k-means NMI given the token, every (label, layer) the token does not determine",
     "cnmi_vs_null": "routing's NMI given the token vs its within-token null, every (label, layer) as above",
+    "kmeans_balanced": "routing vs size-balanced k-means NMI (k-means centroids, the routing's expert usage), every (label, layer)",
+    "random_linear": "routing vs random linear routers on the router input with the routing's expert usage, NMI, every (label, layer)",
     "paths": "routing paths vs the best single layer, vs k-means with as many clusters, vs the null, every label",
 }
 """The families of tests of `expert-specialization`, each corrected for multiplicity on its own (`adjust`)."""
@@ -214,7 +281,8 @@ def primary_labels(task: Task) -> list[str]:
 
 def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Any]], task: Task) -> dict[str, dict[str, Any]]:
     """Correct the verdicts of `summarize` and `summarize_paths` within the `FAMILIES` (in place; each keeps its
-    `raw_verdict`), and return per family its question, number of tests and verdict counts before and after.
+    `raw_verdict`; an "equivalent" at the floor stays inconclusive, `stats.adjust`), and return per family
+    its role (primary or secondary, and its question), number of tests and verdict counts before and after.
 
     The primary family answers the study's question: routing vs k-means on the router input for the function
     labels at the last MoE layer. Everything else is secondary, in families of one kind of comparison.
@@ -227,6 +295,9 @@ def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[s
             if s["label_entropy_given_token"] > 1e-9:
                 members["cnmi"].append((s, "conditional_verdict"))
                 members["cnmi_vs_null"].append((s, "conditional_vs_null"))
+            for kind in NULL_ROUTERS:
+                if f"vs_{kind}" in s:
+                    members[kind].append((s, f"vs_{kind}"))
     for s in paths.values():
         members["paths"] += [(s, key) for key in ("path_vs_layer", "path_vs_kmeans", "path_vs_null")]
-    return {name: {"question": FAMILIES[name], **adjust_family(tests)} for name, tests in members.items() if tests}
+    return correct_families(members, FAMILIES, PRIMARY)

@@ -19,6 +19,8 @@ ADJUSTMENT = "Benjamini–Hochberg"
 """How `adjust` corrects a family of tests."""
 VERDICTS = ("more", "less", "equivalent", "inconclusive")
 """The four outcomes of `compare`."""
+FLOOR = "both at floor"
+"""An inconclusive verdict of two scores that both sit within the margin of their nulls (`at_floor`)."""
 MIN_SEEDS = 3
 """The fewest seeds `compare` draws a verdict from: with two, one degree of freedom makes the interval's width
 as noisy as the difference itself (two seeds that happen to agree give a tiny interval)."""
@@ -106,6 +108,18 @@ def compare(
     return {**out, **diff, "detectable": detectable, "p_value": p, "p_equivalent": p_equivalent, "verdict": verdict}
 
 
+def at_floor(comparison: dict[str, Any], floor: bool) -> dict[str, Any]:
+    """`comparison` flagged `both_at_floor` when `floor` (its two scores both sit within the margin of their nulls):
+    two scores at the null agree without saying anything, so an "equivalent" there reads "inconclusive"."""
+    flagged = {**comparison, "both_at_floor": floor}
+    return {**flagged, "verdict": "inconclusive"} if floor and comparison["verdict"] == "equivalent" else flagged
+
+
+def verdict_label(comparison: dict[str, Any]) -> str:
+    """A verdict's outcome in a word: its `verdict`, or `FLOOR` for an inconclusive one whose scores are both at floor."""
+    return FLOOR if comparison["verdict"] == "inconclusive" and comparison.get("both_at_floor") else comparison["verdict"]
+
+
 def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[dict[str, Any]]:
     """The verdicts of one family of `compare` results, corrected for multiplicity by Benjamini–Hochberg
     (`scipy.stats.false_discovery_control`).
@@ -116,7 +130,8 @@ def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[d
     bounds the expected share of false claims among a family's claims by alpha; in a family with no effect
     anywhere every claim is false, so the chance of any "more" or "less" there is at most alpha. Each result keeps
     its `raw_verdict` (uncorrected, one-sided at alpha per direction) and gains `p_adjusted`,
-    `p_equivalent_adjusted`, `family_size` and `adjustment`. Results without p-values (one seed) stay inconclusive.
+    `p_equivalent_adjusted`, `family_size` and `adjustment`. Results without p-values (too few seeds) stay
+    inconclusive, and so does an equivalence of two scores `both_at_floor` (`at_floor`).
     """
     def corrected(key: str) -> np.ndarray:
         p = np.array([c.get(key, math.nan) for c in comparisons], dtype=np.float64)
@@ -129,7 +144,7 @@ def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[d
     direction, equivalence = corrected("p_value"), corrected("p_equivalent")
     adjusted = []
     for c, p, p_eq in zip(comparisons, direction, equivalence):
-        if p_eq < alpha:
+        if p_eq < alpha and not c.get("both_at_floor"):
             verdict = "equivalent"
         elif p < alpha:
             verdict = "more" if c["mean"] > 0 else "less"
@@ -142,12 +157,18 @@ def adjust(comparisons: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[d
 
 def adjust_family(tests: Sequence[tuple[dict[str, Any], str]]) -> dict[str, Any]:
     """Correct one family of verdicts in place: each test is `(holder, key)` with a `compare` result at `holder[key]`,
-    replaced by its `adjust`ed version. Returns the family's size, adjustment and verdict counts before and after."""
+    replaced by its `adjust`ed version. Returns the family's size, adjustment and verdict counts before and after
+    (and, where some test is `both_at_floor`, how many inconclusive verdicts are `FLOOR`)."""
     raw = [holder[key]["verdict"] for holder, key in tests]
     for (holder, key), corrected in zip(tests, adjust([holder[key] for holder, key in tests])):
         holder[key] = corrected
-    return {"tests": len(tests), "adjustment": ADJUSTMENT, "raw": {v: raw.count(v) for v in VERDICTS},
-            "adjusted": {v: sum(holder[key]["verdict"] == v for holder, key in tests) for v in VERDICTS}}
+    found = [holder[key] for holder, key in tests]
+    family = {"tests": len(tests), "adjustment": ADJUSTMENT, "raw": {v: raw.count(v) for v in VERDICTS},
+              "adjusted": {v: sum(c["verdict"] == v for c in found) for v in VERDICTS}}
+    if any(c.get("both_at_floor") for c in found):
+        family["at_floor"] = {stage: sum(verdict_label({**c, "verdict": c[key]}) == FLOOR for c in found)
+                              for stage, key in (("raw", "raw_verdict"), ("adjusted", "verdict"))}
+    return family
 
 
 def correct_families(members: dict[str, Sequence[tuple[dict[str, Any], str]]], questions: dict[str, str],
