@@ -103,6 +103,8 @@ def test_planted_quiet_label_separates_routing_from_clustering(routing, verdict)
     assert s["kmeans_balanced_ami"]["mean"] < 0.02 and s["random_linear_ami"]["mean"] < 0.1
     for key in ("verdict", "vs_kmeans_balanced"):
         assert verdict_label(s[key]) == verdict and s[key]["both_at_floor"] == (routing != "label")
+    evaluation = s["verdict"]["evaluation_se"]  # the shared evaluation batch's noise, in the primary interval:
+    assert evaluation == 0 if routing == "kmeans" else 0 < evaluation < 0.05  # none in the difference of two identical assignments
     family = adjust_family([(s, "verdict")])  # after the correction, an "equivalent" at the floor still counts as not shown
     assert family["adjusted"]["more" if routing == "label" else "inconclusive"] == 1 and family["adjusted"]["equivalent"] == 0
     assert family.get("at_floor") == (None if routing == "label" else {"raw": 1, "adjusted": 1})

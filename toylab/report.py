@@ -56,7 +56,8 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
                 f"{round(100 * c['confidence'])}% CI)")
     if c.get("no_spread"):
         return f"inconclusive (Δ = {fmt(c['mean'], digits)} in every one of {c['n']} seeds: no spread, so no interval can be estimated)"
-    interval = f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
+    interval = (f"Δ = {fmt_ci(c, digits)}, {round(100 * c['confidence'])}% CI over {c['n']} seeds"
+                + (" and resampled evaluation sequences" if "evaluation_se" in c else ""))
     if "p_adjusted" in c:  # a verdict corrected within its family (`stats.adjust`)
         p = c["p_equivalent_adjusted"] if verdict == "equivalent" else c["p_adjusted"]
         interval += (f"; {c['adjustment']}-adjusted over {c['family_size']} test{'s' if c['family_size'] != 1 else ''}: p = {fmt(p, 4)}"

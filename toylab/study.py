@@ -295,7 +295,9 @@ def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
         f"(by a hash of the tokens, `toylab.splits`), which training and its sampling never draw from: {overlap} of them "
         "lie in the training part, so the overlap with every training set is " + ("0" if overlap == 0 else f"at most {overlap}")
         + ". Validation sets are held out the same way (`val_overlap`, counted against the training set, in each run's "
-        "`final.json`). The same evaluation sequences serve every seed.")])
+        "`final.json`). The same evaluation sequences serve every seed, so an interval over seeds leaves out the luck of that "
+        "one draw of sequences, except where it says it includes resampled evaluation sequences (a bootstrap over them, "
+        "shared by all seeds, `stats.sequence_resamples`).")])
 
 
 def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:

@@ -26,6 +26,14 @@ def contingency(a: np.ndarray, b: np.ndarray, n_a: int | None = None, n_b: int |
     return np.bincount(a * n_b + b, minlength=n_a * n_b).reshape(n_a, n_b)
 
 
+def weighted_tables(a: np.ndarray, b: np.ndarray, weights: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """Tables `[n_weights, n_a, n_b]` of `contingency` with each token counted with its weight in each row of `weights`
+    (`[n_weights, n_tokens]`, e.g. `stats.sequence_resamples`)."""
+    onehot = np.zeros((len(a), n_a * n_b))
+    onehot[np.arange(len(a)), a * n_b + b] = 1.0
+    return (weights @ onehot).reshape(-1, n_a, n_b)
+
+
 def _entropy(counts: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Entropy (nats) of count vectors `[..., k]` with totals `n`."""
     p = counts / n[..., None]

@@ -42,10 +42,11 @@ from toylab.analysis.clustering import (
     nmi_from_tables,
     permutation_conditional_nmi,
     permutation_nmi,
+    weighted_tables,
 )
 from toylab.analysis.null_routers import balanced_kmeans, random_linear_routers
 from toylab.analysis.probes import logistic_predictions
-from toylab.analysis.stats import MARGIN, UNIT, at_floor, compare, correct_families, mean_ci, permutation_p_value
+from toylab.analysis.stats import MARGIN, UNIT, at_floor, compare, correct_families, mean_ci, permutation_p_value, sequence_resamples
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -137,7 +138,8 @@ def label_scores(
     """Every score of one label (defined tokens only): per assignment its alignment and NMI given the token
     (with the conditional null for routing), per null router (`{kind: draws [n_draws, n]}`) its mean NMI and AMI,
     the linear ceiling of the router input, and H(label | token) in bits (0 when the token determines the label,
-    so that no assignment says anything about it given the token)."""
+    so that no assignment says anything about it given the token). Routing's NMI minus k-means' is also scored on
+    `stats.sequence_resamples` of the evaluation sequences (`nmi_minus_kmeans_resampled`), for the verdict's interval."""
     scores: dict[str, dict[str, Any]] = {}
     for kind, assignment in assignments.items():
         found = alignment(assignment, label, n_classes, n_permutations, seed)
@@ -146,6 +148,11 @@ def label_scores(
         else:
             found["cnmi"] = conditional_nmi(assignment, label, tokens)
         scores[kind] = found
+    if {"routing", "kmeans_moe"} <= set(assignments):  # the primary difference on resamples of the evaluation sequences
+        resamples, n_experts = sequence_resamples(sequences), max(int(assignments[k].max()) for k in ("routing", "kmeans_moe")) + 1
+        routing, kmeans_moe = (nmi_from_tables(weighted_tables(assignments[k], label, resamples, n_experts, n_classes))
+                               for k in ("routing", "kmeans_moe"))
+        scores["routing"]["nmi_minus_kmeans_resampled"] = (routing - kmeans_moe).tolist()
     for kind, draws in (null_routers or {}).items():
         scores[kind] = null_router_alignment(draws, label, n_classes)
     scores["linear"] = linear_ceiling(router_input, label, sequences, seed)
@@ -207,18 +214,27 @@ def label_margin(ceiling: float, margin: float | None = None) -> dict[str, Any]:
             "fraction": MARGIN_FRACTION, "floor": MARGIN_FLOOR}
 
 
-def floor_compare(a: Sequence[float], b: Sequence[float], null_a: Sequence[float], null_b: Sequence[float], margin: float) -> dict[str, Any]:
+def floor_compare(
+    a: Sequence[float], b: Sequence[float], null_a: Sequence[float], null_b: Sequence[float], margin: float, evaluation: np.ndarray | None = None,
+) -> dict[str, Any]:
     """`compare(a, b, margin)` of two NMIs per seed, flagged `both_at_floor` when neither mean exceeds the mean of
     its shuffled null (`null_a`, `null_b`, per seed) by more than `margin`. Two scores at the null agree without
     saying anything about the label, so such an "equivalent" reads "inconclusive" (`at_floor`)."""
     excess = max(float(np.mean(a)) - float(np.mean(null_a)), float(np.mean(b)) - float(np.mean(null_b)))
-    return at_floor(compare(a, b, margin), excess <= margin)
+    return at_floor(compare(a, b, margin, evaluation=evaluation), excess <= margin)
+
+
+def resampled(routing: Sequence[dict[str, Any]]) -> np.ndarray | None:
+    """Per seed, routing's NMI minus k-means' on the resamples of the evaluation sequences (None where not scored)."""
+    found = [r.get("nmi_minus_kmeans_resampled") for r in routing]
+    return np.array(found) if all(f is not None for f in found) else None
 
 
 def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], margin: float | None = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:
     """Across seeds: mean and 95% CI of every score (in range), the nulls, the largest p-values, and the verdicts.
 
-    `verdict` compares NMI(routing) with NMI(k-means on the router input) (`floor_compare`); `conditional_verdict`
+    `verdict` compares NMI(routing) with NMI(k-means on the router input) (`floor_compare`; its interval includes the
+    evaluation batch's noise, from the resampled differences of `label_scores`); `conditional_verdict`
     the same given the token; `conditional_vs_null` routing's NMI given the token with its conditional null; with
     null routers, `vs_kmeans_balanced` and `vs_random_linear` routing's NMI with theirs (both at floor against routing's
     shuffled null, which has their cluster sizes). Every verdict of a label uses its `margin` (`label_margin`:
@@ -252,7 +268,8 @@ def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], m
                 "routing_max_p_value": max(r["p_value"] for r in routing),
                 "kmeans_max_p_value": max(r["p_value"] for r in kmeans_moe),
                 "routing_max_cnmi_p_value": max(r["cnmi_p_value"] for r in routing),
-                "verdict": floor_compare(nmis["routing"], nmis["kmeans_moe"], null, [r["null_nmi_mean"] for r in kmeans_moe], delta["delta"]),
+                "verdict": floor_compare(nmis["routing"], nmis["kmeans_moe"], null, [r["null_nmi_mean"] for r in kmeans_moe], delta["delta"],
+                                         resampled(routing)),
                 "conditional_verdict": compare([r["cnmi"] for r in routing], [r["cnmi"] for r in kmeans_moe], delta["delta"]),
                 "conditional_vs_null": compare([r["cnmi"] for r in routing], [r["null_cnmi_mean"] for r in routing], delta["delta"]),
                 **{f"vs_{kind}": floor_compare(nmis["routing"], nmis[kind], null, null, delta["delta"]) for kind in nulls},

@@ -21,6 +21,8 @@ VERDICTS = ("more", "less", "equivalent", "inconclusive")
 """The four outcomes of `compare`."""
 FLOOR = "both at floor"
 """An inconclusive verdict of two scores that both sit within the margin of their nulls (`at_floor`)."""
+RESAMPLES = 200
+"""Bootstrap resamples of the evaluation sequences (`sequence_resamples`)."""
 MIN_SEEDS = 3
 """The fewest seeds `compare` draws a verdict from: with two, one degree of freedom makes the interval's width
 as noisy as the difference itself (two seeds that happen to agree give a tiny interval)."""
@@ -57,8 +59,19 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= observed)) / (1 + len(null)))
 
 
+def sequence_resamples(sequences: np.ndarray, n_resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """Weights `[n_resamples, n_tokens]` of a bootstrap over evaluation sequences: token i's weight in resample r is how
+    often its sequence (`sequences[i]`, ids 0..n-1 of the batch) was drawn, n draws with replacement. The draws depend
+    on `seed` and the number of sequences only, so every training seed analysed on the same batch (and every label's
+    subset of its tokens) gets the same resamples: their spread is the evaluation batch's own noise, shared by all seeds."""
+    n = int(sequences.max()) + 1 if sequences.size else 0
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_resamples) if n else np.zeros((n_resamples, 0))
+    return counts[:, sequences].astype(np.float64)
+
+
 def compare(
-    a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alpha: float = 0.05, power: float = 0.8, min_seeds: int = MIN_SEEDS
+    a: Sequence[float], b: Sequence[float], margin: float = MARGIN, alpha: float = 0.05, power: float = 0.8, min_seeds: int = MIN_SEEDS,
+    evaluation: np.ndarray | None = None,
 ) -> dict[str, float | str]:
     """Is `a` more than, less than, equivalent to `b`, or can the seeds not tell? Paired by seed.
 
@@ -72,6 +85,11 @@ def compare(
     Also returns `detectable`, the smallest true difference these seeds would call more or less with the
     given power: (t_{1-alpha} + t_{power}) * sd / sqrt(n), the two-sided paired t-test p-value and the TOST
     p-value `p_equivalent` (the larger of the two one-sided p-values), which `adjust` corrects for multiplicity.
+
+    Every seed is usually scored on one shared evaluation batch, whose own noise the seeds do not average out. With
+    `evaluation`, `[n_seeds, n_resamples]` values of a - b on the same resamples of that batch (`sequence_resamples`),
+    its standard error `evaluation_se` (the spread over resamples of the seeds' mean) is added in quadrature to the
+    seeds' standard error, for the interval, the p-values and `detectable` alike.
     """
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
@@ -84,6 +102,11 @@ def compare(
                 "p_value": math.nan, "p_equivalent": math.nan, "verdict": "inconclusive"}
     diff = mean_ci(differences, 1 - 2 * alpha)
     sd = float(differences.std(ddof=1))
+    if evaluation is not None:  # the shared evaluation batch's own noise, in quadrature: se = sqrt(se_seeds^2 + se_eval^2)
+        out["evaluation_se"] = float(np.asarray(evaluation, dtype=np.float64)[keep].mean(0).std(ddof=1))
+        sd = math.sqrt(sd**2 + n * out["evaluation_se"] ** 2)
+        half = float(stats.t.ppf(1 - alpha, n - 1)) * sd / math.sqrt(n)
+        diff["ci_low"], diff["ci_high"] = diff["mean"] - half, diff["mean"] + half
     if sd <= 1e-12:  # no spread over seeds: the t-interval cannot be estimated
         diff["ci_low"] = diff["ci_high"] = diff["mean"]
         if abs(diff["mean"]) <= 1e-12:  # the two are identical in every seed (e.g. exact by construction): say so
@@ -94,8 +117,8 @@ def compare(
     if n < min_seeds:
         return {**out, **diff, "detectable": detectable, "p_value": math.nan, "p_equivalent": math.nan,
                 "verdict": "inconclusive", "too_few_seeds": True}
-    p = float(stats.ttest_rel(x[keep], y[keep]).pvalue)
     se = sd / math.sqrt(n)
+    p = float(2 * stats.t.sf(abs(diff["mean"]) / se, n - 1))  # the paired t-test (`scipy.stats.ttest_rel` without `evaluation`)
     p_equivalent = float(max(stats.t.sf((diff["mean"] + margin) / se, n - 1), stats.t.cdf((diff["mean"] - margin) / se, n - 1)))
     if -margin < diff["ci_low"] and diff["ci_high"] < margin:
         verdict = "equivalent"
