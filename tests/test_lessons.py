@@ -29,6 +29,8 @@ MENTIONED = re.compile(r"`((?:figures/[\w.-]+\.png)|report\.md|report\.html|resu
 CHECKS = re.compile(r"<!-- numbers quoted above.*?\n(.*?)-->", re.S)
 DECIMAL = re.compile(r"(?<![\w.])[−-]?\d+\.\d+%?|(?<![\w.])\d+%")
 """A decimal number or a percentage in prose (versions like 2.13 are in code, not prose)."""
+LEVELS = {"5%", "10%", "80%", "90%", "95%"}
+"""Percentages that are the tests' levels (alpha, power, confidence), not numbers from a run."""
 
 
 def commands(text: str) -> list[str]:
@@ -51,7 +53,7 @@ def checks(text: str) -> list[tuple[str, str, str]]:
 def prose_numbers(text: str) -> set[str]:
     """The decimal numbers and percentages of a lesson's prose (outside code blocks, inline code and the checks)."""
     prose = re.sub(r"`[^`]*`", "", CODE_BLOCK.sub("", CHECKS.sub("", text)))
-    return set(DECIMAL.findall(prose))
+    return set(DECIMAL.findall(prose)) - LEVELS
 
 
 def lookup(results: Any, path: str) -> Any:
