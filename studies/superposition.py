@@ -299,8 +299,8 @@ class Superposition(Study):
 
 
 def held_text(held: int, seeds: int) -> str:
-    verdict = "yes" if held == seeds else "**no**" if held == 0 else "partly"
-    return f"{verdict} ({held}/{seeds} seeds)"
+    """In how many seeds a claim held: a count of seeds, each checked on its own (not a test over seeds)."""
+    return f"in {'every' if held == seeds else 'no' if held == 0 else f'{held} of {seeds}'} seed{'s' if 0 < held < seeds else ''} ({held}/{seeds})"
 
 
 def weight_figure(results: dict[str, Any], activation: str) -> plt.Figure:
