@@ -271,10 +271,10 @@ def test_dictionaries_study_runs_end_to_end(tmp_path) -> None:
     assert point["switch_vs_sae_mmcs"]["too_few_seeds"] and point["switch_vs_sae_mmcs"]["verdict"] == "inconclusive"
     assert next(iter(results["test_families"])) == PRIMARY and results["test_families"][PRIMARY]["tests"] == len(results["planted"]["grid"])
     assert "Primary question and families of tests" in (outcome.directory / "report.md").read_text()
-    assert all(0 <= point[m]["mmcs"]["mean"] <= 1 for m in ("sae", "switch"))
+    assert all(point[m]["mmcs"]["mean"] > point[m]["mmcs_null"]["mean"] + 0.2 for m in ("sae", "switch"))  # planted features found
     tokens = results["tokens"]
     assert set(tokens["rsa"]["reference"]) == {"sae", "switch"}
     for pair in ("sae-switch", "sae-onehot", "switch-router"):
-        assert -1 <= tokens["rsa"][pair]["rsa"]["mean"] <= 1 and {"vs_shuffled", f"vs_{pair.split('-')[0]}_reference"} <= set(tokens["rsa"][pair])
+        assert {"vs_shuffled", f"vs_{pair.split('-')[0]}_reference"} <= set(tokens["rsa"][pair])
     for summary in tokens["labels"].values():
         assert {"null", "vs_null"} <= set(summary["experts"]) and "vs_sae" in summary["switch"]

@@ -2,9 +2,8 @@
 tells the student to open (`report.md`, `report.html`, `results.json`, `figures/*.png`) is in the run directory,
 and every number a lesson quotes from its run is checked against the rerun's `results.json`.
 
-A lesson lists its quoted numbers in a comment at its end, one per line, `quoted | path in results.json | tolerance`
-(a tolerance of `=` compares text, e.g. a verdict): every decimal number in the lesson's prose must be listed, and
-the rerun must reproduce each within its tolerance.
+A lesson lists its quoted numbers in a comment at its end (`toylab.quoted`): every decimal number in its prose
+must be listed there, and the rerun must reproduce each within its tolerance.
 
 Each command is a fast study of up to about two minutes on a laptop, too long to run them all in the default
 suite on 2 cores: the superposition lesson (the quickest) runs by default, the other lessons are marked slow
@@ -17,20 +16,16 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from toylab import quoted
 
 LESSONS = Path(__file__).resolve().parent.parent / "docs" / "lessons"
 DEFAULT = "01-superposition.md"
 """The lesson that runs in the default suite."""
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 MENTIONED = re.compile(r"`((?:figures/[\w.-]+\.png)|report\.md|report\.html|results\.json)`")
-CHECKS = re.compile(r"<!-- numbers quoted above.*?\n(.*?)-->", re.S)
-DECIMAL = re.compile(r"(?<![\w.])[−-]?\d+\.\d+%?|(?<![\w.])\d+%")
-"""A decimal number or a percentage in prose (versions like 2.13 are in code, not prose)."""
-LEVELS = {"5%", "10%", "80%", "90%", "95%"}
-"""Percentages that are the tests' levels (alpha, power, confidence), not numbers from a run."""
 
 
 def commands(text: str) -> list[str]:
@@ -42,33 +37,6 @@ def commands(text: str) -> list[str]:
 def mentioned_files(text: str) -> set[str]:
     """The run-directory files a lesson names in inline code."""
     return set(MENTIONED.findall(text))
-
-
-def checks(text: str) -> list[tuple[str, str, str]]:
-    """The lesson's `(quoted, path, tolerance)` rows of quoted numbers."""
-    found = CHECKS.search(text)
-    return [tuple(part.strip() for part in line.split("|")) for line in found.group(1).strip().splitlines()] if found else []
-
-
-def prose_numbers(text: str) -> set[str]:
-    """The decimal numbers and percentages of a lesson's prose (outside code blocks, inline code and the checks)."""
-    prose = re.sub(r"`[^`]*`", "", CODE_BLOCK.sub("", CHECKS.sub("", text)))
-    return set(DECIMAL.findall(prose)) - LEVELS
-
-
-def lookup(results: Any, path: str) -> Any:
-    """The value at a dotted path of `results.json` (integers index lists)."""
-    for key in path.split("."):
-        results = results[int(key)] if isinstance(results, list) else results[key]
-    return results
-
-
-def check(quoted: str, value: Any, tolerance: str) -> bool:
-    """Whether a rerun's `value` reproduces the `quoted` text within `tolerance` (a percentage quotes a share)."""
-    if tolerance == "=":
-        return str(value) == quoted
-    number = float(quoted.replace("−", "-").rstrip("%")) / (100 if quoted.endswith("%") else 1)
-    return abs(float(value) - number) <= float(tolerance)
 
 
 def lesson_params() -> list:
@@ -83,25 +51,14 @@ def test_the_parsers_find_commands_and_files() -> None:
     assert mentioned_files(text) == {"figures/a_b.png", "report.html", "report.md"}
 
 
-def test_the_number_checks_parse_and_fail_on_a_wrong_number() -> None:
-    text = ("Routing NMI 0.059 (73% of tokens), verdict *more*; `2.13` in code.\n\n"
-            "<!-- numbers quoted above, checked:\n0.059 | a.b.0 | 0.001\n73% | c | 0.005\nmore | v | =\n-->\n")
-    assert checks(text) == [("0.059", "a.b.0", "0.001"), ("73%", "c", "0.005"), ("more", "v", "=")]
-    assert prose_numbers(text) == {"0.059", "73%"}
-    assert lookup({"a": {"b": [0.0594]}}, "a.b.0") == 0.0594
-    assert check("0.059", 0.0594, "0.001") and not check("0.059", 0.061, "0.001")
-    assert check("73%", 0.7312, "0.005") and not check("73%", 0.74, "0.005") and not check("more", "inconclusive", "=")
-    assert check("−0.023", -0.0231, "0.001")
-
-
 def test_every_number_a_lesson_quotes_is_checked_against_its_run() -> None:
     for path in sorted(LESSONS.glob("[0-9]*.md")):
         text = path.read_text()
-        quoted = [row[0] for row in checks(text)]
-        assert all(len(row) == 3 for row in checks(text)), path.name
-        prose = CHECKS.sub("", text)
-        assert all(q in prose for q in quoted), f"{path.name}: {[q for q in quoted if q not in prose]} not in the text"
-        unchecked = sorted(prose_numbers(text) - set(quoted))
+        numbers = [row[0] for row in quoted.checks(text)]
+        assert all(len(row) == 3 for row in quoted.checks(text)), path.name
+        prose = quoted.CHECKS.sub("", text)
+        assert all(n in prose for n in numbers), f"{path.name}: {[n for n in numbers if n not in prose]} not in the text"
+        unchecked = sorted(quoted.prose_numbers(text) - set(numbers))
         assert not unchecked, f"{path.name}: {unchecked} quoted but not checked against a run"
 
 
@@ -128,6 +85,6 @@ def test_lesson_command_runs_and_makes_the_files_it_mentions(lesson: Path, tmp_p
     missing = sorted(name for name in mentioned_files(text) if not (run_dir / name).is_file())
     assert not missing, f"{lesson.name}: {missing} not in {run_dir}"
     results = json.loads((run_dir / "results.json").read_text())
-    wrong = [(quoted, path, lookup(results, path)) for quoted, path, tolerance in checks(text)
-             if not check(quoted, lookup(results, path), tolerance)]
+    wrong = [(number, path, quoted.lookup(results, path)) for number, path, tolerance in quoted.checks(text)
+             if not quoted.matches(number, quoted.lookup(results, path), tolerance)]
     assert not wrong, f"{lesson.name}: quoted vs rerun {wrong}"

@@ -171,7 +171,7 @@ def test_tiny_study_writes_results_figures_and_report(tmp_path) -> None:
     assert results["replicates_complete"] == 1 and len(results["pairs"]) == 4 and not results["failed_runs"]
     assert set(results["similarity"]) == {"0", "1", "2"}
     first = results["pairs"][0]["layers"][0]
-    assert -1 <= first["cka"] <= 1 and set(first["probes"]["depth"]) == {"a_to_b", "b_to_a"}
+    assert set(first["probes"]["depth"]) == {"a_to_b", "b_to_a"}  # CKA's values: checked against its formula above
     assert set(results["probes"]["depth"]["2"]) == {"dense→moe", "moe→dense"}
     report = (directory / "report.md").read_text()
     assert report.startswith("# Do dense and MoE transformers learn the same representation?") and "## Which labels' probes transfer?" in report
