@@ -15,7 +15,7 @@ import torch
 from toylab.analysis.clustering import kmeans
 from toylab.analysis.specialization import alignment
 from toylab.analysis.stats import (
-    INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, claim_state, claim_states, compare, correct_families, mean_ci, trend_verdict,
+    INTERVAL_NOTE, MARGIN, NONNEGATIVE, UNIT, at_floor, claim_state, claim_states, compare, correct_families, mean_ci, trend_verdict,
 )
 from toylab.analysis.superposition import (
     REPRESENTED,
@@ -321,8 +321,9 @@ class MoESuperposition(Study):
         """The verdicts behind the paper's claims, before correction: each `TRENDS` metric's Spearman ρ with k/E over
         (configuration, seed) (untrained-gate controls left out; no trend: |ρ| < `TREND_MARGIN`), the sparsest
         network's loss vs the dense one's, and each top-1 MoE's monosemanticity, dimensionality and features per
-        dimension vs the dense model's (paired by seed). The top-1 MoEs' own `verdict` and `own_block_verdict` are the
-        rest."""
+        dimension vs the dense model's (paired by seed; monosemanticity `both_at_floor` where neither model has a share
+        of monosemantic features above the margin, which says nothing about which is more monosemantic). The top-1
+        MoEs' own `verdict` and `own_block_verdict` are the rest."""
         main = [c for c in configs.values() if not c["control"]]
         x = [c["network_sparsity"] for c in main for _ in c["per_seed"]["loss"]]  # one point per (config, seed)
         sparsest = min(main, key=lambda c: (c["network_sparsity"], c["E"]))
@@ -337,7 +338,9 @@ class MoESuperposition(Study):
             "trends": {metric: trend(metric) for metric in TRENDS},
             "sparsest": f"E{sparsest['E']}-k{sparsest['k']}",
             "loss": compare(sparsest["per_seed"]["loss"], dense["per_seed"]["loss"], LOSS_MARGIN * dense["loss"]["mean"]),
-            "vs_dense": {metric: {name: compare(c["per_seed"][metric], dense["per_seed"][metric], margin) for name, c in top1(configs).items()}
+            "vs_dense": {metric: {name: at_floor(compare(c["per_seed"][metric], dense["per_seed"][metric], margin),
+                                                 metric == "monosemanticity" and max(c[metric]["mean"], dense[metric]["mean"]) <= margin)
+                                  for name, c in top1(configs).items()}
                          for metric, margin in margins.items()},
         }
 

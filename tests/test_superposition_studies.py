@@ -123,3 +123,19 @@ def test_non_negative_summaries_keep_their_intervals_in_range() -> None:
     assert out["loss"]["ci_low"] == 0.0 < out["loss"]["ci_high"]
     assert 0.0 <= out["represented"]["ci_low"] and out["represented"]["ci_high"] <= 8
     assert out["features_per_dim"]["ci_low"] >= 0.0
+
+
+def test_no_monosemantic_feature_in_either_model_is_not_shown_never_contradicted() -> None:
+    """Monosemanticity 0 in every seed of every model (as at the defaults): MoE and dense agree exactly, but at the
+    floor, which says nothing about which is more monosemantic: both at floor, the claim not shown."""
+    study = resolve("moe-superposition", {"seeds": 4, "n_features": 8, "n_groups": 2, "capacity": 4, "experts": (1, 2, 4)})
+    results = {"configurations": moe_configs(np.random.default_rng(0), 0.6)}
+    for c in results["configurations"].values():
+        c["per_seed"]["monosemanticity"] = np.zeros(4)
+        c["monosemanticity"] = mean_ci(np.zeros(4))
+    results["claim_tests"] = study.claim_tests(results["configurations"])
+    study.test_families(results)
+    found = results["claim_tests"]["vs_dense"]["monosemanticity"]["E4-k1"]
+    assert found["identical"] and found["both_at_floor"] and found["verdict"] == "inconclusive"
+    (claim,) = [c for c in study.claims(results) if c["claim"].startswith("Top-1 MoEs more monosemantic")]
+    assert claim["state"] == "not shown" and "both at floor" in claim["measured"]

@@ -289,7 +289,7 @@ def study_list() -> None:
 
 
 @study_app.command("run", epilog="Examples: toylab study run expert-specialization  |  "
-                   "toylab study run expert-specialization --fast --seeds 2 --out /tmp/runs  |  "
+                   "toylab study run expert-specialization --fast --seeds 5 --out /tmp/runs  |  "
                    "toylab study run expert-specialization -o m=6 --set train.steps=2000 --set n_experts=8  |  "
                    "toylab study run expert-specialization --sweep n_experts=4,8 --sweep top_k=1,2  |  "
                    "toylab study run planning --launcher ray --address auto  |  "
