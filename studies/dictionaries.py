@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,8 +11,8 @@ import torch
 
 from toylab.analysis.clustering import kmeans, nmi
 from toylab.analysis.dictionary import (
-    FAMILIES, adjust_families, assignment_codes, expert_codes, matched_label_detection, score_dictionary, summarize_detection,
-    summarize_rsa,
+    FAMILIES, adjust_families, assignment_codes, expert_codes, matched_label_detection, score_bounds, score_dictionary,
+    summarize_detection, summarize_rsa,
 )
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
@@ -36,17 +35,6 @@ QUESTION = ("Does a Switch SAE recover the planted features of a toy model of su
 """The study's primary question, answered by one comparison: MMCS with the planted features, Switch SAE minus SAE,
 paired by seed, at every (size, L1) of the grid (corrected over the grid, so picking the best setting is part of the
 test). The router-vs-k-means, RSA and label-detection verdicts are secondary, in `dictionary.FAMILIES`."""
-
-
-def score_bounds(score: str, size: int) -> tuple[float, float]:
-    """The range of a planted-feature score of a dictionary of `size` latents, for `mean_ci`: cosines in [-1, 1],
-    shares and F1 in [0, 1], variance explained at most 1 (negative for a reconstruction worse than the mean),
-    L0 in [0, size]."""
-    if score in ("mmcs", "mmcs_null", "matched_cosine"):
-        return (-1.0, 1.0)
-    if score == "variance_explained":
-        return (-math.inf, 1.0)
-    return (0.0, float(size)) if score == "l0" else UNIT
 
 
 METRIC_NOTES = """\

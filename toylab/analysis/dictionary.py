@@ -24,6 +24,7 @@ which is far from 0 in few dimensions, so a dictionary recovers features only we
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,17 @@ from toylab.analysis.stats import UNIT, compare, mean_ci
 
 DENSE = 0.1
 """A latent that fires on more than this share of samples is dense."""
+
+
+def score_bounds(score: str, size: int) -> tuple[float, float]:
+    """The range of a planted-feature score of a dictionary of `size` latents, for `mean_ci`: cosines in [-1, 1],
+    shares and F1 in [0, 1], variance explained at most 1 (negative for a reconstruction worse than the mean),
+    L0 in [0, size]."""
+    if score in ("mmcs", "mmcs_null", "matched_cosine"):
+        return (-1.0, 1.0)
+    if score == "variance_explained":
+        return (-math.inf, 1.0)
+    return (0.0, float(size)) if score == "l0" else UNIT
 
 
 def cosines(true: torch.Tensor | np.ndarray, learned: torch.Tensor | np.ndarray) -> np.ndarray:
