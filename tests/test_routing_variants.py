@@ -12,7 +12,7 @@ from toylab.analysis.clustering import kmeans, nmi
 from toylab.analysis.load_balance import usage
 from toylab.analysis.paths import matched_routing, matched_scores, summarize_matched
 from toylab.analysis.specialization import token_activations, top_expert
-from toylab.analysis.stats import compare
+from toylab.analysis.stats import FLOOR, compare, verdict_label
 from toylab.analysis.variants import adjust_variant_families, primary_verdicts, variant_claim
 from toylab.cli import app
 from toylab.errors import ToylabError
@@ -355,3 +355,15 @@ def test_without_an_effect_the_corrected_primary_family_rarely_says_more_or_less
     adjust_variant_families(variants, FUNCTION)
     text = resolve("routing-variants", fast=True).conclusion({"variants": variants})
     assert "**not shown** for `switch`, `noisy`" in text and "differences below" in text and "no better" not in text
+
+
+def test_routing_and_kmeans_both_at_chance_are_both_at_floor_not_equivalent():
+    """A label unrelated to the router input and to routing: both NMIs sit at their shuffled nulls, so they agree
+    without saying anything: *both at floor*, never *equivalent*; the planted blobs above are not at floor."""
+    per_seed = []
+    for seed in range(4):
+        assignment, inputs, _, sequences = no_expert_case(600, seed)
+        noise = np.random.default_rng(seed + 10).integers(5, size=600)
+        per_seed.append({"0": {"noise": matched_scores(assignment, inputs, noise, 5, sequences, n_permutations=20, seed=seed)}})
+    verdict = summarize_matched(per_seed)["0"]["noise"]["verdict"]
+    assert verdict["both_at_floor"] and verdict["verdict"] == "inconclusive" and verdict_label(verdict) == FLOOR

@@ -27,7 +27,7 @@ import numpy as np
 from toylab.analysis.clustering import conditional_nmi, kmeans, nmi, permutation_conditional_nmi
 from toylab.analysis.probes import split
 from toylab.analysis.specialization import (
-    EXPERTS, ROUTER_INPUT, alignment, analysable_labels, linear_ceiling, token_activations, top_expert,
+    EXPERTS, ROUTER_INPUT, alignment, analysable_labels, floor_compare, linear_ceiling, token_activations, top_expert,
 )
 from toylab.analysis.stats import MARGIN, UNIT, compare, mean_ci, permutation_p_value
 from toylab.models import Transformer
@@ -218,7 +218,7 @@ def matched_routing(moe: Transformer, task: Task, batch: Batch, n_permutations: 
 def summarize_matched(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]]], margin: float = MARGIN) -> dict[str, dict[str, dict[str, Any]]]:
     """Across seeds, per layer and label: mean and 95% CI of the clusters used, of the NMI of routing, of k-means with as
     many clusters and of the linear ceiling, routing's shuffled null, its largest p-value, and `verdict`: routing's NMI
-    vs k-means' (paired by seed, margin `margin`)."""
+    vs k-means' (paired by seed, margin `margin`; "both at floor" where both lie within it of their nulls, `floor_compare`)."""
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for layer in per_seed[0]:
         summary[layer] = {}
@@ -232,6 +232,7 @@ def summarize_matched(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]]], 
                 "linear_nmi": mean_ci([r["linear"]["nmi"] for r in runs], bounds=UNIT),
                 "null_nmi": mean_ci([r["routing"]["null_nmi_mean"] for r in runs], bounds=UNIT),
                 "routing_max_p_value": max(r["routing"]["p_value"] for r in runs),
-                "verdict": compare(routing, clustered, margin),
+                "verdict": floor_compare(routing, clustered, [r["routing"]["null_nmi_mean"] for r in runs],
+                                         [r["kmeans"]["null_nmi_mean"] for r in runs], margin),
             }
     return summary
