@@ -24,7 +24,7 @@ from toylab.analysis.specialization import (
 )
 from toylab.analysis.stats import FLOOR, INTERVAL_NOTE, MARGIN, UNIT, mean_ci, verdict_label
 from toylab.models.routing import RouterName
-from toylab.models.superposition import torch_threads
+from toylab.determinism import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, contingency_heatmaps, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci,

@@ -31,13 +31,13 @@ from toylab.analysis.superposition import (
     represented_dimensionality,
     usage_weighted_mean,
 )
+from toylab.determinism import torch_threads
 from toylab.models.superposition import (
     ToyModel,
     ToyModelConfig,
     ToyMoE,
     ToyTrainConfig,
     build_toy_model,
-    torch_threads,
     train_toy_model,
 )
 from toylab.registry import get_task, register_study

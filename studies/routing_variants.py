@@ -17,7 +17,7 @@ from toylab.analysis.specialization import primary_labels
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, mean_ci
 from toylab.analysis.variants import FAMILIES, PRIMARY, adjust_variant_families, primary_verdicts, variant_claim
 from toylab.models import Transformer
-from toylab.models.superposition import torch_threads
+from toylab.determinism import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,

@@ -14,7 +14,7 @@ from toylab.analysis.similarity import (
 )
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_everywhere, mean_ci
 from toylab.models.routing import RouterName
-from toylab.models.superposition import torch_threads
+from toylab.determinism import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,

@@ -104,3 +104,14 @@ def test_python_m_toylab_runs_from_any_folder(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "toylab", "tasks", "list"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "brackets" in done.stdout
+
+
+ABOVE_MODELS = ("toylab.training", "toylab.study", "toylab.analysis", "toylab.report", "toylab.runs", "toylab.sweep")
+"""Library modules built on the models: a model module imports none of them."""
+
+
+def test_models_import_nothing_built_on_them() -> None:
+    bad = [f"{path.relative_to(ROOT)} imports {module}" for path in sorted((ROOT / "toylab" / "models").glob("*.py"))
+           for module in imported_modules(path.read_text()) if module.startswith(ABOVE_MODELS)]
+    assert not bad, "\n".join(bad)
+    assert imported_modules("from toylab.training import data_seed") & {"toylab.training"}  # what the check would catch

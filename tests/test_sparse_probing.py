@@ -41,7 +41,7 @@ from toylab.errors import ToylabError
 from toylab.registry import list_studies, list_tasks
 from toylab.study import resolve
 from toylab.models import Transformer, TransformerConfig
-from toylab.models.superposition import torch_threads
+from toylab.determinism import torch_threads
 from toylab.task import IGNORE, Label
 
 

@@ -7,7 +7,8 @@ from toylab import get_task
 from toylab.errors import ToylabError
 from toylab.registry import TASKS
 from toylab.splits import HELDOUT_FRACTION, in_heldout, overlap, sample_split, sequence_hashes
-from toylab.training import TaskDataModule, TrainConfig, build_model, data_seed
+from toylab.determinism import data_seed
+from toylab.training import TaskDataModule, TrainConfig, build_model
 
 
 def test_independent_seeds_alone_leak_training_sequences_into_evaluation():

@@ -29,7 +29,7 @@ from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map  
 from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
-from toylab.models.superposition import torch_threads  # noqa: E402
+from toylab.determinism import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
 from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402

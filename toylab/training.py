@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from toylab import io
 from toylab.config import build, config_hash, to_dict
+from toylab.determinism import data_seed
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task
@@ -115,11 +115,6 @@ def available_devices() -> dict[str, int]:
         counts["mps"] = 1
     counts["auto"] = counts.get("gpu", counts.get("mps", counts["cpu"]))
     return counts
-
-
-def data_seed(seed: int, split: str) -> int:
-    """Distinct, stable data seeds per training seed and split."""
-    return int(np.random.SeedSequence([seed, {"train": 1, "val": 2}[split]]).generate_state(1)[0])
 
 
 class TaskDataModule(pl.LightningDataModule):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from toylab.errors import DivergenceError
 from toylab.models.hooks import HookedModule, HookPoint
-from toylab.training import data_seed
+from toylab.determinism import data_seed
 
 
 @dataclass(frozen=True)

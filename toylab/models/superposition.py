@@ -40,8 +40,6 @@ which is small at these sizes (no sorting by expert as in `SortedDispatch`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
@@ -57,7 +55,7 @@ from toylab import io
 from toylab.config import check_memory, to_dict
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
-from toylab.training import data_seed
+from toylab.determinism import data_seed, torch_threads
 
 
 class SparseFeatures(Protocol):
@@ -351,17 +349,6 @@ def train_toy_model(
         io.save_tensors(run_dir / "model.safetensors", model.state_dict())
         io.write_json(run_dir / "final.json", {"loss": result.loss.tolist(), "history": result.history.tolist()})
     return result
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with `n` torch intra-op threads, then restore the previous number."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fit(

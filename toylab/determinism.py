@@ -1,0 +1,28 @@
+"""Reproducible runs: stable data seeds derived from a run's seed, and a block run with a fixed number of torch threads.
+
+Both sit below the models, training and studies that use them, so no module imports up the layers to reach them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def data_seed(seed: int, split: str) -> int:
+    """Distinct, stable data seeds per training seed and split."""
+    return int(np.random.SeedSequence([seed, {"train": 1, "val": 2}[split]]).generate_state(1)[0])
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch intra-op threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
