@@ -31,6 +31,8 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["tasks", "sample", "brackets", "-n", "0"], "-n"),
     (["study", "run", "nope"], "unknown study 'nope'; valid: ablation, dictionaries, expert-specialization"),
     (["study", "run", "expert-specialization", "--set", "bogus=1"], "unknown ExpertSpecializationConfig key 'bogus'"),
+    (["study", "run", "expert-specialization", "--set", "steps=10"], "key 'steps' (did you mean 'train.steps'?)"),
+    (["run", "expert-specialization"], "No such command 'run'. Did you mean 'runs'? (or 'toylab study run'?)"),
     (["study", "run", "expert-specialization", "--set", "train.lr=-1"], "lr must be a positive number"),
     (["study", "run", "expert-specialization", "--set", "model.width=3"], "unknown TransformerConfig key 'width'"),
     (["study", "run", "expert-specialization", "--task", "nope"], "unknown task 'nope'"),

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from toylab.task import Label, Task
 
 
+NESTED = {"run": "study run", "list": "study list"}
+"""Top-level commands people type for a nested one."""
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     """Print `message` as one line on stderr and exit with `code`."""
     typer.echo("error: " + " ".join(str(message).split()), err=True)
@@ -41,8 +45,9 @@ class App(typer.Typer):
             ctx = error.ctx
             _fail(f"missing command ({', '.join(ctx.command.list_commands(ctx))}); see '{ctx.command_path} --help'")
         except UsageError as error:
-            where = error.ctx.command_path if error.ctx else "toylab"
-            _fail(f"{error.format_message().rstrip('.')}; see '{where} --help'", error.exit_code)
+            where, message = error.ctx.command_path if error.ctx else "toylab", error.format_message().rstrip(".")
+            nested = next((f"toylab {full}" for typed, full in NESTED.items() if message.startswith(f"No such command '{typed}'")), None)
+            _fail(f"{message}" + (f" (or '{nested}'?)" if nested else "") + f"; see '{where} --help'", error.exit_code)
         except typer.TyperException as error:
             _fail(error.format_message(), error.exit_code)
         except MemoryError:

@@ -88,11 +88,14 @@ def build(cls: type[C], options: Mapping[str, Any] | None = None, **overrides: A
     values = {**(options or {}), **overrides}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields), key=str)
-    if unknown:
-        raise ToylabError(
-            f"unknown {cls.__name__} key '{unknown[0]}'; valid: {', '.join(sorted(fields))}"
-        )
     hints = typing.get_type_hints(cls)
+    if unknown:
+        nested = [f"{name}.{unknown[0]}" for name in sorted(fields) if dataclasses.is_dataclass(hints[name])
+                  and unknown[0] in {f.name for f in dataclasses.fields(hints[name])}]
+        raise ToylabError(
+            f"unknown {cls.__name__} key '{unknown[0]}'" + (f" (did you mean {' or '.join(repr(n) for n in nested)}?)" if nested else "")
+            + f"; valid: {', '.join(sorted(fields))}"
+        )
     kwargs = {}
     for key, value in values.items():
         annotation = hints[key]
