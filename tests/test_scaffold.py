@@ -14,7 +14,7 @@ from toylab.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 RULE = ("    return np.maximum.accumulate(symbols, axis=1)\n",
         "    return np.cumsum(symbols, axis=1) % n_symbols  # the running sum mod n_symbols\n")
-REFERENCE = ("""    raise NotImplementedError("write an independent reference for the rule of task 'running_sum' here")\n""",
+REFERENCE = ("""    raise NotImplementedError("write an independent reference for the rule of task 'running_total' here")\n""",
              "    total, outputs = 0, []\n"
              "    for s in symbols:\n"
              "        total = (total + s) % n_symbols\n"
@@ -44,7 +44,7 @@ def pytest_run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def plugin(tmp_path: Path, capsys) -> tuple[Path, Path, dict[str, str]]:
-    """The task `running_sum`, scaffolded into the package `scaffolded` of a plugin distribution in a temporary folder,
+    """The task `running_total`, scaffolded into the package `scaffolded` of a plugin distribution in a temporary folder,
     registered through the entry-point group `toylab.tasks` as an installed plugin is; the environment puts it on
     the import path. Returns the task file, the test file and that environment."""
     site = tmp_path / "site"
@@ -53,13 +53,13 @@ def plugin(tmp_path: Path, capsys) -> tuple[Path, Path, dict[str, str]]:
     dist = site / "scaffolded-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: scaffolded\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[toylab.tasks]\nrunning_sum = scaffolded.running_sum:RunningSum\n")
-    code, out, err = run(capsys, "tasks", "new", "running_sum", "--dir", str(site / "scaffolded"),
+    (dist / "entry_points.txt").write_text("[toylab.tasks]\nrunning_total = scaffolded.running_total:RunningTotal\n")
+    code, out, err = run(capsys, "tasks", "new", "running_total", "--dir", str(site / "scaffolded"),
                          "--tests-dir", str(tmp_path / "tests"))
     assert code == 0, err
-    assert 'running_sum = "PACKAGE.running_sum:RunningSum"' in out
+    assert 'running_total = "PACKAGE.running_total:RunningTotal"' in out
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    return site / "scaffolded" / "running_sum.py", tmp_path / "tests" / "test_running_sum.py", env
+    return site / "scaffolded" / "running_total.py", tmp_path / "tests" / "test_running_total.py", env
 
 
 def test_a_scaffolded_task_is_picked_up_by_the_task_suite_and_a_study(plugin, tmp_path):
@@ -70,7 +70,7 @@ def test_a_scaffolded_task_is_picked_up_by_the_task_suite_and_a_study(plugin, tm
 
     fill_in(task_file, *RULE)
     fill_in(test_file, *REFERENCE)
-    filled = pytest_run(env, str(test_file), str(ROOT / "tests" / "test_task_api.py"), "-k", "running_sum")
+    filled = pytest_run(env, str(test_file), str(ROOT / "tests" / "test_task_api.py"), "-k", "running_total")
     assert filled.returncode == 0, filled.stdout[-3000:]
     assert "7 passed" in filled.stdout  # 3 of its own, 4 generic checks run on it
 
@@ -80,7 +80,7 @@ def test_a_scaffolded_task_is_picked_up_by_the_task_suite_and_a_study(plugin, tm
     fill_in(task_file, "    return np.cumsum(symbols, axis=1)  # a bug: outputs out of range\n", RULE[1])
 
     study = subprocess.run(
-        [sys.executable, "-m", "toylab", "study", "run", "expert-specialization", "--task", "running_sum", "--fast",
+        [sys.executable, "-m", "toylab", "study", "run", "expert-specialization", "--task", "running_total", "--fast",
          "--seeds", "2", "--set", "train.steps=60", "--set", "n_permutations=50", "--workers", "1", "--no-progress",
          "--out", str(tmp_path / "runs")],
         env=env, cwd=tmp_path, capture_output=True, text=True,
@@ -88,7 +88,7 @@ def test_a_scaffolded_task_is_picked_up_by_the_task_suite_and_a_study(plugin, tm
     assert study.returncode == 0, study.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "expert-specialization").iterdir()
     report = (run_dir / "report.md").read_text()
-    assert "running_sum" in report and "`output`" in report
+    assert "running_total" in report and "`output`" in report
 
 
 def test_default_folder_is_the_builtin_tasks_package(tmp_path, capsys, monkeypatch):

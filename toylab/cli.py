@@ -224,7 +224,7 @@ def _table(file: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 @app.command(epilog="Examples: toylab train --task brackets --model moe  |  "
              "toylab train --task brackets --model dense -o m=6 --set steps=2000 --set d_model=64")
 def train(
-    task: str = typer.Option("brackets", help="Task name (a token task: brackets, gridworld)."),
+    task: str = typer.Option("brackets", help="Task name: any token task (`toylab tasks list`)."),
     model: str = typer.Option("dense", help="Model: dense or moe."),
     option: list[str] = TaskOptions,
     set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (TransformerConfig or TrainConfig field)."),
@@ -302,7 +302,8 @@ def study_list() -> None:
 def study_run(
     name: str = typer.Argument(..., help="Study name (see `toylab study list`)."),
     task: Optional[str] = typer.Option(None, help="Task to study (default: the study's own)."),
-    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (default 3)."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (default: the study's own, e.g. 5 for "
+                                        "expert-specialization; a verdict needs at least 3)."),
     out: Path = typer.Option("runs", parser=_path, help="Output root; the study writes to OUT/NAME/ID/."),
     fast: bool = typer.Option(False, "--fast", help="Smoke preset: the full pipeline, small, in under a minute."),
     option: list[str] = TaskOptions,
