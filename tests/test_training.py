@@ -25,7 +25,7 @@ def trained(task, tmp_path_factory):
 
 def test_run_directory_contents(trained):
     files = {p.name for p in trained.run_dir.iterdir()}
-    assert {"config.json", "metrics.csv", "model.safetensors", "final.json"} <= files
+    assert {"config.json", "metrics.csv", "model.safetensors", "final.json"} <= files and ".lock" not in files  # finished: no lock file left
     assert set(trained.metrics) >= {"loss", "closing_accuracy", "sequence_accuracy"}
     header = (trained.run_dir / "metrics.csv").read_text().splitlines()[0]
     assert "train_loss" in header and "val_closing_accuracy" in header
@@ -126,7 +126,7 @@ def test_diverging_run_fails_alone(task, tmp_path):
     with pytest.raises(DivergenceError):
         train(task, {**TINY_MODEL, "ffn": "dense"}, TrainConfig(**{**TINY_TRAIN.__dict__, "lr": 1e30, "grad_clip": 0.0}),
               tmp_path / "diverge", progress=False)
-    assert not (tmp_path / "diverge" / "final.json").exists()
+    assert not (tmp_path / "diverge" / "final.json").exists() and (tmp_path / "diverge" / ".lock").exists()  # unfinished: kept
     assert json.loads((tmp_path / "diverge" / "config.json").read_text())["train"]["lr"] == 1e30
 
 

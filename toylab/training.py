@@ -260,10 +260,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir` for this process: another process waits here until it is released.
 
     An OS file lock (`filelock`), released by the system when its holder dies, so a killed run's lock
-    is taken over at once.
+    is taken over at once. The lock file is removed, while still held, once the run is finished: a process
+    waiting on it then finds the run finished and loads it, as does any later one, which needs no lock's file.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / ".lock")
+    path = run_dir / ".lock"
+    lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -272,6 +274,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        if is_finished(run_dir):
+            path.unlink(missing_ok=True)
         lock.release()
 
 
