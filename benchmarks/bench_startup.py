@@ -1,10 +1,12 @@
-"""Benchmark: start-up time of the `toylab` command line (target: at most 1 s for `--help` and `tasks list`).
+"""Benchmark: start-up time of the `toylab` command line (target: at most 1 s for `--help`, `tasks list`, and
+`runs list` and `runs show` over 50 study runs).
 
     python benchmarks/bench_startup.py [--repeats 7] [--out results.json]
 
 Runs each command in a fresh interpreter and prints the median and best wall time, beside a bare
 `python -c pass` and `import torch` for scale (what every command would pay if it imported torch).
-It also lists the heavy libraries each command imported; `--help` and `tasks list` should import none.
+It also lists the heavy libraries each command imported; `--help`, `tasks list` and the `runs` commands that
+only read should import none. The runs are 50 small study folders written to a temporary directory.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from toylab.formatting import table_json
 
 COMMANDS = {
     "python -c pass": ["-c", "pass"],
@@ -22,14 +28,27 @@ COMMANDS = {
     "toylab --version": ["-m", "toylab", "--version"],
     "toylab tasks list": ["-m", "toylab", "tasks", "list"],
     "toylab study list": ["-m", "toylab", "study", "list"],
+    "toylab runs list": ["-m", "toylab", "runs", "list", "--out", "{runs}"],
+    "toylab runs show": ["-m", "toylab", "runs", "show", "{runs}/expert-specialization/run00"],
 }
-TARGETS = {"toylab --help": 1.0, "toylab tasks list": 1.0}
+TARGETS = {"toylab --help": 1.0, "toylab tasks list": 1.0, "toylab runs list": 1.0, "toylab runs show": 1.0}
+N_RUNS = 50
 HEAVY = ("torch", "pytorch_lightning", "pandas", "matplotlib", "seaborn", "scipy", "sklearn")
 PROBE = ("import runpy, sys\n"
          "sys.argv = ['toylab', *sys.argv[1:]]\n"
          "try:\n    runpy.run_module('toylab', run_name='__main__')\n"
          "except SystemExit:\n    pass\n"
          "print(','.join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
+
+
+def write_runs(out: Path, n: int = N_RUNS) -> None:
+    """`n` finished study runs as `toylab study run` leaves them (config, results and summary), small."""
+    for i in range(n):
+        run = out / "expert-specialization" / f"run{i:02d}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"study": "expert-specialization", "task": "brackets", "seeds": 5}))
+        (run / "results.json").write_text(json.dumps({"task": {"name": "brackets"}, "failed_runs": [], "runs": {"a": "b"}}))
+        (run / "summary.json").write_text(json.dumps(table_json([{"layer": "1", "label": "depth", "NMI routing": f"0.{i:03d}"}])))
 
 
 def wall_seconds(args: list[str], repeats: int) -> list[float]:
@@ -56,7 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     print(f"{'command':22s} {'median s':>9s} {'best s':>8s}  heavy imports")
-    for name, command in COMMANDS.items():
+    runs = tempfile.TemporaryDirectory()
+    write_runs(Path(runs.name))
+    for name, template in COMMANDS.items():
+        command = [part.format(runs=runs.name) for part in template]
         times = wall_seconds(command, args.repeats)
         row = {"command": name, "median_s": round(times[len(times) // 2], 3), "best_s": round(times[0], 3),
                "heavy_imports": heavy_imports(command)}
@@ -64,6 +86,7 @@ def main() -> None:
         verdict = "" if target is None else ("  (target <= 1 s: met)" if row["median_s"] <= target else "  (target <= 1 s: MISSED)")
         print(f"{name:22s} {row['median_s']:9.3f} {row['best_s']:8.3f}  {', '.join(row['heavy_imports']) or '-'}{verdict}")
         rows.append(row)
+    runs.cleanup()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

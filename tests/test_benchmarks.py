@@ -27,3 +27,13 @@ def test_quick_suite_writes_json_and_markdown_with_every_section(tmp_path, monke
             assert r["ms"] and all(ms > 0 for ms in r["ms"].values())
             assert (r["met"] is None) == (r["target"] is None or r["ratio"] is None)
             assert r["name"] in markdown
+
+
+def test_the_commands_that_only_read_runs_import_no_heavy_library(tmp_path, monkeypatch):
+    """`runs list` and `runs show` over written study runs read JSON only: no torch, Lightning or plotting (start-up)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.bench_startup import heavy_imports, write_runs
+
+    write_runs(tmp_path, 3)
+    assert heavy_imports(["-m", "toylab", "runs", "list", "--out", str(tmp_path)]) == []
+    assert heavy_imports(["-m", "toylab", "runs", "show", str(tmp_path / "expert-specialization" / "run00")]) == []

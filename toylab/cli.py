@@ -372,7 +372,7 @@ def runs_list(out: Path = typer.Option("runs", parser=_path, help="Output root t
 @runs_app.command("show", epilog="Example: toylab runs show runs/expert-specialization/0123456789")
 def runs_show(directory: Path = RunDir) -> None:
     """Print a finished run's summary table and the paths of its reports."""
-    from toylab.report import markdown_table
+    from toylab.formatting import markdown_table
     from toylab.runs import summary_rows
 
     typer.echo(markdown_table(summary_rows(directory)))

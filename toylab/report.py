@@ -8,7 +8,6 @@ and a self-contained `report.html` (figures, data and scripts inlined) from one 
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from toylab import io  # noqa: E402
+from toylab.formatting import fmt, fmt_ci, markdown_table  # noqa: E402
 from toylab.analysis.stats import FLOOR, VERDICTS  # noqa: E402
-
-
-def fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def fmt_ci(stat: Mapping[str, float], digits: int = 3) -> str:
-    """`mean [low, high]` from a `mean_ci` dict."""
-    if math.isnan(stat.get("ci_low", math.nan)):
-        return fmt(stat["mean"], digits)
-    return f"{fmt(stat['mean'], digits)} [{fmt(stat['ci_low'], digits)}, {fmt(stat['ci_high'], digits)}]"
 
 
 def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
@@ -71,16 +60,6 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     if verdict == "inconclusive":
         return f"inconclusive ({interval}; differences below {fmt(c['detectable'], digits)} are not reliably detected)"
     return f"{verdict} ({interval})"
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A GitHub-flavoured markdown table with the keys of the first row as columns."""
-    if not rows:
-        return "(no rows)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def training_curves(metrics_files: Mapping[str, Path], metrics: Sequence[str]) -> plt.Figure:

@@ -3,6 +3,8 @@
 A study run is a folder `<out>/<study>/<config hash>/` holding `config.json` (with the study's name);
 it has finished when `results.json` exists. `rerender` rebuilds the study from `config.json` and writes
 `report.md` and `report.html` again from `results.json` (and `expert_map.json`), regenerating the figures.
+Listing and showing read the run's `summary.json` (written with its report) and import neither torch nor the
+plotting libraries; only a run of an older toylab without one has its study rebuilt to summarize it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ from typing import Any
 
 from toylab import io
 from toylab.errors import ToylabError
-from toylab.report import fmt
-from toylab.study import StudyContext, stored_study, write_report
+from toylab.formatting import fmt, table_rows
 
 HEADLINE_COLUMNS = 3
 """Columns of the summary's first row shown as a run's headline numbers (besides its row names)."""
@@ -56,7 +57,19 @@ def _results(directory: Path) -> dict[str, Any]:
 def summary_rows(directory: Path) -> list[dict[str, Any]]:
     """The study's summary table of a finished run."""
     _check_run(directory)
-    results = _results(directory)
+    return _summary(directory, _results(directory))
+
+
+def _summary(directory: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's summary table: its `summary.json`, else rebuilt from its `results` by its study."""
+    path = Path(directory) / "summary.json"
+    if path.is_file():
+        try:
+            return table_rows(io.read_json(path))
+        except (KeyError, TypeError):
+            raise ToylabError(f"corrupt summary file {path}: not a table (rewrite it with `toylab report {directory}`)") from None
+    from toylab.study import stored_study
+
     return stored_study(directory).summary(results)
 
 
@@ -87,7 +100,7 @@ def describe(directory: Path) -> Run:
             task = found.get("name", task) if isinstance(found, dict) else task
             failed, total = len(results.get("failed_runs", [])), len(results.get("runs", {}))
             status = f"partial ({failed} of {total or '?'} training runs failed)" if failed else "finished"
-            text = headline(stored_study(directory).summary(results))
+            text = headline(_summary(directory, results))
     except (ToylabError, KeyError, AttributeError) as error:  # a corrupt file, or a run of an older toylab
         text = f"(cannot summarize: {' '.join(str(error).split())})"
     return Run(directory, study, task, date, directory.name, status, text)
@@ -107,6 +120,8 @@ def rerender(directory: Path) -> tuple[Path, Path]:
 
     Bad input (not a run, a missing or corrupt results.json or config) raises ToylabError before anything is written.
     """
+    from toylab.study import StudyContext, stored_study, write_report
+
     directory = Path(directory)
     _check_run(directory)
     results, study = _results(directory), stored_study(directory)

@@ -32,6 +32,7 @@ from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.determinism import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
+from toylab.formatting import table_json  # noqa: E402
 from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
@@ -301,16 +302,19 @@ def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
 
 
 def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:
-    """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`.
+    """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`, and
+    its summary table to `summary.json` (what `toylab runs` reads, without importing the study).
 
-    Both are rendered before either is written, and each is written atomically.
+    All are rendered before any is written, and each is written atomically.
     """
+    summary = study.summary(results)
     document = study.report(results, ctx)
     notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
         notes.append(timing_note(timing))
     document = Document(document.title, [*document.blocks, *notes])
     markdown, html = to_markdown(document), to_html(document, ctx.directory)
+    io.write_json(ctx.directory / "summary.json", table_json(summary))
     io.write_text(ctx.directory / "report.md", markdown)
     io.write_text(ctx.directory / "report.html", html)
 
