@@ -68,11 +68,16 @@ def test_workers_die_with_their_killed_parent(tmp_path):
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_exits_130_with_one_line_and_resumes(tmp_path, workers):
     command = [*STUDY, "-j", workers, "--out", str(tmp_path), *SLOW_TRAINING]
-    main = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: training_started(tmp_path), 120)
-    time.sleep(1)
-    main.send_signal(signal.SIGINT)
-    out, err = main.communicate(timeout=60)
+    # Ctrl-C as in a terminal: SIGINT handled by default in the study, whatever the test runner's process does with it
+    main = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert wait_until(lambda: training_started(tmp_path), 120)
+        time.sleep(1)
+        main.send_signal(signal.SIGINT)
+        out, err = main.communicate(timeout=180)
+    finally:
+        main.kill()  # never leave a study training on after a failure
     assert main.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("interrupted:") and "rerun the same command" in lines[0], err
