@@ -323,7 +323,8 @@ class AblationStudy(Study):
             families_section("The one primary question: is the best single expert ablation more selective than the dense MLP "
                              "removed on one cell of the MoE's own partition of the same tokens (the same intervention)? Its family "
                              "is that comparison over every (ablation mode, label); every other comparison is a family of its own.",
-                             {name.replace("/", " "): f for name, f in results.get("test_families", {}).items()}),
+                             {name.replace("/", " "): f for name, f in results.get("test_families", {}).items()}, (),
+                             [" vs ".join(pair).replace("/", " ") for pairs in COMPARISONS.values() for pair in pairs]),
             *(Section(f"Verdicts. {title}", [Table(rows) if (rows := self.verdict_rows(results, role)) else Text("(no pair of runs finished)")])
               for role, title in ROLES.items()),
             Section("Results", [

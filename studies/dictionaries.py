@@ -354,11 +354,11 @@ class Dictionaries(Study):
             blocks.append(self.token_section(results["tokens"]))
         primary = Table([{"size": p["size"], "L1": p["l1"], "MMCS SAE": fmt_ci(p["sae"]["mmcs"]), "MMCS Switch SAE": fmt_ci(p["switch"]["mmcs"]),
                           "Switch SAE vs SAE": verdict_text(p["switch_vs_sae_mmcs"])} for p in planted["grid"]])
-        families = {name: results["test_families"][name] for name in FAMILIES if name in results["test_families"]}
         blocks[:0] = [Section("Bottom line", [Text("\n".join(lines))]),
                       families_section(f"The primary question: {QUESTION} Its one comparison is MMCS with the planted features, "
                                        "Switch SAE minus SAE paired by seed, at every (size, L1) of the grid, corrected over the "
-                                       "grid so that the bottom line's best setting is no free pick.", families, [primary])]
+                                       "grid so that the bottom line's best setting is no free pick.", results["test_families"], [primary],
+                                       FAMILIES)]
         blocks += expert_map_section(ctx.directory, N_SHOWN, f"The map shows the MoE transformers trained on `{cfg.token_task}`.")
         blocks.append(Section("What the numbers mean", [Text(METRIC_NOTES + f"- **Intervals**: {INTERVAL_NOTE}")]))
         blocks += failed_runs_section(results["failed_runs"])

@@ -12,6 +12,7 @@ from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.paths import routing_paths, summarize_paths
 from toylab.analysis.specialization import (
     ASSIGNMENTS,
+    FAMILIES,
     MARGIN_FLOOR,
     MARGIN_FRACTION,
     NULL_ROUTERS,
@@ -385,7 +386,7 @@ class ExpertSpecialization(Study):
             families_section("The study's one primary question: do the experts of the last MoE layer specialize in what the "
                              f"model must compute (the task's function labels: {', '.join(f'`{n}`' for n in primary_labels(task))}) "
                              "beyond k-means on the router input? One test per label, corrected within this family.",
-                             results.get("families", {}), [Table(self.primary_rows(results)), *self.null_summary(results)]),
+                             results.get("families", {}), [Table(self.primary_rows(results)), *self.null_summary(results)], FAMILIES),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "

@@ -180,7 +180,7 @@ class FunctionState(Study):
         perf = [{"model": name, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for name, metrics in results["performance_summary"].items()]
         blocks = [
             Section("Bottom line", [Text("\n".join(self.bottom_line(results)))]),
-            families_section(QUESTION, {name: found[name] for name in FAMILIES if name in (found := results.get("test_families", {}))}),
+            families_section(QUESTION, results.get("test_families", {}), order=FAMILIES),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()} Labels: "
                 + ", ".join(f"`{n}` ({k})" for n, k in self.kinds.items()) + ".\n\n"

@@ -472,7 +472,7 @@ class MoESuperposition(Study):
                 f"trend of monosemanticity with k/E, here {results['claims'][0]['state']} ({results['claims'][0]['measured']}). "
                 "Its family is every verdict behind the paper's claims (the claims table), corrected together; the "
                 "routing-vs-k-means verdicts of the configurations no claim is about are one secondary family.",
-                {name: results["test_families"][name] for name in (CLAIMS, ALIGNMENT) if name in results["test_families"]}),
+                results["test_families"], order=(CLAIMS, ALIGNMENT)),
             Section("What was run", [Text(
                 f"Preset `{cfg.preset}`. Task `superposition` with options `{self.task.options}`: {cfg.n_features} features in {cfg.n_groups} planted "
                 f"group(s); each sample draws its active features from one group (each active with probability {1 - cfg.sparsity:.2f}). "

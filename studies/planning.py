@@ -457,9 +457,9 @@ class Planning(Study):
         ]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
-            families_section(QUESTION, {name: results["test_families"][name] for name in FAMILIES if name in results["test_families"]},
-                             [Table(plan_rows, caption=(
-                "The primary tests: accuracy against the stronger control of the same seed, paired by seed."))] if plan_rows else []),
+            families_section(QUESTION, results["test_families"], [Table(plan_rows, caption=(
+                "The primary tests: accuracy against the stronger control of the same seed, paired by seed."))] if plan_rows else [],
+                FAMILIES),
             Section("What was run", [Text(
                 f"Task `gridworld` with options `{task.options}` (sequence length {task.seq_len}). {task.describe()}\n\n"
                 f"A dense and an MoE transformer ({cfg.n_experts} experts, top-{cfg.top_k}) with shared options `{cfg.model}`, "

@@ -264,11 +264,10 @@ class RoutingVariants(Study):
             {"layer": layer, "label": label, "variant": kind, **{k: s["verdict"][k] for k in ("mean", "ci_low", "ci_high")}}
             for kind, v in results["variants"].items() for layer, labels in v["specialization"].items() for label, s in labels.items()
         ])
-        found = results.get("test_families", {})
-        families = {name: found[name] for name in FAMILIES if name in found}
+        families = results.get("test_families", {})
         question = QUESTION.format(labels=", ".join(f"`{n}`" for n in primary_labels(task)), tests=families.get(PRIMARY, {"tests": 0})["tests"])
         blocks: list[Any] = [Text(f"**Bottom line.** {self.conclusion(results)}"),
-                             families_section(question, families, [Table(self.primary_rows(results))])]
+                             families_section(question, families, [Table(self.primary_rows(results))], FAMILIES)]
         blocks.append(Section("What was run", [Text(
             f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
             f"A dense transformer and one MoE per variant, with shared options `{cfg.model}` and base MoE {cfg.n_experts} experts, "

@@ -231,8 +231,7 @@ class TransferStudy(Study):
         ]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
-            families_section(QUESTION, {name: results["test_families"][name] for name in FAMILIES if name in results["test_families"]},
-                             [Table(primary_rows)] if primary_rows else []),
+            families_section(QUESTION, results["test_families"], [Table(primary_rows)] if primary_rows else [], FAMILIES),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"{cfg.replicates} replicates, each with two dense and two MoE transformers ({cfg.n_experts} experts, top-{cfg.top_k}, "

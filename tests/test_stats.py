@@ -104,3 +104,15 @@ def test_the_evaluation_batch_noise_shared_by_all_seeds_widens_the_interval():
     assert seeds_only > 90 and with_evaluation <= 45  # 127 and 4 of 300
     planted = compare(0.2 + rng.normal(0, 0.01, 5), np.zeros(5), evaluation=np.tile(rng.normal(0.2, 0.02, 200), (5, 1)))
     assert planted["verdict"] == "more" and 0.015 < planted["evaluation_se"] < 0.025
+
+
+def test_the_families_table_puts_the_primary_first_then_the_study_s_order():
+    """`results.json` sorts keys; the section restores the study's order, the primary family first."""
+    from toylab.report import Table, families_section
+
+    counts = {"tests": 1, "raw": {"more": 1}, "adjusted": {"inconclusive": 1}}
+    families = {"a": {**counts, "role": "secondary: a"}, "b": {**counts, "role": "secondary: b"},
+                "z": {**counts, "role": "primary: z"}}
+    (table,) = [block for block in families_section("Q?", families, order=("z", "b", "a")).blocks if isinstance(block, Table)]
+    assert [row["family"] for row in table.rows] == ["z", "b", "a"]
+    assert table.rows[1]["uncorrected verdicts"] == "1 more" and table.rows[1]["adjusted verdicts"] == "1 inconclusive"

@@ -239,11 +239,13 @@ FAMILIES_NOTE = (
 )
 
 
-def families_section(question: str, families: Mapping[str, Mapping[str, Any]], blocks: Sequence[Block] = ()) -> Section:
+def families_section(
+    question: str, families: Mapping[str, Mapping[str, Any]], blocks: Sequence[Block] = (), order: Sequence[str] = (),
+) -> Section:
     """The "Primary question and families of tests" section: the study's primary `question` (markdown), then `blocks`
     (e.g. the primary verdicts), then one row per family of `stats.adjust_family` results (with its `role`): its number
     of tests and its verdict counts before and after the correction (inconclusive ones `both_at_floor` said so), the
-    primary family first."""
+    primary family first, then in `order` (a study's family names; `results.json` keeps keys sorted)."""
     def counts(tally: Mapping[str, int]) -> str:
         return ", ".join(f"{tally[verdict]} {verdict}" for verdict in VERDICTS if tally.get(verdict)) or "none"
 
@@ -252,7 +254,8 @@ def families_section(question: str, families: Mapping[str, Mapping[str, Any]], b
 
     rows = [{"family": name, "role": f["role"], "tests": f["tests"], "uncorrected verdicts": counts(f["raw"]) + floor(f, "raw"),
              "adjusted verdicts": counts(f["adjusted"]) + floor(f, "adjusted")}
-            for name, f in sorted(families.items(), key=lambda item: not item[1]["role"].startswith("primary"))]
+            for name, f in sorted(families.items(), key=lambda item: (not item[1]["role"].startswith("primary"),
+                                                                      list(order).index(item[0]) if item[0] in order else len(order)))]
     return Section("Primary question and families of tests", [Text(f"{question} {FAMILIES_NOTE}"), *blocks, Table(rows)])
 
 
