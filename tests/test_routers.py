@@ -1,4 +1,5 @@
-"""Fixed routers (hash, label): known assignments in the usual hook layouts, Lightning training, clear errors."""
+"""Fixed routers (hash, label) and the dials of planted specialization between the learned and the label router:
+known assignments in the usual hook layouts, Lightning training, clear errors."""
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_label_router_routes_by_the_label_and_by_the_token_where_it_is_undefined
     assert defined.any() and (~defined).any()
     assert torch.equal(experts[defined], route[defined] % 4)
     assert torch.equal(experts[~defined], model.expert_of_token[tokens][~defined])
-    with pytest.raises(ToylabError, match="the label router needs route"):
+    with pytest.raises(ToylabError, match="router='label' with router_label needs route=the ids of label"):
         model(tokens)
 
 
@@ -90,6 +91,16 @@ def test_label_router_trains_through_lightning_and_reloads(tmp_path):
     ({"router": "hash", "top_k": 2}, "needs ffn='moe' and top_k=1"),
     ({"router": "hash", "ffn": "dense"}, "needs ffn='moe' and top_k=1"),
     ({"router": "random"}, "router"),
+    ({"label_mix": 0.5}, "set both or neither"),
+    ({"router_supervision": 0.5}, "set both or neither"),
+    ({"label_mix": 1.5, "router_label": "mode"}, r"label_mix must be a share of tokens in \[0, 1\]"),
+    ({"router_supervision": -1, "router_label": "mode"}, "router_supervision must be a finite number >= 0"),
+    ({"label_mix": 0.5, "router_supervision": 1, "router_label": "mode"}, "two forms of one dial: set one"),
+    ({"label_mix": 0.5, "router_label": "mode", "top_k": 2}, "needs top_k=1"),
+    ({"label_mix": 0.5, "router_label": "mode", "router": "kmeans"}, "label_mix applies to routers learned, noisy"),
+    ({"router_supervision": 1, "router_label": "mode", "router": "sparsity", "activation": "relu"},
+     "router_supervision applies to routers learned, noisy, expert_choice"),
+    ({"router_supervision": 1, "router_label": "depth"}, "router_label 'depth' is not a label of task 'modes'"),
 ])
 def test_bad_router_options_are_one_line_errors(options, message):
     with pytest.raises(ToylabError, match=message) as error:
@@ -107,3 +118,54 @@ def test_hash_router_on_real_valued_inputs_is_refused():
 def test_config_validation_direct():
     with pytest.raises(ValueError, match="top_k=1"):
         TransformerConfig(vocab_size=5, max_len=4, ffn="moe", top_k=2, router="label", router_label="mode")
+
+
+def routed(options: dict, tokens: torch.Tensor, route: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Top-1 experts `[layer, batch, pos]` of a fresh MoE (weights drawn from `seed`) on these inputs."""
+    torch.manual_seed(seed)
+    model = moe(**{"router": "learned", **options}).eval()
+    _, cache = model.run_with_cache(tokens, route if model.cfg.router_label else None, names=EXPERTS)
+    return torch.stack([cache[f"blocks.{layer}.mlp.hook_expert_indices"][..., 0] for layer in (0, 1)])
+
+
+def test_the_mixing_dial_runs_from_the_learned_router_to_the_label_router():
+    """label_mix = 0 routes as the learned router and p = 1 as the label router (same weights, same inputs); in
+    between, a share p of the (position, token) cells goes by the label, nested as p grows."""
+    batch = get_task("modes").sample(256, seed=3)
+    tokens, route = torch.from_numpy(batch.inputs), torch.from_numpy(batch.labels["mode"])
+    learned = routed({}, tokens, route)
+    assert torch.equal(routed({"label_mix": 0.0}, tokens, route), learned)
+    assert torch.equal(routed({"label_mix": 1.0, "router_label": "mode"}, tokens, route),
+                       routed({"router": "label", "router_label": "mode"}, tokens, route))
+    torch.manual_seed(0)
+    model = moe("learned", "mode", label_mix=0.3)
+    mixed = model.planted_experts(tokens, route).mixed
+    assert abs(mixed.float().mean().item() - 0.3) < 0.05
+    model.cfg = TransformerConfig(**{**model.cfg.__dict__, "label_mix": 0.6})
+    assert (model.planted_experts(tokens, route).mixed >= mixed).all()  # nested: routed by the label at 0.3 -> at 0.6 too
+    half = routed({"label_mix": 0.3, "router_label": "mode"}, tokens, route)
+    assert torch.equal(half[:, mixed], (route % 4).expand(2, *route.shape)[:, mixed])
+    assert torch.equal(half[0][~mixed], learned[0][~mixed])  # the first layer's router input is the learned router's
+
+
+def test_the_supervision_dial_adds_its_loss_and_plants_the_label_by_training(tmp_path):
+    """λ = 0 is the learned router; λ > 0 adds λ · CE(router logits, mode) and training makes routing follow the mode."""
+    task = get_task("modes", length=3)
+    batch = task.sample(64, seed=5)
+    tokens, route = torch.from_numpy(batch.inputs), torch.from_numpy(batch.labels["mode"])
+    torch.manual_seed(0)
+    model = moe("learned", "mode", router_supervision=2.0)
+    model(tokens, route)
+    supervision = model.blocks[0].mlp.aux_losses["router_supervision"]
+    assert 2.0 * 1.0 < supervision.item() < 2.0 * 2.0  # about 2 ln 4 at initialization
+    options = {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1, "ffn": "moe", "n_experts": 4}
+    cfg = TrainConfig(steps=150, n_train=512, n_val=32, eval_every=150, batch_size=32, lr=3e-3)
+    agreement = {}
+    for strength in (0.0, 3.0):
+        dial = {"router_supervision": strength, "router_label": "mode"} if strength else {}
+        run = train(task, {**options, **dial}, cfg, tmp_path / str(strength), progress=False)
+        _, cache = run.model.run_with_cache(tokens, run.model.route_input(batch.labels), names=EXPERTS)
+        agreement[strength] = (cache["blocks.0.mlp.hook_expert_indices"][..., 0] == route % 4).float().mean().item()
+    assert agreement[3.0] > 0.8 and agreement[3.0] > agreement[0.0] + 0.4, agreement  # before the mode token no router can know it
+    again = load_trained(tmp_path / "3.0")
+    assert evaluate(again.model, task, batch) == evaluate(run.model, task, batch)

@@ -125,7 +125,7 @@ class TaskDataModule(pl.LightningDataModule):
         super().__init__()
         self.task, self.cfg = task, cfg
         train = task.sample_split(cfg.n_train, data_seed(cfg.seed, "train"), "train")
-        route = model.route_input(train.labels)  # labels dropped, except those a label router reads
+        route = model.route_input(train.labels)  # labels dropped, except the one a label router or a dial reads
         self.train_data = TensorDataset(*train.tensors(), *([] if route is None else [route]))
         self.val_batch = task.sample_split(cfg.n_val, data_seed(cfg.seed, "val"), "heldout")
         self.val_overlap = overlap(train, self.val_batch)
@@ -204,7 +204,7 @@ def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
     if cfg.max_len < task.seq_len:
         raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
     routable = [name for name, label in task.labels.items() if not label.multi_hot]
-    if cfg.router == "label" and cfg.router_label not in routable:
+    if cfg.router_label is not None and cfg.router_label not in routable:
         raise ToylabError(f"router_label '{cfg.router_label}' is not a label of task '{task.name}' with one class per token; "
                           f"valid: {', '.join(routable)}")
     return Transformer(cfg)

@@ -17,11 +17,17 @@ shrinking, so that (top_k + shared_experts) * d_expert stays the dense MLP's wid
 Auxiliary losses come from the router (load balance, z-loss) and, with `orthogonality_weight`, the mean
 squared cosine between experts' weights (W_in and W_out of each expert flattened) or router directions
 (columns of W_r), after the orthogonality regularizers proposed for more separable experts.
+
+Planted specialization (a dial of known strength, for calibrating analyses): given a planted expert per token
+(the class of a label mod n_experts), `router_supervision` λ adds λ · CE(router logits, planted expert) to the
+auxiliary losses, and a `Planted.mixed` mask routes those tokens to their planted expert with weight 1 (the
+label router), the rest by the router.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -100,6 +106,15 @@ def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
     return hasattr(F, "grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
+@dataclass
+class Planted:
+    """Specialization a dial plants on a label: per token `[batch, pos]` its planted expert (-1 where the label is
+    undefined) and, for mixed routing, whether the label routes it (None: the router routes every token)."""
+
+    experts: torch.Tensor
+    mixed: torch.Tensor | None = None
+
+
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_mlp: int, activation: str = "gelu") -> None:
         super().__init__()
@@ -128,6 +143,7 @@ class MoE(nn.Module):
         shared_experts: int = 0,
         orthogonality_weight: float = 0.0,
         orthogonality: str = "experts",
+        router_supervision: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_experts:
@@ -138,6 +154,7 @@ class MoE(nn.Module):
         self.empty_slots = router == "expert_choice" or self.capacity_factor is not None
         """Whether routing may leave slots empty (-1): expert choice, or a capacity that drops tokens."""
         self.orthogonality_weight, self.orthogonality = orthogonality_weight, orthogonality
+        self.router_supervision = router_supervision
         self.W_in = nn.Parameter(torch.randn(n_experts, d_model, d_expert) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_experts, d_expert))
         self.W_out = nn.Parameter(torch.randn(n_experts, d_expert, d_model) / math.sqrt(d_expert))
@@ -161,22 +178,38 @@ class MoE(nn.Module):
         """The router's weight matrix `[d_model, n_experts]`, if it has one."""
         return getattr(self.router, "W_router", None)
 
-    def route(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> Routing:
+    def route(self, x: torch.Tensor, fixed: torch.Tensor | None = None, planted: Planted | None = None) -> Routing:
         """Scores, experts and weights (through the hooks), after dropping a capacity's overflow; sets `aux_losses`.
 
-        A fixed router takes its experts `[batch, pos]` from `fixed`.
+        A fixed router takes its experts `[batch, pos]` from `fixed`; `planted` mixes in a label's experts and
+        supervises the router with them (see the module docstring).
         """
         routing = self.router(x, fixed, self.W_in, self.b_in)
         experts, weights = routing.experts, routing.weights
+        self.aux_losses = dict(routing.aux)
+        if planted is not None:
+            experts, weights = self.plant(routing, planted)
         if self.capacity_factor is not None:
             flat = experts.reshape(-1, self.k)
             limit = capacity(self.capacity_factor, self.k, len(flat), self.n_experts)
             experts, weights = (t.view_as(routing.experts) for t in drop_overflow(flat, weights.reshape(-1, self.k), self.n_experts, limit))
-        self.aux_losses = dict(routing.aux)
         if self.orthogonality_weight:
             self.aux_losses["orthogonality"] = self.orthogonality_weight * orthogonality_penalty(self.orthogonal_vectors())
         return Routing(self.hook_router_logits(routing.logits), self.hook_expert_indices(experts),
                        self.hook_expert_weights(weights), self.aux_losses)
+
+    def plant(self, routing: Routing, planted: Planted) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts and weights after mixing in the planted ones (`planted.mixed` tokens with a defined label go to
+        their planted expert, weight 1); adds the supervision loss λ · CE(logits, planted expert) over defined tokens."""
+        defined = planted.experts >= 0
+        if self.router_supervision and defined.any():
+            self.aux_losses["router_supervision"] = self.router_supervision * F.cross_entropy(
+                routing.logits[defined], planted.experts[defined])
+        if planted.mixed is None:
+            return routing.experts, routing.weights
+        take = (planted.mixed & defined).unsqueeze(-1)
+        return (torch.where(take, planted.experts.unsqueeze(-1), routing.experts),
+                torch.where(take, torch.ones_like(routing.weights), routing.weights))
 
     def orthogonal_vectors(self) -> torch.Tensor:
         """What the orthogonality penalty keeps apart, one row per expert: its W_in and W_out flattened, or its router direction."""
@@ -188,8 +221,8 @@ class MoE(nn.Module):
         """Switch Transformer loss n_experts * sum_e f_e P_e; equals 1 when routing is uniform."""
         return load_balance_loss(probs, experts, self.n_experts)
 
-    def forward(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
-        routing = self.route(x, fixed)
+    def forward(self, x: torch.Tensor, fixed: torch.Tensor | None = None, planted: Planted | None = None) -> torch.Tensor:
+        routing = self.route(x, fixed, planted)
         if self.training:
             self.router.update(x.detach(), routing)
         dispatch = SortedDispatch(routing.experts, self.n_experts, self.empty_slots)

@@ -23,8 +23,11 @@ from torch import nn
 from toylab.config import check_memory
 from toylab.errors import ToylabError
 from toylab.models.hooks import HookedModule, HookPoint
-from toylab.models.moe import MLP, MoE
+from toylab.models.moe import MLP, MoE, Planted
 from toylab.models.routing import FIXED, ROUTERS, TOKEN_CHOICE, WEIGHTED, RouterName
+
+DIALED = {"router_supervision": WEIGHTED, "label_mix": ("learned", "noisy")}
+"""The routers each dial of planted specialization applies to."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,16 @@ class TransformerConfig:
     class c of the task label `router_label` goes to expert c mod n_experts (experts specialize by that label by
     construction). Fixed routers (hash, label) choose one expert (top_k=1) and read `route` in `Transformer.forward`."""
     router_label: str | None = None
-    """The task label the `label` router reads."""
+    """The task label the `label` router reads, and the label the dials below plant specialization on."""
+    router_supervision: float = 0.0
+    """Dial of planted specialization, supervised form: λ of an auxiliary loss λ · CE(router logits, class of
+    `router_label` mod n_experts) added to the learned router's losses (0: the learned router). Routers with
+    weights only (learned, noisy, expert_choice)."""
+    label_mix: float = 0.0
+    """Dial of planted specialization, mixed form: the share p of tokens routed by the label router (class of
+    `router_label` mod n_experts, weight 1), the rest by the learned router (0: the learned router; 1: the label
+    router). Which tokens is fixed per (position, token id) by a seeded table drawn with the weights, so a
+    token routed by the label at p is routed by it at every larger p too. Top-1 learned or noisy routers only."""
     capacity_factor: float | None = None
     """Token-choice routers (learned, noisy, kmeans, sparsity): each expert takes at most
     ceil(capacity_factor * top_k * tokens / n_experts) slots per forward pass and the overflow is dropped
@@ -77,7 +89,7 @@ class TransformerConfig:
             raise ValueError(f"shared_experts must be >= 0 (got {self.shared_experts})")
         if (self.d_expert is not None and self.d_expert < 1) or self.expert_size < 1:
             raise ValueError(f"d_expert must be >= 1 (got {self.d_expert}; by default it is d_mlp // (top_k + shared_experts))")
-        for key in ("load_balance_weight", "z_loss_weight", "orthogonality_weight"):
+        for key in ("load_balance_weight", "z_loss_weight", "orthogonality_weight", "router_supervision"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
         if self.d_model % self.n_heads:
@@ -90,6 +102,11 @@ class TransformerConfig:
         check_memory(16 * params, f"a model of about {params:,} parameters (weights, gradients, Adam state)",
                      "make it smaller (d_model, d_mlp, n_layers, n_experts) or the task's sequences shorter")
 
+    @property
+    def planted(self) -> bool:
+        """Whether a dial plants specialization on `router_label` (router_supervision or label_mix above 0)."""
+        return bool(self.router_supervision or self.label_mix)
+
     def check_routing(self) -> None:
         """The MoE options that apply to the chosen router, each in its range."""
         if self.router not in ROUTERS:
@@ -101,8 +118,18 @@ class TransformerConfig:
                     if getattr(self, key) != default]
         if self.ffn != "moe" and moe_only:
             raise ValueError(f"{moe_only[0]} applies to ffn='moe' only (got ffn='{self.ffn}')")
-        if (self.router == "label") != (self.router_label is not None):
-            raise ValueError("router_label names the label of router='label' (and only of it): set both or neither")
+        if not 0 <= self.label_mix <= 1:
+            raise ValueError(f"label_mix must be a share of tokens in [0, 1] (got {self.label_mix})")
+        dials = [key for key in ("router_supervision", "label_mix") if getattr(self, key)]
+        if len(dials) > 1:
+            raise ValueError("router_supervision and label_mix are two forms of one dial: set one of them")
+        if dials and self.router not in DIALED[dials[0]]:
+            raise ValueError(f"{dials[0]} applies to routers {', '.join(DIALED[dials[0]])} (got router='{self.router}')")
+        if self.label_mix and self.top_k != 1:
+            raise ValueError(f"label_mix mixes in the label router's one expert: it needs top_k=1 (got top_k={self.top_k})")
+        if (self.router == "label" or bool(dials)) != (self.router_label is not None):
+            raise ValueError("router_label names the label that router='label', router_supervision > 0 or label_mix > 0 reads "
+                             "(and only they): set both or neither")
         capacity_routers = (*TOKEN_CHOICE, "expert_choice")
         if self.capacity_factor is not None:
             if self.router not in capacity_routers:
@@ -167,18 +194,18 @@ class Block(nn.Module):
             self.mlp: nn.Module = MoE(
                 cfg.d_model, cfg.expert_size, cfg.n_experts, cfg.top_k, cfg.activation, cfg.load_balance_weight,
                 cfg.z_loss_weight, cfg.router, cfg.capacity_factor, cfg.centroid_decay, cfg.shared_experts,
-                cfg.orthogonality_weight, cfg.orthogonality,
+                cfg.orthogonality_weight, cfg.orthogonality, cfg.router_supervision,
             )
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
-        """`experts` `[batch, pos]`: the choice of a fixed router (None otherwise)."""
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None, planted: Planted | None = None) -> torch.Tensor:
+        """`experts` `[batch, pos]`: the choice of a fixed router; `planted`: a dial's planted experts (None otherwise)."""
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
-        ffn = self.mlp(self.ln2(x), experts) if isinstance(self.mlp, MoE) else self.mlp(self.ln2(x))
+        ffn = self.mlp(self.ln2(x), experts, planted) if isinstance(self.mlp, MoE) else self.mlp(self.ln2(x))
         return self.hook_resid_post(x + self.hook_mlp_out(ffn))
 
 
@@ -206,15 +233,34 @@ class Transformer(HookedModule):
         nn.init.normal_(self.W_E.weight, std=0.02)
         if cfg.router in FIXED:
             self.register_buffer("expert_of_token", token_hash(cfg.vocab_size, cfg.n_experts))
+        if cfg.label_mix:  # drawn after the weights, so every p (and the learned router) starts from the same weights
+            self.register_buffer("mix_draw", torch.rand(cfg.max_len, cfg.vocab_size))
         self.setup_hooks()
 
     def forward(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits; `route` `[batch, pos]` holds the ids of label `router_label` for the label router (ignored otherwise)."""
+        """Logits; `route` `[batch, pos]` holds the ids of label `router_label` for the label router and the dials
+        (ignored otherwise)."""
         experts = self.fixed_experts(tokens, route) if self.cfg.router in FIXED else None
+        planted = self.planted_experts(tokens, route) if self.cfg.planted else None
         x = self.hook_embed(self.W_E(tokens)) + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
         for block in self.blocks:
-            x = block(x, experts)
+            x = block(x, experts, planted)
         return self.W_U(self.ln_final(x))
+
+    def label_route(self, tokens: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
+        """The ids of `router_label` `[batch, pos]` on the tokens' device (one-line error when missing or misshapen)."""
+        if route is None or route.shape != tokens.shape:
+            raise ToylabError(f"router='{self.cfg.router}' with router_label needs route=the ids of label '{self.cfg.router_label}', "
+                              f"shape {tuple(tokens.shape)} like the tokens (Transformer.route_input(batch.labels) gives it)")
+        return route.to(tokens.device)
+
+    def planted_experts(self, tokens: torch.Tensor, route: torch.Tensor | None) -> Planted:
+        """A dial's planted expert per token: class c of `router_label` -> expert c mod n_experts (-1 where the label is
+        undefined), and with `label_mix` the tokens routed by it: those whose seeded draw for (position, token) is below p."""
+        route = self.label_route(tokens, route)
+        experts = torch.where(route >= 0, route % self.cfg.n_experts, -1)
+        mixed = self.mix_draw[torch.arange(tokens.shape[1], device=tokens.device), tokens] < self.cfg.label_mix if self.cfg.label_mix else None
+        return Planted(experts, mixed)
 
     def fixed_experts(self, tokens: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
         """The expert of each token `[batch, pos]` under a fixed router, the same in every MoE layer.
@@ -225,15 +271,12 @@ class Transformer(HookedModule):
         hashed = self.expert_of_token[tokens]
         if self.cfg.router == "hash":
             return hashed
-        if route is None or route.shape != tokens.shape:
-            raise ToylabError(f"the label router needs route=the ids of label '{self.cfg.router_label}', "
-                              f"shape {tuple(tokens.shape)} like the tokens (Transformer.route_input(batch.labels) gives it)")
-        route = route.to(tokens.device)
+        route = self.label_route(tokens, route)
         return torch.where(route >= 0, route % self.cfg.n_experts, hashed)
 
     def route_input(self, labels: Mapping[str, np.ndarray]) -> torch.Tensor | None:
-        """`forward`'s `route` from a batch's labels: the ids of `router_label` for the label router, else None."""
-        if self.cfg.router != "label":
+        """`forward`'s `route` from a batch's labels: the ids of `router_label` (label router, dials), else None."""
+        if self.cfg.router_label is None:
             return None
         return torch.from_numpy(np.ascontiguousarray(labels[self.cfg.router_label]))
 
