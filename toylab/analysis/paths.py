@@ -132,16 +132,19 @@ def _labelled_tokens(task: Task, batch: Batch) -> tuple[np.ndarray, dict[str, np
     return sequences, {name: batch.labels[name][keep] for name in analysable_labels(task)}
 
 
-def routing_paths(moe: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int) -> dict[str, dict[str, Any]]:
-    """`{label: path_scores}` for one MoE model on a batch (real tokens; each label where it is defined)."""
+def routing_paths(moe: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int,
+                  labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`{label: path_scores}` for one MoE model on a batch (real tokens; each of `labels`, default every analysable
+    label, where it is defined)."""
     layers = moe.moe_layers()
     names = [EXPERTS.format(layer=layer) for layer in layers] + [ROUTER_INPUT.format(layer=layer) for layer in layers]
     acts = token_activations(moe, task, batch, names)
     experts = [top_expert(acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts) for layer in layers]
     router_inputs = np.concatenate([acts[ROUTER_INPUT.format(layer=layer)] for layer in layers], axis=1)
-    sequences, labels = _labelled_tokens(task, batch)
+    sequences, found = _labelled_tokens(task, batch)
+    found = {name: found[name] for name in labels} if labels else found
     results = {}
-    for name, label in labels.items():
+    for name, label in found.items():
         defined = label != IGNORE
         results[name] = path_scores([e[defined] for e in experts], router_inputs[defined], label[defined],
                                     task.labels[name].n_classes, sequences[defined], n_permutations, seed)

@@ -162,10 +162,12 @@ def label_scores(
 
 def specialization(
     moe: Transformer, dense: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int, null_draws: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """`{layer: {label: {assignment, null router or "linear": scores}}}` for one seed's pair of models (see
-    `label_scores`). With `null_draws` > 0 the `NULL_ROUTERS` are scored too, fitted to every analysed token with
-    the routing's expert usage over them: one size-balanced k-means and `null_draws` random linear routers."""
+    `label_scores`), over `labels` (default: every `analysable_labels`). With `null_draws` > 0 the `NULL_ROUTERS`
+    are scored too, fitted to every analysed token with the routing's expert usage over them: one size-balanced
+    k-means and `null_draws` random linear routers."""
     keep = task.positions(batch)
     tokens = batch.inputs[keep]
     sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
@@ -185,7 +187,7 @@ def specialization(
         nulls = {"kmeans_balanced": balanced_kmeans(moe_acts[site], usage, seed)[None],
                  "random_linear": random_linear_routers(moe_acts[site], usage, null_draws, seed)} if null_draws else {}
         results[str(layer)] = {}
-        for name in analysable_labels(task):
+        for name in labels or analysable_labels(task):
             label = batch.labels[name][keep]
             defined = label != IGNORE
             results[str(layer)][name] = label_scores(
