@@ -101,6 +101,9 @@ class ExpertSpecializationConfig:
     """Equivalence margin δ in NMI: routing and a baseline are equivalent when the 90% interval of their difference lies
     inside ±δ. None: per label, `MARGIN_FRACTION` of its linear ceiling's NMI (at least `MARGIN_FLOOR`); a number: that δ
     for every verdict."""
+    primary_labels: tuple[str, ...] = ()
+    """The labels of the primary question, declared before the run (empty: the task's function labels, `kind ==
+    "function"`), e.g. `mode` on visible `modes`, where the rule is named by a token and so counts as state."""
     eval_seed: int = 20261121
 
     def __post_init__(self) -> None:
@@ -123,6 +126,7 @@ class ExpertSpecialization(Study):
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
         self.models = dense_and_moe(config)
+        primary_labels(self.task, config.primary_labels)  # fail early on an unknown primary label
         for options in self.models.values():  # fail early on a bad model or router option
             build_model(self.task, options)
 
@@ -166,7 +170,7 @@ class ExpertSpecialization(Study):
                 for layer in (given_token[0] if given_token else {})
             },
             "paths": paths_summary,
-            "families": adjust_families(specialization, paths_summary, task),
+            "families": adjust_families(specialization, paths_summary, task, cfg.primary_labels),
             "per_seed": per_seed,
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
@@ -220,6 +224,14 @@ class ExpertSpecialization(Study):
             "the mean Jensen–Shannon divergence (bits) of each path's class distribution from the global one, beside its "
             "multinomial null."), Table(rows)])]
 
+    def question(self) -> str:
+        """The primary question, naming its labels and where they come from."""
+        labels = ", ".join(f"`{n}`" for n in primary_labels(self.task, self.config.primary_labels))
+        what = (f"the labels declared primary before the run: {labels}" if self.config.primary_labels
+                else f"what the model must compute, the task's function labels: {labels}")
+        return (f"The study's one primary question: do the experts of the last MoE layer specialize in {what}, beyond k-means "
+                "on the router input? One test per label, corrected within this family.")
+
     def router_description(self) -> str:
         cfg = self.config
         description = ROUTERS.get(cfg.router, "`{router}` router (see `toylab.models.routing`), top-{k}")
@@ -270,7 +282,7 @@ class ExpertSpecialization(Study):
                  "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]), "AMI routing": fmt_ci(s["routing_ami"]),
                  "AMI k-means": fmt_ci(s["kmeans_moe_ami"]), "linear probe NMI": fmt_ci(s["linear_nmi"]),
                  "δ": margin_text(s["margin"]), "routing vs k-means": verdict_text(s["verdict"])}
-                for label, s in results["specialization"][last].items() if label in primary_labels(self.task)]
+                for label, s in results["specialization"][last].items() if label in primary_labels(self.task, self.config.primary_labels)]
 
     def null_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """Routing beside the usage-matched nulls, per (layer, label), where they were run."""
@@ -290,7 +302,7 @@ class ExpertSpecialization(Study):
                  f"{fmt(s['random_linear_nmi']['mean'])} for random linear routers (routing {fmt(s['routing_nmi']['mean'])}); "
                  f"routing vs balanced k-means {verdict_label(s['vs_kmeans_balanced'])}, vs random linear routers "
                  f"{verdict_label(s['vs_random_linear'])}"
-                 for label, s in last.items() if label in primary_labels(self.task)]
+                 for label, s in last.items() if label in primary_labels(self.task, self.config.primary_labels)]
         return [Text("The primary family compares routing with unconstrained k-means; beside it, the usage-matched nulls "
                      "(secondary, each family corrected on its own) ask the same of groupings with the learned router's expert "
                      "counts, at the last layer: " + "; ".join(parts) + ".")]
@@ -301,7 +313,8 @@ class ExpertSpecialization(Study):
         if not pairs:
             return "No pair of dense and MoE runs finished, so there is nothing to compare."
         primary = self.primary_rows(results)
-        answer = ("**Primary question**: do the last MoE layer's experts align with what the model must compute, beyond k-means "
+        what = "the declared primary labels" if cfg.primary_labels else "what the model must compute"
+        answer = (f"**Primary question**: do the last MoE layer's experts align with {what}, beyond k-means "
                   "on the router input? " + "; ".join(f"`{r['label']}`: {r['routing vs k-means']}" for r in primary) + ". ")
         seeds = max(s["verdict"]["n"] for _, s in pairs)
         groups = {v: [name for name, s in pairs if verdict_label(s["verdict"]) == v] for v in ("more", "less", "equivalent", FLOOR, "inconclusive")}
@@ -383,10 +396,7 @@ class ExpertSpecialization(Study):
                         for layer, e in results["expert_entropy_given_token"].items()]
         blocks = [
             Text(f"**Bottom line.** {self.bottom_line(results)}"),
-            families_section("The study's one primary question: do the experts of the last MoE layer specialize in what the "
-                             f"model must compute (the task's function labels: {', '.join(f'`{n}`' for n in primary_labels(task))}) "
-                             "beyond k-means on the router input? One test per label, corrected within this family.",
-                             results.get("families", {}), [Table(self.primary_rows(results)), *self.null_summary(results)], FAMILIES),
+            families_section(self.question(), results.get("families", {}), [Table(self.primary_rows(results)), *self.null_summary(results)], FAMILIES),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
                 f"A dense transformer and an MoE transformer ({cfg.n_experts} experts, {self.router_description()}) with shared "

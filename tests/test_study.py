@@ -1,5 +1,6 @@
 """Training a study's runs in worker processes: same results as in-process, failures kept apart, reuse counted."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -53,3 +54,45 @@ def test_map_keeps_the_order_of_its_arguments_and_raises_their_errors(tmp_path, 
         with pytest.raises(ValueError, match="math domain error"):
             ctx.map(math.sqrt, [4, -1, 9], description="roots")
         assert ctx.map(abs, [-1, -2], description="the workers still serve") == [1, 2]
+
+
+SEQUENTIAL = {"task": "modes", "primary_labels": ["mode"], "null_draws": 0, "n_permutations": 30,
+              "train": {"steps": 150, "n_train": 1000, "n_val": 100, "eval_every": 150}}
+
+
+def test_seeds_auto_stops_when_the_primary_verdict_is_settled_and_resumes(tmp_path) -> None:
+    """The label router on `mode` (a planted positive): the primary verdict is *more* well before the budget is spent
+    (O'Brien–Fleming spends almost nothing at 3 of 9 seeds, so it may take a second look); the record names the rule
+    and every look, the report opens with it, and a rerun reuses every run."""
+    from toylab.runs import rerender
+    from toylab.study import SeedBudget, run_study
+
+    overrides = {**SEQUENTIAL, "router": "label", "router_label": "mode"}
+    outcome = run_study("expert-specialization", overrides, tmp_path, fast=True, progress=False, workers=2, budget=SeedBudget(9))
+    sequential = outcome.results["sequential"]
+    assert sequential["schedule"] == [3, 5, 7, 9] and sequential["stopped"] == "settled"
+    used = [look["seeds"] for look in sequential["looks"]]
+    assert used in ([3], [3, 5]) and sequential["looks"][-1]["verdicts"] == ["more"]
+    assert sequential["looks"][0]["alpha"] < 0.001  # O'Brien–Fleming spends little at the first look
+    assert sorted(p.name for p in (outcome.directory / "models").iterdir()) == sorted(f"{k}-seed{s}" for k in ("dense", "moe") for s in range(used[-1]))
+    report = (outcome.directory / "report.md").read_text()
+    assert report.index("Seeds spent sequentially") < report.index("Bottom line")
+    assert f"It stopped at {used[-1]} seeds because no primary" in report
+    again = run_study("expert-specialization", overrides, tmp_path, fast=True, progress=False, workers=2, budget=SeedBudget(9))
+    assert again.directory == outcome.directory and json.loads((outcome.directory / "timing.json").read_text())["runs_trained"] == 0
+    before = (outcome.directory / "report.md").read_bytes()
+    rerender(outcome.directory)
+    assert (outcome.directory / "report.md").read_bytes() == before
+
+
+def test_the_sequential_note_says_why_it_stopped() -> None:
+    from toylab.analysis.sequential import look_alphas, stopping_rule_text
+    from toylab.report import to_markdown, Document
+    from toylab.study import sequential_note
+
+    schedule = [3, 5]
+    record = {"max_seeds": 5, "alpha": 0.05, "stopped": "budget spent", "rule_text": stopping_rule_text("obrien_fleming", 0.05, schedule),
+              "looks": [{"seeds": n, "alpha": a, "verdicts": ["inconclusive"], "means": [0.01]} for n, a in zip(schedule, look_alphas(schedule))]}
+    text = to_markdown(Document("t", [sequential_note(record)]))
+    assert "It stopped at 5 seeds because the budget of 5 seeds was spent with the primary family still inconclusive" in text
+    assert "the primary verdict is **inconclusive**" in text and "| 2 | 5 |" in text

@@ -295,6 +295,7 @@ def study_list() -> None:
 
 @study_app.command("run", epilog="Examples: toylab study run expert-specialization  |  "
                    "toylab study run expert-specialization --fast --seeds 5 --out /tmp/runs  |  "
+                   "toylab study run expert-specialization --task modes --seeds auto --max-seeds 20  |  "
                    "toylab study run expert-specialization -o m=6 --set train.steps=2000 --set n_experts=8  |  "
                    "toylab study run expert-specialization --sweep n_experts=4,8 --sweep top_k=1,2  |  "
                    "toylab study run planning --launcher ray --address auto  |  "
@@ -302,8 +303,12 @@ def study_list() -> None:
 def study_run(
     name: str = typer.Argument(..., help="Study name (see `toylab study list`)."),
     task: Optional[str] = typer.Option(None, help="Task to study (default: the study's own)."),
-    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds (default: the study's own, e.g. 5 for "
-                                        "expert-specialization; a verdict needs at least 3)."),
+    seeds: Optional[str] = typer.Option(None, help="Number of seeds (default: the study's own, e.g. 5 for "
+                                        "expert-specialization; a verdict needs at least 3), or 'auto': start there and add "
+                                        "seeds while the primary verdict is inconclusive, up to --max-seeds, with alpha spent "
+                                        "across the looks (a group-sequential design)."),
+    max_seeds: int = typer.Option(20, min=3, help="With --seeds auto: the most seeds to spend."),
+    seed_batch: int = typer.Option(2, min=1, help="With --seeds auto: seeds added at each look."),
     out: Path = typer.Option("runs", parser=_path, help="Output root; the study writes to OUT/NAME/ID/."),
     fast: bool = typer.Option(False, "--fast", help="Smoke preset: the full pipeline, small, in under a minute."),
     option: list[str] = TaskOptions,
@@ -326,14 +331,19 @@ def study_run(
     """
     from toylab.executors import LaunchConfig
     from toylab.report import markdown_table
-    from toylab.study import available_cpus, merge, nest, run_study
+    from toylab.study import SeedBudget, available_cpus, merge, nest, run_study
     from toylab.sweep import parse_sweep, run_sweep
 
     overrides = merge(load_file(config) if config else {}, nest(parse_assignments(set_)))
     if task is not None:
         overrides["task"] = task
-    if seeds is not None:
-        overrides["seeds"] = seeds
+    budget = None
+    if seeds == "auto":
+        budget = SeedBudget(max_seeds, seed_batch)
+    elif seeds is not None:
+        if not seeds.isdigit() or int(seeds) < 1:
+            raise ToylabError(f"invalid --seeds {seeds!r}; valid: a number of seeds >= 1, or auto")
+        overrides["seeds"] = int(seeds)
     if option:
         overrides["task_options"] = {**overrides.get("task_options", {}), **parse_assignments(option)}
     where = build(LaunchConfig, {"launcher": launcher, "workers": workers or (available_cpus() if launcher == "local" else 2),
@@ -341,11 +351,13 @@ def study_run(
     grid = parse_sweep(sweep)
     try:
         if grid:
+            if budget is not None:
+                raise ToylabError("--seeds auto runs one study at a time; it does not combine with --sweep")
             swept = run_sweep(name, grid, overrides, out, fast=fast, progress=progress, launcher=where)
             typer.echo(markdown_table(swept.rows))
             typer.echo(f"finished in {swept.seconds:.1f} s\nsweep summary: {swept.directory / 'summary.csv'}")
             return
-        outcome = run_study(name, overrides, out, fast=fast, progress=progress, launcher=where)
+        outcome = run_study(name, overrides, out, fast=fast, progress=progress, launcher=where, budget=budget)
     except KeyboardInterrupt as interrupted:  # `Interrupted` says how many runs finished
         typer.echo(str(interrupted) or "interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None

@@ -26,14 +26,16 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
 from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map  # noqa: E402
+from toylab.analysis.sequential import RULES, decide, look_alphas, looks, stopping_rule_text  # noqa: E402
+from toylab.analysis.stats import MIN_SEEDS  # noqa: E402
 from toylab.config import build, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.determinism import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
 from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
-from toylab.formatting import table_json  # noqa: E402
-from toylab.report import Document, Section, Text, to_html, to_markdown  # noqa: E402
+from toylab.formatting import fmt, table_json  # noqa: E402
+from toylab.report import Document, Section, Table, Text, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
 
@@ -70,7 +72,9 @@ class StudyContext:
         self.progress = progress
         self.launcher = launcher or LaunchConfig(workers=workers)
         self.failures: list[dict[str, str]] = []
-        self.trained = self.reused = 0
+        self.trained_keys: set[str] = set()
+        """Runs trained by this context; the others it used were `reused_keys`, finished before it started."""
+        self.reused_keys: set[str] = set()
         self.heldout_batches: list[dict[str, Any]] = []
         self._executor: Executor | None = None
 
@@ -82,6 +86,14 @@ class StudyContext:
         if self._executor is not None:
             self._executor.close() if kind is None else self._executor.stop()
             self._executor = None
+
+    @property
+    def trained(self) -> int:
+        return len(self.trained_keys)
+
+    @property
+    def reused(self) -> int:
+        return len(self.reused_keys)
 
     def run_dir(self, key: str) -> Path:
         return self.directory / "models" / key
@@ -121,7 +133,8 @@ class StudyContext:
         """
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
         pending = [job for job in jobs if found[job.key] is None]
-        self.trained, self.reused = self.trained + len(pending), self.reused + len(jobs) - len(pending)
+        self.reused_keys |= {job.key for job in jobs if found[job.key] is not None} - self.trained_keys
+        self.trained_keys |= {job.key for job in pending}
         failed: dict[str, str] = {}
         try:
             for attempt in range(2):  # a lost worker takes its calls (with a local pool, all in flight) with it: retry once
@@ -301,6 +314,21 @@ def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
         "shared by all seeds, `stats.sequence_resamples`).")])
 
 
+def sequential_note(sequential: Mapping[str, Any]) -> Section:
+    """The report's first section under `--seeds auto`: the stopping rule, every look and why it stopped."""
+    rows = [{"look": i + 1, "seeds": look["seeds"], "alpha at this look": f"{look['alpha']:.2g}",
+             "primary verdicts": ", ".join(look["verdicts"]), "mean differences": ", ".join(fmt(m) for m in look["means"])}
+            for i, look in enumerate(sequential["looks"])]
+    last = sequential["looks"][-1]
+    why = ("no primary test was inconclusive at its look's alpha" if sequential["stopped"] == "settled" else
+           f"the budget of {sequential['max_seeds']} seeds was spent with the primary family still inconclusive")
+    return Section("Seeds spent sequentially: the primary verdict", [Text(
+        f"{sequential['rule_text']} It stopped at {last['seeds']} seeds because {why}: the primary verdict is "
+        f"**{', '.join(last['verdicts'])}**, at the error rate of the whole design (at most {sequential['alpha']:g}). The "
+        f"verdicts elsewhere in this report are drawn from the same {last['seeds']} seeds at the fixed level of one look; "
+        f"after repeated looks only this one keeps its error rate."), Table(rows)])
+
+
 def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:
     """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`, and
     its summary table to `summary.json` (what `toylab runs` reads, without importing the study).
@@ -312,7 +340,8 @@ def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timin
     notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
         notes.append(timing_note(timing))
-    document = Document(document.title, [*document.blocks, *notes])
+    first = [sequential_note(results["sequential"])] if results.get("sequential") else []
+    document = Document(document.title, [*first, *document.blocks, *notes])
     markdown, html = to_markdown(document), to_html(document, ctx.directory)
     io.write_json(ctx.directory / "summary.json", table_json(summary))
     io.write_text(ctx.directory / "report.md", markdown)
@@ -340,11 +369,63 @@ def resolve(name: str, overrides: Mapping[str, Any] | None = None, fast: bool = 
 
 
 def stored_study(directory: Path) -> Study:
-    """The study of a run directory, resolved from its `config.json` (one-line ToylabError if it names no study)."""
+    """The study of a run directory, resolved from its `config.json` (one-line ToylabError if it names no study);
+    a study run with `--seeds auto` resolves with the seeds its last look used (`results.json`)."""
     config = io.read_json(Path(directory) / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("study"), str):
         raise ToylabError(f"{directory}/config.json names no study; it is not a study run's config")
-    return resolve(config["study"], {key: value for key, value in config.items() if key != "study"})
+    options = {key: value for key, value in config.items() if key not in ("study", "sequential")}
+    if "sequential" in config:
+        results = io.read_json(Path(directory) / "results.json")
+        options["seeds"] = results["sequential"]["looks"][-1]["seeds"] if isinstance(results, dict) and "sequential" in results else MIN_SEEDS
+    return resolve(config["study"], options)
+
+
+@dataclass(frozen=True)
+class SeedBudget:
+    """`--seeds auto`: start at the study's default seeds (at least `MIN_SEEDS`) and, while its primary family of
+    tests is inconclusive, add `batch` seeds at a time up to `max_seeds`, each look testing at its share of
+    `alpha` spent by `rule` (`toylab.analysis.sequential`)."""
+
+    max_seeds: int
+    batch: int = 2
+    alpha: float = 0.05
+    rule: str = "obrien_fleming"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown spending rule '{self.rule}'; valid: {', '.join(RULES)}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1) (got {self.alpha})")
+
+
+def primary_comparisons(results: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    """The `compare` results of a study's primary family (`stats.correct_families`), for a sequential look."""
+    families = results.get("test_families") or results.get("families") or {}
+    found = [f["comparisons"] for f in families.values() if f["role"].startswith("primary") and f.get("comparisons")]
+    if not found:
+        raise ToylabError(f"--seeds auto needs a primary family of paired comparisons over seeds; study '{name}' reported none")
+    return found[0]
+
+
+def run_looks(name: str, overrides: Mapping[str, Any], fast: bool, budget: SeedBudget, ctx: StudyContext) -> dict[str, Any]:
+    """Run the study at each look of the budget's schedule (finished runs are reused from look to look) until its
+    primary family is settled at the look's alpha or the budget is spent; the last look's results, with the record
+    of every look under `sequential`."""
+    start = max(resolve(name, overrides, fast).config.seeds, MIN_SEEDS)
+    schedule = looks(start, budget.batch, max(budget.max_seeds, start))
+    record = []
+    for seeds, alpha in zip(schedule, look_alphas(schedule, budget.alpha, budget.rule)):
+        ctx.failures, ctx.heldout_batches = [], []
+        results = resolve(name, {**overrides, "seeds": seeds}, fast).run(ctx)
+        decision = decide(primary_comparisons(results, name), alpha)
+        record.append({"seeds": seeds, "alpha": alpha, "verdicts": decision["verdicts"], "settled": decision["settled"],
+                       "means": [c["mean"] for c in decision["tests"]], "p_values": [c["p_value"] for c in decision["tests"]]})
+        if decision["settled"]:
+            break
+    return {**results, "sequential": {"max_seeds": budget.max_seeds, "batch": budget.batch, "alpha": budget.alpha, "rule": budget.rule,
+                                      "schedule": schedule, "rule_text": stopping_rule_text(budget.rule, budget.alpha, schedule),
+                                      "looks": record, "stopped": "settled" if record[-1]["settled"] else "budget spent"}}
 
 
 def run_study(
@@ -355,8 +436,12 @@ def run_study(
     progress: bool = True,
     workers: int = 1,
     launcher: LaunchConfig | None = None,
+    budget: SeedBudget | None = None,
 ) -> StudyOutcome:
     """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`.
+
+    With a seed `budget` (`--seeds auto`), seeds are added look by look (`run_looks`); the directory's config
+    says `seeds = "auto"` with the budget, and `results.json` holds every look under `sequential`.
 
     Training runs (and other `ctx.map` calls) go to `launcher`, by default `workers` local processes.
     Local processes are spawned, so a script that uses several must guard its entry point with
@@ -366,6 +451,10 @@ def run_study(
     start = time.perf_counter()
     study = resolve(name, overrides, fast)
     config = {"study": name, **to_dict(study.config)}
+    if budget is not None:
+        if "seeds" not in config:
+            raise ToylabError(f"--seeds auto needs a study with seeds; '{name}' has none")
+        config = {**config, "seeds": "auto", "sequential": to_dict(budget)}
     directory = Path(out) / name / config_hash(config)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -374,7 +463,7 @@ def run_study(
     io.write_json(directory / "config.json", config)
     io.write_json(directory / "code_version.json", code_version())
     with StudyContext(directory, progress, launcher=launcher) as ctx:
-        results = study.run(ctx)
+        results = study.run(ctx) if budget is None else run_looks(name, overrides or {}, fast, budget, ctx)
     results["failed_runs"] = ctx.failures
     results["heldout"] = ctx.heldout_batches
     io.write_json(directory / "results.json", results)

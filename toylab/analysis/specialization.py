@@ -47,6 +47,7 @@ from toylab.analysis.clustering import (
 from toylab.analysis.null_routers import balanced_kmeans, random_linear_routers
 from toylab.analysis.probes import logistic_predictions
 from toylab.analysis.stats import MARGIN, UNIT, at_floor, compare, correct_families, mean_ci, permutation_p_value, sequence_resamples
+from toylab.errors import ToylabError
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -292,21 +293,27 @@ FAMILIES = {
 """The families of tests of `expert-specialization`, each corrected for multiplicity on its own (`adjust`)."""
 
 
-def primary_labels(task: Task) -> list[str]:
-    """The labels of the primary question: those the model must compute (`kind == "function"`), else every label."""
+def primary_labels(task: Task, declared: Sequence[str] = ()) -> list[str]:
+    """The labels of the primary question: `declared` ones (named before the run; one-line ToylabError for a label
+    the analysis does not score), else those the model must compute (`kind == "function"`), else every label."""
     labels = analysable_labels(task)
-    return [name for name in labels if task.labels[name].kind == "function"] or labels
+    unknown = [name for name in declared if name not in labels]
+    if unknown:
+        raise ToylabError(f"primary label '{unknown[0]}' is not an analysable label of task '{task.name}'; valid: {', '.join(labels)}")
+    return list(declared) or [name for name in labels if task.labels[name].kind == "function"] or labels
 
 
-def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Any]], task: Task) -> dict[str, dict[str, Any]]:
+def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Any]], task: Task,
+                    declared: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Correct the verdicts of `summarize` and `summarize_paths` within the `FAMILIES` (in place; each keeps its
     `raw_verdict`; an "equivalent" at the floor stays inconclusive, `stats.adjust`), and return per family
     its role (primary or secondary, and its question), number of tests and verdict counts before and after.
 
     The primary family answers the study's question: routing vs k-means on the router input for the function
-    labels at the last MoE layer. Everything else is secondary, in families of one kind of comparison.
+    labels at the last MoE layer (or the `declared` primary labels). Everything else is secondary, in families of one
+    kind of comparison.
     """
-    last, primary = (max(summary, key=int) if summary else None), set(primary_labels(task))
+    last, primary = (max(summary, key=int) if summary else None), set(primary_labels(task, declared))
     members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
     for layer, labels in summary.items():
         for label, s in labels.items():

@@ -198,9 +198,19 @@ def correct_families(members: dict[str, Sequence[tuple[dict[str, Any], str]]], q
                     primary: str = "primary") -> dict[str, dict[str, Any]]:
     """Correct each family of `members` (name -> `(holder, key)` tests) on its own (`adjust_family`) and return per
     non-empty family its `role` ("primary: <question>" for `primary`, else "secondary: <question>"), its number of
-    tests and its verdict counts before and after the correction."""
-    return {name: {"role": f"{'primary' if name == primary else 'secondary'}: {questions[name]}", **adjust_family(tests)}
-            for name, tests in members.items() if tests}
+    tests and its verdict counts before and after the correction; the primary family also keeps its uncorrected
+    `comparisons` (what `adjust` reads), so a sequential design can correct them again at its own alpha."""
+    families = {}
+    for name, tests in members.items():
+        if tests:
+            role = f"{'primary' if name == primary else 'secondary'}: {questions[name]}"
+            families[name] = {"role": role, **adjust_family(tests)}
+            if name == primary:
+                families[name]["comparisons"] = [
+                    {**{k: holder[key].get(k, math.nan) for k in ("n", "mean", "p_value", "p_equivalent")},
+                     "verdict": holder[key]["raw_verdict"], "both_at_floor": bool(holder[key].get("both_at_floor"))}
+                    for holder, key in tests]
+    return families
 
 
 def claim_state(verdict: str, expected: Sequence[str]) -> str:
