@@ -102,22 +102,27 @@ def interval_bars(frame: pd.DataFrame, x: str, hue: str, col: str, title: str, r
     return fig
 
 
-def interval_lines(frame: pd.DataFrame, x: str, hue: str, col: str, ylabel: str, reference: float | None = None) -> plt.Figure:
-    """Lines of `mean` against `x` (numeric) with `[ci_low, ci_high]` error bars, one per `hue` value, one panel per `col` value."""
+def interval_lines(frame: pd.DataFrame, x: str, hue: str, col: str, ylabel: str, reference: float | None = None,
+                   wrap: int = 4) -> plt.Figure:
+    """Lines of `mean` against `x` (numeric) with `[ci_low, ci_high]` error bars, one per `hue` value, one panel per
+    `col` value, `wrap` panels to a row."""
     panels, hues = list(dict.fromkeys(frame[col])), list(dict.fromkeys(frame[hue]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4.2 * len(panels), 3.8), squeeze=False)
+    columns = min(wrap, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 + 4.2 * columns, 0.5 + 3.4 * rows), squeeze=False)
     palette = sns.color_palette("colorblind", len(hues))
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes.flat, panels):
         sub = frame[frame[col] == panel]
         for color, h in zip(palette, hues):
-            rows = sub[sub[hue] == h].sort_values(x)
-            err = np.nan_to_num(np.stack([rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]]))
-            ax.errorbar(rows[x], rows["mean"], yerr=err, marker="o", ms=3, capsize=2, label=h, color=color)
-        ax.set(title=str(panel), xlabel=x)
+            points = sub[sub[hue] == h].sort_values(x)
+            err = np.nan_to_num(np.stack([points["mean"] - points["ci_low"], points["ci_high"] - points["mean"]]))
+            ax.errorbar(points[x], points["mean"], yerr=err, marker="o", ms=3, capsize=2, label=h, color=color)
+        ax.set(title=str(panel), xlabel=x, ylabel=ylabel)
         if reference is not None:
             ax.axhline(reference, color="grey", lw=0.8, ls="--")
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
