@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from toylab.errors import ToylabError
 from toylab.registry import register_task
-from toylab.task import IGNORE, Batch, Label, Task
+from toylab.task import IGNORE, Batch, Counterfactuals, Label, Task
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +80,7 @@ class Brackets(Task):
 
     Config = BracketsConfig
     primary_metric = "closing_accuracy"
+    causal_variables = ("stack_top",)
     config: BracketsConfig
 
     @property
@@ -124,6 +126,33 @@ class Brackets(Task):
         labels = {name: np.concatenate([c[1][name] for c in chunks])[:n] for name in chunks[0][1]}
         targets = np.concatenate([tokens[:, 1:], np.full((n, 1), PAD)], axis=1)
         return Batch(tokens, targets, targets != PAD, labels)
+
+    def interchange(self, n: int, seed: int, variable: str) -> Counterfactuals:
+        """Pairs for `stack_top`: the source is the base with one matched pair of brackets (chosen at random among
+        those closed in the string) turned into another type, so the top of the stack differs between the pair's
+        opening and closing. The causal model's output at every position whose next token closes a bracket is then
+        the closing bracket of the source's top of stack: the source's next token (it differs from the base's only
+        where the turned pair closes). Needs k >= 2."""
+        if self.config.k < 2:
+            raise ToylabError(f"stack_top interchanges need two bracket types or more (k={self.config.k})")
+        k, base = self.config.k, self.sample(n, seed)
+        rng = np.random.default_rng([seed, 1])
+        closes = base.inputs >= OPEN + k
+        weights = rng.random(closes.shape) * closes  # pick one closing bracket per string, uniformly
+        close = weights.argmax(1)
+        rows = np.flatnonzero(closes.any(1))  # a string without a closing bracket stays as it is
+        close = close[rows]
+        opened = close - base.labels["match_distance"][rows, close]
+        shift = OPEN + (base.inputs[rows, opened] - OPEN + rng.integers(1, k, size=len(rows))) % k  # another type
+        inputs = base.inputs.copy()
+        inputs[rows, opened], inputs[rows, close] = shift, shift + k
+        tops, position = base.labels["stack_top"].copy(), np.arange(inputs.shape[1])
+        span = (position >= opened[:, None]) & (position < close[:, None]) & (base.labels["depth"][rows] == base.labels["depth"][rows, opened][:, None])
+        tops[rows] = np.where(span, (shift - OPEN)[:, None], tops[rows])  # the turned bracket is the top at its own depth
+        token_type = np.where(base.labels["token_type"] == IGNORE, IGNORE, inputs)
+        source = Batch(inputs, np.concatenate([inputs[:, 1:], np.full((n, 1), PAD)], axis=1), base.loss_mask,
+                       {**base.labels, "token_type": token_type, "stack_top": tops})
+        return Counterfactuals(variable, base, source, source.targets, base.loss_mask & (base.targets >= OPEN + k))
 
     def _generate(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run the sampler for `n` sequences, vectorized over the batch, tracking the stack."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toylab.registry import register_task
-from toylab.task import IGNORE, Batch, Label, Task
+from toylab.task import IGNORE, Batch, Counterfactuals, Label, Task
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +92,7 @@ class Modes(Task):
 
     Config = ModesConfig
     primary_metric = "sequence_accuracy"
+    causal_variables = ("mode",)
     config: ModesConfig
 
     @property
@@ -128,16 +129,33 @@ class Modes(Task):
 
     def sample(self, n: int, seed: int) -> Batch:
         self.check_sample(n, seed)
-        cfg, length = self.config, self.config.length
+        return self._build(*self._draw(n, np.random.default_rng(seed)))
+
+    def interchange(self, n: int, seed: int, variable: str) -> Counterfactuals:
+        """Pairs for `mode`: base and source drawn independently; the causal model's output is the base's query
+        under the source's rule (shown by the source's mode token, or in `hidden`, its worked example)."""
+        self.check_sample(n, seed)
         rng = np.random.default_rng(seed)
+        base, source = self._draw(n, rng), self._draw(n, rng)
+        rule, _, example = source
+        counterfactual = self._build(rule, base[1], example)
+        return Counterfactuals(variable, self._build(*base), self._build(*source), counterfactual.targets, counterfactual.loss_mask)
+
+    def _draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Each sequence's rule, query list and (hidden) worked example's input list."""
+        cfg = self.config
         rule = rng.integers(cfg.n_modes, size=n)
-        query = rng.integers(cfg.n_symbols, size=(n, length))
+        query = rng.integers(cfg.n_symbols, size=(n, cfg.length))
+        return rule, query, self._distinguishing_lists(n, rng) if cfg.hidden else None
+
+    def _build(self, rule: np.ndarray, query: np.ndarray, example: np.ndarray | None) -> Batch:
+        """The sequences of these rules, queries and (hidden) worked examples, with targets, mask and labels."""
+        cfg, (n, length) = self.config, query.shape
         answer, source = source_indices(rule, query, cfg.n_symbols)
         mode_col = np.broadcast_to(rule[:, None], (n, 1))
         column = lambda value: np.full((n, 1), value)  # noqa: E731
         undefined = np.full((n, length), IGNORE)
-        if cfg.hidden:
-            example = self._distinguishing_lists(n, rng)
+        if example is not None:
             example_out, _ = source_indices(rule, example, cfg.n_symbols)
             parts = [(column(BOS), 0, None), (SYMBOL + example, 1, None), (column(ARROW), 1, None),
                      (SYMBOL + example_out, 1, None), (column(NEXT), 1, None)]

@@ -100,3 +100,25 @@ def test_invalid_options():
         get_task("brackets", min_length=40, max_length=10)
     with pytest.raises(ToylabError, match="expected int"):
         get_task("brackets", k="two")
+
+
+def test_stack_top_interchanges_match_the_reference():
+    """The source turns one matched pair into another type: a valid string whose labels the independent stack
+    reference recomputes; the causal model's output at every closing position is the closer of the source's top of
+    stack, which differs from the base's exactly at the turned pair's closing."""
+    from toylab.splits import in_heldout
+
+    task = get_task("brackets", k=3, m=4)
+    pairs = task.counterfactuals(2000, seed=2, variable="stack_top")
+    assert in_heldout(pairs.base.inputs).all() and in_heldout(pairs.source.inputs).all()
+    for i in range(len(pairs)):
+        base, source = pairs.base.inputs[i].tolist(), pairs.source.inputs[i].tolist()
+        changed = [t for t in range(len(base)) if base[t] != source[t]]
+        assert len(changed) == 2 and OPEN <= source[changed[0]] < OPEN + 3 and source[changed[1]] == source[changed[0]] + 3
+        ref = reference_labels(source, 3)  # asserts the source is well nested
+        for name in ("stack_top", "depth", "token_type"):
+            assert pairs.source.labels[name][i].tolist() == ref[name], name
+        closing = [t for t in range(len(base) - 1) if source[t + 1] >= OPEN + 3]
+        assert np.flatnonzero(pairs.mask[i]).tolist() == closing
+        assert [pairs.targets[i][t] for t in closing] == [OPEN + 3 + ref["stack_top"][t] for t in closing]
+        assert np.flatnonzero(pairs.informative[i]).tolist() == [changed[1] - 1]

@@ -111,3 +111,30 @@ def test_impossible_hidden_examples_are_refused():
         get_task("modes", n_modes=6, length=2, hidden=True)
     with pytest.raises(ToylabError, match="n_modes must be in"):
         get_task("modes", n_modes=7)
+
+
+@pytest.mark.parametrize("options", [{}, {"hidden": True}])
+def test_mode_interchanges_match_the_reference(options):
+    """The causal model's output of an interchange of `mode`: the base's query under the source's rule, recomputed
+    by the independent reference from the decoded source (its rule) and base (its query); base and source held out."""
+    from toylab.splits import in_heldout
+
+    task = get_task("modes", **options)
+    pairs = task.counterfactuals(2000, seed=4, variable="mode")
+    assert len(pairs) == 2000 and in_heldout(pairs.base.inputs).all() and in_heldout(pairs.source.inputs).all()
+    rules, n_symbols, length = task.rules, task.config.n_symbols, task.config.length
+    for i in range(len(pairs)):
+        rule = rules[reference(task.decode(pairs.source.inputs[i]), task.config.hidden, rules, n_symbols)["mode"][0]]
+        query = [ord(t) - ord("a") for t in task.decode(pairs.base.inputs[i])[-2 * length - 2: -length - 2]]
+        expected = apply_rule(rule, query, n_symbols)[0]
+        assert pairs.targets[i][pairs.mask[i]].tolist() == [task.vocab.index(chr(ord("a") + s)) for s in expected] + [task.vocab.index("<eos>")]
+        np.testing.assert_array_equal(pairs.mask[i], pairs.base.loss_mask[i])
+    same_rule = pairs.base.labels["mode"][:, 0] == pairs.source.labels["mode"][:, 0]
+    assert not pairs.informative[same_rule].any() and pairs.informative[~same_rule].any(1).mean() > 0.9
+
+
+def test_unknown_causal_variables_are_one_line_errors():
+    with pytest.raises(ToylabError, match="unknown causal variable 'symbol' of task 'modes'; valid: mode"):
+        get_task("modes").counterfactuals(10, 0, "symbol")
+    with pytest.raises(ToylabError, match="valid: none"):
+        get_task("superposition").counterfactuals(10, 0, "x")

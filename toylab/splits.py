@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from toylab.errors import ToylabError
-from toylab.task import Batch
+from toylab.task import Batch, Counterfactuals
 
 if TYPE_CHECKING:
     from toylab.task import Task
@@ -71,6 +71,26 @@ def sample_split(task: Task, n: int, seed: int, split: Split, exclude: Sequence[
         raise ToylabError(f"task '{task.name}' gave only {have} of {n} {split} sequences in {MAX_ROUNDS} rounds: its sequence "
                           f"space is too small to hold out {HELDOUT_FRACTION:.0%} of it" + (" beside the excluded batches" if exclude else ""))
     return Batch.concat(parts)[:n]
+
+
+def heldout_counterfactuals(task: Task, n: int, seed: int, variable: str) -> Counterfactuals:
+    """`n` of `task.interchange`'s pairs whose base and source both lie in the held-out part (rejection sampling,
+    deterministic in `(n, seed, variable)`), so no input of an intervention occurs in training."""
+    task.check_sample(n, seed)
+    keep = HELDOUT_FRACTION**2
+    parts, have = [], 0
+    for round_ in range(MAX_ROUNDS):
+        if parts and have >= n:
+            break
+        ask = math.ceil((n - have) / keep * 1.2) + 16
+        drawn = task.interchange(ask, int(np.random.SeedSequence([seed, len(SPLITS), round_]).generate_state(1)[0]), variable)
+        mask = in_heldout(drawn.base.inputs) & in_heldout(drawn.source.inputs)
+        parts.append(drawn[np.flatnonzero(mask)])
+        have += int(mask.sum())
+    if have < n:
+        raise ToylabError(f"task '{task.name}' gave only {have} of {n} held-out interchange pairs for '{variable}' in "
+                          f"{MAX_ROUNDS} rounds: its sequence space is too small")
+    return Counterfactuals.concat(parts)[:n]
 
 
 def overlap(a: Batch, b: Batch) -> int:

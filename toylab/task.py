@@ -95,6 +95,36 @@ class Batch:
         )
 
 
+@dataclass
+class Counterfactuals:
+    """Interchange pairs for one causal variable V of a task's planted causal model: per pair a `base` and a
+    `source` sequence (aligned position by position), and what the causal model outputs for the base with V set to
+    its value in the source: next tokens `targets` `[pair, pos]`, scored at `mask`. An intervention on a model that
+    moves V's representation from the source into the base run succeeds where the model then predicts `targets`."""
+
+    variable: str
+    base: Batch
+    source: Batch
+    targets: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: Any) -> Counterfactuals:
+        return Counterfactuals(self.variable, self.base[index], self.source[index], self.targets[index], self.mask[index])
+
+    @property
+    def informative(self) -> np.ndarray:
+        """Bool `[pair, pos]`: scored positions where setting V changes the causal model's output (doing nothing fails there)."""
+        return self.mask & (self.targets != self.base.targets)
+
+    @staticmethod
+    def concat(parts: Sequence[Counterfactuals]) -> Counterfactuals:
+        return Counterfactuals(parts[0].variable, Batch.concat([p.base for p in parts]), Batch.concat([p.source for p in parts]),
+                               np.concatenate([p.targets for p in parts]), np.concatenate([p.mask for p in parts]))
+
+
 class Task(ABC):
     """A synthetic task with planted, known ground truth.
 
@@ -105,6 +135,8 @@ class Task(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     primary_metric: ClassVar[str] = "token_accuracy"
+    causal_variables: ClassVar[tuple[str, ...]] = ()
+    """Variables of the task's planted causal model that `interchange` can set from another input."""
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None or isinstance(config, Mapping):
@@ -180,6 +212,20 @@ class Task(ABC):
         _, targets, mask = batch.tensors()
         correct = (logits.argmax(-1) == targets) & mask
         return {"token_accuracy": (correct.sum() / mask.sum()).item()}
+
+    def interchange(self, n: int, seed: int, variable: str) -> Counterfactuals:
+        """`n` interchange pairs for `variable` (one of `causal_variables`), deterministic in `(n, seed)`; tasks with a
+        causal model implement it (`counterfactuals` keeps the held-out pairs)."""
+        raise ToylabError(f"task '{self.name}' defines no causal variables to intervene on")
+
+    def counterfactuals(self, n: int, seed: int, variable: str) -> Counterfactuals:
+        """`n` interchange pairs whose base and source both lie in the held-out part of the sequence space (`toylab.splits`)."""
+        from toylab.splits import heldout_counterfactuals
+
+        if variable not in self.causal_variables:
+            valid = ", ".join(self.causal_variables) or "none"
+            raise ToylabError(f"unknown causal variable '{variable}' of task '{self.name}'; valid: {valid}")
+        return heldout_counterfactuals(self, n, seed, variable)
 
     def describe(self) -> str:
         """One paragraph for `toylab tasks show`."""
