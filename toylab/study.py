@@ -37,7 +37,7 @@ from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa:
 from toylab.formatting import fmt, table_json  # noqa: E402
 from toylab.report import Document, Section, Table, Text, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
-from toylab.training import TrainConfig, TrainedModel, is_finished, load_trained, train, trained_run  # noqa: E402
+from toylab.training import TrainConfig, TrainedModel, check_devices, is_finished, load_trained, train, trained_run  # noqa: E402
 
 R = TypeVar("R")
 
@@ -450,6 +450,9 @@ def run_study(
     launcher = launcher or build(LaunchConfig, {"workers": workers})
     start = time.perf_counter()
     study = resolve(name, overrides, fast)
+    for value in vars(study.config).values():  # devices are checked with the other options, before any folder is written
+        if isinstance(value, TrainConfig):
+            check_devices(value)
     config = {"study": name, **to_dict(study.config)}
     if budget is not None:
         if "seeds" not in config:
