@@ -18,7 +18,7 @@ Written on `HookedModule.run_with_hooks` rather than pyvene, which wraps Hugging
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,14 @@ class Subspace(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(basis.T)
         orthogonal(self.proj, orthogonal_map="householder", use_trivialization=False)
+
+    @classmethod
+    def from_basis(cls, basis: torch.Tensor) -> Subspace:
+        """The subspace spanned by the columns of `basis` `[d, r]` (e.g. a probe's directions)."""
+        subspace = cls(*basis.shape).to(basis.device, basis.dtype)
+        with torch.no_grad():
+            subspace.proj.weight = torch.linalg.qr(basis).Q.T
+        return subspace
 
     @property
     def d(self) -> int:
@@ -105,7 +113,8 @@ def site_activations(model: HookedModule, site: str, args: Args) -> tuple[str, t
     """The hook name `site` matches and its activations `[batch, pos, d]` on `args`."""
     _, cache = model.run_with_cache(*args, names=site)
     if len(cache) != 1:
-        raise ToylabError(f"site '{site}' must match one hook point that the forward pass runs (matched: {', '.join(cache) or 'none'})")
+        raise ToylabError(f"site '{site}' must match one hook point that the forward pass runs "
+                          f"(matched: {', '.join(cache) or 'none'})")
     [(name, acts)] = cache.items()
     if acts.ndim != 3:
         raise ToylabError(f"site '{name}' has activations of shape {list(acts.shape)}; interchange needs [batch, pos, d]")
@@ -119,12 +128,14 @@ def intervened_logits(
     """The model's output on `base` with hook `name` intervened on from the source's activations `source_acts`."""
     if subspace is not None and subspace.d != source_acts.shape[-1]:
         raise ToylabError(f"the subspace lives in d={subspace.d} but site '{name}' has d={source_acts.shape[-1]}")
-    if positions is not None and positions.shape != source_acts.shape[:2]:
-        raise ToylabError(f"positions must be a bool mask of shape {list(source_acts.shape[:2])} (got {list(positions.shape)})")
+    if positions is not None and (positions.shape != source_acts.shape[:2] or positions.dtype != torch.bool):
+        raise ToylabError(f"positions must be a bool mask of shape {list(source_acts.shape[:2])} "
+                          f"(got {positions.dtype} {list(positions.shape)})")
 
     def swap(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if x.shape != source_acts.shape:
-            raise ToylabError(f"base and source give site '{name}' different shapes: {list(x.shape)} vs {list(source_acts.shape)}")
+            raise ToylabError(f"base and source give site '{name}' different shapes: "
+                              f"{list(x.shape)} vs {list(source_acts.shape)}")
         new = source_acts if subspace is None else subspace.intervene(x, source_acts)
         return new if positions is None else torch.where(positions.to(x.device)[..., None], new, x)
 
@@ -149,13 +160,16 @@ def interchange_accuracy(
     NaN where no position counts."""
     for what, tensor in (("targets", targets), ("mask", mask), ("base_targets", base_targets)):
         if tensor is not None and tensor.shape != logits.shape[:-1]:
-            raise ToylabError(f"{what} must have shape {list(logits.shape[:-1])} like the logits' [batch, pos] (got {list(tensor.shape)})")
-    correct = (logits.argmax(-1) == targets).float()
+            raise ToylabError(f"{what} must have shape {list(logits.shape[:-1])} like the logits' [batch, pos] "
+                              f"(got {list(tensor.shape)})")
+    if mask.dtype != torch.bool:
+        raise ToylabError(f"mask must be a bool tensor (got {mask.dtype})")
+    correct = logits.argmax(-1) == targets
     informative = mask if base_targets is None else mask & (targets != base_targets)
     scores: dict[str, float | int] = {}
     for suffix, where in (("", informative), ("_all", mask)):
         n = int(where.sum())
-        scores[f"iia{suffix}"], scores[f"n{suffix}"] = (correct[where].mean().item() if n else float("nan")), n
+        scores[f"iia{suffix}"], scores[f"n{suffix}"] = (int(correct[where].sum()) / n if n else float("nan")), n
     return scores
 
 
@@ -168,9 +182,9 @@ def fit_das(
     pairs drawn with `seed`; the same seed gives the same subspace on CPU."""
     if steps < 1 or batch_size < 1:
         raise ToylabError(f"steps and batch_size must be >= 1 (got steps={steps}, batch_size={batch_size})")
-    if targets.shape != mask.shape or not mask.any():
-        raise ToylabError(f"targets and mask must share a shape [batch, pos] and mask a position (got {list(targets.shape)}, "
-                          f"{list(mask.shape)}, {int(mask.sum())} masked)")
+    if targets.shape != mask.shape or mask.dtype != torch.bool or not mask.any():
+        raise ToylabError(f"targets and a bool mask must share a shape [batch, pos] and mask a position "
+                          f"(got {list(targets.shape)}, {mask.dtype} {list(mask.shape)}, {int(mask.sum())} masked)")
     with frozen(model):
         with torch.no_grad():
             name, source_acts = site_activations(model, site, source)
@@ -190,22 +204,27 @@ def fit_das(
 
 
 def das_analysis(
-    model: HookedModule, site: str, train: Pairs, test: Pairs, rank: int, steps: int = 200, seed: int = 0,
-    lr: float = 1e-2, batch_size: int = 64,
+    model: HookedModule, site: str, train: Pairs, test: Pairs | Mapping[str, Pairs], rank: int, steps: int = 200,
+    seed: int = 0, lr: float = 1e-2, batch_size: int = 64,
 ) -> dict[str, Any]:
     """DAS fit on the `train` pairs, scored on held-out `test` pairs (the caller keeps them disjoint).
 
     `interchange_accuracy` on the test pairs of four arms: `das`, the fitted subspace; `random`, a random subspace of
     the same rank (DAS's starting point for this seed); `full`, the whole site swapped (the upper reference); `none`,
-    no intervention (the floor: `iia` near 0 when the model is right on the base inputs).
+    no intervention (the floor: `iia` near 0 when the model is right on the base inputs). With a mapping of named
+    test sets (one fit, several held-out sets), the arms of each under its name.
     """
     learned = fit_das(model, site, train.base, train.source, train.targets, train.mask, rank, steps, lr, batch_size, seed,
                       train.positions)
-    arms = {"das": learned, "random": Subspace(learned.d, rank, seed).to(learned.basis.device), "full": None}
+    control = Subspace(learned.d, rank, seed).to(next(learned.parameters()).device)
+
+    def score(pairs: Pairs) -> dict[str, dict[str, float | int]]:
+        name, source_acts = site_activations(model, site, pairs.source)
+        logits = {arm: intervened_logits(model, name, pairs.base, source_acts, subspace, pairs.positions)
+                  for arm, subspace in (("das", learned), ("random", control), ("full", None))}
+        logits["none"] = model(*pairs.base)
+        return {arm: interchange_accuracy(out, pairs.targets, pairs.mask, pairs.base_targets) for arm, out in logits.items()}
+
     with frozen(model), torch.no_grad():
-        name, source_acts = site_activations(model, site, test.source)
-        logits = {arm: intervened_logits(model, name, test.base, source_acts, subspace, test.positions)
-                  for arm, subspace in arms.items()}
-        logits["none"] = model(*test.base)
-    return {"site": name, "rank": rank, "d": learned.d,
-            **{arm: interchange_accuracy(out, test.targets, test.mask, test.base_targets) for arm, out in logits.items()}}
+        scores = score(test) if isinstance(test, Pairs) else {key: score(pairs) for key, pairs in test.items()}
+    return {"site": site, "rank": rank, "d": learned.d, **scores}
