@@ -29,7 +29,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["tasks", "show", "brackets", "-o", "depth=3"], "unknown BracketsConfig key 'depth'; valid: k, m"),
     (["tasks", "show", "brackets", "-o", "k"], "expected KEY=VALUE"),
     (["tasks", "sample", "brackets", "-n", "0"], "-n"),
-    (["study", "run", "nope"], "unknown study 'nope'; valid: ablation, calibration, dictionaries, expert-specialization"),
+    (["study", "run", "nope"], "unknown study 'nope'; valid: ablation, calibration, causal-abstraction, dictionaries, expert-specialization"),
     (["study", "run", "expert-specialization", "--set", "bogus=1"], "unknown ExpertSpecializationConfig key 'bogus'"),
     (["study", "run", "expert-specialization", "--set", "steps=10"], "key 'steps' (did you mean 'train.steps'?)"),
     (["run", "expert-specialization"], "No such command 'run'. Did you mean 'runs'? (or 'toylab study run'?)"),

@@ -1,0 +1,109 @@
+"""Causal abstraction: where does a model represent each variable of the task's planted causal model?
+
+For a variable V (`Task.causal_variables`) the task gives held-out interchange pairs and the causal model's
+counterfactual output (`Task.counterfactuals`). At every site of a transformer (`SITES`: the residual stream after
+attention, the FFN's output, the residual stream after the block, per layer) distributed alignment search
+(`interchange.das_analysis`) fits a rank-r subspace on one third of the pairs; a second third chooses the site with
+the best interchange-intervention accuracy (IIA), and the last third scores every site, so the best site's score
+is not the maximum of noisy scores it was chosen by. Controls at every site: a random subspace of the same rank
+and the full swap of the site; at the chosen site, DAS on the same architecture untrained (random init).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from toylab.analysis.interchange import Pairs, das_analysis
+from toylab.analysis.stats import UNIT, compare, correct_families, mean_ci
+from toylab.models import Transformer
+from toylab.task import Counterfactuals
+
+SITES = ("hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+"""The sites of each layer, in the order the forward pass writes them."""
+PARTS = ("fit", "select", "score")
+"""The three disjoint thirds of the interchange pairs: DAS fits on one, chooses the site on one, scores on one."""
+ARMS = ("das", "random", "full", "none")
+FAMILIES = {
+    "primary": "DAS IIA at each architecture's chosen site, MoE vs dense, per variable",
+    "found": "DAS IIA at the chosen site vs a random subspace of the same rank there, and vs DAS on the untrained "
+             "architecture, per architecture and variable",
+    "sites": "DAS IIA, MoE vs dense, at every site",
+}
+
+
+def site_names(model: Transformer) -> list[str]:
+    """Every site of the model, layer by layer in forward order."""
+    return [f"blocks.{layer}.{site}" for layer in range(model.cfg.n_layers) for site in SITES]
+
+
+def as_pairs(pairs: Counterfactuals, model: Transformer) -> Pairs:
+    """A task's interchange pairs as the model's forward arguments (with `route` for a label router)."""
+    def args(batch: Any) -> tuple[torch.Tensor, ...]:
+        route = model.route_input(batch.labels)
+        return (torch.from_numpy(np.ascontiguousarray(batch.inputs)),) + (() if route is None else (route,))
+
+    return Pairs(args(pairs.base), args(pairs.source), torch.from_numpy(np.ascontiguousarray(pairs.targets)),
+                 torch.from_numpy(np.ascontiguousarray(pairs.mask)), torch.from_numpy(np.ascontiguousarray(pairs.base.targets)))
+
+
+def thirds(pairs: Counterfactuals) -> dict[str, Counterfactuals]:
+    """The pairs cut into the three disjoint `PARTS`."""
+    edges = np.linspace(0, len(pairs), len(PARTS) + 1).astype(int)
+    return {part: pairs[edges[i]: edges[i + 1]] for i, part in enumerate(PARTS)}
+
+
+def abstraction_scores(model: Transformer, untrained: Transformer, pairs: Counterfactuals, rank: int, steps: int,
+                       seed: int) -> dict[str, Any]:
+    """One model's IIA per site (DAS fit on the `fit` third, scored on `select` and `score`), the site chosen on
+    `select`, and DAS on the `untrained` twin at that site."""
+    parts = {part: as_pairs(p, model) for part, p in thirds(pairs).items()}
+    sites = {site: das_analysis(model, site, parts["fit"], {"select": parts["select"], "score": parts["score"]}, rank, steps, seed)
+             for site in site_names(model)}
+    chosen = max(sites, key=lambda site: np.nan_to_num(sites[site]["select"]["das"]["iia"], nan=-1.0))
+    control = das_analysis(untrained, chosen, parts["fit"], {"score": parts["score"]}, rank, steps, seed)
+    return {"sites": {site: found["score"] for site, found in sites.items()}, "chosen": chosen,
+            "untrained": control["score"]["das"]}
+
+
+def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], margin: float) -> dict[str, Any]:
+    """Over seeds, per architecture (`runs[kind]`, one entry per seed, None for a failed run): the IIA of every arm
+    at every site (mean, 95% CI), the chosen sites, the chosen site's IIA, and the verdicts (paired by seed): MoE vs
+    dense at the chosen sites and at every site, and per architecture DAS vs the random subspace and vs the
+    untrained twin at its chosen site."""
+    seeds = [i for i in range(min(len(r) for r in runs.values())) if all(r[i] for r in runs.values())]
+    kinds = list(runs)
+    sites = list(runs[kinds[0]][seeds[0]]["sites"]) if seeds else []
+    chosen = {kind: [runs[kind][i]["chosen"] for i in seeds] for kind in kinds}
+    at_chosen = {kind: {arm: [runs[kind][i]["sites"][runs[kind][i]["chosen"]][arm]["iia"] for i in seeds] for arm in ARMS}
+                 for kind in kinds}
+    untrained = {kind: [runs[kind][i]["untrained"]["iia"] for i in seeds] for kind in kinds}
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "sites": {kind: {site: {arm: mean_ci([runs[kind][i]["sites"][site][arm]["iia"] for i in seeds], bounds=UNIT) for arm in ARMS}
+                         for site in sites} for kind in kinds},
+        "chosen": chosen,
+        "chosen_iia": {kind: {**{arm: mean_ci(v, bounds=UNIT) for arm, v in at_chosen[kind].items()},
+                              "untrained": mean_ci(untrained[kind], bounds=UNIT)} for kind in kinds},
+        "found": {kind: {"vs_random": compare(at_chosen[kind]["das"], at_chosen[kind]["random"], margin),
+                         "vs_untrained": compare(at_chosen[kind]["das"], untrained[kind], margin)} for kind in kinds},
+    }
+    if {"moe", "dense"} <= set(kinds):
+        summary["moe_vs_dense"] = compare(at_chosen["moe"]["das"], at_chosen["dense"]["das"], margin)
+        summary["by_site"] = {site: compare([runs["moe"][i]["sites"][site]["das"]["iia"] for i in seeds],
+                                            [runs["dense"][i]["sites"][site]["das"]["iia"] for i in seeds], margin) for site in sites}
+    return summary
+
+
+def adjust_abstraction(summaries: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of every variable's `summarize_abstraction` within the `FAMILIES` (in place)."""
+    members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
+    for s in summaries.values():
+        if "moe_vs_dense" in s:
+            members["primary"].append((s, "moe_vs_dense"))
+            members["sites"] += [(s["by_site"], site) for site in s["by_site"]]
+        members["found"] += [(s["found"][kind], key) for kind in s["found"] for key in ("vs_random", "vs_untrained")]
+    return correct_families(members, FAMILIES)
