@@ -70,6 +70,9 @@ class AblationConfig:
     router: RouterName = "learned"
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 500
     """Held-out sequences on which ablations are scored; a selection batch as large chooses each class's best ablation,
     and a reference batch as large gives means and selective neurons."""
@@ -98,7 +101,7 @@ class AblationStudy(Study):
     """Zero- and mean-ablate each expert vs the dense MLP on equal token subsets and equal neuron groups: how selectively do classes break?"""
 
     Config = AblationConfig
-    fast = {"seeds": 3, "control_seeds": 3, "n_eval": 100,
+    fast = {"competence": 0.0, "seeds": 3, "control_seeds": 3, "n_eval": 100,
             "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}}
     config: AblationConfig
 

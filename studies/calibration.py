@@ -63,6 +63,9 @@ class CalibrationConfig:
     """Options shared by the dense and every MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 300
     """Held-out sequences analysed (the same for every model)."""
     n_permutations: int = 200
@@ -94,7 +97,7 @@ class Calibration(Study):
     """Plant specialization of known strength with a dial; measure each analysis's sensitivity and specificity."""
 
     Config = CalibrationConfig
-    fast = {"seeds": 3, "grid": (0.0, 0.5, 1.0), "n_eval": 80, "n_permutations": 50, "null_draws": 2, "random_labels": 40,
+    fast = {"competence": 0.0, "seeds": 3, "grid": (0.0, 0.5, 1.0), "n_eval": 80, "n_permutations": 50, "null_draws": 2, "random_labels": 40,
             "train": {"steps": 300, "n_train": 2000, "n_val": 100, "eval_every": 150}}
     config: CalibrationConfig
 

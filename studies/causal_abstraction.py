@@ -46,6 +46,9 @@ class CausalAbstractionConfig:
     n_experts: int = 4
     top_k: int = 1
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_pairs: int = 900
     rank: int = 4
     das_steps: int = 300
@@ -65,7 +68,7 @@ class CausalAbstraction(Study):
     """Interchange interventions (DAS) against the task's planted causal model, in a dense and an MoE transformer."""
 
     Config = CausalAbstractionConfig
-    fast = {"seeds": 3, "n_pairs": 150, "das_steps": 40, "n_eval": 100,
+    fast = {"competence": 0.0, "seeds": 3, "n_pairs": 150, "das_steps": 40, "n_eval": 100,
             "train": {"steps": 200, "n_train": 2000, "n_val": 100, "eval_every": 100}}
     config: CausalAbstractionConfig
 

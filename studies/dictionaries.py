@@ -73,6 +73,9 @@ class DictionariesConfig:
     token_model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2,
                                                                  "ffn": "moe", "n_experts": 4})
     token_train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     token_layer: int = 1
     """The MoE layer whose router input the dictionaries read."""
     token_size: int = 64
@@ -157,7 +160,7 @@ class Dictionaries(Study):
     """SAEs and Switch SAEs against planted features (toy superposition) and labels, next to MoE experts."""
 
     Config = DictionariesConfig
-    fast = {"seeds": 3, "toy_train": {"steps": 1000}, "sizes": (20,), "l1": (0.01,), "sae_train": {"steps": 300},
+    fast = {"competence": 0.0, "seeds": 3, "toy_train": {"steps": 1000}, "sizes": (20,), "l1": (0.01,), "sae_train": {"steps": 300},
             "n_samples": 4000, "token_train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60},
             "token_size": 32, "n_eval": 100}
     config: DictionariesConfig

@@ -92,6 +92,9 @@ class ExpertSpecializationConfig:
     any other router of `toylab.models.routing` (noisy, expert_choice, kmeans, sparsity)."""
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 500
     """Held-out sequences on which activations are analysed (the same for every seed)."""
     n_permutations: int = 500
@@ -118,7 +121,7 @@ class ExpertSpecialization(Study):
     """Train dense and MoE transformers over seeds; compare expert routing with planted labels, k-means and a null."""
 
     Config = ExpertSpecializationConfig
-    fast = {"seeds": 3, "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}, "n_eval": 100,
+    fast = {"competence": 0.0, "seeds": 3, "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}, "n_eval": 100,
             "n_permutations": 100}
     config: ExpertSpecializationConfig
 

@@ -52,6 +52,9 @@ class FunctionStateConfig:
     n_experts: int = 4
     top_k: int = 1
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 300
     """Held-out sequences probed (the same for every seed)."""
     margin: float = MARGIN
@@ -69,7 +72,7 @@ class FunctionState(Study):
     """Probe labels at the router input, the expert output and the residual stream: do experts carry function, the residual state?"""
 
     Config = FunctionStateConfig
-    fast = {"seeds": 2, "n_eval": 80, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
+    fast = {"competence": 0.0, "seeds": 2, "n_eval": 80, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
     config: FunctionStateConfig
 
     def __init__(self, config: FunctionStateConfig) -> None:

@@ -82,6 +82,9 @@ class PlanningConfig:
     train: TrainConfig = TrainConfig(steps=2500, batch_size=64, lr=3e-3, lr_floor=0.0, n_train=160_000, eval_every=500)
     """`n_train` = steps x batch size: every training maze is seen once. The learning rate anneals to 0:
     exact paths need every step right, and the last, small steps buy that."""
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 500
     """Held-out mazes for solve rates, probes and the specialization analysis (the same for every seed)."""
     larger_size: int | None = 4
@@ -135,7 +138,7 @@ class Planning(Study):
     """Train dense and MoE transformers on maze planning; probe where and how far ahead the path is represented."""
 
     Config = PlanningConfig
-    fast = {
+    fast = {"competence": 0.0, 
         "seeds": 2,
         "train": {"steps": 100, "n_train": 2000, "n_val": 100, "eval_every": 100},
         "n_eval": 100,

@@ -76,6 +76,9 @@ class RoutingVariantsConfig:
     """The base MoE every variant starts from (a variant may change them, e.g. fine-grained experts)."""
     variants: tuple[str, ...] = tuple(VARIANTS)
     train: TrainConfig = TrainConfig(steps=600, lr=3e-3, n_train=10000, n_val=500)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 300
     """Held-out sequences on which every analysis runs (the same for every model and seed)."""
     n_permutations: int = 200
@@ -101,7 +104,7 @@ class RoutingVariants(Study):
     """Routing and expert variants (expert choice, k-means, MoE-X, fine-grained, shared, orthogonal, noisy, capacity) at matched active parameters."""
 
     Config = RoutingVariantsConfig
-    fast = {"seeds": 3, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1},
+    fast = {"competence": 0.0, "seeds": 3, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1},
             "train": {"steps": 30, "n_train": 256, "n_val": 32, "eval_every": 30, "warmup_steps": 5},
             "n_eval": 24, "n_permutations": 10, "max_classes": 3, "min_count": 3}
     config: RoutingVariantsConfig

@@ -63,6 +63,9 @@ class SparseProbingConfig:
     router_label: str | None = "auto"
     """Label of the label-router control ("auto": the task's first single-class `function` label; None: no control)."""
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 300
     """Held-out sequences probed (the same for every model and seed)."""
     ks: tuple[int, ...] = KS
@@ -96,7 +99,7 @@ class SparseProbing(Study):
     random-basis and label-router controls."""
 
     Config = SparseProbingConfig
-    fast = {"seeds": 3, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 160, "ks": (1, 4), "max_classes": 4,
+    fast = {"competence": 0.0, "seeds": 3, "top_ks": (1,), "n_experts": (2, 4), "robustness": ("dense",), "n_eval": 160, "ks": (1, 4), "max_classes": 4,
             "min_count": 5, "train": {"steps": 60, "n_train": 1000, "n_val": 100, "eval_every": 60}}
     config: SparseProbingConfig
 

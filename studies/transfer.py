@@ -66,6 +66,9 @@ class TransferConfig:
     router: RouterName = "learned"
     router_label: str | None = None
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
+    competence: float | None = None
+    """Analyse only models whose held-out primary metric reaches this (None: the task's threshold, `Task.competence`;
+    0: every model, a smoke test whose verdicts mean nothing)."""
     n_eval: int = 300
     """Held-out sequences whose real tokens are compared and probed (the same for every model)."""
     n_tokens: int = 2000
@@ -85,7 +88,7 @@ class TransferStudy(Study):
     """Dense vs MoE residual streams: CKA and RSA against the seed-to-seed level, and probes moved across by Procrustes."""
 
     Config = TransferConfig
-    fast = {"replicates": 3, "n_eval": 60, "n_tokens": 500,
+    fast = {"competence": 0.0, "replicates": 3, "n_eval": 60, "n_tokens": 500,
             "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60}}
     config: TransferConfig
 

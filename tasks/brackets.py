@@ -80,6 +80,7 @@ class Brackets(Task):
 
     Config = BracketsConfig
     primary_metric = "closing_accuracy"
+    competence = 0.95
     causal_variables = ("stack_top",)
     config: BracketsConfig
 

@@ -170,6 +170,7 @@ class Gridworld(Task):
 
     Config = GridworldConfig
     primary_metric = "maze_accuracy"
+    competence = 0.9
     config: GridworldConfig
 
     @property

@@ -92,6 +92,7 @@ class Modes(Task):
 
     Config = ModesConfig
     primary_metric = "sequence_accuracy"
+    competence = 0.9
     causal_variables = ("mode",)
     config: ModesConfig
 

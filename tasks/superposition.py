@@ -72,6 +72,7 @@ class SparseFeatures(Task):
 
     Config = SuperpositionConfig
     primary_metric = "weighted_mse"
+    competence = None
     config: SuperpositionConfig
 
     @property

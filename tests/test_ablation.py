@@ -225,7 +225,7 @@ def test_selective_groups_take_the_neurons_most_active_on_each_frequent_class() 
     assert sorted(two) == sorted(np.argsort(-counts, kind="stable")[:2].tolist())
 
 
-TINY_STUDY = {"seeds": 1, "control_seeds": 1, "n_eval": 24, "min_count": 5, "model": {**TINY, "n_layers": 2},
+TINY_STUDY = {"competence": 0, "seeds": 1, "control_seeds": 1, "n_eval": 24, "min_count": 5, "model": {**TINY, "n_layers": 2},
               "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}}
 
 
@@ -237,7 +237,8 @@ def test_tiny_study_writes_results_figures_and_report(tmp_path) -> None:
     assert set(results["selectivity"]["zero"]["depth"]["arms"]) == set(ARMS)
     assert results["per_seed"]["dense"][0]["modes"]["zero"]["labels"]["depth"]["selectivity"]["moe_partition"]
     report = (directory / "report.md").read_text()
-    assert report.startswith("# Targeted ablations on `brackets`\n\n**Bottom line.** Are targeted ablations easier on MoEs?")
+    assert report.startswith("# Targeted ablations on `brackets`\n\n## Smoke test\n")  # competence = 0: said first
+    assert "\n**Bottom line.** Are targeted ablations easier on MoEs?" in report
     assert "## Verdicts. Primary" in report and "## Positive control" in report
     assert {p.name for p in (directory / "figures").iterdir()} >= {"selectivity.png", "causal_moe.png", "control.png"}
     assert outcome.summary and "vs dense MLP, MoE's partition" in outcome.summary[0]

@@ -11,7 +11,7 @@ import torch
 from toylab.cli import app
 from toylab.errors import DivergenceError
 
-TINY = ["--seeds", "2", "--set", "train.steps=16", "--set", "train.n_train=128", "--set", "train.n_val=32",
+TINY = ["--set", "competence=0", "--seeds", "2", "--set", "train.steps=16", "--set", "train.n_train=128", "--set", "train.n_val=32",
         "--set", "train.eval_every=8", "--set", "n_eval=24", "--set", "n_permutations=20",
         "--set", "model.d_model=16", "--set", "model.d_mlp=32", "-o", "max_length=12", "--no-progress"]
 

@@ -5,7 +5,7 @@ import pytest
 from toylab.cli import app
 from toylab.study import run_study
 
-TINY = {"seeds": 2, "n_eval": 24, "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
+TINY = {"competence": 0, "seeds": 2, "n_eval": 24, "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
         "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}}
 
 
@@ -21,7 +21,8 @@ def test_tiny_label_and_hash_routers_give_their_known_assignments(tmp_path):
     assert mode["routing_cnmi"]["mean"] == 0 and mode["conditional_vs_null"]["identical"]
     assert mode["conditional_vs_null"]["verdict"] == "equivalent"
     report = (hashed.directory / "report.md").read_text()
-    assert report.startswith("# Expert specialization on `modes`\n\n**Bottom line.**") and "## Controls" in report
+    assert report.startswith("# Expert specialization on `modes`\n\n## Smoke test\n") and "\n**Bottom line.**" in report
+    assert "## Controls" in report
     assert "Routing is a function of the token" in report
 
 

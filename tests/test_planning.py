@@ -113,6 +113,7 @@ def test_the_primary_family_stays_quiet_without_a_plan() -> None:
 
 def test_tiny_study_end_to_end(tmp_path) -> None:
     overrides = {
+        "competence": 0,
         "seeds": 2, "n_eval": 40, "ahead": 1, "pauses": (0,), "n_permutations": 20,
         "train": {"steps": 8, "n_train": 128, "n_val": 32, "eval_every": 8},
     }

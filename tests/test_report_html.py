@@ -25,7 +25,7 @@ from toylab.cli import app
 from toylab.report import Document, ExpertMap, Figure, Section, Table, Text, to_html, to_markdown
 from toylab.study import run_study
 
-TINY = {"seeds": 2, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}, "n_eval": 24,
+TINY = {"competence": 0, "seeds": 2, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}, "n_eval": 24,
         "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
         "task_options": {"max_length": 12}}
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")

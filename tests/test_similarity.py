@@ -164,7 +164,7 @@ def test_same_representations_read_equivalent_and_no_difference_gives_no_directi
 
 
 def test_tiny_study_writes_results_figures_and_report(tmp_path) -> None:
-    tiny = {"replicates": 1, "n_eval": 24, "n_tokens": 100, "task_options": {"max_length": 12},
+    tiny = {"competence": 0, "replicates": 1, "n_eval": 24, "n_tokens": 100, "task_options": {"max_length": 12},
             "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32}, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}}
     outcome = run_study("transfer", tiny, out=tmp_path, progress=False)
     results, directory = outcome.results, outcome.directory

@@ -22,7 +22,8 @@ def jobs() -> list[TrainJob]:
 
 
 def test_workers_give_the_same_models_as_training_in_process(tmp_path) -> None:
-    alone, together = StudyContext(tmp_path / "one", progress=False), StudyContext(tmp_path / "two", progress=False, workers=2)
+    alone, together = (StudyContext(tmp_path / "one", progress=False, competence=0),
+                       StudyContext(tmp_path / "two", progress=False, workers=2, competence=0))
     with together:
         first, second = alone.train(jobs()), together.train(jobs())
     assert list(first) == list(second) == [job.key for job in jobs()]
@@ -32,7 +33,7 @@ def test_workers_give_the_same_models_as_training_in_process(tmp_path) -> None:
         assert first[job.key].metrics == second[job.key].metrics
     assert (together.trained, together.reused) == (4, 0)
 
-    with StudyContext(tmp_path / "two", progress=False, workers=2) as again:
+    with StudyContext(tmp_path / "two", progress=False, workers=2, competence=0) as again:
         again.train(jobs())
     assert (again.trained, again.reused) == (0, 4)
 
@@ -40,7 +41,7 @@ def test_workers_give_the_same_models_as_training_in_process(tmp_path) -> None:
 def test_a_run_diverging_in_a_worker_fails_alone(tmp_path) -> None:
     good, bad = jobs()[:2]
     bad = replace(bad, config=replace(bad.config, lr=1e12, grad_clip=1e12, steps=40, eval_every=40))
-    with StudyContext(tmp_path, progress=False, workers=2) as ctx:
+    with StudyContext(tmp_path, progress=False, workers=2, competence=0) as ctx:
         trained = ctx.train([good, bad])
     assert trained[good.key] is not None and trained[bad.key] is None
     assert [f["run"] for f in ctx.failures] == [bad.key] and "diverged" in ctx.failures[0]["error"]
@@ -96,3 +97,27 @@ def test_the_sequential_note_says_why_it_stopped() -> None:
     text = to_markdown(Document("t", [sequential_note(record)]))
     assert "It stopped at 5 seeds because the budget of 5 seeds was spent with the primary family still inconclusive" in text
     assert "the primary verdict is **inconclusive**" in text and "| 2 | 5 |" in text
+
+
+def test_models_below_the_task_competence_are_not_analysed_and_none_left_is_one_line(tmp_path) -> None:
+    """Issue 27 §1: a run below its task's threshold gives None and is named; when none is left, a one-line error."""
+    from toylab.errors import ToylabError
+    from toylab.report import Document, to_markdown
+    from toylab.study import competence_note
+
+    with StudyContext(tmp_path, progress=False, competence=0) as ctx:
+        trained = ctx.train(jobs())
+    scores = sorted(model.metrics["closing_accuracy"] for model in trained.values())
+    assert scores[0] < scores[-1]
+    middle = (scores[0] + scores[-1]) / 2
+    with StudyContext(tmp_path, progress=False, competence=middle) as ctx:
+        kept = ctx.train(jobs())
+    below = {b["run"] for b in ctx.below}
+    assert below and all(kept[key] is None for key in below) and all(kept[key] is not None for key in kept if key not in below)
+    assert all(b["value"] < middle and b["metric"] == "closing_accuracy" for b in ctx.below)
+    text = to_markdown(Document("t", competence_note({"below_competence": ctx.below}, None)))
+    assert "## Models below the task's competence threshold" in text and sorted(below)[0] in text
+    with StudyContext(tmp_path, progress=False) as ctx, pytest.raises(ToylabError, match="no model reached the competence threshold of task 'brackets' "
+                                                                         r"\(closing_accuracy >= 0.95") as error:
+        ctx.train(jobs())  # six steps of training: nowhere near the task's own threshold
+    assert "\n" not in str(error.value) and "--set competence=0" in str(error.value)

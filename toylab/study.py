@@ -67,11 +67,16 @@ def routing_of_run(job: TrainJob, run_dir: Path, batch: Batch) -> tuple[int, int
 class StudyContext:
     """What a running study may touch: its directory, cached training runs, workers, figures, progress."""
 
-    def __init__(self, directory: Path, progress: bool = True, workers: int = 1, launcher: LaunchConfig | None = None) -> None:
+    def __init__(self, directory: Path, progress: bool = True, workers: int = 1, launcher: LaunchConfig | None = None,
+                 competence: float | None = None) -> None:
         self.directory = Path(directory)
         self.progress = progress
         self.launcher = launcher or LaunchConfig(workers=workers)
+        self.competence = competence
+        """The primary metric a trained model must reach to be analysed; None: each task's own `Task.competence`."""
         self.failures: list[dict[str, str]] = []
+        self.below: list[dict[str, Any]] = []
+        """Finished runs below their competence threshold: not analysed (`train` gives None for them)."""
         self.trained_keys: set[str] = set()
         """Runs trained by this context; the others it used were `reused_keys`, finished before it started."""
         self.reused_keys: set[str] = set()
@@ -158,7 +163,25 @@ class StudyContext:
         for key, error in failed.items():
             self.failures.append({"run": key, "error": error})
             tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
-        return {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
+        models = {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
+        below = [self.competent(job, models[job.key]) for job in jobs if models[job.key] is not None]
+        below = [b for b in below if b is not None]
+        if below and len(below) + len(failed) == len(jobs):
+            best = max(below, key=lambda b: b["value"])
+            raise ToylabError(f"no model reached the competence threshold of task '{best['task']}' ({best['metric']} >= "
+                              f"{best['threshold']:g} on held-out validation; best {best['value']:.3f}, run {best['run']}): train "
+                              "longer (--set train.steps=...), or --set competence=0 for a smoke test whose verdicts mean nothing")
+        self.below += below
+        return {key: None if any(b["run"] == key for b in below) else model for key, model in models.items()}
+
+    def competent(self, job: TrainJob, trained: TrainedModel) -> dict[str, Any] | None:
+        """None when the run reaches its competence threshold (or the task has none), else what it missed by."""
+        threshold = job.task.competence if self.competence is None else self.competence
+        metric = job.task.primary_metric
+        value = trained.metrics.get(metric)
+        if threshold is None or value is None or value >= threshold:
+            return None
+        return {"run": job.key, "task": job.task.name, "metric": metric, "value": value, "threshold": threshold}
 
     def analyse_runs(self, jobs: Sequence[TrainJob], function: Callable[[TrainJob, Path], R], description: str) -> dict[str, R]:
         """`function(job, run_dir)` for every job whose run finished (in the workers), by job key.
@@ -314,6 +337,29 @@ def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
         "shared by all seeds, `stats.sequence_resamples`).")])
 
 
+def competence_note(results: Mapping[str, Any], config: Any) -> list[Section]:
+    """The report's first lines on competence: a smoke test (threshold 0) says its verdicts mean nothing; runs below
+    their task's threshold are named, not analysed."""
+    if getattr(config, "competence", None) == 0:
+        return [Section("Smoke test", [Text(
+            "This run sets `competence = 0`: its models were analysed whether or not they learned the task (`--fast` presets "
+            "train too briefly to), so it checks that the pipeline runs, and **its verdicts say nothing about the question**. "
+            "Run without `--fast` for verdicts on models that learned the task.")])]
+    below = results.get("below_competence") or []
+    if not below:
+        return []
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for b in below:
+        kinds.setdefault(b["run"].rsplit("-seed", 1)[0], []).append(b)
+    lines = "; ".join(f"{len(runs)} `{kind}` run(s) (" + ", ".join(f"{r['run']}: {r['value']:.3f}" for r in runs) + ")"
+                      for kind, runs in kinds.items())
+    first = below[0]
+    return [Section("Models below the task's competence threshold", [Text(
+        f"Not analysed, because they did not learn the task ({first['metric']} below {first['threshold']:g} on held-out "
+        f"validation): {lines}. Every number below comes from the other runs; train longer (`--set train.steps=...`) to "
+        "analyse them.")])]
+
+
 def sequential_note(sequential: Mapping[str, Any]) -> Section:
     """The report's first section under `--seeds auto`: the stopping rule, every look and why it stopped."""
     rows = [{"look": i + 1, "seeds": look["seeds"], "alpha at this look": f"{look['alpha']:.2g}",
@@ -340,7 +386,7 @@ def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timin
     notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
         notes.append(timing_note(timing))
-    first = [sequential_note(results["sequential"])] if results.get("sequential") else []
+    first = competence_note(results, study.config) + ([sequential_note(results["sequential"])] if results.get("sequential") else [])
     document = Document(document.title, [*first, *document.blocks, *notes])
     markdown, html = to_markdown(document), to_html(document, ctx.directory)
     io.write_json(ctx.directory / "summary.json", table_json(summary))
@@ -416,7 +462,7 @@ def run_looks(name: str, overrides: Mapping[str, Any], fast: bool, budget: SeedB
     schedule = looks(start, budget.batch, max(budget.max_seeds, start))
     record = []
     for seeds, alpha in zip(schedule, look_alphas(schedule, budget.alpha, budget.rule)):
-        ctx.failures, ctx.heldout_batches = [], []
+        ctx.failures, ctx.heldout_batches, ctx.below = [], [], []
         results = resolve(name, {**overrides, "seeds": seeds}, fast).run(ctx)
         decision = decide(primary_comparisons(results, name), alpha)
         record.append({"seeds": seeds, "alpha": alpha, "verdicts": decision["verdicts"], "settled": decision["settled"],
@@ -465,9 +511,10 @@ def run_study(
         raise ToylabError(f"cannot create output directory {directory}: {error.strerror}") from None
     io.write_json(directory / "config.json", config)
     io.write_json(directory / "code_version.json", code_version())
-    with StudyContext(directory, progress, launcher=launcher) as ctx:
+    with StudyContext(directory, progress, launcher=launcher, competence=getattr(study.config, "competence", None)) as ctx:
         results = study.run(ctx) if budget is None else run_looks(name, overrides or {}, fast, budget, ctx)
     results["failed_runs"] = ctx.failures
+    results["below_competence"] = ctx.below
     results["heldout"] = ctx.heldout_batches
     io.write_json(directory / "results.json", results)
     timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "launcher": launcher.launcher,

@@ -135,6 +135,9 @@ class Task(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     primary_metric: ClassVar[str] = "token_accuracy"
+    competence: ClassVar[float | None] = 0.9
+    """The `primary_metric` a model must reach on held-out validation before a study analyses it (a model that has not
+    learned the task says nothing about how it solves it); None: no threshold (e.g. a loss)."""
     causal_variables: ClassVar[tuple[str, ...]] = ()
     """Variables of the task's planted causal model that `interchange` can set from another input."""
 
