@@ -207,6 +207,15 @@ class Calibration(Study):
                 lines.append(f"- With {n} seeds, routing vs k-means (the primary verdict of `expert-specialization`) calls *more* in "
                              f"≥ {TARGET:.0%} of studies from a realized NMI of **{fmt(found)}** on." if found is not None else
                              f"- With {n} seeds, routing vs k-means calls *more* in ≥ {TARGET:.0%} of studies at **no** setting of this grid.")
+        if primary and primary.get("missed"):
+            gaps = primary["missed"]
+            n = max(cfg.power_seeds)
+            lines.append(f"- Detection does **not** rise with specialization: routing vs k-means calls *more* in fewer than {TARGET:.0%} of "
+                         f"studies even with {n} seeds at " + ", ".join(f"{symbol} = {g['dial']:g} (realized NMI {fmt(g['realized'])}, "
+                         f"rate {fmt(g['rate'], 2)})" for g in gaps) + ", above settings it does detect. There routing is no more "
+                         "aligned with the label than k-means on the router input is: the planted label is in the residual stream the "
+                         "router reads, so clustering it finds the label too. The verdict measures specialization *beyond* the "
+                         "residual stream's clusters, not specialization as such.")
         spec = results["specificity"]
         if spec:
             rate = spec["adjusted"]

@@ -114,3 +114,15 @@ def test_the_calibration_study_runs_end_to_end(tmp_path):
     report = (outcome.directory / "report.md").read_text()
     assert "Specificity: on 20 random labels" in report and "With 5 seeds, routing vs k-means" in report
     assert (outcome.directory / "figures" / "dose_response.png").is_file()
+
+
+def test_settings_missed_above_a_detected_one_are_named():
+    """Specialization the analysis stops seeing at higher settings (effects that fall back to 0) is reported as missed."""
+    rng = np.random.default_rng(2)
+    effects = {0.0: 0.0, 0.1: 0.3, 0.3: 0.3, 1.0: 0.0}
+    points = [{"dial": d, "realized": list(np.full(8, 0.1 + 0.8 * d)), "effects": {"nmi_vs_kmeans": list(e + rng.normal(0, 0.05, 8))},
+               "verdicts": {"nmi_vs_kmeans": "inconclusive"}, "evaluation_se": {}} for d, e in effects.items()]
+    curve = dose_response(points, (3, 10))["nmi_vs_kmeans"]
+    assert [g["dial"] for g in curve["missed"]] == [1.0] and curve["missed"][0]["rate"] < 0.8
+    monotone = [{**p, "effects": {"nmi_vs_kmeans": list(p["dial"] + rng.normal(0, 0.05, 8))}} for p in points]
+    assert dose_response(monotone, (3, 10))["nmi_vs_kmeans"]["missed"] == []

@@ -123,8 +123,19 @@ def dose_response(points: Sequence[Mapping[str, Any]], seeds: Sequence[int], tar
                         "verdict": p["verdicts"][name], "detection": rate} for p, rate in zip(points, rates)],
             "sensitivity": {str(n): sensitivity([realized_mean[i] for i in order], [rates[i][str(n)] for i in order], target)
                             for n in seeds},
+            "missed": missed([realized_mean[i] for i in order], [rates[i][str(max(seeds))] for i in order], [points[i]["dial"] for i in order], target),
         }
     return curves
+
+
+def missed(realized: Sequence[float], rates: Sequence[float], dials: Sequence[float], target: float = TARGET) -> list[dict[str, float]]:
+    """The settings (sorted by realized specialization) that an analysis misses (rate below `target`) although it
+    detects a smaller realized specialization: where detection does not rise with specialization, "sensitivity" alone
+    would mislead."""
+    first = next((i for i, rate in enumerate(rates) if rate >= target), None)
+    if first is None:
+        return []
+    return [{"dial": dials[i], "realized": realized[i], "rate": rates[i]} for i in range(first + 1, len(rates)) if not rates[i] >= target]
 
 
 def random_labels(sequences: np.ndarray, n_classes: int, n_labels: int) -> np.ndarray:
