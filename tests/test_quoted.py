@@ -3,10 +3,14 @@ against the data file written from the runs they come from."""
 
 from pathlib import Path
 
+import pytest
+
 from toylab import io, quoted
 
 ROOT = Path(__file__).resolve().parent.parent
 README, NUMBERS = ROOT / "README.md", ROOT / "docs" / "readme-numbers.json"
+STUDY_DOCS = sorted((ROOT / "docs" / "studies").glob("*.md"))
+"""A study's page quotes its runs like the README, from the same data file."""
 
 
 def test_the_number_checks_parse_and_fail_on_a_wrong_number(tmp_path) -> None:
@@ -34,3 +38,13 @@ def test_every_number_the_readme_quotes_from_a_run_matches_the_file_written_from
     wrong = [(n, path, values.get(path)) for n, path, tolerance in lines
              if path not in values or not quoted.matches(n, values[path], tolerance)]
     assert wrong == [], "quoted vs written from the run (rerun `python -m toylab.quoted`, see its docstring)"
+
+
+@pytest.mark.parametrize("document", STUDY_DOCS, ids=lambda path: path.name)
+def test_every_number_a_study_page_quotes_matches_its_run_and_every_number_is_quoted(document) -> None:
+    text, values = document.read_text(), io.read_json(NUMBERS)
+    lines = quoted.checks(text)
+    wrong = [(n, path, values.get(path)) for n, path, tolerance in lines
+             if path not in values or not quoted.matches(n, values[path], tolerance)]
+    assert wrong == [], "quoted vs written from the run (rerun `python -m toylab.quoted`, see its docstring)"
+    assert quoted.prose_numbers(text) - {n for n, _, _ in lines} == set(), "a number in the prose is not quoted from a run"
