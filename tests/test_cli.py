@@ -5,6 +5,8 @@ import json
 import os
 import stat
 
+import re
+
 import pytest
 import torch
 
@@ -241,3 +243,33 @@ def test_code_version_stores_booleans():
     info = code_version()
     assert "git_dirty" not in info or isinstance(info["git_dirty"], bool)
     assert isinstance(info["toylab"], str)
+
+
+def test_runs_list_tells_runs_apart_aligns_and_speaks_json(tmp_path, capsys):
+    """Issue 27 §4: what differs between runs of one study, their seeds, models of `toylab train`, aligned columns, --json."""
+    import json
+
+    from toylab import io
+
+    for name, router, seeds in (("aaaa", "hash", 5), ("bbbb", "label", "auto")):
+        run_dir = tmp_path / "expert-specialization" / name
+        io.write_json(run_dir / "config.json", {"study": "expert-specialization", "task": "modes", "router": router, "seeds": seeds,
+                                                "train": {"steps": 1000}})
+        results = {"task": {"name": "modes"}, "runs": {}, "failed_runs": []}
+        if seeds == "auto":
+            results["sequential"] = {"looks": [{"seeds": 5}, {"seeds": 10}]}
+        io.write_json(run_dir / "results.json", results)
+        io.write_json(run_dir / "summary.json", {"rows": [[["label", "mode"], ["verdict", "more"]]]})
+    model = tmp_path / "train" / "modes-moe-0123456789"
+    io.write_json(model / "config.json", {"task": "modes", "task_options": {}, "model": {"ffn": "moe"}, "train": {"seed": 3}})
+    io.write_json(model / "final.json", {"metrics": {"sequence_accuracy": 1.0}})
+    code, out, _ = run(capsys, "runs", "list", "--out", str(tmp_path))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:6] == ["study", "task", "date", "hash", "seeds", "status"] and len(lines) == 4
+    assert len({re.match(r"\S+\s+", line).end() for line in lines}) == 1  # the second column starts alike on every line
+    code, out, _ = run(capsys, "runs", "list", "--out", str(tmp_path), "--json")
+    found = {r["config_hash"]: r for r in json.loads(out)}
+    assert found["aaaa"]["differs"] == "router=hash" and found["bbbb"]["differs"] == "router=label"
+    assert found["bbbb"]["seeds"] == "auto: 10" and found["aaaa"]["seeds"] == "5"
+    assert found["modes-moe-0123456789"]["status"] == "trained (toylab train)" and found["modes-moe-0123456789"]["seeds"] == "seed 3"
+    assert "sequence_accuracy 1.000" in found["modes-moe-0123456789"]["headline"]

@@ -127,7 +127,8 @@ def test_study_writes_an_html_report_with_every_figure_and_the_expert_map(tiny_r
 
 def test_runs_list_show_and_report(tiny_run, capsys) -> None:
     code, out, _ = cli(capsys, "runs", "list", "--out", str(tiny_run.parent.parent))
-    (line,) = out.splitlines()
+    header, line = out.splitlines()
+    assert header.split()[:2] == ["study", "task"]
     assert code == 0 and line.split()[:2] == ["expert-specialization", "brackets"] and tiny_run.name in line and "finished" in line
     assert "layer " in line and "NMI routing" in line
     code, out, _ = cli(capsys, "runs", "show", str(tiny_run))

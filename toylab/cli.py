@@ -372,13 +372,23 @@ app.add_typer(runs_app, name="runs")
 RunDir = typer.Argument(..., parser=_path, help="A study run's folder, OUT/STUDY/HASH (see `toylab runs list`).")
 
 
-@runs_app.command("list", epilog="Examples: toylab runs list  |  toylab runs list --out /tmp/runs")
-def runs_list(out: Path = typer.Option("runs", parser=_path, help="Output root the studies wrote to.")) -> None:
-    """One line per study run: study, task, date, config hash, status and headline numbers."""
+@runs_app.command("list", epilog="Examples: toylab runs list  |  toylab runs list --out /tmp/runs  |  toylab runs list --json")
+def runs_list(out: Path = typer.Option("runs", parser=_path, help="Output root the studies wrote to."),
+              as_json: bool = typer.Option(False, "--json", help="One JSON list of runs, for scripts.")) -> None:
+    """One line per run, newest first: study, task, date, config hash, seeds, status, what differs from the other runs
+    of its study, and headline numbers (models of `toylab train` too)."""
+    import json
+
+    from toylab.formatting import aligned
     from toylab.runs import find_runs
 
-    for run in find_runs(out):
-        typer.echo(f"{run.study:24s} {run.task:10s} {run.date}  {run.config_hash}  {run.status:9s}  {run.headline}  ({run.directory})")
+    runs = find_runs(out)
+    if as_json:
+        typer.echo(json.dumps([run.as_dict() for run in runs], indent=2))
+        return
+    rows = [[run.study, run.task, run.date, run.config_hash, run.seeds, run.status, run.differs, run.headline, str(run.directory)]
+            for run in runs]
+    typer.echo(aligned(["study", "task", "date", "hash", "seeds", "status", "differs", "headline", "folder"], rows))
 
 
 @runs_app.command("show", epilog="Example: toylab runs show runs/expert-specialization/0123456789")

@@ -38,3 +38,10 @@ def table_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def table_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rows of a `table_json` table."""
     return [{column: value for column, value in row} for row in data["rows"]]
+
+
+def aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text columns padded to their widest cell (the last column unpadded), under a header."""
+    table = [list(header), *[[str(cell) for cell in row] for row in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in table)

@@ -10,7 +10,8 @@ plotting libraries; only a run of an older toylab without one has its study rebu
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,19 @@ class Run:
     date: str
     config_hash: str
     status: str
-    """"finished", "partial (k of n training runs failed)" or "unfinished (no results.json)" (running, interrupted or failed)."""
+    """"finished", "partial (k of n training runs failed)" or "unfinished (no results.json)" (running, interrupted or
+    failed); for a model of `toylab train`, "trained (toylab train)" or "unfinished (no final.json)"."""
     headline: str
+    seeds: str = ""
+    """A study's seeds ("auto" with `--seeds auto`), or a trained model's seed."""
+    differs: str = ""
+    """The config values that tell this run apart from the other runs of its study found beside it."""
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Its config, flattened to dotted keys."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The run as JSON-ready data (`toylab runs list --json`)."""
+        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items() if key != "config"}
 
 
 def _check_run(directory: Path) -> None:
@@ -79,8 +91,20 @@ def headline(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{key} {fmt(value) if isinstance(value, float) else value}" for key, value in cells[:HEADLINE_COLUMNS + 1])
 
 
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as `{"train.steps": 1000, ...}`."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def describe(directory: Path) -> Run:
-    """What a run directory holds: study, task, date, hash, status and headline numbers.
+    """What a run directory holds: study, task, date, hash, status, headline numbers and seeds; a model trained by
+    `toylab train` is listed as study `train` with its metrics.
 
     A run whose files cannot be read is still listed, with the reason in place of its headline.
     """
@@ -89,10 +113,13 @@ def describe(directory: Path) -> Run:
     results_path = directory / "results.json"
     stamp = (results_path if results_path.is_file() else directory / "config.json").stat().st_mtime
     date = datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
-    study, task, status, text = directory.parent.name, "n/a", "unfinished (no results.json)", ""
+    study, task, status, text, seeds, config = directory.parent.name, "n/a", "unfinished (no results.json)", "", "", {}
     try:
         config = io.read_json(directory / "config.json")
+        if isinstance(config, dict) and "study" not in config and "train" in config:  # a model of `toylab train`
+            return trained_model(directory, config, date)
         study, task = config.get("study", study), str(config.get("task", task))
+        seeds = str(config.get("seeds", ""))
         if results_path.is_file():
             status = "unreadable"
             results = _results(directory)
@@ -100,10 +127,32 @@ def describe(directory: Path) -> Run:
             task = found.get("name", task) if isinstance(found, dict) else task
             failed, total = len(results.get("failed_runs", [])), len(results.get("runs", {}))
             status = f"partial ({failed} of {total or '?'} training runs failed)" if failed else "finished"
+            if seeds == "auto" and "sequential" in results:
+                seeds = f"auto: {results['sequential']['looks'][-1]['seeds']}"
             text = headline(_summary(directory, results))
     except (ToylabError, KeyError, AttributeError) as error:  # a corrupt file, or a run of an older toylab
         text = f"(cannot summarize: {' '.join(str(error).split())})"
-    return Run(directory, study, task, date, directory.name, status, text)
+    return Run(directory, study, task, date, directory.name, status, text, seeds, config=flatten(config) if isinstance(config, dict) else {})
+
+
+def trained_model(directory: Path, config: dict[str, Any], date: str) -> Run:
+    """A model trained by `toylab train`: finished when its `final.json` exists, with its held-out metrics."""
+    final = directory / "final.json"
+    metrics = io.read_json(final).get("metrics", {}) if final.is_file() else {}
+    text = ", ".join(f"{key} {fmt(value)}" for key, value in list(metrics.items())[:HEADLINE_COLUMNS])
+    status = "trained (toylab train)" if final.is_file() else "unfinished (no final.json)"
+    return Run(directory, "train", str(config.get("task", "n/a")), date, directory.name, status, text,
+               f"seed {config['train'].get('seed', '?')}", config=flatten(config))
+
+
+def with_differences(runs: list[Run]) -> list[Run]:
+    """Each run with `differs`: its values of the config keys whose values differ among the runs of its study."""
+    found = []
+    for run in runs:
+        others = [r.config for r in runs if r.study == run.study]
+        keys = sorted({key for c in others for key in c if len({repr(o.get(key)) for o in others}) > 1} - {"seeds"})
+        found.append(replace(run, differs=", ".join(f"{key}={run.config.get(key, '-')}" for key in keys)))
+    return found
 
 
 def find_runs(out: Path) -> list[Run]:
@@ -111,7 +160,7 @@ def find_runs(out: Path) -> list[Run]:
     out = Path(out)
     if not out.is_dir():
         raise ToylabError(f"no such folder: {out} (pass the --out of `toylab study run`; default runs)")
-    runs = [describe(path.parent) for path in out.glob("*/*/config.json")]
+    runs = with_differences([describe(path.parent) for path in out.glob("*/*/config.json")])
     return sorted(runs, key=lambda run: (run.date, str(run.directory)), reverse=True)
 
 
