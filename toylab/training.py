@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
@@ -152,6 +153,14 @@ def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     """
     length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
     return tuple(t[:, :length] for t in (tokens, targets, mask, *rest))
+
+
+class StepBudgetBar(RichProgressBar):
+    """Lightning's rich progress bar, its epochs counted against the run's step budget: a run has `max_steps` and no
+    number of epochs, which Lightning's own description shows as "Epoch 7/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"epoch {current_epoch}, step {self.trainer.global_step}/{self.trainer.max_steps}"
 
 
 class SequenceModel(pl.LightningModule):
@@ -321,6 +330,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
+        callbacks=[StepBudgetBar()] if progress else [],
         deterministic=True,
         default_root_dir=attempt,
     )
