@@ -3,7 +3,8 @@
 A document (the README, a lesson) lists the numbers it quotes in an HTML comment that starts with
 "numbers quoted above", one per line: `quoted | path | tolerance`. The path is a dotted path into a run's
 `results.json` (integers index lists), prefixed with `study:` where the document quotes several runs; a
-tolerance of `=` compares text (e.g. a verdict), a quoted percentage is a share. A lesson's test reruns its
+tolerance of `=` compares text (e.g. a verdict), a quoted percentage is a share; a path starting `timing.` reads the
+run's `timing.json` (wall time lives there, not in `results.json`). A lesson's test reruns its
 command and checks every line; the README's runs are too long for that, so
 
     python -m toylab.quoted README.md docs/readme-numbers.json moe-superposition=runs/moe-superposition/<hash> ...
@@ -58,12 +59,12 @@ def matches(quoted: str, value: Any, tolerance: str) -> bool:
 
 def snapshot(text: str, runs: Mapping[str, Path]) -> dict[str, Any]:
     """`{"study:path": value}` for every line of `text` whose study is in `runs` (a run directory per study)."""
-    results = {study: io.read_json(Path(directory) / "results.json") for study, directory in runs.items()}
     found = {}
     for _, path, _ in checks(text):
         study, _, key = path.partition(":")
-        if study in results:
-            found[path] = lookup(results[study], key)
+        if study in runs:
+            name = "timing.json" if key.startswith("timing.") else "results.json"
+            found[path] = lookup(io.read_json(Path(runs[study]) / name), key.removeprefix("timing."))
     return found
 
 
