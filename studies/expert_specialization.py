@@ -32,6 +32,7 @@ from toylab.report import (
     interval_bars, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.task import Task
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 ASSIGNMENT_NAMES = {
@@ -68,6 +69,15 @@ Three routers with known assignments (`--set router=...`) show what the analysis
 - **Learned router**: what this study is about. Read its verdicts against the two controls: near the label router means experts specialize by the label; near the hash router, that they route by token.
 - The planted unit tests (`tests/test_specialization.py`) check the analysis itself: activations carrying a label only in a quiet direction (so k-means misses it) give **more** when the assignment is the label and **both at floor** when it is k-means of the same activations or random; with the label in the loud direction, the label and k-means are **equivalent** above the floor.
 """
+
+
+def metric_text(task: Task) -> str:
+    """What the task's metric measures: the last paragraph of its own `metrics` docstring (a task's words, not the
+    base class's), and the competence threshold a model must reach to be analysed."""
+    own = type(task).metrics is not Task.metrics and type(task).metrics.__doc__
+    what = " ".join(own.split("\n\n")[-1].split()) if own else "the share of scored positions whose top prediction is the next token."
+    bar = f" Models are analysed only when it reaches {task.competence:g} on held-out validation." if task.competence else ""
+    return what + bar
 
 
 def margin_text(margin: dict[str, Any]) -> str:
@@ -408,7 +418,7 @@ class ExpertSpecialization(Study):
                 f"nulls use {cfg.n_permutations} shuffles and {cfg.null_draws} random linear routers. {self.margin_rule()}")]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [
                 Table(perf_rows),
-                Text(f"The task's metric is `{task.primary_metric}`. " + " ".join((task.metrics.__doc__ or "").split("\n\n")[-1].split())),
+                Text(f"The task's metric is `{task.primary_metric}`: {metric_text(task)}"),
             ]),
             Section("Verdicts", [Text("\n".join(self.verdict_lines(results)))]),
             Section("Results", [Table(self.summary(results)),

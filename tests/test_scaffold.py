@@ -89,6 +89,7 @@ def test_a_scaffolded_task_is_picked_up_by_the_task_suite_and_a_study(plugin, tm
     (run_dir,) = (tmp_path / "runs" / "expert-specialization").iterdir()
     report = (run_dir / "report.md").read_text()
     assert "running_total" in report and "`output`" in report
+    assert "for model logits" not in report  # the base class's docstring does not leak into the report (issue 27 §6)
 
 
 def test_default_folder_is_the_builtin_tasks_package(tmp_path, capsys, monkeypatch):
