@@ -134,13 +134,15 @@ class Modes(Task):
 
     def interchange(self, n: int, seed: int, variable: str) -> Counterfactuals:
         """Pairs for `mode`: base and source drawn independently; the causal model's output is the base's query
-        under the source's rule (shown by the source's mode token, or in `hidden`, its worked example)."""
+        under the source's rule (shown by the source's mode token, or in `hidden`, its worked example), which enters
+        the input at the prompt and the worked example (`positions`), where interventions move it."""
         self.check_sample(n, seed)
         rng = np.random.default_rng(seed)
         base, source = self._draw(n, rng), self._draw(n, rng)
         rule, _, example = source
-        counterfactual = self._build(rule, base[1], example)
-        return Counterfactuals(variable, self._build(*base), self._build(*source), counterfactual.targets, counterfactual.loss_mask)
+        counterfactual, built = self._build(rule, base[1], example), self._build(*base)
+        shown = built.labels["segment"] < SEGMENTS.index("query")  # the prompt (<bos>, mode token) or the worked example
+        return Counterfactuals(variable, built, self._build(*source), counterfactual.targets, counterfactual.loss_mask, shown)
 
     def _draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Each sequence's rule, query list and (hidden) worked example's input list."""

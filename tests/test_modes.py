@@ -129,6 +129,7 @@ def test_mode_interchanges_match_the_reference(options):
         expected = apply_rule(rule, query, n_symbols)[0]
         assert pairs.targets[i][pairs.mask[i]].tolist() == [task.vocab.index(chr(ord("a") + s)) for s in expected] + [task.vocab.index("<eos>")]
         np.testing.assert_array_equal(pairs.mask[i], pairs.base.loss_mask[i])
+    assert (pairs.positions == (pairs.base.labels["segment"] < 2)).all() and pairs.positions[:, 0].all()
     same_rule = pairs.base.labels["mode"][:, 0] == pairs.source.labels["mode"][:, 0]
     assert not pairs.informative[same_rule].any() and pairs.informative[~same_rule].any(1).mean() > 0.9
 

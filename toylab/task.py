@@ -107,12 +107,16 @@ class Counterfactuals:
     source: Batch
     targets: np.ndarray
     mask: np.ndarray
+    positions: np.ndarray | None = None
+    """Bool `[pair, pos]`: where V enters the input, so where an intervention moves it (None: every position, for a
+    variable that the sequence carries everywhere)."""
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: Any) -> Counterfactuals:
-        return Counterfactuals(self.variable, self.base[index], self.source[index], self.targets[index], self.mask[index])
+        return Counterfactuals(self.variable, self.base[index], self.source[index], self.targets[index], self.mask[index],
+                               None if self.positions is None else self.positions[index])
 
     @property
     def informative(self) -> np.ndarray:
@@ -121,8 +125,9 @@ class Counterfactuals:
 
     @staticmethod
     def concat(parts: Sequence[Counterfactuals]) -> Counterfactuals:
+        positions = None if parts[0].positions is None else np.concatenate([p.positions for p in parts])
         return Counterfactuals(parts[0].variable, Batch.concat([p.base for p in parts]), Batch.concat([p.source for p in parts]),
-                               np.concatenate([p.targets for p in parts]), np.concatenate([p.mask for p in parts]))
+                               np.concatenate([p.targets for p in parts]), np.concatenate([p.mask for p in parts]), positions)
 
 
 class Task(ABC):
