@@ -47,8 +47,7 @@ def as_pairs(pairs: Counterfactuals, model: Transformer) -> Pairs:
         return (torch.from_numpy(np.ascontiguousarray(batch.inputs)),) + (() if route is None else (route,))
 
     tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))  # noqa: E731
-    return Pairs(args(pairs.base), args(pairs.source), tensor(pairs.targets), tensor(pairs.mask), tensor(pairs.base.targets),
-                 None if pairs.positions is None else tensor(pairs.positions))
+    return Pairs(args(pairs.base), args(pairs.source), tensor(pairs.targets), tensor(pairs.mask), tensor(pairs.base.targets))
 
 
 def thirds(pairs: Counterfactuals) -> dict[str, Counterfactuals]:
@@ -60,8 +59,9 @@ def thirds(pairs: Counterfactuals) -> dict[str, Counterfactuals]:
 def abstraction_scores(model: Transformer, untrained: Transformer, pairs: Counterfactuals, rank: int, steps: int,
                        seed: int) -> dict[str, Any]:
     """One model's IIA per site (DAS fit on the `fit` third, scored on `select` and `score`), the site chosen on
-    `select`, and DAS on the `untrained` twin at that site. Interventions act where the task says the variable enters
-    the input (`Counterfactuals.positions`), at every position where it does not say."""
+    `select`, and DAS on the `untrained` twin at that site. Interventions act at every position: where a variable
+    enters the input (`Counterfactuals.positions`, e.g. the mode token) is not where it lives after the first
+    attention layer has copied it on, and a learned subspace can leave the other positions' variables alone."""
     parts = {part: as_pairs(p, model) for part, p in thirds(pairs).items()}
     sites = {site: das_analysis(model, site, parts["fit"], {"select": parts["select"], "score": parts["score"]}, rank, steps, seed)
              for site in site_names(model)}
