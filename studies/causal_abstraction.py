@@ -128,6 +128,11 @@ class CausalAbstraction(Study):
                              "DAS vs random": s["found"][kind]["vs_random"]["verdict"]})
         return rows
 
+    def expert_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"variable": variable, "layer": layer, "experts chosen (per seed)": ", ".join(e["experts_chosen"]),
+                 "IIA one expert": fmt_ci(e["expert_iia"]), "IIA whole FFN output": fmt_ci(e["ffn_iia"]), "one expert vs FFN": e["vs_ffn"]["verdict"]}
+                for variable, s in results["abstraction"].items() for layer, e in s.get("experts", {}).items()]
+
     def bottom_line(self, results: dict[str, Any]) -> list[str]:
         lines = []
         for variable, s in results["abstraction"].items():
@@ -166,6 +171,10 @@ class CausalAbstraction(Study):
                 f"top-{cfg.top_k}) with shared options `{cfg.model}`, each trained for {cfg.train.steps} steps with {cfg.seeds} seeds.")]),
             Section("IIA at the chosen site", [Table(self.summary(results))]),
             Section("IIA at every site", [Table(rows)]),
+            Section("Is the variable in an expert?", [Text(
+                "Per MoE layer: DAS on the FFN output restricted to the tokens the base routes to one expert (the expert chosen on "
+                "the second third of the pairs), against DAS on the whole FFN output, paired by seed. *equivalent* or *more*: "
+                "one expert's tokens carry the variable's effect; *less*: it is spread over experts."), Table(self.expert_rows(results))]),
             Section("Model performance (held-out, mean [95% CI] over seeds)", [Table(perf)]),
             Section("Figures", figures),
             Section("What the numbers mean", [Text(NOTES.format(n_pairs=cfg.n_pairs, rank=cfg.rank, steps=cfg.das_steps, margin=cfg.margin,

@@ -63,4 +63,7 @@ def test_the_study_runs_end_to_end(tmp_path):
     s = results["abstraction"]["mode"]
     assert set(s["sites"]) == {"dense", "moe"} and len(s["sites"]["moe"]) == 6
     assert s["moe_vs_dense"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
-    assert "IIA at the chosen site" in (outcome.directory / "report.md").read_text()
+    assert set(s["experts"]) == {"0", "1"} and s["experts"]["1"]["vs_ffn"]["verdict"] in ("more", "less", "equivalent", "inconclusive")
+    assert results["test_families"]["experts"]["tests"] == 2
+    report = (outcome.directory / "report.md").read_text()
+    assert "IIA at the chosen site" in report and "Is the variable in an expert?" in report

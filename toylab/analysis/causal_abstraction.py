@@ -6,7 +6,8 @@ attention, the FFN's output, the residual stream after the block, per layer) dis
 (`interchange.das_analysis`) fits a rank-r subspace on one third of the pairs; a second third chooses the site with
 the best interchange-intervention accuracy (IIA), and the last third scores every site, so the best site's score
 is not the maximum of noisy scores it was chosen by. Controls at every site: a random subspace of the same rank
-and the full swap of the site; at the chosen site, DAS on the same architecture untrained (random init).
+and the full swap of the site; at the chosen site, DAS on the same architecture untrained (random init). For an MoE, per
+layer, the same search on one expert's tokens of the FFN output against the whole FFN output: is the variable in an expert?
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from toylab.analysis.interchange import Pairs, das_analysis
+from toylab.analysis.specialization import EXPERTS
 from toylab.analysis.stats import UNIT, compare, correct_families, mean_ci
 from toylab.models import Transformer
 from toylab.task import Counterfactuals
@@ -32,6 +36,7 @@ FAMILIES = {
     "found": "DAS IIA at the chosen site vs a random subspace of the same rank there, and vs DAS on the untrained "
              "architecture, per architecture and variable",
     "sites": "DAS IIA, MoE vs dense, at every site",
+    "experts": "MoE: DAS IIA on one expert's tokens (the expert chosen on held-out pairs) vs on the whole FFN output, per MoE layer",
 }
 
 
@@ -65,10 +70,35 @@ def abstraction_scores(model: Transformer, untrained: Transformer, pairs: Counte
     parts = {part: as_pairs(p, model) for part, p in thirds(pairs).items()}
     sites = {site: das_analysis(model, site, parts["fit"], {"select": parts["select"], "score": parts["score"]}, rank, steps, seed)
              for site in site_names(model)}
-    chosen = max(sites, key=lambda site: np.nan_to_num(sites[site]["select"]["das"]["iia"], nan=-1.0))
+    chosen = best(sites)
     control = das_analysis(untrained, chosen, parts["fit"], {"score": parts["score"]}, rank, steps, seed)
     return {"sites": {site: found["score"] for site, found in sites.items()}, "chosen": chosen,
-            "untrained": control["score"]["das"]}
+            "untrained": control["score"]["das"], "experts": expert_scores(model, parts, rank, steps, seed)}
+
+
+def best(found: Mapping[str, dict[str, Any]]) -> str:
+    """The key whose DAS IIA on the `select` third is highest."""
+    return max(found, key=lambda key: np.nan_to_num(found[key]["select"]["das"]["iia"], nan=-1.0))
+
+
+def expert_scores(model: Transformer, parts: Mapping[str, Pairs], rank: int, steps: int, seed: int) -> dict[str, Any]:
+    """Per MoE layer: is the variable "in an expert"? DAS on the FFN output restricted to the tokens the base routes
+    to one expert (top-1), for each expert; the expert chosen on `select`, its IIA on `score` beside the whole FFN
+    output's. Empty for a dense model."""
+    found = {}
+    for layer in model.moe_layers():
+        site = f"blocks.{layer}.hook_mlp_out"
+
+        def routed(pairs: Pairs, expert: int) -> Pairs:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(*pairs.base, names=EXPERTS.format(layer=layer))
+            return dataclasses.replace(pairs, positions=cache[EXPERTS.format(layer=layer)][..., 0] == expert)
+
+        experts = {str(e): das_analysis(model, site, routed(parts["fit"], e), {part: routed(parts[part], e) for part in ("select", "score")},
+                                        rank, steps, seed) for e in range(model.cfg.n_experts)}
+        chosen = best(experts)
+        found[str(layer)] = {"expert": chosen, "iia": experts[chosen]["score"]["das"]}
+    return found
 
 
 def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], margin: float) -> dict[str, Any]:
@@ -93,6 +123,14 @@ def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], m
         "found": {kind: {"vs_random": compare(at_chosen[kind]["das"], at_chosen[kind]["random"], margin),
                          "vs_untrained": compare(at_chosen[kind]["das"], untrained[kind], margin)} for kind in kinds},
     }
+    if "moe" in kinds:
+        moe = [runs["moe"][i] for i in seeds]
+        summary["experts"] = {layer: {
+            "expert_iia": mean_ci([r["experts"][layer]["iia"]["iia"] for r in moe], bounds=UNIT),
+            "ffn_iia": mean_ci([r["sites"][f"blocks.{layer}.hook_mlp_out"]["das"]["iia"] for r in moe], bounds=UNIT),
+            "experts_chosen": [r["experts"][layer]["expert"] for r in moe],
+            "vs_ffn": compare([r["experts"][layer]["iia"]["iia"] for r in moe], [r["sites"][f"blocks.{layer}.hook_mlp_out"]["das"]["iia"] for r in moe], margin),
+        } for layer in (moe[0].get("experts", {}) if moe else {})}
     if {"moe", "dense"} <= set(kinds):
         summary["moe_vs_dense"] = compare(at_chosen["moe"]["das"], at_chosen["dense"]["das"], margin)
         summary["by_site"] = {site: compare([runs["moe"][i]["sites"][site]["das"]["iia"] for i in seeds],
@@ -108,4 +146,5 @@ def adjust_abstraction(summaries: Mapping[str, dict[str, Any]]) -> dict[str, dic
             members["primary"].append((s, "moe_vs_dense"))
             members["sites"] += [(s["by_site"], site) for site in s["by_site"]]
         members["found"] += [(s["found"][kind], key) for kind in s["found"] for key in ("vs_random", "vs_untrained")]
+        members["experts"] += [(e, "vs_ffn") for e in s.get("experts", {}).values()]
     return correct_families(members, FAMILIES)
