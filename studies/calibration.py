@@ -6,16 +6,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
 from toylab.analysis.calibration import (
-    ANALYSES, ALPHA, PRIMARY, TARGET, ceiling_share, dose_response, random_label_scores, random_label_verdicts, realized, seed_effects,
+    ANALYSES, ALPHA, PRIMARY, TARGET, ceiling_share, dose_response, model_random_label_scores, random_label_verdicts, realized,
+    seed_effects,
 )
-from toylab.analysis.clustering import kmeans
 from toylab.analysis.paths import routing_paths, summarize_paths
-from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, specialization, summarize, token_activations, top_expert
+from toylab.analysis.specialization import specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, correct_families, mean_ci, verdict_label
 from toylab.determinism import torch_threads
 from toylab.registry import get_task, register_study
@@ -127,13 +126,8 @@ class Calibration(Study):
                      "scores": specialization(moe, dense, task, batch, cfg.n_permutations, seed, cfg.null_draws, [cfg.label]),
                      "paths": routing_paths(moe, task, batch, cfg.n_permutations, seed, [cfg.label]) if len(moe.moe_layers()) > 1 else None}
             if value == 0:
-                layer = moe.moe_layers()[-1]
-                acts = token_activations(moe, task, batch, [EXPERTS.format(layer=layer), ROUTER_INPUT.format(layer=layer)])
-                keep = task.positions(batch)
-                sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
-                found["random_labels"] = random_label_scores(
-                    top_expert(acts[EXPERTS.format(layer=layer)], cfg.n_experts), kmeans(acts[ROUTER_INPUT.format(layer=layer)], cfg.n_experts, seed),
-                    sequences, task.labels[cfg.label].n_classes, cfg.random_labels, cfg.n_permutations, seed)
+                found["random_labels"] = model_random_label_scores(moe, task, batch, task.labels[cfg.label].n_classes, cfg.random_labels,
+                                                                   cfg.n_permutations, seed)
         return found
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:

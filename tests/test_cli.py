@@ -194,10 +194,11 @@ def test_train_progress_goes_to_stderr_and_a_reused_run_says_so(capsys, tmp_path
             "--set", "n_heads=2", "--out", str(tmp_path)]
     code, out, err = run(capsys, *args)
     assert code == 0 and "closing_accuracy" in out
-    assert "Epoch" not in out and "Epoch" in err and "reusing" not in err
+    assert "epoch" not in out and "step" not in out and "epoch" in err and "reusing" not in err
+    assert "/-" not in err  # the bar counts steps of the budget, not "Epoch 1/-2" (issue 27 §6)
     code, out, err = run(capsys, *args)
     assert code == 0 and "closing_accuracy" in out
-    assert "reusing the finished run in" in err and "Epoch" not in err
+    assert "reusing the finished run in" in err and "epoch" not in err
 
 
 def test_tasks_show_prints_class_names_and_unambiguous_sets(capsys):

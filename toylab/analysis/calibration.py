@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from toylab.analysis.clustering import contingency, nmi_from_tables, permutation_nmi, weighted_tables
+from toylab.analysis.clustering import contingency, kmeans, nmi_from_tables, permutation_nmi, weighted_tables
 from toylab.analysis.power import detection_rate, false_positive_rate, sensitivity
-from toylab.analysis.specialization import floor_compare, label_margin
+from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, floor_compare, label_margin, token_activations, top_expert
 from toylab.analysis.stats import UNIT, adjust, mean_ci, sequence_resamples
+from toylab.models import Transformer
+from toylab.task import Batch, Task
 
 TARGET = 0.8
 """The detection rate that makes an analysis sensitive to a setting: "more" in at least 80% of studies."""
@@ -162,6 +164,19 @@ def random_label_scores(routing: np.ndarray, kmeans: np.ndarray, sequences: np.n
         routed, clustered = (nmi_from_tables(weighted_tables(a, label, resamples, n_experts, n_classes)) for a in (routing, kmeans))
         out["resampled"].append((routed - clustered).tolist())
     return out
+
+
+def model_random_label_scores(moe: Transformer, task: Task, batch: Batch, n_classes: int, n_labels: int, n_permutations: int,
+                              seed: int) -> dict[str, list[Any]]:
+    """`random_label_scores` of an MoE's last layer: its top-1 routing and k-means on its router input (the primary
+    verdict's two assignments) over the batch's real tokens."""
+    layer = moe.moe_layers()[-1]
+    acts = token_activations(moe, task, batch, [EXPERTS.format(layer=layer), ROUTER_INPUT.format(layer=layer)])
+    keep = task.positions(batch)
+    sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
+    return random_label_scores(top_expert(acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts),
+                               kmeans(acts[ROUTER_INPUT.format(layer=layer)], moe.cfg.n_experts, seed), sequences, n_classes, n_labels,
+                               n_permutations, seed)
 
 
 def random_label_verdicts(per_seed: Sequence[Mapping[str, list[Any]]]) -> dict[str, Any]:
