@@ -1,12 +1,12 @@
-"""Benchmark: start-up time of the `toylab` command line (target: at most 1 s for `--help`, `tasks list`, and
-`runs list` and `runs show` over 50 study runs).
+"""Benchmark: start-up time of the `toylab` command line (target: at most 1 s for `--help`, `tasks list`, `study list`,
+and `runs list` and `runs show` over 50 study runs).
 
     python benchmarks/bench_startup.py [--repeats 7] [--out results.json]
 
 Runs each command in a fresh interpreter and prints the median and best wall time, beside a bare
 `python -c pass` and `import torch` for scale (what every command would pay if it imported torch).
-It also lists the heavy libraries each command imported; `--help`, `tasks list` and the `runs` commands that
-only read should import none. The runs are 50 small study folders written to a temporary directory.
+It also lists the heavy libraries each command imported; `--help`, `tasks list`, `study list` (which reads the
+studies' source) and the `runs` commands that only read should import none. The runs are 50 small study folders written to a temporary directory.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ COMMANDS = {
     "toylab runs list": ["-m", "toylab", "runs", "list", "--out", "{runs}"],
     "toylab runs show": ["-m", "toylab", "runs", "show", "{runs}/expert-specialization/run00"],
 }
-TARGETS = {"toylab --help": 1.0, "toylab tasks list": 1.0, "toylab runs list": 1.0, "toylab runs show": 1.0}
+TARGETS = {"toylab --help": 1.0, "toylab tasks list": 1.0, "toylab study list": 1.0, "toylab runs list": 1.0, "toylab runs show": 1.0}
 N_RUNS = 50
 HEAVY = ("torch", "pytorch_lightning", "pandas", "matplotlib", "seaborn", "scipy", "sklearn")
 PROBE = ("import runpy, sys\n"

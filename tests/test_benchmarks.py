@@ -37,3 +37,4 @@ def test_the_commands_that_only_read_runs_import_no_heavy_library(tmp_path, monk
     write_runs(tmp_path, 3)
     assert heavy_imports(["-m", "toylab", "runs", "list", "--out", str(tmp_path)]) == []
     assert heavy_imports(["-m", "toylab", "runs", "show", str(tmp_path / "expert-specialization" / "run00")]) == []
+    assert heavy_imports(["-m", "toylab", "study", "list"]) == []  # the studies' source is read, not imported

@@ -121,3 +121,11 @@ def test_models_below_the_task_competence_are_not_analysed_and_none_left_is_one_
                                                                          r"\(closing_accuracy >= 0.95") as error:
         ctx.train(jobs())  # six steps of training: nowhere near the task's own threshold
     assert "\n" not in str(error.value) and "--set competence=0" in str(error.value)
+
+
+def test_study_list_reads_every_registered_study_without_importing_it() -> None:
+    """Issue 27 §2: the names and one-line descriptions read from the source equal the imported classes'."""
+    from toylab.registry import STUDIES, TASKS
+
+    assert STUDIES.summaries() == {name: STUDIES.get(name).describe() for name in STUDIES.names()}
+    assert list(TASKS.summaries()) == TASKS.names()

@@ -289,8 +289,8 @@ def study_list() -> None:
     """List the registered studies."""
     from toylab.registry import STUDIES
 
-    for name in STUDIES.names():
-        typer.echo(f"{name:24s} {STUDIES.get(name).describe()}")
+    for name, description in STUDIES.summaries().items():
+        typer.echo(f"{name:24s} {description}")
 
 
 @study_app.command("run", epilog="Examples: toylab study run expert-specialization  |  "

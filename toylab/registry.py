@@ -7,8 +7,11 @@ the entry-point groups `toylab.tasks` and `toylab.studies` (`name = "pkg.module:
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
+from pathlib import Path
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, TypeVar
 
@@ -51,11 +54,37 @@ class Registry(Generic[T]):
         self._discover()
         return sorted(self._classes)
 
+    def summaries(self) -> dict[str, str]:
+        """Name -> the first line of its class docstring, for listing: read from the built-in modules' source (so listing
+        imports none of them, nor torch), and from the classes of the entry points (which it loads)."""
+        found: dict[str, str] = {}
+        for folder in importlib.util.find_spec(self.package).submodule_search_locations or []:
+            for path in sorted(Path(folder).glob("[!_]*.py")):
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                    name = registered_name(node)
+                    if name is not None:
+                        found[name] = (ast.get_docstring(node) or name).strip().split("\n")[0]
+        for entry in entry_points(group=self.group):
+            if entry.name not in found:
+                found[entry.name] = ((entry.load().__doc__ or entry.name).strip().split("\n")[0])
+        return dict(sorted(found.items()))
+
     def get(self, name: str) -> type[T]:
         self._discover()
         if name not in self._classes:
             raise ToylabError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
         return self._classes[name]
+
+
+def registered_name(node: ast.AST) -> str | None:
+    """The name a class definition registers itself under (`@register_study("name")`, `@register_task(...)`), if any."""
+    if not isinstance(node, ast.ClassDef):
+        return None
+    for decorator in node.decorator_list:
+        if (isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "").startswith("register_") and decorator.args
+                and isinstance(decorator.args[0], ast.Constant)):
+            return str(decorator.args[0].value)
+    return None
 
 
 TASKS: Registry[Any] = Registry("task", "toylab.tasks", "toylab.tasks")
