@@ -164,15 +164,15 @@ class StudyContext:
             self.failures.append({"run": key, "error": error})
             tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
         models = {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
-        below = [self.competent(job, models[job.key]) for job in jobs if models[job.key] is not None]
-        below = [b for b in below if b is not None]
+        below = [b for job in jobs if models[job.key] is not None and (b := self.competent(job, models[job.key])) is not None]
         if below and len(below) + len(failed) == len(jobs):
             best = max(below, key=lambda b: b["value"])
             raise ToylabError(f"no model reached the competence threshold of task '{best['task']}' ({best['metric']} >= "
                               f"{best['threshold']:g} on held-out validation; best {best['value']:.3f}, run {best['run']}): train "
                               "longer (--set train.steps=...), or --set competence=0 for a smoke test whose verdicts mean nothing")
         self.below += below
-        return {key: None if any(b["run"] == key for b in below) else model for key, model in models.items()}
+        left_out = {b["run"] for b in below}
+        return {key: None if key in left_out else model for key, model in models.items()}
 
     def competent(self, job: TrainJob, trained: TrainedModel) -> dict[str, Any] | None:
         """None when the run reaches its competence threshold (or the task has none), else what it missed by."""

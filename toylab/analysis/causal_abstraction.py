@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from toylab.analysis.interchange import Pairs, das_analysis
+from toylab.analysis.interventions import run_args
 from toylab.analysis.specialization import EXPERTS
 from toylab.analysis.stats import UNIT, compare, correct_families, mean_ci
 from toylab.models import Transformer
@@ -47,12 +48,9 @@ def site_names(model: Transformer) -> list[str]:
 
 def as_pairs(pairs: Counterfactuals, model: Transformer) -> Pairs:
     """A task's interchange pairs as the model's forward arguments (with `route` for a label router)."""
-    def args(batch: Any) -> tuple[torch.Tensor, ...]:
-        route = model.route_input(batch.labels)
-        return (torch.from_numpy(np.ascontiguousarray(batch.inputs)),) + (() if route is None else (route,))
-
     tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))  # noqa: E731
-    return Pairs(args(pairs.base), args(pairs.source), tensor(pairs.targets), tensor(pairs.mask), tensor(pairs.base.targets))
+    return Pairs(run_args(model, pairs.base), run_args(model, pairs.source), tensor(pairs.targets), tensor(pairs.mask),
+                 tensor(pairs.base.targets))
 
 
 def thirds(pairs: Counterfactuals) -> dict[str, Counterfactuals]:

@@ -19,16 +19,16 @@ learned or fixed routers); `layers` defaults to every MoE layer. Inputs are a ru
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from toylab.analysis.ablation import HookFn
+from toylab.analysis.interchange import Args
 from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT
 from toylab.errors import ToylabError
 from toylab.models import Transformer
-from toylab.models.hooks import HookPoint
+from toylab.models.hooks import HookFn, HookPoint
 from toylab.models.moe import MoE
 from toylab.task import IGNORE, Batch, Counterfactuals, Task
 
@@ -39,12 +39,12 @@ EVERY_LAYER = "blocks.*.mlp.hook_expert_indices"
 """The expert indices of every MoE layer (a glob), for hooks built without the model."""
 ABLATIONS = ("zero", "mean", "resample")
 Hooks = list[tuple[str, HookFn]]
-Args = tuple[Any, ...]
 
 
 def run_args(model: Transformer, batch: Batch) -> Args:
-    """A batch's positional arguments of `model`: `(tokens, route)` (route None unless the model reads a label)."""
-    return torch.from_numpy(np.ascontiguousarray(batch.inputs)), model.route_input(batch.labels)
+    """A batch's positional arguments of `model`: `(tokens,)`, or `(tokens, route)` for a model that reads a label."""
+    route = model.route_input(batch.labels)
+    return (torch.from_numpy(np.ascontiguousarray(batch.inputs)),) + (() if route is None else (route,))
 
 
 def check_expert(expert: int, n_experts: int) -> None:
