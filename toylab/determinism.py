@@ -1,4 +1,4 @@
-"""Reproducible runs: stable data seeds derived from a run's seed, and a block run with a fixed number of torch threads.
+"""Reproducible runs: stable data and step seeds derived from a run's seed, and a block run with a fixed number of torch threads.
 
 Both sit below the models, training and studies that use them, so no module imports up the layers to reach them.
 """
@@ -15,6 +15,12 @@ import torch
 def data_seed(seed: int, split: str) -> int:
     """Distinct, stable data seeds per training seed and split."""
     return int(np.random.SeedSequence([seed, {"train": 1, "val": 2}[split]]).generate_state(1)[0])
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the global torch RNG at a training step (what a noisy router draws from): a function of the run's
+    seed and the step alone, so a run resumed at any step draws what an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, 3, step]).generate_state(1)[0])
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 `train(task, model_config, train_config, out_dir)` seeds everything, trains, validates with the
 task's own metric, and leaves in `out_dir`: `config.json`, `metrics.csv` (Lightning's CSV log),
-`model.safetensors`, and `final.json` (written last: its presence marks the run finished).
+`model.safetensors`, and `final.json` (written last: its presence marks the run finished). With
+`checkpoint_every`, `checkpoints/step-NNNNNN.safetensors` keep the weights along the way (`checkpoint_steps`), and
+a run killed mid-way resumes from the last of them (`checkpoints/resume.ckpt`, removed when it finishes).
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -28,11 +31,11 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from toylab import io
 from toylab.config import build, config_hash, to_dict
-from toylab.determinism import data_seed
+from toylab.determinism import data_seed, step_seed
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Transformer, TransformerConfig
 from toylab.registry import get_task
@@ -66,6 +69,10 @@ class TrainConfig:
     devices: int = 1
     threads: int = 1
     """CPU threads for torch; small models train fastest on one (more threads only add synchronization)."""
+    checkpoint_every: int = 0
+    """Keep the weights every this many steps (0: only the final ones); a killed run resumes from the last kept."""
+    checkpoint_spacing: Literal["linear", "log"] = "linear"
+    """`log`: keep them at checkpoint_every · 2^i steps instead, dense early, where training moves fastest."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads"):
@@ -78,6 +85,10 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        if self.checkpoint_spacing not in ("linear", "log"):
+            raise ValueError(f"unknown checkpoint_spacing '{self.checkpoint_spacing}'; valid: linear, log")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not 0 <= self.seed <= MAX_SEED:
@@ -91,6 +102,20 @@ class TrainConfig:
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+CHECKPOINTS, RESUME = "checkpoints", "resume.ckpt"
+"""The folder of a run's kept weights, `step-NNNNNN.safetensors`, and of `resume.ckpt` while it trains."""
+
+
+def checkpoint_steps(cfg: TrainConfig) -> list[int]:
+    """The steps whose weights a run keeps: 0 (the initialization), every `checkpoint_every` steps (doubling the
+    interval with `log` spacing) and the last; none without `checkpoint_every`."""
+    if not cfg.checkpoint_every:
+        return []
+    steps, step = [0], cfg.checkpoint_every
+    while step < cfg.steps:
+        steps.append(step)
+        step = 2 * step if cfg.checkpoint_spacing == "log" else step + cfg.checkpoint_every
+    return steps + [cfg.steps]
 
 
 def check_devices(cfg: TrainConfig) -> None:
@@ -133,9 +158,34 @@ class TaskDataModule(pl.LightningDataModule):
         """Validation sequences that also occur in training: 0, since the two come from disjoint parts (`toylab.splits`)."""
 
     def train_dataloader(self) -> DataLoader:
-        sampler = RandomSampler(range(self.cfg.n_train), generator=torch.Generator().manual_seed(self.cfg.seed))
-        batches = BatchSampler(sampler, self.cfg.batch_size, drop_last=True)
+        batches = StepBatches(self.cfg, lambda: self.trainer.global_step)
         return DataLoader(self.train_data, sampler=batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(self.cfg.n_val)), batch_size=self.cfg.n_val)
+
+
+class StepBatches(Sampler[list[int]]):
+    """The batches of training steps `start()..steps-1`, the same whichever step a run starts from (so a resumed
+    run sees what an uninterrupted one would): epochs of `n_train // batch_size` full batches, each epoch's order
+    a permutation drawn from a generator seeded with the run's seed, two per epoch, as
+    `BatchSampler(RandomSampler(generator=...), drop_last=True)` draws them."""
+
+    def __init__(self, cfg: TrainConfig, start: Callable[[], int]) -> None:
+        self.cfg, self.start = cfg, start
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.start()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, size = self.cfg.n_train, self.cfg.batch_size
+        generator, epoch, order = torch.Generator().manual_seed(self.cfg.seed), -1, torch.empty(0, dtype=torch.long)
+        for step in range(self.start(), self.cfg.steps):
+            while epoch < step // (n // size):
+                order, _ = torch.randperm(n, generator=generator), torch.randperm(n, generator=generator)
+                epoch += 1
+            at = step % (n // size) * size
+            yield order[at:at + size].tolist()
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(self.cfg.n_val)), batch_size=self.cfg.n_val)
@@ -156,11 +206,39 @@ def trim_unscored(tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 class StepBudgetBar(RichProgressBar):
-    """Lightning's rich progress bar, its epochs counted against the run's step budget: a run has `max_steps` and no
-    number of epochs, which Lightning's own description shows as "Epoch 7/-2"."""
+    """Lightning's rich progress bar, counting steps against the run's step budget and passes over the training
+    set: a run has `max_steps` and no number of epochs, which Lightning's own description shows as "Epoch 7/-2"."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return f"epoch {current_epoch}, step {self.trainer.global_step}/{self.trainer.max_steps}"
+        cfg, step = self.trainer.datamodule.cfg, self.trainer.global_step
+        return f"epoch {step // (cfg.n_train // cfg.batch_size)}, step {step}/{self.trainer.max_steps}"
+
+
+class Checkpoints(pl.Callback):
+    """Keeps the weights at `steps` in `folder/step-NNNNNN.safetensors` and, after each but the last, what a killed
+    run resumes from: `folder/resume.ckpt`, Lightning's checkpoint (weights, optimizer, schedule, loops), written
+    atomically and loaded with `weights_only`. (The batches and the global RNG of a step depend on the step alone:
+    `StepBatches`, `step_seed`.)"""
+
+    def __init__(self, folder: Path, steps: list[int]) -> None:
+        self.folder, self.steps = folder, steps
+
+    def keep(self, trainer: pl.Trainer, module: SequenceModel) -> None:
+        step = trainer.global_step
+        self.folder.mkdir(exist_ok=True)
+        io.save_tensors(self.folder / f"step-{step:06d}.safetensors", module.model.state_dict())
+        if step < self.steps[-1]:
+            partial = self.folder / ".resume.ckpt.tmp"
+            trainer.save_checkpoint(partial)
+            os.replace(partial, self.folder / RESUME)
+
+    def on_train_start(self, trainer: pl.Trainer, module: SequenceModel) -> None:
+        if trainer.global_step == 0:
+            self.keep(trainer, module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: SequenceModel, *args: Any) -> None:
+        if trainer.global_step in self.steps:
+            self.keep(trainer, module)
 
 
 class SequenceModel(pl.LightningModule):
@@ -171,6 +249,7 @@ class SequenceModel(pl.LightningModule):
         self.model, self.task, self.cfg = model, task, cfg
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
         tokens, targets, mask, *route = trim_unscored(*batch)
         lm_loss = sequence_loss(self.model(tokens, *route), targets, mask)
         aux = self.model.aux_loss()
@@ -312,11 +391,16 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
     for stale in run_dir.glob(".attempt-*"):  # logs of attempts that died
         shutil.rmtree(stale, ignore_errors=True)
+    resume = resumable(run_dir, config)
+    if resume is None:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     attempt = Path(tempfile.mkdtemp(prefix=".attempt-", dir=run_dir))
     io.write_json(run_dir / "config.json", config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.threads)
     model = build_model(task, model_options)
+    kept = checkpoint_steps(cfg)
+    callbacks = [*([StepBudgetBar()] if progress else []), *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else [])]
     trainer = pl.Trainer(
         max_steps=cfg.steps,
         accelerator=cfg.accelerator,
@@ -330,22 +414,45 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
-        callbacks=[StepBudgetBar()] if progress else [],
+        callbacks=callbacks,
         deterministic=True,
         default_root_dir=attempt,
     )
     data = TaskDataModule(task, cfg, model)
     with lightning_interrupts():
-        trainer.fit(SequenceModel(model, task, cfg), datamodule=data)
+        trainer.fit(SequenceModel(model, task, cfg), datamodule=data, ckpt_path=resume, weights_only=True)
     model.cpu().eval()
     metrics = evaluate(model, task, data.val_batch)
     io.save_tensors(run_dir / "model.safetensors", model.state_dict())
     os.replace(attempt / "metrics.csv", run_dir / "metrics.csv")
     shutil.rmtree(attempt, ignore_errors=True)
+    (run_dir / CHECKPOINTS / RESUME).unlink(missing_ok=True)
     final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config),
-             "weights_sha256": io.sha256(run_dir / "model.safetensors")}
+             "weights_sha256": io.sha256(run_dir / "model.safetensors"),
+             "checkpoints": {str(step): io.sha256(checkpoint_path(run_dir, step)) for step in kept}}
     io.write_json(run_dir / "final.json", final)
     return TrainedModel(model, task, metrics, run_dir)
+
+
+def resumable(run_dir: Path, config: dict[str, Any]) -> Path | None:
+    """The checkpoint a killed run of `config` left in `run_dir` to resume from, if it is there and loads (else a
+    one-line note and None: the run starts over)."""
+    path = run_dir / CHECKPOINTS / RESUME
+    if not path.is_file():
+        return None
+    try:
+        if io.read_json(run_dir / "config.json") != config:
+            raise ToylabError("it was left by a run of another config")
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (ToylabError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        log.warning(f"not resuming from {path}: {str(error).splitlines()[0]}")
+        return None
+    log.warning(f"resuming {run_dir} from {path}")
+    return path
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}.safetensors"
 
 
 @contextmanager
@@ -389,15 +496,37 @@ def load_trained(run_dir: Path) -> TrainedModel:
     logs = run_dir / "metrics.csv"
     if not logs.is_file() or len(logs.read_bytes().splitlines()) < 2:
         raise ToylabError(f"{logs} is missing or empty")
-    weights = run_dir / "model.safetensors"
-    if weights.is_file() and io.sha256(weights) != final["weights_sha256"]:
-        raise ToylabError(f"{weights} is not the checkpoint this run saved (its SHA-256 differs)")
     task = get_task(config["task"], config["task_options"])
-    model = build_model(task, config["model"])
+    model = with_weights(build_model(task, config["model"]), run_dir / "model.safetensors", final["weights_sha256"])
+    return TrainedModel(model, task, final["metrics"], run_dir)
+
+
+def with_weights(model: Transformer, path: Path, sha256: str) -> Transformer:
+    """`model` (in eval mode) with the weights of `path`, checked to be the file a run saved (by its SHA-256), of
+    this model's shapes and finite; else a one-line ToylabError naming the file."""
+    if path.is_file() and io.sha256(path) != sha256:
+        raise ToylabError(f"{path} is not the checkpoint this run saved (its SHA-256 differs)")
     try:
-        model.load_state_dict(io.load_tensors(weights))
+        model.load_state_dict(io.load_tensors(path))
     except RuntimeError as error:
-        raise ToylabError(f"checkpoint {weights} does not match its config: {str(error).splitlines()[0]}") from None
+        raise ToylabError(f"checkpoint {path} does not match its config: {str(error).splitlines()[0]}") from None
     if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
-        raise ToylabError(f"checkpoint {weights} holds NaN or infinite weights")
-    return TrainedModel(model.eval(), task, final["metrics"], run_dir)
+        raise ToylabError(f"checkpoint {path} holds NaN or infinite weights")
+    return model.eval()
+
+
+def kept_steps(run_dir: Path) -> list[int]:
+    """The steps of a finished run's kept weights (`checkpoint_steps`; none without `checkpoint_every`)."""
+    found = io.read_json(Path(run_dir) / "final.json").get("checkpoints", {})
+    if not isinstance(found, dict):
+        raise ToylabError(f"corrupt {Path(run_dir) / 'final.json'}: checkpoints must map steps to SHA-256")
+    return sorted(int(step) for step in found)
+
+
+def load_checkpoint(run: TrainedModel, step: int) -> Transformer:
+    """The model of a finished run as it was at a kept `step`."""
+    found = io.read_json(run.run_dir / "final.json").get("checkpoints", {})
+    if str(step) not in found:
+        raise ToylabError(f"no checkpoint at step {step} in {run.run_dir}; kept: {', '.join(map(str, kept_steps(run.run_dir))) or 'none'}")
+    config = io.read_json(run.run_dir / "config.json")
+    return with_weights(build_model(run.task, config["model"]), checkpoint_path(run.run_dir, step), found[str(step)])

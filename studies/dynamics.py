@@ -1,0 +1,233 @@
+"""Study `dynamics`: when does routing lock in, and does specialization come before, with or after the task is learned?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from toylab.analysis.dynamics import chance_agreement, expert_sets, lock_in, reached, saturation, timing
+from toylab.analysis.specialization import adjust_families, primary_labels, specialization, summarize
+from toylab.analysis.stats import UNIT, mean_ci, verdict_label
+from toylab.determinism import torch_threads
+from toylab.models.routing import RouterName
+from toylab.registry import get_task, register_study
+from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_lines
+from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.training import TrainConfig, build_model, checkpoint_steps, evaluate, kept_steps, load_checkpoint, load_trained
+
+SCORES = {"routing_nmi": "routing", "kmeans_moe_nmi": "k-means (router input)", "linear_nmi": "linear probe (ceiling)",
+          "null_nmi": "shuffled null"}
+"""The NMIs followed along training, with their names in the figure."""
+
+
+def when(timing: str) -> str:
+    """A verdict's `timing` in a sentence."""
+    return f"{timing} the task was learned" if timing in ("before", "with", "after") else timing
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    task: str = "brackets"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 3
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
+    """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
+    n_experts: int = 4
+    top_k: int = 1
+    router: RouterName = "learned"
+    router_label: str | None = None
+    train: TrainConfig = TrainConfig(steps=1000, lr=3e-3, checkpoint_every=10, checkpoint_spacing="log")
+    """Training, with the checkpoints analysed (`checkpoint_every`, `checkpoint_spacing`)."""
+    competence: float | None = None
+    """The final models are analysed only when their held-out primary metric reaches this (None: the task's threshold,
+    `Task.competence`; 0: every model, a smoke test). The same threshold marks when the task counts as learned."""
+    n_eval: int = 300
+    """Held-out sequences on which every checkpoint is analysed (the same for every seed and step)."""
+    n_permutations: int = 200
+    margin: float | None = None
+    """Equivalence margin δ in NMI (None: per label and checkpoint, a share of its linear ceiling; see expert-specialization)."""
+    primary_labels: tuple[str, ...] = ()
+    """The labels of the primary question, declared before the run (empty: the task's function labels)."""
+    eval_seed: int = 20261121
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.n_eval < 1 or self.n_permutations < 1:
+            raise ValueError("seeds, n_eval and n_permutations must be >= 1")
+        if not self.train.checkpoint_every:
+            raise ValueError("train.checkpoint_every must be >= 1: the study analyses the checkpoints")
+
+
+@register_study("dynamics")
+class Dynamics(Study):
+    """Train dense and MoE transformers with checkpoints; follow routing vs k-means, router saturation and the task metric."""
+
+    Config = DynamicsConfig
+    fast = {"competence": 0.0, "seeds": 3, "n_eval": 100, "n_permutations": 50,
+            "train": {"steps": 120, "n_train": 2000, "n_val": 200, "eval_every": 60, "checkpoint_every": 30,
+                      "checkpoint_spacing": "linear"}}
+    config: DynamicsConfig
+
+    def __init__(self, config: DynamicsConfig) -> None:
+        super().__init__(config)
+        self.task = get_task(config.task, config.task_options)
+        self.models = dense_and_moe(config)
+        primary_labels(self.task, config.primary_labels)  # fail early on an unknown primary label
+        for options in self.models.values():
+            build_model(self.task, options)
+
+    @property
+    def threshold(self) -> float | None:
+        """The metric at which the task counts as learned (the competence threshold)."""
+        return self.task.competence if self.config.competence is None else self.config.competence
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg, task = self.config, self.task
+        ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
+        models = ctx.train([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
+                            for seed in range(cfg.seeds) for kind, options in self.models.items()])
+        pairs = [seed for seed in range(cfg.seeds) if models[f"moe-seed{seed}"] and models[f"dense-seed{seed}"]]
+        per_seed = ctx.map(self.analyse, pairs, [ctx.run_dir(f"moe-seed{s}") for s in pairs],
+                           [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing checkpoints")
+        steps = checkpoint_steps(cfg.train)
+        series = [self.at_step([found[i] for found in per_seed]) for i in range(len(steps))] if pairs else []
+        return {"task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
+                "steps": steps, "seeds_analysed": pairs, "threshold": self.threshold, "series": series,
+                "lock_in": self.lock_ins(steps, series) if series else {},
+                "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models}}
+
+    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> list[dict[str, Any]]:
+        """One seed's scores at every kept step (in a worker, on one torch thread): both models' task metrics, the
+        MoE's saturation against its final routing and the specialization scores of `expert-specialization`."""
+        cfg = self.config
+        batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
+        moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
+        found = []
+        with torch_threads(1):
+            final = expert_sets(moe_run.model, self.task, batch)
+            for step in kept_steps(moe_dir):
+                moe, dense = load_checkpoint(moe_run, step), load_checkpoint(dense_run, step)
+                experts = expert_sets(moe, self.task, batch)
+                found.append({
+                    "metrics": {"moe": evaluate(moe, self.task, batch), "dense": evaluate(dense, self.task, batch)},
+                    "saturation": {layer: saturation(e, final[layer]) for layer, e in experts.items()},
+                    "chance": {layer: chance_agreement(e, final[layer]) for layer, e in experts.items()},
+                    "scores": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+                })
+        return found
+
+    def at_step(self, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+        """Across seeds at one step: metrics, saturation and its chance level, and per (layer, label) the NMIs and the
+        verdicts of `expert-specialization` (corrected within this step's families)."""
+        summary = summarize([s["scores"] for s in seeds], self.config.margin)
+        families = adjust_families(summary, {}, self.task, self.config.primary_labels)
+        return {
+            "metrics": {kind: {metric: mean_ci([s["metrics"][kind][metric] for s in seeds], bounds=None if metric == "loss" else UNIT)
+                               for metric in seeds[0]["metrics"][kind]} for kind in ("moe", "dense")},
+            "saturation": {layer: mean_ci([s["saturation"][layer] for s in seeds], bounds=UNIT) for layer in seeds[0]["saturation"]},
+            "chance": {layer: mean_ci([s["chance"][layer] for s in seeds], bounds=UNIT) for layer in seeds[0]["chance"]},
+            "labels": {layer: {label: {**{key: s[key] for key in SCORES}, "delta": s["margin"]["delta"],
+                                       "verdict": verdict_label(s["verdict"]),
+                                       "conditional_verdict": verdict_label(s["conditional_verdict"])}
+                               for label, s in labels.items()} for layer, labels in summary.items()},
+            "primary_family": families.get("primary", {}),
+        }
+
+    def lock_ins(self, steps: list[int], series: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per (layer, label) the final verdicts and the steps from which they hold; when the task was learned; the step
+        from which each layer's saturation stays at 0.9 or more."""
+        metric = self.task.primary_metric
+        learned = reached(steps, [s["metrics"]["moe"][metric]["mean"] for s in series], self.threshold) if self.threshold is not None else None
+        last = series[-1]["labels"]
+        labels = {layer: {label: {key: {"final": series[-1]["labels"][layer][label][key],
+                                        "step": (step := lock_in(steps, [s["labels"][layer][label][key] for s in series])),
+                                        "timing": timing(step, learned, series[-1]["labels"][layer][label][key])}
+                                  for key in ("verdict", "conditional_verdict")}
+                          for label in labels} for layer, labels in last.items()}
+        saturated = {layer: reached(steps, [s["saturation"][layer]["mean"] for s in series], 0.9) for layer in series[-1]["saturation"]}
+        return {"learned": learned, "labels": labels, "saturated": saturated}
+
+    def primary(self) -> list[str]:
+        return primary_labels(self.task, self.config.primary_labels)
+
+    def bottom_line(self, results: dict[str, Any]) -> str:
+        if not results["series"]:
+            return "No pair of dense and MoE runs finished, so there is nothing to follow."
+        found, steps = results["lock_in"], results["steps"]
+        last = max(found["labels"], key=int)
+        learned = (f"the MoE's held-out {self.task.primary_metric} (mean over seeds) reached {results['threshold']:g} from step "
+                   f"{found['learned']} on" if found["learned"] is not None
+                   else f"the MoE's held-out {self.task.primary_metric} never stayed at {results['threshold']:g}"
+                   if results["threshold"] is not None else "the task has no competence threshold")
+        labels = "; ".join(f"`{label}`: {v['verdict']['final']} from step {v['verdict']['step']} ({when(v['verdict']['timing'])})"
+                           for label, v in found["labels"][last].items() if label in self.primary())
+        saturated = ", ".join(f"layer {layer} from step {step}" if step is not None else f"layer {layer} never"
+                              for layer, step in found["saturated"].items())
+        return (f"Over {len(results['seeds_analysed'])} seeds and {len(steps)} checkpoints (steps 0 to {steps[-1]}), {learned}. "
+                f"Routing vs k-means at the last MoE layer, the final verdict and the checkpoint from which it holds: {labels}. "
+                f"Router saturation (top-{self.config.top_k} experts as at the end) stays at 0.9 or more: {saturated}. "
+                "Lock-in steps describe one series at the resolution of the checkpoints; they are not tests.")
+
+    def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"layer": layer, "label": label, "final verdict": v["verdict"]["final"], "holds from step": v["verdict"]["step"],
+                 "vs task learned": v["verdict"]["timing"], "given the token": v["conditional_verdict"]["final"],
+                 "holds from": v["conditional_verdict"]["step"]}
+                for layer, labels in results["lock_in"].get("labels", {}).items() for label, v in labels.items()]
+
+    def step_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per checkpoint: the task metric of both models, saturation per layer, and the primary labels' NMIs at the last layer."""
+        metric = self.task.primary_metric
+        rows = []
+        for step, s in zip(results["steps"], results["series"]):
+            last = max(s["labels"], key=int)
+            rows.append({"step": step, f"MoE {metric}": fmt_ci(s["metrics"]["moe"][metric]),
+                         f"dense {metric}": fmt_ci(s["metrics"]["dense"][metric]),
+                         **{f"saturation L{layer} [chance]": f"{fmt_ci(v)} [{fmt(s['chance'][layer]['mean'])}]"
+                            for layer, v in s["saturation"].items()},
+                         **{f"`{label}` routing / k-means / ceiling": " / ".join(fmt(s["labels"][last][label][key]["mean"])
+                                                                               for key in ("routing_nmi", "kmeans_moe_nmi", "linear_nmi"))
+                            + f" ({s['labels'][last][label]['verdict']})"
+                            for label in self.primary() if label in s["labels"][last]}})
+        return rows
+
+    def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
+        cfg, task = self.config, self.task
+        figures = []
+        if results["series"]:
+            steps, metric = results["steps"], task.primary_metric
+            last = max(results["series"][-1]["labels"], key=int)
+            frame = pd.DataFrame(
+                [{"step": step, "label": f"`{label}`, layer {layer}", "score": name, **s["labels"][layer][label][key]}
+                 for step, s in zip(steps, results["series"]) for layer, labels in s["labels"].items() for label in labels
+                 for key, name in SCORES.items()]
+                + [{"step": step, "label": f"{metric} and saturation", "score": name, **value}
+                   for step, s in zip(steps, results["series"])
+                   for name, value in ((f"MoE {metric}", s["metrics"]["moe"][metric]), (f"dense {metric}", s["metrics"]["dense"][metric]),
+                                       (f"saturation, layer {last}", s["saturation"][last]))])
+            fig = interval_lines(frame, "step", "score", "label", "NMI (panels); metric and share (last panel)")
+            for ax in fig.axes:
+                ax.set_xscale("symlog", linthresh=steps[1])
+            figures.append(Figure(ctx.figure("dynamics", fig), "Each label's NMI with routing, k-means on the router input, the "
+                                  "linear probe and the shuffled null along training (mean, 95% CI over seeds; symmetric-log step "
+                                  "axis), and the task metric with the last layer's router saturation"))
+        blocks = [
+            Text(f"**Bottom line.** {self.bottom_line(results)}"),
+            Section("What was run", [Text(
+                f"Task `{task.name}` with options `{task.options}`. {task.describe()}\n\n"
+                f"A dense and an MoE transformer ({cfg.n_experts} experts, `{cfg.router}` router, top-{cfg.top_k}) with shared options "
+                f"`{cfg.model}`, {cfg.seeds} seeds, {cfg.train.steps} steps, weights kept at steps {', '.join(map(str, results['steps']))}. "
+                f"Every checkpoint is analysed on the same {cfg.n_eval} held-out sequences with `expert-specialization`'s "
+                f"scores and verdict rules ({cfg.n_permutations} shuffles), each checkpoint's families corrected on their own.")]),
+            Section("When verdicts lock in", [Text(
+                "The final verdict of routing vs k-means on the router input (and given the token) per (layer, label), the first "
+                "checkpoint from which it holds, and whether that is before, with or after the task was learned (the MoE's metric "
+                "reaching the competence threshold for good)."), Table(self.summary(results))]),
+            Section("Along training", [Text(
+                "Saturation is the share of tokens routed to the experts they get at the end; chance is what two independent "
+                "routings with these usages would share. The last columns give routing / k-means / linear-ceiling NMI at the "
+                "last MoE layer, with the (corrected) verdict at that checkpoint."), Table(self.step_rows(results))]),
+            Section("Figures", figures),
+        ]
+        return Document(f"Training dynamics of routing on `{task.name}`", blocks + failed_runs_section(results["failed_runs"]))
