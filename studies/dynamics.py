@@ -1,4 +1,5 @@
-"""Study `dynamics`: when does routing lock in, and does specialization come before, with or after the task is learned?"""
+"""Study `dynamics`: when does routing lock in, does specialization come before, with or after the task is learned, and
+does the final routing hold on larger or deeper inputs than trained on?"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from toylab.analysis.dynamics import chance_agreement, expert_sets, lock_in, reached, saturation, timing
+from toylab.analysis.ood import ood_routing, summarize_ood
 from toylab.analysis.specialization import adjust_families, primary_labels, specialization, summarize
 from toylab.analysis.stats import UNIT, mean_ci, verdict_label
 from toylab.determinism import torch_threads
@@ -51,6 +53,11 @@ class DynamicsConfig:
     """Equivalence margin δ in NMI (None: per label and checkpoint, a share of its linear ceiling; see expert-specialization)."""
     primary_labels: tuple[str, ...] = ()
     """The labels of the primary question, declared before the run (empty: the task's function labels)."""
+    ood: bool = True
+    """Also evaluate the final models on larger or deeper inputs than trained on (`Task.shifted`), where the task has a
+    size knob; the models then get positions enough for them."""
+    ood_margin: float = 0.05
+    """Equivalence margin of the off-distribution verdicts (agreement with the in-distribution map, NMI)."""
     eval_seed: int = 20261121
 
     def __post_init__(self) -> None:
@@ -73,7 +80,10 @@ class Dynamics(Study):
     def __init__(self, config: DynamicsConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        self.models = dense_and_moe(config)
+        self.shifted = self.task.shifted() if config.ood else None
+        longest = max(self.task.seq_len, self.shifted.seq_len if self.shifted else 0)
+        self.models = {kind: {**options, **({"max_len": longest} if longest > self.task.seq_len else {})}
+                       for kind, options in dense_and_moe(config).items()}
         primary_labels(self.task, config.primary_labels)  # fail early on an unknown primary label
         for options in self.models.values():
             build_model(self.task, options)
@@ -92,15 +102,19 @@ class Dynamics(Study):
         per_seed = ctx.map(self.analyse, pairs, [ctx.run_dir(f"moe-seed{s}") for s in pairs],
                            [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing checkpoints")
         steps = checkpoint_steps(cfg.train)
-        series = [self.at_step([found[i] for found in per_seed]) for i in range(len(steps))] if pairs else []
+        series = [self.at_step([found["steps"][i] for found in per_seed]) for i in range(len(steps))] if pairs else []
+        ood = {**summarize_ood([found["ood"] for found in per_seed], cfg.ood_margin), "task_options": self.shifted.options,
+               "metrics": {kind: {metric: mean_ci([found["ood_metrics"][kind][metric] for found in per_seed], bounds=None if metric == "loss" else UNIT)
+                                  for metric in per_seed[0]["ood_metrics"][kind]} for kind in ("moe", "dense")}} if self.shifted and pairs else {}
         return {"task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
                 "steps": steps, "seeds_analysed": pairs, "threshold": self.threshold, "series": series,
-                "lock_in": self.lock_ins(steps, series) if series else {},
+                "lock_in": self.lock_ins(steps, series) if series else {}, "ood": ood,
                 "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models}}
 
-    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> list[dict[str, Any]]:
+    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
         """One seed's scores at every kept step (in a worker, on one torch thread): both models' task metrics, the
-        MoE's saturation against its final routing and the specialization scores of `expert-specialization`."""
+        MoE's saturation against its final routing and the specialization scores of `expert-specialization`; with
+        shifted inputs, the final models' metrics and routing on them (`ood_routing`)."""
         cfg = self.config
         batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
@@ -116,7 +130,11 @@ class Dynamics(Study):
                     "chance": {layer: chance_agreement(e, final[layer]) for layer, e in experts.items()},
                     "scores": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
                 })
-        return found
+            if self.shifted is None:
+                return {"steps": found}
+            shifted = self.task.shifted_sample(cfg.n_eval, cfg.eval_seed)
+            return {"steps": found, "ood": ood_routing(moe_run.model, self.task, batch, self.shifted, shifted, cfg.n_permutations, seed),
+                    "ood_metrics": {kind: evaluate(run.model, self.shifted, shifted) for kind, run in (("moe", moe_run), ("dense", dense_run))}}
 
     def at_step(self, seeds: list[dict[str, Any]]) -> dict[str, Any]:
         """Across seeds at one step: metrics, saturation and its chance level, and per (layer, label) the NMIs and the
@@ -168,7 +186,47 @@ class Dynamics(Study):
         return (f"Over {len(results['seeds_analysed'])} seeds and {len(steps)} checkpoints (steps 0 to {steps[-1]}), {learned}. "
                 f"Routing vs k-means at the last MoE layer, the final verdict and the checkpoint from which it holds: {labels}. "
                 f"Router saturation (top-{self.config.top_k} experts as at the end) stays at 0.9 or more: {saturated}. "
-                "Lock-in steps describe one series at the resolution of the checkpoints; they are not tests.")
+                "Lock-in steps describe one series at the resolution of the checkpoints; they are not tests." + self.ood_line(results))
+
+    def ood_line(self, results: dict[str, Any]) -> str:
+        """The off-distribution finding for the primary labels at the last MoE layer, in a sentence (none if not run)."""
+        ood = results["ood"]
+        if not ood:
+            return ""
+        metric, last = self.task.primary_metric, max(ood["labels"], key=int)
+        holds = "; ".join(f"`{label}`: {verdict_label(s['holds'])} (agreement {fmt(s['agreement_ood']['mean'])} off vs "
+                          f"{fmt(s['agreement_id']['mean'])} in distribution, null {fmt(s['agreement_null']['mean'])})"
+                          for label, s in ood["labels"][last].items() if label in self.primary())
+        return (f" On shifted inputs (`{self.shifted_change(ood)}`), the final MoE's {metric} is {fmt_ci(ood['metrics']['moe'][metric])} "
+                f"and its class → expert map at the last layer, off vs in distribution (±{ood['margin']:g}): {holds}.")
+
+    def shifted_change(self, ood: dict[str, Any]) -> str:
+        """The task options that the shifted inputs change, as `key=value`."""
+        return ", ".join(f"{k}={v}" for k, v in ood["task_options"].items() if self.task.options.get(k) != v)
+
+    def ood_rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"layer": layer, "label": label, "agreement in": fmt_ci(s["agreement_id"]), "agreement off": fmt_ci(s["agreement_ood"]),
+                 "agreement null": fmt(s["agreement_null"]["mean"]), "map holds": verdict_label(s["holds"]),
+                 "vs null": verdict_label(s["vs_null"]), "NMI routing off": fmt_ci(s["nmi_ood"]), "NMI k-means refit": fmt_ci(s["kmeans_nmi_ood"]),
+                 "NMI null": fmt(s["null_nmi_ood"]["mean"]), "routing vs k-means": verdict_label(s["vs_kmeans"])}
+                for layer, labels in results["ood"]["labels"].items() for label, s in labels.items()]
+
+    def ood_section(self, results: dict[str, Any]) -> list[Section]:
+        ood = results["ood"]
+        if not ood:
+            return []
+        metric = self.task.primary_metric
+        final = results["series"][-1]["metrics"]
+        return [Section("Off-distribution routing", [Text(
+            f"The final models on {self.config.n_eval} shifted sequences (`{self.shifted_change(ood)}`; none of them a sequence of "
+            f"the training task): {metric} {fmt_ci(ood['metrics']['moe'][metric])} for the MoE and "
+            f"{fmt_ci(ood['metrics']['dense'][metric])} for the dense model, against {fmt_ci(final['moe'][metric])} and "
+            f"{fmt_ci(final['dense'][metric])} in distribution. Each class's expert is fitted on half of the in-distribution "
+            "sequences; *agreement* is the share of tokens of the classes both distributions have sent to their class's "
+            "expert, on the other half (in) and on the shifted inputs (off); its null shuffles the experts among the shifted "
+            f"tokens. *Map holds*: agreement off vs in distribution, *equivalent* within ±{ood['margin']:g} when it holds, "
+            "*less* when it breaks. NMI compares routing with k-means refitted on the shifted router inputs. All verdicts "
+            f"are one family ({ood['family']['adjustment']}-adjusted, secondary)."), Table(self.ood_rows(results))])]
 
     def summary(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"layer": layer, "label": label, "final verdict": v["verdict"]["final"], "holds from step": v["verdict"]["step"],
@@ -228,6 +286,7 @@ class Dynamics(Study):
                 "Saturation is the share of tokens routed to the experts they get at the end; chance is what two independent "
                 "routings with these usages would share. The last columns give routing / k-means / linear-ceiling NMI at the "
                 "last MoE layer, with the (corrected) verdict at that checkpoint."), Table(self.step_rows(results))]),
+            *self.ood_section(results),
             Section("Figures", figures),
         ]
         return Document(f"Training dynamics of routing on `{task.name}`", blocks + failed_runs_section(results["failed_runs"]))

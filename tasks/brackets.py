@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -127,6 +127,21 @@ class Brackets(Task):
         labels = {name: np.concatenate([c[1][name] for c in chunks])[:n] for name in chunks[0][1]}
         targets = np.concatenate([tokens[:, 1:], np.full((n, 1), PAD)], axis=1)
         return Batch(tokens, targets, targets != PAD, labels)
+
+    def shifted(self) -> Brackets:
+        """Dyck-(k, m + 2): strings of the same lengths, nested deeper."""
+        return Brackets(replace(self.config, m=self.config.m + 2))
+
+    def shifted_sample(self, n: int, seed: int) -> Batch:
+        """`n` strings of `shifted()` that nest deeper than m somewhere, so that none is a string of this task."""
+        shifted, found, have = self.shifted(), [], 0
+        for draw in np.random.SeedSequence(seed).generate_state(64):
+            batch = shifted.sample(max(4 * n, 256), int(draw))
+            found.append(batch[(batch.labels["depth"] > self.config.m).any(1)])
+            have += len(found[-1])
+            if have >= n:
+                return Batch.concat(found)[:n]
+        raise ToylabError(f"too few strings of Dyck-({self.config.k}, {self.config.m + 2}) nest deeper than {self.config.m}")
 
     def interchange(self, n: int, seed: int, variable: str) -> Counterfactuals:
         """Pairs for `stack_top`: the source is the base with one matched pair of brackets (chosen at random among

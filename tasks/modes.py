@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -127,6 +127,10 @@ class Modes(Task):
             "source": Label("source", "function", "at an answer symbol, the index in the query list its symbol comes from",
                             ordinal(cfg.length), ordinal=True),
         }
+
+    def shifted(self) -> Modes:
+        """The same rules on lists two symbols longer (every shifted sequence is longer than this task's)."""
+        return Modes(replace(self.config, length=self.config.length + 2))
 
     def sample(self, n: int, seed: int) -> Batch:
         self.check_sample(n, seed)

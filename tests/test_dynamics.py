@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from toylab.analysis.dynamics import chance_agreement, lock_in, reached, saturation, timing
+from toylab.analysis.ood import agreement, agreement_null, class_experts, ood_routing, shared_classes
+from toylab.registry import get_task
+from toylab.training import build_model
 
 
 def test_saturation_is_one_for_the_final_routing_and_at_chance_for_an_unrelated_one() -> None:
@@ -73,3 +76,34 @@ def test_a_dynamics_study_killed_mid_training_resumes_to_the_results_of_an_unint
     assert results["steps"] == [0, 40, 80, 120, 160, 200, 240] and len(results["series"]) == 7
     assert {"learned", "labels", "saturated"} <= set(results["lock_in"])
     assert results["series"][-1]["saturation"]["0"]["mean"] == 1.0  # the final checkpoint is the final routing
+
+
+def test_the_class_map_holds_off_distribution_for_planted_routing_and_sits_at_its_null_for_random_routing() -> None:
+    rng = np.random.default_rng(2)
+    label, shifted = rng.integers(0, 5, 4000), rng.integers(0, 5, 4000)
+    mapping = class_experts(label % 4, label, 5, 4)
+    assert mapping.tolist() == [0, 1, 2, 3, 0]
+    assert agreement(shifted % 4, shifted, mapping) == 1.0  # positive control: routed by class, in and off distribution
+    noise = rng.integers(0, 4, 4000)  # negative control: routing that ignores the class
+    null = agreement_null(noise, shifted, mapping, 200, 0)
+    assert abs(agreement(noise, shifted, mapping) - null.mean()) < 3 * null.std() + 1e-9
+    assert abs(null.mean() - 0.25) < 0.02
+
+
+def test_shifted_inputs_are_deeper_or_longer_and_share_the_classes_by_name() -> None:
+    brackets = get_task("brackets")
+    deeper = brackets.shifted_sample(300, 0)
+    assert (deeper.labels["depth"].max(1) > brackets.config.m).all() and brackets.shifted().vocab == brackets.vocab
+    assert shared_classes(brackets, brackets.shifted(), "depth").tolist() == [0, 1, 2, 3, 4, -1, -1]
+    modes = get_task("modes")
+    assert modes.shifted().seq_len > modes.seq_len and modes.shifted().vocab == modes.vocab
+    assert get_task("superposition").shifted() is None
+
+
+def test_a_label_routed_moe_keeps_its_class_map_off_distribution() -> None:
+    task = get_task("brackets")
+    model = build_model(task, {"ffn": "moe", "router": "label", "router_label": "depth", "n_experts": 4, "d_model": 16,
+                               "n_heads": 2, "d_mlp": 32, "n_layers": 1})
+    found = ood_routing(model, task, task.sample_split(60, 1, "heldout"), task.shifted(), task.shifted_sample(60, 2), 50, 0, ["depth"])
+    depth = found["0"]["depth"]
+    assert depth["agreement_id"] == depth["agreement_ood"] == 1.0 and depth["agreement_null"] < 0.5

@@ -235,6 +235,19 @@ class Task(ABC):
             raise ToylabError(f"unknown causal variable '{variable}' of task '{self.name}'; valid: {valid}")
         return heldout_counterfactuals(self, n, seed, variable)
 
+    def shifted(self) -> Task | None:
+        """This task on larger or deeper inputs than it samples (its size knob turned up), with the same vocabulary and
+        labels, for out-of-distribution evaluation; None for a task without a size knob."""
+        return None
+
+    def shifted_sample(self, n: int, seed: int) -> Batch:
+        """`n` sequences of `shifted()` that this task could never sample (default: all of `shifted()`'s, for a knob
+        such as a length that every shifted sequence exceeds)."""
+        shifted = self.shifted()
+        if shifted is None:
+            raise ToylabError(f"task '{self.name}' has no size knob to sample larger or deeper inputs with")
+        return shifted.sample(n, seed)
+
     def describe(self) -> str:
         """One paragraph for `toylab tasks show`."""
         return (self.__doc__ or self.name).strip().split("\n\n")[0]
