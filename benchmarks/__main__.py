@@ -26,6 +26,7 @@ SECTIONS = (
     "flops",
     "analysis",
     "seeds",
+    "studies",
 )
 """The sections in the order they run: each names its module in `benchmarks`."""
 

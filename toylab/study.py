@@ -81,6 +81,10 @@ class StudyContext:
         """Runs trained by this context; the others it used were `reused_keys`, finished before it started."""
         self.reused_keys: set[str] = set()
         self.heldout_batches: list[dict[str, Any]] = []
+        self.training_seconds = 0.0
+        """Wall time spent in `train` (the rest of a study's run is analysis)."""
+        self.steps_trained = 0
+        """Optimizer steps of the runs this context trained."""
         self._executor: Executor | None = None
 
     def __enter__(self) -> StudyContext:
@@ -136,6 +140,7 @@ class StudyContext:
         seeded on its own, so the results are the same whatever the launcher and number of workers.
         Ctrl-C raises `Interrupted` saying how many runs finished; if every job fails, ToylabError.
         """
+        start = time.perf_counter()
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
         pending = [job for job in jobs if found[job.key] is None]
         self.reused_keys |= {job.key for job in jobs if found[job.key] is not None} - self.trained_keys
@@ -164,6 +169,9 @@ class StudyContext:
             self.failures.append({"run": key, "error": error})
             tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
         models = {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
+        self.steps_trained += sum(io.read_json(self.run_dir(job.key) / "final.json").get("steps", job.config.steps)
+                                  for job in jobs if job.key not in failed and found[job.key] is None)
+        self.training_seconds += time.perf_counter() - start
         below = [b for job in jobs if models[job.key] is not None and (b := self.competent(job, models[job.key])) is not None]
         if below and len(below) + len(failed) == len(jobs):
             best = max(below, key=lambda b: b["value"])
@@ -314,6 +322,8 @@ def code_version() -> dict[str, Any]:
 def timing_note(timing: dict[str, Any]) -> Section:
     """The report's closing section: how long this invocation took, on what, and what it reused."""
     text = f"This invocation took {timing['seconds']:.0f} s of wall time on {timing['cpus']} CPU core(s)"
+    if "training_seconds" in timing:
+        text += f" ({timing['training_seconds']:.0f} s training, {timing['analysis_seconds']:.0f} s analysis, before this report)"
     if timing["runs_trained"] + timing["runs_reused"]:
         where = f"{timing['workers']} local worker process(es)" if timing["launcher"] == "local" else f"the {timing['launcher']} launcher"
         text += (f" with {where}; it trained {timing['runs_trained']} model(s) "
@@ -392,6 +402,13 @@ def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timin
     io.write_json(ctx.directory / "summary.json", table_json(summary))
     io.write_text(ctx.directory / "report.md", markdown)
     io.write_text(ctx.directory / "report.html", html)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user and system) of this process and of its finished child processes (the workers, once stopped)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def available_cpus() -> int:
@@ -494,7 +511,7 @@ def run_study(
     `if __name__ == "__main__":`.
     """
     launcher = launcher or build(LaunchConfig, {"workers": workers})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     study = resolve(name, overrides, fast)
     for value in vars(study.config).values():  # devices are checked with the other options, before any folder is written
         if isinstance(value, TrainConfig):
@@ -517,9 +534,15 @@ def run_study(
     results["below_competence"] = ctx.below
     results["heldout"] = ctx.heldout_batches
     io.write_json(directory / "results.json", results)
-    timing = {"seconds": round(time.perf_counter() - start, 2), "cpus": available_cpus(), "launcher": launcher.launcher,
-              "workers": launcher.workers, "runs_trained": ctx.trained, "runs_reused": ctx.reused}
+    ran = time.perf_counter() - start
+    timing = {"seconds": round(ran, 2), "cpus": available_cpus(), "launcher": launcher.launcher,
+              "workers": launcher.workers, "runs_trained": ctx.trained, "runs_reused": ctx.reused,
+              "training_seconds": round(ctx.training_seconds, 2), "analysis_seconds": round(ran - ctx.training_seconds, 2),
+              "steps_trained": ctx.steps_trained}
     io.write_json(directory / "timing.json", timing)
     # the report is written from what the run directory stores, as `toylab report` (toylab.runs.rerender) writes it again
     write_report(stored_study(directory), io.read_json(directory / "results.json"), ctx, timing)
+    seconds = time.perf_counter() - start  # `seconds` stays the time the report states (a re-rendered report is identical)
+    timing.update(report_seconds=round(seconds - ran, 2), cpu_busy=round((cpu_seconds() - cpu) / (seconds * available_cpus()), 3))
+    io.write_json(directory / "timing.json", timing)
     return StudyOutcome(directory, results, study.summary(results), timing["seconds"])

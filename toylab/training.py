@@ -427,7 +427,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     os.replace(attempt / "metrics.csv", run_dir / "metrics.csv")
     shutil.rmtree(attempt, ignore_errors=True)
     (run_dir / CHECKPOINTS / RESUME).unlink(missing_ok=True)
-    final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config),
+    final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config), "steps": trainer.global_step,
              "weights_sha256": io.sha256(run_dir / "model.safetensors"),
              "checkpoints": {str(step): io.sha256(checkpoint_path(run_dir, step)) for step in kept}}
     io.write_json(run_dir / "final.json", final)
