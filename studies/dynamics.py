@@ -65,6 +65,8 @@ class DynamicsConfig:
             raise ValueError("seeds, n_eval and n_permutations must be >= 1")
         if not self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every must be >= 1: the study analyses the checkpoints")
+        if self.train.target is not None:
+            raise ValueError("train.target must be None: every seed's checkpoints are compared at the same steps")
 
 
 @register_study("dynamics")

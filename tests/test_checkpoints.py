@@ -1,6 +1,7 @@
 """Checkpoint series: the steps kept, the batches of a resumed run, and a run killed mid-way resuming to the very
 weights of an uninterrupted one."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -70,3 +71,18 @@ def test_a_missing_or_tampered_checkpoint_is_named_in_one_line(tmp_path) -> None
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ToylabError, match="SHA-256 differs"):
         load_checkpoint(run, 10)
+
+
+def test_a_run_with_a_target_stops_once_it_has_held_and_keeps_its_last_weights(tmp_path) -> None:
+    cfg = replace(CFG, steps=400, eval_every=20, target=0.3, patience=2, checkpoint_every=100)
+    run = train(TASK, MOE, cfg, tmp_path / "run", progress=False)
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["stopped_at_target"] and final["steps"] < 400 and final["steps"] % 20 == 0
+    assert run.metrics["closing_accuracy"] >= 0.3
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    accuracy = [float(r[rows[0].index("val_closing_accuracy")]) for r in rows[1:] if r[rows[0].index("val_closing_accuracy")]]
+    held = [i for i in range(1, len(accuracy)) if accuracy[i - 1] >= 0.3 and accuracy[i] >= 0.3]
+    assert held and held[0] == len(accuracy) - 1  # it stopped at the first validation that made two in a row
+    assert kept_steps(tmp_path / "run")[-1] == final["steps"]
+    assert train(TASK, MOE, replace(cfg, target=1.1), tmp_path / "cap", progress=False).metrics  # never reached: the cap
+    assert json.loads((tmp_path / "cap" / "final.json").read_text())["steps"] == 400

@@ -73,9 +73,13 @@ class TrainConfig:
     """Keep the weights every this many steps (0: only the final ones); a killed run resumes from the last kept."""
     checkpoint_spacing: Literal["linear", "log"] = "linear"
     """`log`: keep them at checkpoint_every · 2^i steps instead, dense early, where training moves fastest."""
+    target: float | None = None
+    """Stop once the task's primary metric on validation has been at or above this at `patience` validations in a
+    row (None: train every step); `steps` is then the cap, and `final.json` records the steps trained."""
+    patience: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads"):
+        for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads", "patience"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -85,6 +89,8 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if self.target is not None and not math.isfinite(self.target):
+            raise ValueError(f"target must be a finite number or None (got {self.target})")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
         if self.checkpoint_spacing not in ("linear", "log"):
@@ -214,6 +220,24 @@ class StepBudgetBar(RichProgressBar):
         return f"epoch {step // (cfg.n_train // cfg.batch_size)}, step {step}/{self.trainer.max_steps}"
 
 
+class StopAtTarget(pl.Callback):
+    """Stops training once the validation `metric` has been at or above `target` at `patience` validations in a row."""
+
+    def __init__(self, metric: str, target: float, patience: int) -> None:
+        self.metric, self.target, self.patience, self.held = f"val_{metric}", target, patience, 0
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        self.held = self.held + 1 if value is not None and float(value) >= self.target else 0
+        trainer.should_stop = trainer.should_stop or self.held >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": self.held}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.held = state["held"]
+
+
 class Checkpoints(pl.Callback):
     """Keeps the weights at `steps` in `folder/step-NNNNNN.safetensors` and, after each but the last, what a killed
     run resumes from: `folder/resume.ckpt`, Lightning's checkpoint (weights, optimizer, schedule, loops), written
@@ -239,6 +263,11 @@ class Checkpoints(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: SequenceModel, *args: Any) -> None:
         if trainer.global_step in self.steps:
             self.keep(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: SequenceModel) -> None:
+        """A run stopped at its target keeps its last weights too (as the last step it trained)."""
+        if trainer.global_step not in self.steps:
+            io.save_tensors(self.folder / f"step-{trainer.global_step:06d}.safetensors", module.model.state_dict())
 
 
 class SequenceModel(pl.LightningModule):
@@ -400,7 +429,8 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     torch.set_num_threads(cfg.threads)
     model = build_model(task, model_options)
     kept = checkpoint_steps(cfg)
-    callbacks = [*([StepBudgetBar()] if progress else []), *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else [])]
+    stop = [StopAtTarget(task.primary_metric, cfg.target, cfg.patience)] if cfg.target is not None else []
+    callbacks = [*([StepBudgetBar()] if progress else []), *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else []), *stop]
     trainer = pl.Trainer(
         max_steps=cfg.steps,
         accelerator=cfg.accelerator,
@@ -427,7 +457,9 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     os.replace(attempt / "metrics.csv", run_dir / "metrics.csv")
     shutil.rmtree(attempt, ignore_errors=True)
     (run_dir / CHECKPOINTS / RESUME).unlink(missing_ok=True)
+    kept = [step for step in kept if step < trainer.global_step] + [trainer.global_step] if kept else []
     final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config), "steps": trainer.global_step,
+             "stopped_at_target": trainer.global_step < cfg.steps,
              "weights_sha256": io.sha256(run_dir / "model.safetensors"),
              "checkpoints": {str(step): io.sha256(checkpoint_path(run_dir, step)) for step in kept}}
     io.write_json(run_dir / "final.json", final)
