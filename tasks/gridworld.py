@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -226,6 +226,10 @@ class Gridworld(Task):
             else:
                 open_[which == i] = percolation_mazes(count, size, self.config.p_open, rng)
         return open_
+
+    def shifted(self) -> Gridworld | None:
+        """Mazes one cell wider on the same canvas (so with the same tokens); None when the canvas leaves no room."""
+        return Gridworld(replace(self.config, size=self.config.size + 1)) if self.config.size < self.canvas else None
 
     def sample(self, n: int, seed: int) -> Batch:
         self.check_sample(n, seed)

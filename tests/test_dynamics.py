@@ -97,6 +97,8 @@ def test_shifted_inputs_are_deeper_or_longer_and_share_the_classes_by_name() -> 
     assert shared_classes(brackets, brackets.shifted(), "depth").tolist() == [0, 1, 2, 3, 4, -1, -1]
     modes = get_task("modes")
     assert modes.shifted().seq_len > modes.seq_len and modes.shifted().vocab == modes.vocab
+    maze = get_task("gridworld", {"size": 3, "canvas": 4})
+    assert maze.shifted().config.size == 4 and maze.shifted().vocab == maze.vocab and get_task("gridworld").shifted() is None
     assert get_task("superposition").shifted() is None
 
 
