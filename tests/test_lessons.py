@@ -5,7 +5,7 @@ and every number a lesson quotes from its run is checked against the rerun's `re
 A lesson lists its quoted numbers in a comment at its end (`toylab.quoted`): every decimal number in its prose
 must be listed there, and the rerun must reproduce each within its tolerance.
 
-Each command is a fast study of up to about two minutes on a laptop, too long to run them all in the default
+Each command is a study of up to about four minutes on 2 cores, too long to run them all in the default
 suite on 2 cores: the superposition lesson (the quickest) runs by default, the other lessons are marked slow
 (`python -m pytest tests/test_lessons.py -m slow`).
 """
