@@ -164,7 +164,7 @@ class TaskDataModule(pl.LightningDataModule):
         """Validation sequences that also occur in training: 0, since the two come from disjoint parts (`toylab.splits`)."""
 
     def train_dataloader(self) -> DataLoader:
-        batches = StepBatches(self.cfg, lambda: self.trainer.global_step)
+        batches = StepBatches(self.cfg, lambda: self.trainer.global_step if self.trainer is not None else 0)  # resumed: from its step
         return DataLoader(self.train_data, sampler=batches, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
