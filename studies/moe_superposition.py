@@ -491,8 +491,8 @@ class MoESuperposition(Study):
             Section("The paper's results beside the measured ones", [
                 Table(results["claims"]),
                 Text(f"Each claim is checked under this run's preset (`{cfg.preset}`); the other preset is one invocation away "
-                     f"(`toylab study run moe-superposition --set preset=paper`, or without it for toylab's), and README.md "
-                     f"records both outcomes."),
+                     f"(`toylab study run moe-superposition --set preset=paper`, or without it for toylab's), and "
+                     f"docs/studies/moe-superposition.md records both outcomes."),
             ]),
             Section("How the paper's setup differs from this study's", [Table(DIFFERENCES)]),
             Section("Per configuration (mean [95% CI] over seeds)", [Table(self.summary(results))]),

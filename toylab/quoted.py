@@ -5,9 +5,9 @@ A document (the README, a lesson) lists the numbers it quotes in an HTML comment
 `results.json` (integers index lists), prefixed with `study:` where the document quotes several runs; a
 tolerance of `=` compares text (e.g. a verdict), a quoted percentage is a share; a path starting `timing.` reads the
 run's `timing.json` (wall time lives there, not in `results.json`). A lesson's test reruns its
-command and checks every line; the README's runs are too long for that, so
+command and checks every line; a study page's runs (docs/studies/NAME.md) are too long for that, so
 
-    python -m toylab.quoted README.md docs/readme-numbers.json moe-superposition=runs/moe-superposition/<hash> ...
+    python -m toylab.quoted docs/studies/moe-superposition.md docs/readme-numbers.json moe-superposition=runs/moe-superposition/<hash> ...
 
 writes the values its lines name from the given runs into a small data file, which the tests check the quoted
 text against.
