@@ -42,7 +42,8 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["study", "run", "expert-specialization", "--set", "model.width=3"], "unknown TransformerConfig key 'width'"),
     (["study", "run", "expert-specialization", "--task", "nope"], "unknown task 'nope'"),
     (["study", "run", "expert-specialization", "--config", "missing.toml"], "config file not found"),
-    (["train", "--model", "sparse"], "unknown model 'sparse'; valid: dense, moe"),
+    (["train", "--model", "sparse"], "unknown model 'sparse'; valid: dense, moe, lstm, gru"),
+    (["train", "--model", "lstm", "--set", "n_heads=2"], "unknown option 'n_heads'; valid: accelerator, batch_size, d_model, devices,"),
     (["train", "--set", "colour=red"], "unknown option 'colour'; valid:"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, args, message):
@@ -186,6 +187,7 @@ def test_train_reads_task_options_from_a_config_file(capsys, tmp_path):
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["task_options"]["k"] == 3 and saved["model"]["d_model"] == 16 and saved["train"]["steps"] == 4
+    assert "arch" not in saved["model"]  # a transformer's run config (and hash) is as before the recurrent models came
 
 
 def test_train_progress_goes_to_stderr_and_a_reused_run_says_so(capsys, tmp_path):

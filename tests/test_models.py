@@ -1,10 +1,10 @@
-"""Transformer and MoE: sorted dispatch against a naive reference, 1-expert equivalence, hooks."""
+"""Transformer and MoE: sorted dispatch against a naive reference, 1-expert equivalence, hooks; every model is causal."""
 
 import pytest
 import torch
 
 from toylab.errors import ToylabError
-from toylab.models import MLP, MoE, Transformer, TransformerConfig
+from toylab.models import MLP, MoE, Recurrent, RecurrentConfig, Transformer, TransformerConfig
 from toylab.models.moe import grouped_mm_supported, reference_forward
 
 
@@ -108,9 +108,9 @@ def test_hooks_can_patch_activations():
     assert torch.equal(model(tokens), clean)  # hooks are removed afterwards
 
 
-@pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_model_is_causal(ffn):
-    model = small(ffn)
+@pytest.mark.parametrize("kind", ["dense", "moe", "lstm", "gru"])
+def test_model_is_causal(kind):
+    model = small(kind) if kind in ("dense", "moe") else Recurrent(RecurrentConfig(vocab_size=9, max_len=12, arch=kind, d_model=16))
     tokens = torch.randint(0, 9, (2, 12))
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 9

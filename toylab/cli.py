@@ -222,49 +222,56 @@ def _table(file: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 
 
 @app.command(epilog="Examples: toylab train --task brackets --model moe  |  "
-             "toylab train --task brackets --model dense -o m=6 --set steps=2000 --set d_model=64")
+             "toylab train --task brackets --model dense -o m=6 --set steps=2000 --set d_model=64  |  "
+             "toylab train --task brackets --model lstm --set d_model=32")
 def train(
     task: str = typer.Option("brackets", help="Task name: any token task (`toylab tasks list`)."),
-    model: str = typer.Option("dense", help="Model: dense or moe."),
+    model: str = typer.Option("dense", help="Model: dense or moe (transformers), lstm or gru (recurrent)."),
     option: list[str] = TaskOptions,
-    set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (TransformerConfig or TrainConfig field)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (a field of TrainConfig or "
+                                    "of the model's config: TransformerConfig, or RecurrentConfig for lstm and gru)."),
     config: Optional[Path] = typer.Option(None, parser=_path, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
     seed: int = typer.Option(0, **SEED_RANGE, help="Training seed."),
     out: Path = typer.Option("runs/train", parser=_path, help="Parent directory of the run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar (on stderr)."),
 ) -> None:
-    """Train one dense or MoE transformer on a task; print its held-out metrics.
+    """Train one model (a dense or MoE transformer, an LSTM or a GRU) on a task; print its held-out metrics.
 
     A run directory that already holds this finished run is reused (it says so on stderr).
     """
     import contextlib
 
-    from toylab.models import TransformerConfig
+    from toylab.models import RecurrentConfig, TransformerConfig
+    from toylab.models.recurrent import CELLS
     from toylab.registry import get_task
     from toylab.report import markdown_table
-    from toylab.training import TrainConfig, check_devices, is_trained
+    from toylab.training import TrainConfig, check_devices, is_trained, model_config
     from toylab.training import train as train_model
 
-    if model not in ("dense", "moe"):
-        raise ToylabError(f"unknown model '{model}'; valid: dense, moe")
+    if model not in ("dense", "moe", *CELLS):
+        raise ToylabError(f"unknown model '{model}'; valid: {', '.join(('dense', 'moe', *CELLS))}")
+    recurrent = model in CELLS
+    chosen = "arch" if recurrent else "ffn"  # the model option --model sets
     file = load_file(config) if config else {}
     if set(file) - {"task_options", "model", "train"}:
         unknown = sorted(set(file) - {"task_options", "model", "train"})[0]
         raise ToylabError(f"unknown config key '{unknown}'; valid: task_options, model, train")
     the_task = get_task(task, {**_table(file, "task_options", config), **parse_assignments(option)})
     vocab_size = len(the_task.vocab)  # a one-line error for a task with real-valued inputs
-    model_fields, train_fields = TransformerConfig.__dataclass_fields__, TrainConfig.__dataclass_fields__
+    model_fields = (RecurrentConfig if recurrent else TransformerConfig).__dataclass_fields__
+    train_fields, fixed = TrainConfig.__dataclass_fields__, {"vocab_size", "max_len", chosen}
     model_options, train_options = dict(_table(file, "model", config)), {**_table(file, "train", config), "seed": seed}
     for key, value in parse_assignments(set_).items():
-        if key in model_fields and key not in ("vocab_size", "max_len", "ffn"):
+        if key in model_fields and key not in fixed:
             model_options[key] = value
         elif key in train_fields:
             train_options[key] = value
         else:
-            valid = sorted({*model_fields, *train_fields} - {"vocab_size", "max_len", "ffn"})
+            valid = sorted({*model_fields, *train_fields} - fixed)
             raise ToylabError(f"unknown option '{key}'; valid: {', '.join(valid)}")
-    model_options["ffn"] = model
-    model_cfg = build(TransformerConfig, model_options, vocab_size=vocab_size, max_len=the_task.seq_len)
+    model_options.pop("arch", None)  # --model decides, as it does the ffn
+    model_options[chosen] = model
+    model_cfg = model_config(model_options, vocab_size=vocab_size, max_len=the_task.seq_len)
     model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len")}
     train_cfg = build(TrainConfig, train_options)
     the_task.check_sample(train_cfg.n_train + train_cfg.n_val, seed)

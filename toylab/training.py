@@ -19,7 +19,7 @@ import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +37,15 @@ from toylab import io
 from toylab.config import build, config_hash, to_dict
 from toylab.determinism import data_seed, step_seed
 from toylab.errors import DivergenceError, ToylabError
-from toylab.models import Transformer, TransformerConfig
+from toylab.models import Recurrent, RecurrentConfig, Transformer, TransformerConfig
+from toylab.models.recurrent import CELLS
 from toylab.registry import get_task
 from toylab.splits import overlap
 from toylab.task import MAX_SEED, Batch, Task
 
 log = logging.getLogger(__name__)
+Model = Transformer | Recurrent
+"""The models `build_model` builds; both take `(tokens, route)` and return logits `[batch, pos, vocab]`."""
 
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -153,7 +156,7 @@ class TaskDataModule(pl.LightningDataModule):
     """Train and validation batches sampled from a task with seeds derived from the run's seed, from the training
     and the held-out part of its sequence space (`toylab.splits`)."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, model: Transformer) -> None:
+    def __init__(self, task: Task, cfg: TrainConfig, model: Model) -> None:
         super().__init__()
         self.task, self.cfg = task, cfg
         train = task.sample_split(cfg.n_train, data_seed(cfg.seed, "train"), "train")
@@ -271,9 +274,9 @@ class Checkpoints(pl.Callback):
 
 
 class SequenceModel(pl.LightningModule):
-    """A hooked transformer trained on next-token prediction plus its MoE auxiliary losses."""
+    """A hooked transformer or recurrent model trained on next-token prediction plus its MoE auxiliary losses."""
 
-    def __init__(self, model: Transformer, task: Task, cfg: TrainConfig) -> None:
+    def __init__(self, model: Model, task: Task, cfg: TrainConfig) -> None:
         super().__init__()
         self.model, self.task, self.cfg = model, task, cfg
 
@@ -315,11 +318,29 @@ class SequenceModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
-    """A transformer sized for the task's vocabulary and sequence length (`max_len` may ask for more positions)."""
-    cfg = build(TransformerConfig, {"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
+ARCHS = ("transformer", *CELLS)
+"""What `model_options["arch"]` may name; without the key a model is a transformer (so older run configs read as before)."""
+
+
+def model_config(model_options: Mapping[str, Any], **fixed: Any) -> TransformerConfig | RecurrentConfig:
+    """The config of the model `model_options` (plus `fixed` keys) describe: a `RecurrentConfig` when its `arch` names
+    a recurrent cell, else a `TransformerConfig` (whose options carry no `arch`)."""
+    arch = model_options.get("arch", "transformer")
+    if arch not in ARCHS:
+        raise ToylabError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if arch == "transformer":
+        return build(TransformerConfig, {k: v for k, v in model_options.items() if k != "arch"}, **fixed)
+    return build(RecurrentConfig, model_options, **fixed)
+
+
+def build_model(task: Task, model_options: dict[str, Any]) -> Model:
+    """A transformer or recurrent model sized for the task's vocabulary and sequence length (`max_len` may ask for more
+    positions)."""
+    cfg = model_config({"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
     if cfg.max_len < task.seq_len:
         raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
+    if isinstance(cfg, RecurrentConfig):
+        return Recurrent(cfg)
     routable = [name for name, label in task.labels.items() if not label.multi_hot]
     if cfg.router_label is not None and cfg.router_label not in routable:
         raise ToylabError(f"router_label '{cfg.router_label}' is not a label of task '{task.name}' with one class per token; "
@@ -329,7 +350,7 @@ def build_model(task: Task, model_options: dict[str, Any]) -> Transformer:
 
 @dataclass
 class TrainedModel:
-    model: Transformer
+    model: Model
     task: Task
     metrics: dict[str, float]
     run_dir: Path
@@ -503,7 +524,7 @@ def lightning_interrupts() -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, task: Task, batch: Batch) -> dict[str, float]:
+def evaluate(model: Model, task: Task, batch: Batch) -> dict[str, float]:
     """The task's metrics and the loss of `model` on `batch`."""
     tokens, targets, mask = batch.tensors()
     logits = model(tokens, model.route_input(batch.labels))
@@ -533,7 +554,7 @@ def load_trained(run_dir: Path) -> TrainedModel:
     return TrainedModel(model, task, final["metrics"], run_dir)
 
 
-def with_weights(model: Transformer, path: Path, sha256: str) -> Transformer:
+def with_weights(model: Model, path: Path, sha256: str) -> Model:
     """`model` (in eval mode) with the weights of `path`, checked to be the file a run saved (by its SHA-256), of
     this model's shapes and finite; else a one-line ToylabError naming the file."""
     if path.is_file() and io.sha256(path) != sha256:
@@ -555,7 +576,7 @@ def kept_steps(run_dir: Path) -> list[int]:
     return sorted(int(step) for step in found)
 
 
-def load_checkpoint(run: TrainedModel, step: int) -> Transformer:
+def load_checkpoint(run: TrainedModel, step: int) -> Model:
     """The model of a finished run as it was at a kept `step`."""
     found = io.read_json(run.run_dir / "final.json").get("checkpoints", {})
     if str(step) not in found:
