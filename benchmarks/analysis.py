@@ -6,21 +6,29 @@ over held-out brackets sequences: collecting the router input and expert indices
 the permutation nulls of NMI and of NMI given the token (the study's number of shuffles), and logistic probes
 (the linear ceiling's single fit, `logistic_predictions`, and `probe` with its shuffled-label control).
 Timings only: no target.
+
+k-sparse probing (issue 28 §3), on sparse-probing's defaults (untrained `moe-k1-e16` and `dense`, its 300 held-out
+sequences; 60 with --quick): every probe of both layers (`probe_units` on the experts and the three pseudo-experts,
+activations and k-means done beforehand) against the code before it (`benchmarks.probing_baseline`), with the
+largest F1 difference between them; target >= 10x. Then the whole `sparse_probing` call, for its share of the time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks import medians, row
+from benchmarks import medians, probing_baseline, row
 from toylab.analysis.clustering import kmeans, permutation_conditional_nmi, permutation_nmi
 from toylab.analysis.probes import logistic_predictions, probe
+from toylab.analysis import sparse_probing as batched
 from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, token_activations, top_expert
 from toylab.registry import get_task
 from toylab.studies.expert_specialization import ExpertSpecializationConfig
+from toylab.studies.sparse_probing import SparseProbing, SparseProbingConfig
 from toylab.study import dense_and_moe
 from toylab.task import IGNORE
 from toylab.training import build_model
@@ -60,4 +68,38 @@ def run(quick: bool) -> list[dict[str, Any]]:
     for name, fn in timed.items():
         seconds = medians({"time": fn}, repeats, warmup=1)["time"]
         rows.append(row(name, {"time": seconds}, tokens=n, defined_tokens=int(defined.sum()), tokens_per_s=round(n / seconds)))
-    return rows
+    return rows + probing(quick)
+
+
+def probing(quick: bool) -> list[dict[str, Any]]:
+    """k-sparse probing, batched vs the code before (`probing_baseline`), and the whole `sparse_probing` call."""
+    config = SparseProbingConfig(n_eval=60 if quick else SparseProbingConfig.n_eval)
+    study = SparseProbing(config)
+    task, repeats = study.task, 1 if quick else 3
+    torch.manual_seed(0)
+    moe, dense = (build_model(task, study.models[name]).eval() for name in ("moe-k1-e16", "dense"))
+    batch = task.sample_split(config.n_eval, config.eval_seed, "heldout")
+    keep = task.positions(batch)
+    part = batched.sequence_splits(np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep], 0, batched.FRACTIONS)
+    values = {name: batch.labels[name][keep] for name in task.labels}
+    layers = []
+    for layer in range(moe.cfg.n_layers):
+        (post, routing), (dense_post, _) = (batched.ffn_activations(model, task, batch, layer) for model in (moe, dense))
+        site = ROUTER_INPUT.format(layer=layer)
+        router_input = token_activations(dense, task, batch, [site])[site]
+        layers.append(batched.layer_sources(post, routing, moe.cfg.n_experts, dense_post, router_input, 0))
+    options = (config.ks, batched.RANKINGS[:1], config.min_count, config.max_classes, study.n_candidates, 0)
+    found: dict[str, list] = {}
+
+    def probes(name: str, module: Any) -> Callable[[], None]:
+        return lambda: found.__setitem__(name, [module.probe_units(sources, values, task.labels, part, *options) for sources in layers])
+
+    seconds = medians({name: probes(name, module) for name, module in (("before", probing_baseline), ("batched", batched))}, repeats, warmup=1)
+    difference = max(np.nanmax(np.abs(np.subtract(a[m], b[m], dtype=float)), initial=0.0)
+                     for old, new in zip(found["before"], found["batched"]) for a, b in zip(old, new) for m in ("f1", "max_f1"))
+    whole = medians({"time": lambda: batched.sparse_probing(moe, task, batch, config.ks, batched.RANKINGS[:1], config.min_count, config.max_classes,
+                                                           batched.FRACTIONS, study.n_candidates, 0, dense)}, repeats, warmup=0)["time"]
+    return [row(f"k-sparse probes of `moe-k1-e16` and its pseudo-experts, {moe.cfg.n_layers} layers, k in {list(config.ks)}: batched vs before",
+                seconds, seconds["before"] / seconds["batched"], "before / batched", (">=", 10.0), tokens=len(part),
+                max_f1_difference=float(difference)),
+            row("`sparse_probing` of `moe-k1-e16` with its dense model (activations, k-means, probes)", {"time": whole}, tokens=len(part))]

@@ -29,13 +29,16 @@ from toylab.analysis.sparse_probing import (
     partition_units,
     probe_units,
     pseudo_assignments,
+    random_rotation,
     rank_neurons,
     select_unit,
     sequence_splits,
     skipped_pairs,
     sparse_probe,
+    sparse_probes,
     sparse_probing,
 )
+from toylab.analysis import sparse_probing as sparse_probing_module
 from toylab.cli import app
 from toylab.errors import ToylabError
 from toylab.registry import list_studies, list_tasks
@@ -71,6 +74,87 @@ def test_batched_logistic_fits_match_scikit_learn(balanced: bool) -> None:
             theirs = LogisticRegression(C=C, tol=1e-10, max_iter=5000, class_weight="balanced" if balanced else None).fit(x[i], y[i])
             np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=1e-5)
             assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=1e-5)
+
+
+def planted_problems(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Binary problems `[B, n, d]` from a sparse linear rule on 3 of d features (B = 6: three signal strengths, each
+    clean and with 20% of labels flipped), and `[B, n]` labels independent of the features (the negative control)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, n, d))
+    rule = np.zeros(d)
+    rule[[1, 4, 6]] = (2.0, -1.5, 1.0)
+    strength = np.repeat([0.5, 1.0, 3.0], 2)[:, None]
+    y = (strength * (x @ rule) + rng.logistic(size=(6, n)) > 0.5)
+    y[1::2] ^= rng.random((3, n)) < 0.2
+    return x, y.astype(int), (rng.random((6, n)) < 0.3).astype(int)
+
+
+def test_padded_and_warm_started_fits_match_scikit_learn_on_planted_data() -> None:
+    """Problems of different lengths padded into one batch, and warm-started from fewer features, reach scikit-learn's
+    coefficients and held-out F1 (within 1e-3); labels independent of the features are at chance for both."""
+    x, y, noise = planted_problems(800, 8, seed=3)
+    lengths = np.array([800, 650, 500, 800, 300, 720])
+    mask = torch.from_numpy(np.arange(800) < lengths[:, None])
+    train = mask & torch.from_numpy(np.arange(800) < (0.6 * lengths)[:, None])  # the rest of each problem's rows are held out
+    held_out = mask & ~train
+    for labels, signal in ((y, True), (noise, False)):
+        xs, ys = torch.from_numpy(x), torch.from_numpy(labels)
+        start = fit_binary_logistic(xs[..., :3], ys, mask=train)
+        for init in (None, start):
+            w, b = fit_binary_logistic(xs, ys, mask=train, init=init)
+            ours = f1_scores((torch.bmm(xs, w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0) & held_out, ys.bool() & held_out)
+            for i in range(6):
+                rows, test = train[i].numpy(), held_out[i].numpy()
+                theirs = LogisticRegression(tol=1e-10, max_iter=5000, class_weight="balanced").fit(x[i, rows], labels[i, rows])
+                np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=1e-5)
+                assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=1e-5)
+                their_f1 = f1_score(labels[i, test], theirs.predict(x[i, test]))
+                assert float(ours[i]) == pytest.approx(their_f1, abs=1e-3)
+                prevalence = labels[i, test].mean()
+                chance = 2 * prevalence / (2 * prevalence + 1)  # a balanced probe with no signal predicts half the rows positive
+                assert (their_f1 > chance + 0.1) if signal else (abs(their_f1 - chance) < 0.1)
+
+
+def sklearn_sparse_probe(acts: np.ndarray, targets: np.ndarray, part: np.ndarray, ks: tuple[int, ...], seed: tuple[int, int],
+                         n_candidates: int, min_count: int) -> dict:
+    """`sparse_probe` written out one scikit-learn fit at a time (mean-difference ranking): the reference for the batched path."""
+    rng = np.random.default_rng(seed)
+    acts = acts[:, np.sort(rng.choice(acts.shape[1], n_candidates, replace=False))]
+    shuffled = targets[rng.permutation(len(targets))]
+    views = {"neurons": (acts, targets), "shuffled": (acts, shuffled),
+             "random_basis": (acts @ random_rotation(acts.shape[1], rng.integers(2**32)), targets)}
+    kept = np.array([all(min_count <= targets[part == s, c].sum() <= (part == s).sum() - min_count for s in range(3))
+                     for c in range(targets.shape[1])])
+    f1 = {}
+    train = part == 0
+    for variant, (x, t) in views.items():
+        x = (x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)
+        f1[variant] = np.full((targets.shape[1], 2, len(ks)), np.nan)
+        for c in np.flatnonzero(kept):
+            order = rank_neurons(x[train], t[train][:, c:c + 1])[0]
+            for j, k in enumerate(ks):
+                fit = LogisticRegression(tol=1e-10, max_iter=5000, class_weight="balanced").fit(x[train][:, order[:k]], t[train, c])
+                for s in (1, 2):
+                    truth, predicted = t[part == s, c], fit.predict(x[part == s][:, order[:k]]) == 1
+                    f1[variant][c, s - 1, j] = 2 * (truth & predicted).sum() / (truth.sum() + predicted.sum())
+    return {"kept": kept, "f1": f1}
+
+
+def test_batched_sparse_probes_match_one_scikit_learn_fit_at_a_time(monkeypatch) -> None:
+    """Units of different sizes, their probes fitted in several padded batches, give scikit-learn's F1 within 1e-3."""
+    monkeypatch.setattr(sparse_probing_module, "BATCH_BYTES", 2**21)  # several batches even for this small input
+    units = []
+    for u, n in enumerate((900, 500, 250)):
+        acts, targets, _ = planted(n, 12, seed=u)
+        acts[:, 2] += 0.8 * targets[:, 1]  # a weaker neuron for class 1
+        units.append((acts, targets[:, :2], sequences(n, 10, u), (7, u)))
+    ks = (1, 2, 4)
+    ours = sparse_probes(units, ks, ("mean_difference",), min_count=5, n_candidates=10)
+    for (acts, targets, part, seed), result in zip(units, ours):
+        theirs = sklearn_sparse_probe(acts, targets, part, ks, seed, 10, 5)
+        assert (result["kept"] == theirs["kept"]).all() and result["kept"].any()
+        for variant in theirs["f1"]:
+            np.testing.assert_allclose(result["f1"][variant]["mean_difference"], theirs["f1"][variant], atol=1e-3)
 
 
 def test_f1_matches_scikit_learn() -> None:

@@ -19,7 +19,8 @@ tokens): a random partition of matched sizes, the MoE's own partition, and k-mea
 router-input site; comparing experts with them is the test of "expert neurons are less polysemantic".
 The old design's quantity (the largest F1 over units, chosen on the split it is scored on) is kept as
 `max_f1`, to show the selection bias. The logistic fits are batched Newton steps (scikit-learn's
-objective, checked against it in the tests).
+objective, checked against it in the tests), every probe of every unit, class and k of a layer together
+(`sparse_probes`, `probe_scores`).
 """
 
 from __future__ import annotations
@@ -56,56 +57,76 @@ LIFT = BOUNDS["lift"]
 """Bounds of an F1 minus its control."""
 NEURONS = "blocks.{layer}.mlp.hook_post"
 EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
+BATCH_BYTES = 2**27
+"""About the most working memory (bytes) of one batch of probe fits (`probe_scores`)."""
+PADDING = 0.5
+"""A batch of probes pads their training rows to the longest; a probe joins only with at least this share of them."""
 
 Units = list[tuple[np.ndarray, np.ndarray]]
 """Probed units: `(activations [n_u, d] or [n_u, k, d] slots already selected, token index [n_u])` each."""
 
 
 def fit_binary_logistic(
-    x: torch.Tensor, y: torch.Tensor, C: float = 1.0, balanced: bool = True, max_iter: int = 100, tol: float = 1e-8
+    x: torch.Tensor, y: torch.Tensor, C: float = 1.0, balanced: bool = True, mask: torch.Tensor | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100, tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Many binary logistic regressions at once, by Newton's method with backtracking: `x [B, n, k]`, `y [B, n]` 0/1.
+    """Many binary logistic regressions at once by Newton's method with backtracking: `x [B, n, k]`, `y [B, n]` 0/1,
+    `mask [B, n]` each problem's rows (None: all; the others are padding).
 
-    Minimizes scikit-learn's objective `|w|^2 / 2 + C * sum_i s_i * logloss_i` (intercept not
-    penalized), with `s_i = n / (2 n_class(i))` when `balanced` (its `class_weight="balanced"`),
-    else 1. A problem stops when its gradient's largest entry is below `tol * n`. Returns weights
-    `[B, k]` and intercepts `[B]`.
+    Minimizes scikit-learn's objective `|w|^2 / 2 + C * sum_i s_i * logloss_i` (intercept not penalized), with
+    `s_i = n / (2 n_class(i))` when `balanced` (its `class_weight="balanced"`), else 1, in float64. A problem stops
+    when its gradient's largest entry is below `tol` times its row count, and leaves the batch. `init`: weights on the
+    first k' <= k features and intercepts to start from (zeros elsewhere). Returns weights `[B, k]` and intercepts `[B]`.
     """
     x, y = x.double(), y.double()
     batch, n, k = x.shape
-    design = torch.cat([x, torch.ones(batch, n, 1, dtype=x.dtype)], -1)
-    s = torch.ones_like(y)
+    rows = torch.ones_like(y) if mask is None else mask.double()
+    count = rows.sum(1)
+    s = rows
     if balanced:
-        positives = y.sum(1, keepdim=True).clamp(1, n - 1)
-        s = torch.where(y > 0, n / (2 * positives), n / (2 * (n - positives)))
+        positives = torch.minimum((y * rows).sum(1), count - 1).clamp_min(1).unsqueeze(1)
+        s = rows * torch.where(y > 0, count.unsqueeze(1) / (2 * positives), count.unsqueeze(1) / (2 * (count.unsqueeze(1) - positives)))
     s = C * s
+    design = torch.cat([torch.ones(batch, 1, n, dtype=x.dtype), x.transpose(1, 2)], 1)  # [B, 1 + k, n]: intercept first
+    weighted = torch.empty_like(design)  # design * s p (1 - p) at each step, in one buffer: fresh memory is slow
     penalty = torch.ones(k + 1, dtype=x.dtype)
-    penalty[-1] = 0
+    penalty[0] = 0
+    theta = torch.zeros(batch, k + 1, dtype=x.dtype)
+    if init is not None:
+        theta[:, 0], theta[:, 1 : init[0].shape[1] + 1] = init[1], init[0]
+    out, live = theta.clone(), torch.arange(batch)
 
-    def objective(theta: torch.Tensor) -> torch.Tensor:
-        z = torch.bmm(design, theta.unsqueeze(-1)).squeeze(-1)
+    def objective(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return (s * (torch.nn.functional.softplus(z) - y * z)).sum(1) + 0.5 * (penalty * theta**2).sum(1)
 
-    theta = torch.zeros(batch, k + 1, dtype=x.dtype)
-    loss = objective(theta)
+    z = torch.bmm(theta.unsqueeze(1), design).squeeze(1)  # row vectors times [1 + k, n]: faster than design' theta
+    loss = objective(theta, z)
     for _ in range(max_iter):
-        p = torch.sigmoid(torch.bmm(design, theta.unsqueeze(-1)).squeeze(-1))
-        gradient = torch.bmm(design.transpose(1, 2), (s * (p - y)).unsqueeze(-1)).squeeze(-1) + penalty * theta
-        active = gradient.abs().amax(1) > tol * n
-        if not active.any():
-            break
-        hessian = torch.bmm(design.transpose(1, 2), design * (s * p * (1 - p)).unsqueeze(-1)) + torch.diag(penalty + 1e-10)
-        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1) * active.unsqueeze(-1)
-        size = torch.ones(batch, dtype=x.dtype)
+        p = torch.sigmoid(z)
+        gradient = torch.bmm((s * (p - y)).unsqueeze(1), design.transpose(1, 2)).squeeze(1) + penalty * theta
+        done = gradient.abs().amax(1) <= tol * count
+        if done.any():
+            out[live[done]] = theta[done]
+            if done.all():
+                return out[:, 1:], out[:, 0]
+            keep = ~done
+            live, design, y, s, count, theta, z, p, loss, gradient = (
+                t[keep] for t in (live, design, y, s, count, theta, z, p, loss, gradient))
+        weights = torch.mul(design, (s * p * (1 - p)).unsqueeze(1), out=weighted[: len(live)])
+        hessian = torch.bmm(weights, design.transpose(1, 2)) + torch.diag(penalty + 1e-10)
+        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+        moved, decrease = torch.bmm(step.unsqueeze(1), design).squeeze(1), (gradient * step).sum(1)
+        size = torch.ones(len(live), dtype=x.dtype)
         for _ in range(30):  # backtracking per problem (Armijo, with room for rounding)
-            candidate = theta - size.unsqueeze(-1) * step
-            new_loss = objective(candidate)
-            accepted = new_loss <= loss - 1e-4 * size * (gradient * step).sum(1) + 1e-12 * loss.abs()
+            candidate, candidate_z = theta - size.unsqueeze(-1) * step, z - size.unsqueeze(-1) * moved
+            new_loss = objective(candidate, candidate_z)
+            accepted = new_loss <= loss - 1e-4 * size * decrease + 1e-12 * loss.abs()
             if accepted.all():
                 break
             size = torch.where(accepted, size, size / 2)
-        theta, loss = candidate, new_loss
-    return theta[:, :k], theta[:, k]
+        theta, z, loss = candidate, candidate_z, new_loss
+    out[live] = theta
+    return out[:, 1:], out[:, 0]
 
 
 def f1_scores(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -196,7 +217,7 @@ def sparse_probe(
     C: float = 1.0,
     n_candidates: int | None = None,
 ) -> dict[str, Any]:
-    """k-sparse probes of every target column of one unit, with the controls.
+    """k-sparse probes of every target column of one unit, with the controls (`sparse_probes` of one unit).
 
     `acts [n, d]`, `targets [n, C]` bool, `part [n]` the split of each row (`sequence_splits`). With
     `n_candidates` < d, a random subset of that many neurons (drawn from `seed`) is probed. A column with
@@ -204,36 +225,99 @@ def sparse_probe(
     "f1": {variant: {ranking: [C, 2, len(ks)]}}}`: F1 on select and on report (NaN where skipped); the
     random basis uses the first ranking. k larger than the candidates is clipped.
     """
-    acts, targets, part = np.asarray(acts, dtype=np.float64), np.asarray(targets, dtype=bool), np.asarray(part)
-    rng = np.random.default_rng(seed)
-    if n_candidates is not None and n_candidates < acts.shape[1]:
-        acts = acts[:, np.sort(rng.choice(acts.shape[1], n_candidates, replace=False))]
-    shuffled = targets[rng.permutation(len(targets))]
-    side = (part[:, None] == np.arange(len(SPLITS))).astype(np.int64)  # [n, 3]
-    kept = ((targets.T @ side).min(1) >= min_count) & (((~targets).T @ side).min(1) >= min_count)
-    variants = dict(zip(VARIANTS, (rankings, rankings, rankings[:1])))
-    f1 = {v: {r: np.full((targets.shape[1], 2, len(ks)), np.nan) for r in rs} for v, rs in variants.items()}
-    if not kept.any():
-        return {"kept": kept, "f1": f1}
-    train, scored = part == 0, part > 0
-    views = {"neurons": (acts, targets), "shuffled": (acts, shuffled),
-             "random_basis": (acts @ random_rotation(acts.shape[1], rng.integers(2**32)), targets)}
-    problems = []  # (variant, ranking, standardized activations, targets, neuron order)
-    for variant, (x, t) in views.items():
-        x = (x - x[train].mean(0)) / np.maximum(x[train].std(0), 1e-6)
-        for ranking in f1[variant]:
-            problems.append((variant, ranking, x, t[:, kept], rank_neurons(x[train], t[train][:, kept], ranking)))
-    y = torch.from_numpy(np.concatenate([t.T for _, _, _, t, _ in problems]))  # [problems * classes, n]
-    for j, k in enumerate(ks):  # every problem of one k in one batched fit
-        chosen = torch.from_numpy(np.concatenate([x[:, order[:, :k]].transpose(1, 0, 2) for _, _, x, _, order in problems]))
-        w, b = fit_binary_logistic(chosen[:, train], y[:, train], C)
-        predicted = torch.bmm(chosen[:, scored].double(), w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0
-        for s, where in enumerate((part[scored] == 1, part[scored] == 2)):
-            mask = torch.from_numpy(where)
-            scores = f1_scores(predicted[:, mask], y[:, scored][:, mask]).numpy().reshape(len(problems), -1)
-            for (variant, ranking, *_), score in zip(problems, scores):
-                f1[variant][ranking][kept, s, j] = score
-    return {"kept": kept, "f1": f1}
+    return sparse_probes([(acts, targets, part, seed)], ks, rankings, min_count, C, n_candidates)[0]
+
+
+def sparse_probes(
+    units: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int | Sequence[int]]],
+    ks: Sequence[int] = KS,
+    rankings: Sequence[str] = RANKINGS,
+    min_count: int = 10,
+    C: float = 1.0,
+    n_candidates: int | None = None,
+) -> list[dict[str, Any]]:
+    """`sparse_probe` of many units `(acts, targets, part, seed)`, every probe of every unit fitted in one batched set (`probe_scores`)."""
+    results, blocks = [], []
+    for acts, targets, part, seed in units:
+        targets, part = np.asarray(targets, dtype=bool), np.asarray(part)
+        rng = np.random.default_rng(seed)
+        d = acts.shape[1]
+        candidates = np.sort(rng.choice(d, n_candidates, replace=False)) if n_candidates is not None and n_candidates < d else np.arange(d)
+        permutation = rng.permutation(len(targets))
+        side = (part[:, None] == np.arange(len(SPLITS))).astype(np.int64)  # [n, 3]
+        kept = ((targets.T @ side).min(1) >= min_count) & (((~targets).T @ side).min(1) >= min_count)
+        variants = dict(zip(VARIANTS, (rankings, rankings, rankings[:1])))
+        f1 = {v: {r: np.full((targets.shape[1], 2, len(ks)), np.nan) for r in rs} for v, rs in variants.items()}
+        results.append({"kept": kept, "f1": f1})
+        if not kept.any():
+            continue
+        rows = np.argsort(part, kind="stable")  # training rows first
+        n_train = int((part == 0).sum())
+        neurons = np.asarray(acts)[np.ix_(rows, candidates)].astype(np.float64, copy=False)  # a copy: standardized in place
+        rotated = neurons @ random_rotation(len(candidates), rng.integers(2**32))
+        for x in (neurons, rotated):  # standardized on the training rows
+            x -= x[:n_train].mean(0)
+            x /= np.maximum(x[:n_train].std(0), 1e-6)
+        truth = targets[rows][:, kept]
+        views = {"neurons": (neurons, truth), "shuffled": (neurons, targets[permutation[rows]][:, kept]), "random_basis": (rotated, truth)}
+        for variant, (x, t) in views.items():
+            for ranking in f1[variant]:
+                blocks.append((x, t, part[rows], rank_neurons(x[:n_train], t[:n_train], ranking), f1[variant][ranking], kept))
+    for (*_, out, kept), scores in zip(blocks, probe_scores([block[:4] for block in blocks], ks, C)):
+        out[kept] = scores
+    return results
+
+
+def probe_scores(
+    blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], ks: Sequence[int] = KS, C: float = 1.0
+) -> list[np.ndarray]:
+    """F1 on select and on report `[C, 2, len(ks)]` of the k-sparse probes of each block `(x [n, d], targets [n, C] bool,
+    part [n] sorted, order [C, d])`: for every column c and k, a balanced logistic probe (`fit_binary_logistic`) on the
+    training rows of neurons `order[c, :k]` (k clipped to d), scored on the select and report rows.
+
+    Every probe of every block is fitted in batches of blocks with similar training rows (`PADDING`), each within about
+    `BATCH_BYTES` (a larger block on its own); in a batch, each k starts from the previous k's fit, whose neurons come first.
+    """
+    top = max(ks)
+    width = [min(top, x.shape[1]) for x, *_ in blocks]
+    n_train = [int((part == 0).sum()) for _, _, part, _ in blocks]
+    queue = sorted(range(len(blocks)), key=lambda b: (-width[b], -n_train[b]))
+    scores: list[np.ndarray] = [np.empty(0)] * len(blocks)
+    while queue:
+        first = queue[0]
+        n_rows = max(len(blocks[first][0]), 1)
+        batch, problems = [], 0
+        row_bytes = 8 * (3 * width[first] + 17)  # float64 features, design and weighted design ([1 + k, n]), ~15 [n] vectors
+        for b in queue:
+            fits = problems + blocks[b][3].shape[0]
+            if batch and (width[b] != width[first] or n_train[b] < PADDING * n_train[first]
+                          or fits * max(n_rows, len(blocks[b][0])) * row_bytes > BATCH_BYTES):
+                break
+            batch.append(b)
+            problems, n_rows = fits, max(n_rows, len(blocks[b][0]))
+        queue = queue[len(batch):]
+        x = torch.zeros(problems, width[first], n_rows, dtype=torch.float64)  # features [k, n]: row vectors times it are fast
+        y = torch.zeros(problems, n_rows, dtype=torch.bool)
+        part = torch.full((problems, n_rows), -1)
+        at = np.cumsum([0] + [blocks[b][3].shape[0] for b in batch])
+        for b, start, end in zip(batch, at[:-1], at[1:]):
+            acts, targets, block_part, order = blocks[b]
+            x[start:end, :, : len(acts)] = torch.from_numpy(acts[:, order[:, : width[first]]]).permute(1, 2, 0)
+            y[start:end, : len(acts)] = torch.from_numpy(targets.T)
+            part[start:end, : len(acts)] = torch.from_numpy(block_part)
+        fitted, rows = None, n_train[first]
+        scored = [(part == s, y & (part == s)) for s in (1, 2)]  # select and report rows, and their positives
+        found = np.empty((problems, 2, len(ks)))
+        for j, k in enumerate(ks):
+            k = min(k, width[first])
+            if fitted is None or fitted[0].shape[1] != k:
+                fitted = fit_binary_logistic(x[:, :k, :rows].transpose(1, 2), y[:, :rows], C, mask=part[:, :rows] == 0, init=fitted)
+                predicted = torch.bmm(fitted[0].unsqueeze(1), x[:, :k]).squeeze(1) + fitted[1].unsqueeze(-1) > 0
+                f1 = torch.stack([f1_scores(predicted & where, truth) for where, truth in scored], 1)
+            found[:, :, j] = f1.numpy()
+        for b, start, end in zip(batch, at[:-1], at[1:]):
+            scores[b] = found[start:end]
+    return scores
 
 
 def select_unit(results: Sequence[dict[str, Any]], column: int, variant: str, ranking: str) -> dict[str, list]:
@@ -279,23 +363,26 @@ def probe_units(
     ranking): `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too
     few positives or negatives). A class no unit of a source can probe is left out of that source.
     """
-    rows = []
+    probed, inputs = [], []  # (label, classes, source, number of units); sparse_probes inputs
     for name, label in labels.items():
         targets, defined, classes = binary_targets(values[name], label, max_classes)
         for source, units in sources.items():
-            results = []
+            probed.append((name, classes, source, len(units)))
             for u, (acts, tokens) in enumerate(units):
                 used = defined[tokens]
-                results.append(sparse_probe(acts[used], targets[tokens[used]], part[tokens[used]], ks, rankings, min_count,
-                                            (seed, u), n_candidates=n_candidates))
-            for i, cls in enumerate(classes):
-                if not any(result["kept"][i] for result in results):
-                    continue
-                skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
-                for variant, by_ranking in results[0]["f1"].items():
-                    for ranking in by_ranking:
-                        rows.append({"label": name, "class": label.classes[cls], "units": source, "variant": variant, "ranking": ranking,
-                                     **select_unit(results, i, variant, ranking), "n_units": len(units), "skipped": skipped})
+                inputs.append((acts[used], targets[tokens[used]], part[tokens[used]], (seed, u)))
+    found = iter(sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates))
+    rows = []
+    for name, classes, source, n_units in probed:
+        results = [next(found) for _ in range(n_units)]
+        for i, cls in enumerate(classes):
+            if not any(result["kept"][i] for result in results):
+                continue
+            skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
+            for variant, by_ranking in results[0]["f1"].items():
+                for ranking in by_ranking:
+                    rows.append({"label": name, "class": labels[name].classes[cls], "units": source, "variant": variant, "ranking": ranking,
+                                 **select_unit(results, i, variant, ranking), "n_units": n_units, "skipped": skipped})
     return rows
 
 
