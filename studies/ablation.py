@@ -354,8 +354,10 @@ def matrix_heatmaps(tables: dict[str, Any], class_names: dict[str, Any]) -> plt.
         table = np.array(table, dtype=np.float64)
         used = np.isfinite(table).all(0)
         sns.heatmap(table[:, used], ax=ax, cmap="magma", xticklabels=[c for c, u in zip(class_names[name], used) if u],
-                    yticklabels=[f"E{e}" for e in range(len(table))])
+                    yticklabels=[f"E{e}" for e in range(len(table))], cbar_kws={"label": "loss increase (nats)"})
         ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"class of {name}", fontsize=8)
+        ax.set_ylabel("ablated expert", fontsize=8)
         ax.tick_params(labelsize=6)
     fig.tight_layout()
     return fig

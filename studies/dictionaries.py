@@ -21,7 +21,8 @@ from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, enco
 from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, verdict_text,
+    Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, legend_outside,
+    series_colours, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE
@@ -251,7 +252,7 @@ class Dictionaries(Study):
     def figure(self, results: dict[str, Any], ctx: StudyContext) -> str:
         """MMCS and variance explained against L0, one marker per (method, size, L1), with intervals."""
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for method, color in zip(METHODS, ("tab:blue", "tab:orange")):
+        for method, color in zip(METHODS, series_colours(len(METHODS))):
             for marker, size in zip("os^v", self.config.sizes):
                 points = [p for p in results["planted"]["grid"] if p["size"] == size]
                 l0 = [p[method]["l0"]["mean"] for p in points]
@@ -262,8 +263,9 @@ class Dictionaries(Study):
                     ax.errorbar(l0, mean, yerr=np.nan_to_num([mean - low, high - mean]), color=color, marker=marker,
                                 label=f"{METHOD_NAMES[method]}, {size} latents", capsize=3)
         for ax, title in zip(axes, ("mean max cosine with true features", "variance explained")):
-            ax.set(xlabel="L0 (latents active per sample)", title=title)
-        axes[0].legend(fontsize=8)
+            ax.set(xlabel="L0 (latents active per sample)", ylabel=title, title=title)
+        fig.tight_layout()
+        legend_outside(fig, axes[0], "dictionary")
         return ctx.figure("planted_recovery", fig)
 
     def token_lines(self, tokens: dict[str, Any]) -> list[str]:

@@ -258,6 +258,8 @@ class ExpertSpecialization(Study):
                     "layer": layer,
                     "label": label,
                     "kind": self.task.labels[label].kind,
+                    "routing vs k-means": verdict_label(s["verdict"]),
+                    "given the token": s["conditional_verdict"]["verdict"] if s["label_entropy_given_token"] > 1e-9 else "n/a",
                     "NMI routing": fmt_ci(s["routing_nmi"]),
                     "NMI k-means (router input)": fmt_ci(s["kmeans_moe_nmi"]),
                     "NMI k-means (dense)": fmt_ci(s["kmeans_dense_nmi"]),
@@ -266,8 +268,6 @@ class ExpertSpecialization(Study):
                     "AMI k-means (router input)": fmt_ci(s["kmeans_moe_ami"]),
                     "linear probe acc.": fmt(s["linear_accuracy"]["mean"]),
                     "δ": margin_text(s["margin"]),
-                    "routing vs k-means": verdict_label(s["verdict"]),
-                    "given the token": s["conditional_verdict"]["verdict"] if s["label_entropy_given_token"] > 1e-9 else "n/a",
                 })
         return rows
 

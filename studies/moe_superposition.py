@@ -42,7 +42,8 @@ from toylab.models.superposition import (
 )
 from toylab.registry import get_task, register_study
 from toylab.report import (
-    Document, Figure, Section, Table, Text, contingency_heatmaps, families_section, fmt, fmt_ci, interval_bars, verdict_text,
+    Document, Figure, Section, Table, Text, contingency_heatmaps, families_section, fmt, fmt_ci, interval_bars, series_colours,
+    verdict_text,
 )
 from toylab.study import Study, StudyContext
 from toylab.task import IGNORE
@@ -535,12 +536,15 @@ def sparsity_figure(results: dict[str, Any]) -> plt.Figure:
     ]
     frame = pd.DataFrame(rows)
     fig, axes = plt.subplots(1, len(SPARSITY_METRICS), figsize=(17, 3.6))
+    palette = series_colours(frame["E"].nunique())
     for ax, metric in zip(axes, SPARSITY_METRICS):
         sub = frame[frame["metric"] == metric]
         sns.stripplot(data=sub, x="k/E", y="value", hue="E", ax=ax, dodge=False, jitter=0.15, size=5, native_scale=True,
-                      log_scale=(2, False), legend=metric == SPARSITY_METRICS[-1])
-        ax.set(title=metric, ylabel="", xlabel="network sparsity k/E")
+                      log_scale=(2, False), legend=metric == SPARSITY_METRICS[-1], palette=palette)
+        ax.set(title=metric, ylabel=metric, xlabel="network sparsity k/E")
     fig.tight_layout()
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="experts E")  # outside the data
     return fig
 
 

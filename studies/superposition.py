@@ -26,7 +26,7 @@ from toylab.analysis.superposition import (
 )
 from toylab.models.superposition import SparseFeatures, ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, verdict_text
+from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, legend_outside, series_colours, verdict_text
 from toylab.study import Study, StudyContext
 
 FRACTION_NAMES = [*GEOMETRIC_FRACTIONS, "other"]
@@ -313,27 +313,27 @@ def weight_figure(results: dict[str, Any], activation: str) -> plt.Figure:
         norms, superposition = np.array(seed0["norms"][j]), np.clip(seed0["superposition"][j], 0, 1)
         axes[0, j].barh(np.arange(len(norms)), norms, color=cmap(superposition))
         axes[0, j].invert_yaxis()
-        axes[0, j].set(xlim=(0, 1.3), yticks=[], title=f"S = {s}")
+        axes[0, j].set(xlim=(0, 1.3), yticks=[], title=f"S = {s}", xlabel="||W_i||", ylabel="feature i (0 on top)")
         sns.heatmap(np.array(seed0["gram"][j]), ax=axes[1, j], vmin=-1, vmax=1, cmap="RdBu_r", cbar=False,
                     square=True, xticklabels=False, yticklabels=False)
-    axes[0, 0].set_ylabel("||W_i||  (feature 0 on top)")
-    axes[1, 0].set_ylabel("WᵀW")
+        axes[1, j].set(xlabel="feature j", ylabel="feature i")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes[0, :].tolist(), label="Σ_{j≠i}(Ŵ_i·W_j)²", shrink=0.8)
+    fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(-1, 1), "RdBu_r"), ax=axes[1, :].tolist(), label="(WᵀW)_ij", shrink=0.8)
     return fig
 
 
 def represented_figure(results: dict[str, Any], cfg: SuperpositionStudyConfig) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     x = np.array(results["inverse_density"])
-    for activation, color in (("relu", "C0"), ("linear", "C1")):
+    for activation, color in zip(("relu", "linear"), series_colours(2)):
         stats = results["sweep"][activation]["represented"]
         mean = np.array([s["mean"] for s in stats])
         err = np.nan_to_num(np.array([[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]] for s in stats]).T)
         ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=color, label=activation)
     ax.axhline(cfg.n_hidden, color="grey", ls="--", lw=0.8, label=f"m = {cfg.n_hidden}")
     ax.set(xscale="log", xlabel="1/(1-S)", ylabel="features with ||W_i|| > 0.5", ylim=(0, cfg.n_features + 1))
-    ax.legend()
     fig.tight_layout()
+    legend_outside(fig, ax)
     return fig
 
 
@@ -342,20 +342,21 @@ def dimensions_figure(results: dict[str, Any], cfg: SuperpositionStudyConfig) ->
     x = np.array(geometry["inverse_density"])
     stats = geometry["dimensions_per_feature"]
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    mean_colour, plateau_colour = series_colours(2)
     for seed_values in np.array(geometry["per_seed"]["dimensions_per_feature"]).T:
-        ax.plot(x, seed_values, color="C0", alpha=0.25, lw=0.8)
-    ax.plot(x, [s["mean"] for s in stats], "o-", color="C0", label="mean over seeds")
-    ax.fill_between(x, [s["ci_low"] for s in stats], [s["ci_high"] for s in stats], color="C0", alpha=0.2)
+        ax.plot(x, seed_values, color=mean_colour, alpha=0.25, lw=0.8)
+    ax.plot(x, [s["mean"] for s in stats], "o-", color=mean_colour, label="mean over seeds")
+    ax.fill_between(x, [s["ci_low"] for s in stats], [s["ci_high"] for s in stats], color=mean_colour, alpha=0.2)
     for value, label in ((1.0, "1"), (0.5, "1/2"), (0.4, "2/5")):
         ax.axhline(value, color="grey", ls="--", lw=0.8)
         ax.text(x[-1], value, f" {label}", va="center", fontsize=8)
     sticky = geometry["antipodal_plateau"]
     if sticky["points"]:
-        ax.axvspan(*sticky["inverse_density_range"], color="C1", alpha=0.15,
+        ax.axvspan(*sticky["inverse_density_range"], color=plateau_colour, alpha=0.15,
                    label=f"≥{cfg.antipodal_share:.0%} of features antipodal")
     ax.set(xscale="log", xlabel="1/(1-S)", ylabel="m / ||W||_F²", ylim=(0, 1.1))
-    ax.legend(fontsize=8)
     fig.tight_layout()
+    legend_outside(fig, ax)
     return fig
 
 
@@ -365,7 +366,7 @@ def dimensionality_figure(results: dict[str, Any]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for r, per_seed in zip(geometry["inverse_density"], geometry["dimensionality"]):
         values = np.concatenate([np.array(v) for v in per_seed]) if per_seed else np.array([])
-        ax.scatter(r * np.exp(rng.normal(0, 0.03, len(values))), values, s=6, alpha=0.35, color="C0")
+        ax.scatter(r * np.exp(rng.normal(0, 0.03, len(values))), values, s=6, alpha=0.35, color=series_colours(1)[0])
     for label, value in GEOMETRIC_FRACTIONS.items():
         ax.axhline(value, color="grey", ls="--", lw=0.7)
         ax.text(geometry["inverse_density"][-1] * 1.08, value, label, va="center", fontsize=8)

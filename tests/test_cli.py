@@ -159,6 +159,8 @@ def test_fast_study_through_the_cli(tmp_path, capsys):
     code, out, _ = run(capsys, "study", "run", "expert-specialization", "--fast", "--out", str(tmp_path), "--no-progress")
     assert code == 0
     assert "NMI routing" in out and "report:" in out
+    summary = out.split("\nfinished in")[0]  # the bottom line, the smoke-test warning, the table: 100 columns at most
+    assert out.startswith("Bottom line. Primary question:") and max(len(line) for line in summary.splitlines()) <= 100
     (directory,) = (tmp_path / "expert-specialization").iterdir()
     results = json.loads((directory / "results.json").read_text())
     assert len(results["performance"]["moe"]) == 3 and not results["failed_runs"]

@@ -93,7 +93,8 @@ def test_wheel_installs_only_the_toylab_namespace(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("toylab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"toylab", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    assert {"toylab/tasks/brackets.py", "toylab/studies/planning.py", "toylab/cli.py"} <= set(names)
+    assert {"toylab/tasks/brackets.py", "toylab/studies/planning.py", "toylab/cli.py", "toylab/schemas/results.schema.json",
+            "toylab/templates/expert_map.js"} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "toylab = toylab.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -9,12 +9,14 @@ label filter dims the others. Set TOYLAB_SCREENSHOT_DIR to keep its screenshot.
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,11 @@ import pytest
 from toylab.analysis.expert_map import matched_clusters
 from toylab.cli import app
 from toylab.report import Document, ExpertMap, Figure, Section, Table, Text, to_html, to_markdown
-from toylab.study import run_study
+from toylab.errors import ToylabError
+from toylab.formatting import TERMINAL_WIDTH, plain_text, terminal_summary
+from toylab.report import contingency_heatmaps, interval_bars, interval_lines, training_curves
+from toylab.schema import results_schema, validate_results
+from toylab.study import StudyOutcome, run_study
 
 TINY = {"competence": 0, "seeds": 2, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}, "n_eval": 24,
         "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
@@ -32,8 +38,13 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    return run_study("expert-specialization", TINY, out=tmp_path_factory.mktemp("runs"), progress=False, workers=1).directory
+def tiny_outcome(tmp_path_factory, checked_figures) -> StudyOutcome:
+    return run_study("expert-specialization", TINY, out=tmp_path_factory.mktemp("runs"), progress=False, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_outcome) -> Path:
+    return tiny_outcome.directory
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -130,7 +141,7 @@ def test_runs_list_show_and_report(tiny_run, capsys) -> None:
     header, line = out.splitlines()
     assert header.split()[:2] == ["study", "task"]
     assert code == 0 and line.split()[:2] == ["expert-specialization", "brackets"] and tiny_run.name in line and "finished" in line
-    assert "layer " in line and "NMI routing" in line
+    assert "layer " in line and "routing vs k-means" in line
     code, out, _ = cli(capsys, "runs", "show", str(tiny_run))
     assert code == 0 and "| layer | label |" in out and str(tiny_run / "report.html") in out
     before = (tiny_run / "report.md").read_text()
@@ -195,6 +206,7 @@ def browser_or_skip():
 def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     data = json.loads((tiny_run / "expert_map.json").read_text())
@@ -225,6 +237,16 @@ def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
             if not isinstance(value, list) and value >= 0:
                 assert f"{name}={classes[value]}" in tooltip.text
         assert "router probabilities" in tooltip.text
+        hovered = tooltip.text
+
+        ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
+        assert not tooltip.is_displayed()
+        driver.execute_script("arguments[0].focus()", tokens[2])
+        ActionChains(driver).send_keys(Keys.TAB).perform()  # the keyboard reaches the next token and shows what hover shows
+        assert driver.switch_to.active_element == tokens[3] and tooltip.is_displayed() and tooltip.text == hovered
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+        assert not tooltip.is_displayed()
+        assert driver.find_element(By.CSS_SELECTOR, ".em-legend .em-key").is_displayed()
 
         wanted = data["labels"]["token_type"].index("<bos>")
         Select(driver.find_element(By.CSS_SELECTOR, "select[data-control=token_type]")).select_by_value(str(wanted))
@@ -240,3 +262,128 @@ def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
             shutil.copy(tmp_path / "expert_map.png", Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / "expert_map.png")
     finally:
         driver.quit()
+
+
+def test_the_terminal_summary_is_the_bottom_line_then_the_report_table_in_100_columns(tiny_outcome) -> None:
+    """Issue 27 §5: what `toylab study run` prints (`terminal_summary` of the outcome) is the report's bottom line, the
+    smoke-test warning, and the summary table in the report's row order, every line at most 100 characters."""
+    text = terminal_summary(tiny_outcome.report.bottom_line, tiny_outcome.summary, tiny_outcome.report.notes)
+    assert max(len(line) for line in text.splitlines()) <= TERMINAL_WIDTH
+    bottom_line, smoke, table = text.split("\n\n")
+    report = (tiny_outcome.directory / "report.md").read_text()
+    written = next(paragraph for paragraph in report.split("\n\n") if paragraph.startswith("**Bottom line.**"))
+    assert " ".join(bottom_line.split()) == " ".join(plain_text(written).split())
+    assert smoke.startswith("Smoke test. This run sets competence = 0")
+    rows = list(csv.reader((tiny_outcome.directory / "tables" / "results.csv").read_text().splitlines()))
+    table, left_out = table.split("\n(not shown here, see the report: ")
+    shown = [line.split()[:2] for line in table.splitlines()[1:]]
+    assert shown == [row[:2] for row in rows[1:]] and len(shown) == 10  # layer and label, as the report orders them
+    assert rows[0][:4] == re.split(r"\s{2,}", table.splitlines()[0])[:4] == ["layer", "label", "kind", "routing vs k-means"] and "AMI routing" in " ".join(left_out.split())
+
+
+def test_every_figure_of_a_study_labels_its_axes_and_keeps_legends_off_the_data(tiny_outcome, checked_figures) -> None:
+    assert {"nmi_comparison", "experts_layer0", "experts_layer1", "training_curves"} <= set(checked_figures)
+    assert {name: problems for name, problems in checked_figures.items() if problems} == {}
+
+
+def test_figure_builders_draw_distinct_series_with_labels_and_the_check_sees_the_old_faults(tmp_path, figure_problems) -> None:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    series = ["MoE routing", "k-means", "k-means (dense)", "balanced k-means", "random linear", "shuffled null", "linear probe", "eighth"]
+    frame = pd.DataFrame([{"label": label, "assignment": name, "layer": layer, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+                          for label in ("depth", "position") for name in series for layer in (1, 2)])
+    (tmp_path / "a.csv").write_text("step,train_loss,val_acc\n1,2.0,\n2,1.5,0.5\n")
+    figures = {
+        "bars": interval_bars(frame, "label", "assignment", "layer", "NMI", reference=0.0),
+        "lines": interval_lines(frame, "layer", "assignment", "label", "NMI"),
+        "heatmaps": contingency_heatmaps({"depth": np.eye(3) + 1}, {"depth": ["0", "1", "2"]}, "layer 0"),
+        "curves": training_curves({f"{model}-seed{seed}": tmp_path / "a.csv" for model in ("dense", "moe") for seed in (0, 1)},
+                                  ["train_loss", "val_acc"]),
+    }
+    assert {name: figure_problems(fig) for name, fig in figures.items()} == dict.fromkeys(figures, [])
+    legend = figures["curves"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["dense", "moe"]  # a model's seeds share a colour
+    for fig in figures.values():
+        plt.close(fig)
+    fig, ax = plt.subplots()  # the issue's figure: seaborn's orange and vermillion, the legend over a bar, no x label
+    ax.bar([0], [1], color="#de8f05", label="k-means")
+    ax.bar([1], [1], color="#d55e00", label="shuffled null")
+    ax.set(title="layer 0", ylabel="NMI")
+    ax.legend(loc="center")
+    problems = figure_problems(fig)
+    plt.close(fig)
+    assert problems == ["panel 'layer 0' has no x label", "the legend covers panel 'layer 0'",
+                        "series 'k-means' and 'shuffled null' look alike"]
+
+
+def test_the_expert_map_explains_its_chips_and_answers_the_keyboard(tiny_run) -> None:
+    html = (tiny_run / "report.html").read_text()
+    key = re.search(r'<p class="em-key">(.*?)</p>', html, re.S).group(1)
+    assert "<b>E<i>n</i> / C<i>n</i></b>: expert <i>n</i>" in key and "k-means cluster <i>n</i> of the router input" in key
+    assert "Tab to it" in key
+    assert 'tabindex: "0"' in html and 'addEventListener("focus"' in html and 'addEventListener("blur"' in html
+    assert ".tok:focus-visible" in html and 'role="tooltip"' in html
+
+
+def test_results_fit_the_schema_and_a_tampered_file_is_one_line_naming_the_key(tiny_run, tmp_path, capsys) -> None:
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator.check_schema(results_schema())
+    results = json.loads((tiny_run / "results.json").read_text())
+    validate_results(results, "expert-specialization")
+    for tamper, message in [
+        (lambda r: r["specialization"]["0"]["depth"]["routing_nmi"].update(mean="high"),
+         "key 'specialization.0.depth.routing_nmi.mean' must be a number, not a string"),
+        (lambda r: r.pop("task"), "key 'task' is missing"),
+        (lambda r: r.pop("failed_runs"), "key 'failed_runs' is missing"),
+        (lambda r: r["heldout"][0].update(sequences=[1]), "key 'heldout.0.sequences' must be an integer, not an array"),
+    ]:
+        bad = json.loads(json.dumps(results))
+        tamper(bad)
+        with pytest.raises(ToylabError, match=re.escape(message)):
+            validate_results(bad, "expert-specialization")
+    copy = tmp_path / "expert-specialization" / "tampered"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("models"))
+    bad = json.loads(json.dumps(results))
+    bad["task"]["options"] = "k=2"
+    (copy / "results.json").write_text(json.dumps(bad))
+    before = (copy / "report.md").read_bytes()
+    code, _, err = cli(capsys, "report", str(copy))
+    assert code == 2 and err.strip() == f"error: {copy / 'results.json'}: key 'task.options' must be an object, not a string"
+    assert (copy / "report.md").read_bytes() == before
+
+
+class HTMLTables(HTMLParser):
+    """The tables of a report page: each `div.table`'s CSV path and its rows of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[tuple[str, list[list[str]]]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "div" and ("class", "table") in attrs:
+            self.tables.append((dict(attrs)["data-csv"], []))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self.cell is not None:
+            self.tables[-1][1][-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def test_every_table_of_the_report_is_a_csv_file_with_its_rows(tiny_run) -> None:
+    parser = HTMLTables()
+    parser.feed((tiny_run / "report.html").read_text())
+    assert len(parser.tables) >= 8 and len({path for path, _ in parser.tables}) == len(parser.tables)
+    for path, rows in parser.tables:
+        assert list(csv.reader((tiny_run / path).read_text().splitlines())) == rows, path
+    assert sorted(p.relative_to(tiny_run).as_posix() for p in (tiny_run / "tables").iterdir()) == sorted(p for p, _ in parser.tables)

@@ -331,13 +331,13 @@ def study_run(
     time_limit: int = typer.Option(60, "--time", help="slurm: time limit of each job in minutes."),
     sweep: list[str] = typer.Option([], "--sweep", help="Run the grid KEY=V1,V2,... (repeatable; dotted keys as in --set)."),
 ) -> None:
-    """Run a study (resuming finished runs); print a summary table and the report's path.
+    """Run a study (resuming finished runs); print its bottom line, a summary table in 100 columns and the report's path.
 
     With --sweep, run every combination of the swept values (each its own run directory) and write a
     sweep summary (CSV and markdown) beside them.
     """
     from toylab.executors import LaunchConfig
-    from toylab.report import markdown_table
+    from toylab.formatting import markdown_table, terminal_summary
     from toylab.study import SeedBudget, available_cpus, merge, nest, run_study
     from toylab.sweep import parse_sweep, run_sweep
 
@@ -368,7 +368,7 @@ def study_run(
     except KeyboardInterrupt as interrupted:  # `Interrupted` says how many runs finished
         typer.echo(str(interrupted) or "interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
-    typer.echo(markdown_table(outcome.summary))
+    typer.echo(terminal_summary(outcome.report.bottom_line, outcome.summary, outcome.report.notes))
     if outcome.results.get("failed_runs"):
         typer.echo(f"{len(outcome.results['failed_runs'])} run(s) failed; see the report.")
     typer.echo(f"finished in {outcome.seconds:.1f} s\nreport: {outcome.directory / 'report.md'} (and report.html)")

@@ -8,7 +8,8 @@ and a self-contained `report.html` (figures, data and scripts inlined) from one 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -22,7 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from toylab import io  # noqa: E402
-from toylab.formatting import fmt, fmt_ci, markdown_table  # noqa: E402
+from toylab.formatting import fmt, fmt_ci, markdown_renderer, markdown_table, plain_text  # noqa: E402
 from toylab.analysis.stats import FLOOR, VERDICTS  # noqa: E402
 
 
@@ -62,27 +63,54 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     return f"{verdict} ({interval})"
 
 
+SERIES_COLOURS = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB", "#000000")
+"""The colours of a figure's series, in order: Paul Tol's colour-blind-safe "bright" scheme (blue, red, green, yellow,
+cyan, purple, grey), then black; every two are at least 0.33 apart in RGB (seaborn's "colorblind" orange and vermillion,
+0.20 apart, were hard to tell apart as bars)."""
+
+
+def series_colours(n: int) -> list[str]:
+    """Colours for `n` series of one figure: `SERIES_COLOURS` up to eight, evenly spaced hues beyond."""
+    return list(SERIES_COLOURS[:n]) if n <= len(SERIES_COLOURS) else sns.color_palette("husl", n).as_hex()
+
+
+def legend_outside(fig: plt.Figure, ax: plt.Axes, title: str | None = None) -> None:
+    """One legend for the figure, of `ax`'s series, to the right of every panel, so it covers no data; call it after
+    `tight_layout` (the saved PNG is cropped to include it)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, title=title, loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=7, title_fontsize=7,
+                   frameon=False)
+
+
 def training_curves(metrics_files: Mapping[str, Path], metrics: Sequence[str]) -> plt.Figure:
-    """One panel per metric; one line per run, from Lightning's `metrics.csv` logs."""
+    """One panel per metric; one line per run, from Lightning's `metrics.csv` logs, coloured by model (the run key
+    without its `-seed<k>`, so a model's seeds share a colour)."""
+    models = {run: run.rsplit("-seed", 1)[0] for run in metrics_files}
+    colours = dict(zip(dict.fromkeys(models.values()), series_colours(len(set(models.values())))))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        labelled = set()
         for run, path in metrics_files.items():
             frame = pd.read_csv(path)
             if metric in frame:
                 points = frame[["step", metric]].dropna()
-                ax.plot(points["step"], points[metric], label=run, alpha=0.8)
-        ax.set(title=metric, xlabel="step")
-    axes[0][-1].legend(fontsize=7, loc="best")
+                model = models[run]
+                ax.plot(points["step"], points[metric], label=model if model not in labelled else "_seed", alpha=0.8, color=colours[model])
+                labelled.add(model)
+        ax.set(title=metric, xlabel="training step", ylabel=metric)
     fig.tight_layout()
+    legend_outside(fig, axes[0][-1], "model (its seeds alike)")
     return fig
 
 
 def interval_bars(frame: pd.DataFrame, x: str, hue: str, col: str, title: str, reference: float | None = None) -> plt.Figure:
-    """Bars of `mean` with `[ci_low, ci_high]` error bars, grouped by `x` and `hue`, one panel per `col` value."""
+    """Bars of `mean` with `[ci_low, ci_high]` error bars, grouped by `x` and `hue`, one panel per `col` value; `title`
+    labels the y axis."""
     panels = list(dict.fromkeys(frame[col]))
     fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.9 * frame[x].nunique() * len(panels) * 1.4, 3.8), squeeze=False)
     hues = list(dict.fromkeys(frame[hue]))
-    palette = sns.color_palette("colorblind", len(hues))
+    palette = series_colours(len(hues))
     width = 0.8 / len(hues)
     for ax, panel in zip(axes[0], panels):
         sub = frame[frame[col] == panel]
@@ -93,12 +121,11 @@ def interval_bars(frame: pd.DataFrame, x: str, hue: str, col: str, title: str, r
             err = np.nan_to_num(np.stack([rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]]))
             ax.bar(pos, rows["mean"], width, yerr=err, capsize=2, label=h, color=palette[i])
         ax.set_xticks(np.arange(len(xs)), xs, rotation=30, ha="right")
-        ax.set_title(f"{col} {panel}")
+        ax.set(title=f"{col} {panel}", xlabel=x, ylabel=title)
         if reference is not None:
             ax.axhline(reference, color="grey", lw=0.8, ls="--")
-    axes[0][0].set_ylabel(title)
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
+    legend_outside(fig, axes[0][-1], hue)
     return fig
 
 
@@ -110,7 +137,7 @@ def interval_lines(frame: pd.DataFrame, x: str, hue: str, col: str, ylabel: str,
     columns = min(wrap, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.5 + 4.2 * columns, 0.5 + 3.4 * rows), squeeze=False)
-    palette = sns.color_palette("colorblind", len(hues))
+    palette = series_colours(len(hues))
     for ax, panel in zip(axes.flat, panels):
         sub = frame[frame[col] == panel]
         for color, h in zip(palette, hues):
@@ -122,22 +149,24 @@ def interval_lines(frame: pd.DataFrame, x: str, hue: str, col: str, ylabel: str,
             ax.axhline(reference, color="grey", lw=0.8, ls="--")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
+    legend_outside(fig, axes.flat[0], hue)
     return fig
 
 
 def contingency_heatmaps(tables: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]], title: str) -> plt.Figure:
     """Expert x class tables as heatmaps, each column normalized: where do a class's tokens go?"""
-    fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.4), squeeze=False)
     for i, (ax, (name, table)) in enumerate(zip(axes[0], tables.items())):
         table = np.asarray(table, dtype=float)
         used = table.sum(0) > 0
         share = table[:, used] / table[:, used].sum(0, keepdims=True)
         names = [c for c, u in zip(class_names[name], used) if u]
         sns.heatmap(share, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=i == len(tables) - 1, xticklabels=names,
-                    yticklabels=[f"E{e}" for e in range(len(table))])
+                    yticklabels=[f"E{e}" for e in range(len(table))], cbar_kws={"label": "share of the class's tokens"})
         ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"class of {name}", fontsize=8)
+        ax.set_ylabel("routed expert", fontsize=8)
         ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -190,6 +219,35 @@ class Document:
     blocks: Sequence[Block]
 
 
+def walk(blocks: Sequence[Block], titles: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Block]]:
+    """Every block depth-first (a section before its blocks), with the titles of the sections it lies in."""
+    for block in blocks:
+        yield titles, block
+        if isinstance(block, Section):
+            yield from walk(block.blocks, (*titles, block.title))
+
+
+def bottom_line(document: Document) -> str:
+    """The markdown of the document's first text, depth-first: every study's report opens with its bottom line."""
+    return next((block.markdown for _, block in walk(document.blocks) if isinstance(block, Text)), "")
+
+
+def table_files(document: Document) -> list[tuple[str, Table]]:
+    """Every table of the document in order, with the path of its CSV file in the study directory:
+    `tables/<title of its section, as a slug>.csv`, numbered `-2`, `-3`, ... where titles repeat."""
+    found, seen = [], set()
+    for titles, block in walk(document.blocks):
+        if isinstance(block, Table):
+            slug = re.sub(r"[^a-z0-9]+", "-", plain_text(titles[-1] if titles else "table").lower()).strip("-")[:60].rstrip("-")
+            name, n = slug or "table", 1
+            while name in seen:
+                n += 1
+                name = f"{slug}-{n}"
+            seen.add(name)
+            found.append((f"tables/{name}.csv", block))
+    return found
+
+
 def to_markdown(document: Document) -> str:
     """The document as GitHub-flavoured markdown (figures as image links, expert maps as a pointer to report.html)."""
 
@@ -212,21 +270,15 @@ def to_markdown(document: Document) -> str:
     return "\n\n".join([f"# {document.title}", *blocks(document.blocks, 2)]) + "\n"
 
 
-def _markdown_renderer() -> Any:
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False}).enable("table")
-
-
 def to_html(document: Document, directory: Path) -> str:
     """The document as one self-contained HTML page: figures as base64 data URIs, expert-map data and scripts inlined.
 
     Paths in the document are relative to `directory` (the study directory). A figure or expert map whose
-    file is missing is named in the page instead.
+    file is missing is named in the page instead. Each table links to its CSV file (`table_files`).
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    directory, renderer = Path(directory), _markdown_renderer()
+    directory, renderer = Path(directory), markdown_renderer()
     env = Environment(loader=PackageLoader("toylab", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True)
 
@@ -238,7 +290,8 @@ def to_html(document: Document, directory: Path) -> str:
         if isinstance(block, Text):
             return {"kind": "text", "html": renderer.render(block.markdown)}
         if isinstance(block, Table):
-            return {"kind": "table", "caption": renderer.renderInline(block.caption), "html": renderer.render(markdown_table(block.rows))}
+            return {"kind": "table", "caption": renderer.renderInline(block.caption), "html": renderer.render(markdown_table(block.rows)),
+                    "csv": csv[id(block)]}
         file = directory / block.path
         if isinstance(block, Figure):
             data = base64.b64encode(file.read_bytes()).decode() if file.is_file() else None
@@ -249,7 +302,7 @@ def to_html(document: Document, directory: Path) -> str:
         return {"kind": "expert_map", "caption": renderer.renderInline(block.caption), "path": block.path, "data": data,
                 "id": f"expert-map-{counter[1]}", "level": min(level, 6)}
 
-    counter = [0, 0]
+    counter, csv = [0, 0], {id(table): path for path, table in table_files(document)}
     blocks = [prepare(block, 2, counter) for block in document.blocks]
     return env.get_template("report.html.j2").render(title=renderer.renderInline(document.title), blocks=blocks,
                                                       has_map=counter[1] > 0)

@@ -66,6 +66,20 @@ def _results(directory: Path) -> dict[str, Any]:
     return results
 
 
+def read_results(directory: Path) -> dict[str, Any]:
+    """A finished run's results for rendering its report, checked against the results schema of its study
+    (`toylab.schema`): a one-line ToylabError naming the file and the offending key if they do not fit."""
+    from toylab.schema import validate_results
+
+    results, path = _results(directory), Path(directory) / "results.json"
+    config = io.read_json(Path(directory) / "config.json")
+    try:
+        validate_results(results, config.get("study") if isinstance(config, dict) else None)
+    except ToylabError as error:
+        raise ToylabError(f"{path}: {error}") from None
+    return results
+
+
 def summary_rows(directory: Path) -> list[dict[str, Any]]:
     """The study's summary table of a finished run."""
     _check_run(directory)
@@ -167,13 +181,14 @@ def find_runs(out: Path) -> list[Run]:
 def rerender(directory: Path) -> tuple[Path, Path]:
     """Write a finished run's `report.md` and `report.html` again, from its results (no training); return their paths.
 
-    Bad input (not a run, a missing or corrupt results.json or config) raises ToylabError before anything is written.
+    Bad input (not a run, a missing or corrupt results.json or config, results that do not fit the schema of
+    `toylab.schema`) raises ToylabError before anything is written.
     """
     from toylab.study import StudyContext, stored_study, write_report
 
     directory = Path(directory)
     _check_run(directory)
-    results, study = _results(directory), stored_study(directory)
+    results, study = read_results(directory), stored_study(directory)
     timing = io.read_json(directory / "timing.json") if (directory / "timing.json").is_file() else None
     with StudyContext(directory, progress=False) as ctx:
         write_report(study, results, ctx, timing)

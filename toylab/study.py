@@ -2,7 +2,8 @@
 
 `run_study` resolves the config (defaults < `--fast` preset < config file < command line), puts
 everything in `<out>/<study>/<config hash>/`, reuses finished training runs, and writes
-`config.json`, `code_version.json`, `results.json`, the figures, `report.md` and `report.html` atomically.
+`config.json`, `code_version.json`, `results.json`, the figures, `report.md`, `report.html` and the report's tables as
+CSV files (`tables/`) atomically.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E40
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.determinism import torch_threads  # noqa: E402
 from toylab.registry import get_study  # noqa: E402
+from toylab.runs import read_results  # noqa: E402
 from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
-from toylab.formatting import fmt, table_json  # noqa: E402
-from toylab.report import Document, Section, Table, Text, to_html, to_markdown  # noqa: E402
+from toylab.formatting import csv_text, fmt, table_json  # noqa: E402
+from toylab.report import Document, Section, Table, Text, bottom_line, table_files, to_html, to_markdown  # noqa: E402
 from toylab.task import Batch, Task  # noqa: E402
 from toylab.training import TrainConfig, TrainedModel, check_devices, is_finished, load_trained, train, trained_run  # noqa: E402
 
@@ -385,9 +387,20 @@ def sequential_note(sequential: Mapping[str, Any]) -> Section:
         f"after repeated looks only this one keeps its error rate."), Table(rows)])
 
 
-def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> None:
-    """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`, and
-    its summary table to `summary.json` (what `toylab runs` reads, without importing the study).
+@dataclass(frozen=True)
+class Written:
+    """What `write_report` rendered, for the terminal: the study's bottom line and the report's first notes (markdown),
+    and its summary table's rows in the report's order."""
+
+    bottom_line: str
+    notes: list[str]
+    summary: list[dict[str, Any]]
+
+
+def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timing: dict[str, Any] | None) -> Written:
+    """Render the study's report document (with the timing section, if given) to `report.md` and `report.html`, its
+    tables to `tables/*.csv` (`report.table_files`; stale ones removed), and its summary table to `summary.json` (what
+    `toylab runs` reads, without importing the study).
 
     All are rendered before any is written, and each is written atomically.
     """
@@ -396,12 +409,22 @@ def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timin
     notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
         notes.append(timing_note(timing))
-    first = competence_note(results, study.config) + ([sequential_note(results["sequential"])] if results.get("sequential") else [])
+    competence = competence_note(results, study.config)
+    first = competence + ([sequential_note(results["sequential"])] if results.get("sequential") else [])
+    written = Written(bottom_line(document), [f"**{section.title}.** " + " ".join(block.markdown for block in section.blocks
+                                                                                if isinstance(block, Text)) for section in competence], summary)
     document = Document(document.title, [*first, *document.blocks, *notes])
     markdown, html = to_markdown(document), to_html(document, ctx.directory)
+    tables = {path: csv_text(table.rows) for path, table in table_files(document)}
     io.write_json(ctx.directory / "summary.json", table_json(summary))
     io.write_text(ctx.directory / "report.md", markdown)
     io.write_text(ctx.directory / "report.html", html)
+    for path, text in tables.items():
+        io.write_text(ctx.directory / path, text)
+    for stale in set((ctx.directory / "tables").glob("*.csv")) - {ctx.directory / path for path in tables}:
+        with io.writing(stale):
+            stale.unlink()
+    return written
 
 
 def cpu_seconds() -> float:
@@ -420,8 +443,14 @@ def available_cpus() -> int:
 class StudyOutcome:
     directory: Path
     results: dict[str, Any]
-    summary: list[dict[str, Any]]
     seconds: float
+    report: Written
+    """What the report says first, and its summary table, rendered from the stored `results.json`."""
+
+    @property
+    def summary(self) -> list[dict[str, Any]]:
+        """The summary table's rows, in the report's order."""
+        return self.report.summary
 
 
 def resolve(name: str, overrides: Mapping[str, Any] | None = None, fast: bool = False) -> Study:
@@ -541,8 +570,8 @@ def run_study(
               "steps_trained": ctx.steps_trained}
     io.write_json(directory / "timing.json", timing)
     # the report is written from what the run directory stores, as `toylab report` (toylab.runs.rerender) writes it again
-    write_report(stored_study(directory), io.read_json(directory / "results.json"), ctx, timing)
+    document = write_report(stored_study(directory), read_results(directory), ctx, timing)
     seconds = time.perf_counter() - start  # `seconds` stays the time the report states (a re-rendered report is identical)
     timing.update(report_seconds=round(seconds - ran, 2), cpu_busy=round((cpu_seconds() - cpu) / (seconds * available_cpus()), 3))
     io.write_json(directory / "timing.json", timing)
-    return StudyOutcome(directory, results, study.summary(results), timing["seconds"])
+    return StudyOutcome(directory, results, timing["seconds"], document)

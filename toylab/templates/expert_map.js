@@ -6,6 +6,8 @@
   const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",
                    "#9c755f", "#bab0ac", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"];
   const tooltip = document.getElementById("expert-map-tooltip");
+  function hide() { tooltip.hidden = true; }
+  document.addEventListener("keydown", event => { if (event.key === "Escape") hide(); });
 
   function colour(id) { return id < 0 ? "#dddddd" : PALETTE[id % PALETTE.length]; }  // -1: no expert
   function textColour(id) { return id >= 0 && [0, 3, 4, 8, 10, 11, 13, 14].includes(id % PALETTE.length) ? "#fff" : "#000"; }
@@ -50,6 +52,8 @@
       chip.style.background = colour(e); chip.style.color = textColour(e);
       legend.appendChild(chip);
     }
+    const key = root.querySelector(".em-key");  // the line explaining the chips, from the page
+    if (key) legend.appendChild(key);
     const panels = el("div", {class: "em-panels"});
     const views = {experts: [], kmeans: []};
     for (const [kind, title] of [["experts", "Routed expert (top-1)"], ["kmeans", "k-means cluster of the router input"]]) {
@@ -57,10 +61,13 @@
       data.sequences.forEach((sequence, s) => {
         const line = el("div", {class: "em-seq"}, [el("span", {class: "idx", text: "#" + s})]);
         const row = sequence.tokens.map((token, p) => {
-          const span = el("span", {class: "tok", "data-seq": s, "data-pos": p, text: token});
-          span.addEventListener("mouseenter", event => show(event, s, p));
+          // hover and keyboard focus show the same details: Tab walks the tokens, Escape hides the details
+          const span = el("span", {class: "tok", "data-seq": s, "data-pos": p, tabindex: "0", text: token});
+          span.addEventListener("mouseenter", event => { show(s, p); move(event); });
           span.addEventListener("mousemove", move);
-          span.addEventListener("mouseleave", () => { tooltip.hidden = true; });
+          span.addEventListener("mouseleave", hide);
+          span.addEventListener("focus", () => { show(s, p); const box = span.getBoundingClientRect(); place(box.left, box.bottom); });
+          span.addEventListener("blur", hide);
           line.appendChild(span);
           return span;
         });
@@ -122,7 +129,7 @@
         grids.appendChild(el("figure", {}, [svg, el("figcaption", {text: "#" + s})]));
       });
     }
-    function show(event, s, p) {
+    function show(s, p) {
       const sequence = data.sequences[s], seed = data.seeds[state.seed];
       const rows = labels.map(name => [name, classOf(sequence.labels[name][p], data.labels[name])]).filter(r => r[1] !== null);
       const lines = [el("div", {class: "tt-token", text: "token " + JSON.stringify(sequence.tokens[p]) + " (sequence " + s + ", position " + p + ", seed " + state.seed + ")"})];
@@ -139,11 +146,11 @@
       lines.push(el("table", {}, [head].concat(body)));
       tooltip.replaceChildren(...lines);
       tooltip.hidden = false;
-      move(event);
     }
-    function move(event) {
-      tooltip.style.left = Math.min(event.clientX + 12, window.innerWidth - tooltip.offsetWidth - 8) + "px";
-      tooltip.style.top = (event.clientY + 14) + "px";
+    function move(event) { place(event.clientX, event.clientY); }
+    function place(x, y) {
+      tooltip.style.left = Math.min(x + 12, window.innerWidth - tooltip.offsetWidth - 8) + "px";
+      tooltip.style.top = (y + 14) + "px";
     }
     paint();
   }
