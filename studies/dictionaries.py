@@ -17,6 +17,7 @@ from toylab.analysis.dictionary import (
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
 from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
+from toylab.errors import ToylabError
 from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
 from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
@@ -26,7 +27,7 @@ from toylab.report import (
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE
-from toylab.training import TrainConfig
+from toylab.training import TrainConfig, task_model_config
 
 METHODS = ("sae", "switch")
 METHOD_NAMES = {"sae": "SAE", "switch": "Switch SAE", "experts": "MoE expert neurons"}
@@ -172,10 +173,20 @@ class Dictionaries(Study):
                              importance_decay=1.0, n_groups=config.n_groups)
         self.token_task = get_task(config.token_task) if config.token_task else None
 
+    def check(self) -> None:
+        """Besides the generic checks: the token model fits the token task and has an MoE layer `token_layer` to read."""
+        super().check()
+        if self.token_task is not None:
+            model = task_model_config(self.token_task, self.config.token_model)
+            self.token_task.check_sample(self.config.n_eval, self.config.eval_seed)
+            if model.ffn != "moe" or not 0 <= self.config.token_layer < model.n_layers:
+                raise ToylabError(f"token_layer={self.config.token_layer} names no MoE layer of token_model (ffn='{model.ffn}', "
+                                  f"n_layers={model.n_layers}); valid: 0..{model.n_layers - 1} with ffn='moe'")
+
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg = self.config
         toy = build_toy_model(ToyModelConfig(n_features=cfg.n_features, n_hidden=cfg.n_hidden, n_instances=cfg.seeds), range(cfg.seeds))
-        W = train_toy_model(toy, self.task, cfg.toy_train, run_dir=ctx.directory / "models" / "toy").model.W.detach()
+        W = train_toy_model(toy, self.task, cfg.toy_train, run_dir=ctx.run_dir("toy")).model.W.detach()
         x, _, _ = self.task.generate(cfg.n_samples, torch.Generator().manual_seed(cfg.eval_seed))
         x_eval, active, group = self.task.generate(cfg.n_samples, torch.Generator().manual_seed(cfg.eval_seed + 1))
         hidden = [torch.einsum("b f, i h f -> b i h", data[:, 0], W).numpy() for data in (x, x_eval)]  # [b, inst, m]

@@ -246,7 +246,7 @@ class MoESuperposition(Study):
                 n_features=cfg.n_features, n_hidden=cfg.hidden(e), n_instances=cfg.seeds, n_experts=e, top_k=k,
                 gate_weights=gate_weights, load_balance_weight=cfg.load_balance_weight, gate_init=cfg.gate_init,
             )
-            result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=ctx.directory / "models" / name)
+            result = train_toy_model(build_toy_model(model_cfg), task, cfg.train, run_dir=ctx.run_dir(name))
             configs[name] = {**self.analyse(result.model, result.loss, torch.from_numpy(batch.inputs), group, baseline),
                              "gate": gate_label(e, k, gate_weights), "control": name.endswith(CONTROL)}
         results = {

@@ -24,6 +24,7 @@ from toylab.analysis.superposition import (
     most_important_represented,
     plateau,
 )
+from toylab.config import build
 from toylab.models.superposition import SparseFeatures, ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
 from toylab.report import Document, Figure, Section, Table, Text, fmt, fmt_ci, legend_outside, series_colours, verdict_text
@@ -89,7 +90,7 @@ def train_sweep(
     grid = [(s, seed) for s in sparsities for seed in range(seeds)]
     cfg = ToyModelConfig(n_features=task.n_features, n_hidden=n_hidden, n_instances=len(grid), activation=activation)
     model = build_toy_model(cfg, [seed for _, seed in grid])
-    result = train_toy_model(model, task, train, [s for s, _ in grid], run_dir=ctx.directory / "models" / key)
+    result = train_toy_model(model, task, train, [s for s, _ in grid], run_dir=ctx.run_dir(key))
     W = result.model.W.detach().numpy().reshape(len(sparsities), seeds, n_hidden, task.n_features)
     return W, result.loss.reshape(len(sparsities), seeds)
 
@@ -130,9 +131,21 @@ class Superposition(Study):
     }
     config: SuperpositionStudyConfig
 
-    def run(self, ctx: StudyContext) -> dict[str, Any]:
+    def __init__(self, config: SuperpositionStudyConfig) -> None:
+        super().__init__(config)
+        self.task = get_task("superposition", n_features=config.n_features, importance_decay=config.importance_decay)
+        self.geo_task = get_task("superposition", n_features=config.geometry_features, importance_decay=1.0)
+
+    def check(self) -> None:
+        """Besides the generic checks: both sweeps' toy models (sizes, memory)."""
+        super().check()
         cfg = self.config
-        task = get_task("superposition", n_features=cfg.n_features, importance_decay=cfg.importance_decay)
+        build(ToyModelConfig, n_features=cfg.n_features, n_hidden=cfg.n_hidden, n_instances=len(cfg.sparsities) * cfg.seeds)
+        build(ToyModelConfig, n_features=cfg.geometry_features, n_hidden=cfg.geometry_hidden,
+              n_instances=cfg.geometry_points * cfg.seeds)
+
+    def run(self, ctx: StudyContext) -> dict[str, Any]:
+        cfg, task = self.config, self.task
         sparsities = np.array(cfg.sparsities)
         sweep = {}
         for activation in ctx.bar(("relu", "linear"), 2, "sparsity sweep"):
@@ -148,7 +161,7 @@ class Superposition(Study):
                 sweep[activation]["per_seed"]["represented"][-1], sweep[activation]["per_seed"]["represented"][0], FEATURE_MARGIN
             )
 
-        geo_task = get_task("superposition", n_features=cfg.geometry_features, importance_decay=1.0)
+        geo_task = self.geo_task
         inverse = np.logspace(0, np.log10(cfg.geometry_max_inverse_density), cfg.geometry_points)
         geo_sparsities = 1 - 1 / inverse
         W, loss = train_sweep(

@@ -7,6 +7,8 @@ Heavy libraries (torch, Lightning, pandas, matplotlib) load inside the commands 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
@@ -15,12 +17,14 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 from toylab import io
-from toylab.config import build, config_hash, load_file, parse_assignments, to_dict
+from toylab.config import build, check_time, config_hash, load_file, parse_assignments, to_dict
 from toylab.errors import ToylabError
 
 if TYPE_CHECKING:
     from toylab.task import Label, Task
 
+
+logging.getLogger("matplotlib").setLevel(logging.ERROR)  # its cache-folder warnings (a read-only HOME) would add lines to an error
 
 NESTED = {"run": "study run", "list": "study list"}
 """Top-level commands people type for a nested one."""
@@ -38,6 +42,7 @@ class App(typer.Typer):
     def __call__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         command = typer.main.get_command(self)
         try:
+            _check_environment()
             code = command.main(args=args, prog_name="toylab", standalone_mode=False, **kwargs)
         except ToylabError as error:
             _fail(str(error))
@@ -57,6 +62,23 @@ class App(typer.Typer):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _check_environment() -> None:
+    """Refuse thread counts in the environment that OpenMP would warn about on stderr, once per library, at import."""
+    for name in THREAD_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not (value.isascii() and value.isdigit() and int(value) > 0):
+            raise ToylabError(f"environment variable {name}={value!r} is not a number of threads >= 1; unset it or set one")
+
+
+def _once(assignments: dict[str, str], key: str, option: str) -> None:
+    """Refuse `key` given both by a command-line `option` and by `--set`: one of the two would be dropped silently."""
+    if key in assignments:
+        raise ToylabError(f"'{key}' is given twice, by {option} and by --set {key}={assignments[key]}; give it once")
 
 
 def _version(value: bool) -> None:
@@ -231,9 +253,10 @@ def train(
     set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (a field of TrainConfig or "
                                     "of the model's config: TransformerConfig, or RecurrentConfig for lstm and gru)."),
     config: Optional[Path] = typer.Option(None, parser=_path, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
-    seed: int = typer.Option(0, **SEED_RANGE, help="Training seed."),
+    seed: Optional[int] = typer.Option(None, **SEED_RANGE, help="Training seed (default 0)."),
     out: Path = typer.Option("runs/train", parser=_path, help="Parent directory of the run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar (on stderr)."),
+    force: bool = typer.Option(False, "--force", help="Train even where the estimate says it takes more than 12 hours."),
 ) -> None:
     """Train one model (a dense or MoE transformer, an LSTM or a GRU) on a task; print its held-out metrics.
 
@@ -245,7 +268,7 @@ def train(
     from toylab.models.recurrent import CELLS
     from toylab.registry import get_task
     from toylab.report import markdown_table
-    from toylab.training import TrainConfig, check_devices, is_trained, model_config
+    from toylab.training import TrainConfig, check_devices, is_trained, model_config, train_seconds
     from toylab.training import train as train_model
 
     if model not in ("dense", "moe", *CELLS):
@@ -260,8 +283,15 @@ def train(
     vocab_size = len(the_task.vocab)  # a one-line error for a task with real-valued inputs
     model_fields = (RecurrentConfig if recurrent else TransformerConfig).__dataclass_fields__
     train_fields, fixed = TrainConfig.__dataclass_fields__, {"vocab_size", "max_len", chosen}
-    model_options, train_options = dict(_table(file, "model", config)), {**_table(file, "train", config), "seed": seed}
-    for key, value in parse_assignments(set_).items():
+    model_options, train_options = dict(_table(file, "model", config)), dict(_table(file, "train", config))
+    for key in set(model_options) & {"vocab_size", "max_len", "ffn", "arch"}:
+        raise ToylabError(f"'{key}' in the model table of {config} does nothing: "
+                          + ("choose the model with --model dense|moe|lstm|gru" if key in ("ffn", "arch") else "the task sets it"))
+    assignments = parse_assignments(set_)
+    if seed is not None:
+        _once(assignments, "seed", f"--seed {seed}")
+        train_options["seed"] = seed
+    for key, value in assignments.items():
         if key in model_fields and key not in fixed:
             model_options[key] = value
         elif key in train_fields:
@@ -269,13 +299,14 @@ def train(
         else:
             valid = sorted({*model_fields, *train_fields} - fixed)
             raise ToylabError(f"unknown option '{key}'; valid: {', '.join(valid)}")
-    model_options.pop("arch", None)  # --model decides, as it does the ffn
     model_options[chosen] = model
     model_cfg = model_config(model_options, vocab_size=vocab_size, max_len=the_task.seq_len)
     model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len")}
     train_cfg = build(TrainConfig, train_options)
-    the_task.check_sample(train_cfg.n_train + train_cfg.n_val, seed)
+    the_task.check_sample(train_cfg.n_train + train_cfg.n_val, train_cfg.seed)
     check_devices(train_cfg)
+    if not force:
+        check_time(train_seconds(train_cfg, model_cfg), f"training {train_cfg.steps:,} steps", "ask for fewer (--set steps=...)")
     run_dir = out / f"{task}-{model}-{config_hash([the_task.options, model_options, to_dict(train_cfg)])}"
     with io.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +361,7 @@ def study_run(
     partition: Optional[str] = typer.Option(None, help="slurm: partition to submit to."),
     time_limit: int = typer.Option(60, "--time", help="slurm: time limit of each job in minutes."),
     sweep: list[str] = typer.Option([], "--sweep", help="Run the grid KEY=V1,V2,... (repeatable; dotted keys as in --set)."),
+    force: bool = typer.Option(False, "--force", help="Run even where the estimate says training takes more than 12 hours."),
 ) -> None:
     """Run a study (resuming finished runs); print its bottom line, a summary table in 100 columns and the report's path.
 
@@ -341,30 +373,39 @@ def study_run(
     from toylab.study import SeedBudget, available_cpus, merge, nest, run_study
     from toylab.sweep import parse_sweep, run_sweep
 
-    overrides = merge(load_file(config) if config else {}, nest(parse_assignments(set_)))
+    assignments = parse_assignments(set_)
+    overrides = merge(load_file(config) if config else {}, nest(assignments))
     if task is not None:
+        _once(assignments, "task", f"--task {task}")
         overrides["task"] = task
     budget = None
     if seeds == "auto":
         budget = SeedBudget(max_seeds, seed_batch)
     elif seeds is not None:
-        if not seeds.isdigit() or int(seeds) < 1:
+        if not (seeds.isascii() and seeds.isdigit()) or int(seeds) < 1:
             raise ToylabError(f"invalid --seeds {seeds!r}; valid: a number of seeds >= 1, or auto")
         overrides["seeds"] = int(seeds)
-    if option:
-        overrides["task_options"] = {**overrides.get("task_options", {}), **parse_assignments(option)}
+    if seeds is not None:
+        _once(assignments, "seeds", f"--seeds {seeds}")
+    task_options = parse_assignments(option)
+    for key in task_options:
+        _once(assignments, f"task_options.{key}", f"-o {key}")
+    if task_options:
+        overrides["task_options"] = {**overrides.get("task_options", {}), **task_options}
     where = build(LaunchConfig, {"launcher": launcher, "workers": workers or (available_cpus() if launcher == "local" else 2),
                              "address": address, "partition": partition, "time": time_limit})
     grid = parse_sweep(sweep)
+    for key in grid:
+        _once(assignments, key, f"--sweep {key}=...")
     try:
         if grid:
             if budget is not None:
                 raise ToylabError("--seeds auto runs one study at a time; it does not combine with --sweep")
-            swept = run_sweep(name, grid, overrides, out, fast=fast, progress=progress, launcher=where)
+            swept = run_sweep(name, grid, overrides, out, fast=fast, progress=progress, launcher=where, force=force)
             typer.echo(markdown_table(swept.rows))
             typer.echo(f"finished in {swept.seconds:.1f} s\nsweep summary: {swept.directory / 'summary.csv'}")
             return
-        outcome = run_study(name, overrides, out, fast=fast, progress=progress, launcher=where, budget=budget)
+        outcome = run_study(name, overrides, out, fast=fast, progress=progress, launcher=where, budget=budget, force=force)
     except KeyboardInterrupt as interrupted:  # `Interrupted` says how many runs finished
         typer.echo(str(interrupted) or "interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from toylab.errors import ToylabError
 
 C = TypeVar("C")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_table(annotation: Any) -> bool:
@@ -58,15 +59,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return bool(value)
     if annotation in (int, float):
         try:
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ValueError
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, str) and not value.isascii()):
+                raise ValueError  # int("٣") is 3: a number is written in ASCII digits, or it is not read as one
             converted = annotation(value)
         except (TypeError, ValueError, OverflowError):
             raise ToylabError(f"invalid value {value!r} for '{key}'; expected {annotation.__name__}") from None
         if annotation is int and isinstance(value, float) and value != converted:
             raise ToylabError(f"invalid value {value!r} for '{key}'; expected int")
+        if annotation is int and not -(2**63) <= converted < 2**63:  # what torch, numpy and Lightning can hold
+            raise ToylabError(f"invalid value {value!r} for '{key}'; expected an int of at most 64 bits (|n| < 2^63)")
         if not math.isfinite(converted):
             raise ToylabError(f"invalid value {value!r} for '{key}'; expected a finite number")
+        if annotation is float and abs(converted) > FLOAT32_MAX:  # torch would overflow converting it to its float32
+            raise ToylabError(f"invalid value {value!r} for '{key}'; expected a number of magnitude at most {FLOAT32_MAX:.3g}")
         return converted
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -122,6 +127,18 @@ def check_memory(nbytes: float, what: str, fix: str) -> None:
                           f"{total / 2**30:,.0f} GiB; {fix}")
 
 
+MAX_HOURS = 12
+"""Work estimated to take longer than this is refused unless forced (`--force`)."""
+
+
+def check_time(seconds: float, what: str, fix: str) -> None:
+    """Refuse (one-line ToylabError) work whose estimated time exceeds `MAX_HOURS`, saying how to force it."""
+    if seconds > MAX_HOURS * 3600:
+        hours = seconds / 3600
+        estimate = f"{hours:,.0f} hours" if hours < 1e6 else f"{hours:.1e} hours"
+        raise ToylabError(f"{what} would take about {estimate} (more than {MAX_HOURS}); {fix}, or pass --force to run it anyway")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) dataclass config."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=list))
@@ -135,16 +152,32 @@ def config_hash(config: Any, length: int = 10) -> str:
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
     """Parse command-line `KEY=VALUE` strings into a dict."""
-    options = {}
+    options: dict[str, str] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ToylabError(f"invalid option {item!r}; expected KEY=VALUE")
+        if key.strip() in options:
+            raise ToylabError(f"option '{key.strip()}' given twice ({key.strip()}={options[key.strip()]}, {item.strip()}); give it once")
         options[key.strip()] = value.strip()
     return options
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+"""Tables nested deeper than this in a config file are refused (a config's tables nest two or three deep)."""
+
+
+def depth(value: Any) -> int:
+    """How deeply tables and lists nest in `value` (0 for a plain value), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level + 1)
+            stack += [(child, level + 1) for child in children]
+    return deepest
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -170,6 +203,12 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ToylabError(f"cannot parse config file {path}: it is not UTF-8 text") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise ToylabError(f"cannot parse config file {path}: {error}") from None
+    except RecursionError:
+        raise ToylabError(f"cannot parse config file {path}: it nests deeper than {MAX_CONFIG_DEPTH} tables or lists") from None
+    except ValueError as error:  # an integer beyond Python's 4300 digits
+        raise ToylabError(f"cannot parse config file {path}: {str(error).split(';')[0]}") from None
+    if depth(data) > MAX_CONFIG_DEPTH:
+        raise ToylabError(f"config file {path} nests deeper than {MAX_CONFIG_DEPTH} tables or lists")
     if not isinstance(data, dict):
         raise ToylabError(f"config file {path} must hold a table of keys, not {type(data).__name__} {json.dumps(data)[:40]}")
     return data

@@ -11,14 +11,21 @@ past its time limit) comes back as `WorkerLost`. Ctrl-C stops everything in flig
 
 Ray and submitit are optional extras (`pip install "toylab[ray]"`, `"toylab[slurm]"`), imported
 only when their launcher is used; the machines they reach must have toylab installed.
+
+Trust: submitit hands each SLURM job's result back as a pickle in the study's `launcher/` folder, which this
+process unpickles, so whoever can write there can run code as the user running the study. `SlurmJobs` therefore
+makes that folder private (0700) and refuses one that another user owns or that the group or others can write to;
+the study directory above it must be as trusted as the user's own home.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from toylab import io
 from toylab.errors import ToylabError
 
+MAX_WORKERS = 1024
+"""The most workers a launcher takes (a local pool's queues and semaphores overflow far beyond it)."""
 Call = tuple[Any, ...]
 Done = tuple[int, BaseException | None, Any]
 """A finished call: its index, its exception (None if it returned) and its result."""
@@ -57,14 +67,17 @@ class LaunchConfig:
     """slurm: submitit's backend; "local" runs each job as a local process (for trying it out and tests)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1 (got {self.workers})")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in [1, {MAX_WORKERS}] (got {self.workers})")
         if self.time < 1:
             raise ValueError(f"time must be >= 1 minute (got {self.time})")
         if self.address is not None and self.launcher != "ray":
             raise ValueError(f"address applies to the ray launcher only (launcher is {self.launcher})")
         if self.partition is not None and self.launcher != "slurm":
             raise ValueError(f"partition applies to the slurm launcher only (launcher is {self.launcher})")
+        if self.launcher == "slurm" and self.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise ValueError("the slurm launcher needs SLURM's sbatch, which is not on this machine's PATH; "
+                             "run on a SLURM login node, or use --launcher local or ray")
 
     def executor(self, folder: Path) -> Executor:
         """An executor for this launcher; SLURM jobs keep their logs under `folder`."""
@@ -232,14 +245,27 @@ class RayTasks(Executor):
             self._started = False
 
 
+def private_folder(folder: Path) -> Path:
+    """`folder`, made 0700 if absent; a one-line ToylabError if another user owns it or the group or others may write
+    to it (what is unpickled from it would run here: see the module's note on trust)."""
+    with io.writing(folder):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ToylabError(f"refusing the launcher folder {folder}: other users can write to it (mode {stat.filemode(info.st_mode)}, "
+                          f"owner uid {info.st_uid}), and job results are unpickled from it; chmod 700 it (or delete it)")
+    return folder
+
+
 class SlurmJobs(Executor):
-    """One SLURM job per call through submitit; job logs go to `folder`."""
+    """One SLURM job per call through submitit; job logs and results go to the private `folder`."""
 
     def __init__(self, folder: Path, cluster: str, partition: str | None, minutes: int) -> None:
         try:
             import submitit
         except ImportError:
             raise ToylabError('the slurm launcher needs submitit: pip install "toylab[slurm]"') from None
+        folder = private_folder(Path(folder))
         self.submitit = submitit
         self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
         parameters: dict[str, Any] = {"timeout_min": minutes, "cpus_per_task": 1, "name": "toylab"}

@@ -69,6 +69,28 @@ def check_writable(path: Path) -> None:
         raise ToylabError(f"cannot write {path}: it is not a regular file (a device or a pipe)")
 
 
+def below(root: Path, *parts: str) -> Path:
+    """`root/parts...`, refused (one-line ToylabError) where a symbolic link along it leads out of `root`, so that
+    nothing written below a run's directory lands elsewhere (`root` itself may be a link the user gave)."""
+    path = Path(root).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ToylabError(f"refusing to write {path}: a symbolic link there leads out of {root}")
+    return path
+
+
+def regular(path: Path) -> Path:
+    """`path`, refused (one-line ToylabError) unless it is a regular file: reading a FIFO or a device could block forever."""
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise ToylabError(f"file not found: {path}") from None
+    except OSError as error:
+        raise ToylabError(f"cannot read {path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise ToylabError(f"cannot read {path}: it is not a regular file")
+    return Path(path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename over `path`."""
     path = Path(path)
@@ -99,9 +121,7 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> Any:
     """Read JSON, with a one-line error for a missing or corrupt file."""
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ToylabError(f"file not found: {path}") from None
+        return json.loads(regular(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ToylabError(f"corrupt JSON file {path}: {error}") from None
     except OSError as error:
@@ -110,7 +130,7 @@ def read_json(path: Path) -> Any:
 
 def sha256(path: Path) -> str:
     """The SHA-256 hex digest of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(regular(path).read_bytes()).hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

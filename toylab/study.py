@@ -29,7 +29,7 @@ from toylab import io  # noqa: E402
 from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map  # noqa: E402
 from toylab.analysis.sequential import RULES, decide, look_alphas, looks, stopping_rule_text  # noqa: E402
 from toylab.analysis.stats import MIN_SEEDS  # noqa: E402
-from toylab.config import build, config_hash, to_dict  # noqa: E402
+from toylab.config import build, check_time, config_hash, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.determinism import torch_threads  # noqa: E402
@@ -38,10 +38,18 @@ from toylab.runs import read_results  # noqa: E402
 from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa: E402
 from toylab.formatting import csv_text, fmt, table_json  # noqa: E402
 from toylab.report import Document, Section, Table, Text, bottom_line, table_files, to_html, to_markdown  # noqa: E402
-from toylab.task import Batch, Task  # noqa: E402
-from toylab.training import TrainConfig, TrainedModel, check_devices, is_finished, load_trained, train, trained_run  # noqa: E402
+from toylab.task import MAX_SEED, Batch, Task  # noqa: E402
+from toylab.training import (  # noqa: E402
+    TrainConfig, TrainedModel, check_devices, is_finished, load_trained, task_model_config, train, train_seconds, trained_run,
+)
 
 R = TypeVar("R")
+MAX_PERMUTATIONS = 100_000
+"""Permutations of a null distribution: p-values resolve to 1e-5, beyond any family's corrected alpha."""
+TIME_FIX = "ask for fewer seeds, steps or sweep points"
+"""What to do about a study whose training would take too long (`toylab.config.check_time`)."""
+SEED_DRAWS = 16
+"""A study draws evaluation batches from `eval_seed`, `eval_seed + 1`, ...: a seed leaves this many above it."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class StudyContext:
         self.steps_trained = 0
         """Optimizer steps of the runs this context trained."""
         self._executor: Executor | None = None
+        for folder in ("models", "figures", "launcher"):  # what a study writes below its directory stays below it
+            io.below(self.directory, folder)
 
     def __enter__(self) -> StudyContext:
         return self
@@ -107,7 +117,7 @@ class StudyContext:
         return len(self.reused_keys)
 
     def run_dir(self, key: str) -> Path:
-        return self.directory / "models" / key
+        return io.below(self.directory, "models", key)
 
     def map(
         self, function: Callable[..., R], *iterables: Iterable[Any], description: str, errors: str = "raise"
@@ -121,7 +131,7 @@ class StudyContext:
         """
         calls = list(zip(*iterables))
         if self._executor is None:
-            self._executor = self.launcher.executor(self.directory / "launcher")
+            self._executor = self.launcher.executor(io.below(self.directory, "launcher"))
         executor, results = self._executor, [None] * len(calls)
         parallel = f" ({min(executor.parallel, len(calls))} at once)" if executor.parallel > 1 else ""
         try:
@@ -232,7 +242,7 @@ class StudyContext:
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         path = f"figures/{name}.png"
-        io.atomic_write_bytes(self.directory / path, buffer.getvalue())
+        io.atomic_write_bytes(io.below(self.directory, path), buffer.getvalue())
         return path
 
 
@@ -263,14 +273,57 @@ class Study(ABC):
     def describe(cls) -> str:
         return (cls.__doc__ or cls.name).strip().split("\n")[0]
 
+    def check(self) -> None:
+        """Refuse (one-line ToylabError), before the study's directory is made, what would fail or do nothing once it runs.
+
+        Read from the config's fields by name: every `TrainConfig` (devices here, training set in memory, no `seed` of
+        its own beside `seeds`), seeds (`*_seed`, `eval_seed`) in range, `n_permutations` at most `MAX_PERMUTATIONS`,
+        `n_eval` sequences of the study's `task` in memory, and the options of each of its `models` (a TransformerConfig
+        for the task, no `model` key the study sets itself). A study with more to check extends this.
+        """
+        config, task, models = self.config, getattr(self, "task", None), getattr(self, "models", {})
+        fields = vars(config)
+        for name, value in fields.items():
+            if isinstance(value, TrainConfig):
+                check_devices(value)
+                if "seeds" in fields and value.seed != 0:
+                    raise ToylabError(f"{name}.seed={value.seed} has no effect: the study's runs take seeds 0..seeds-1 "
+                                      "(--seeds); remove it")
+                if isinstance(task, Task):
+                    task.check_sample(value.n_train + value.n_val, 0)
+            elif name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED - SEED_DRAWS:
+                raise ToylabError(f"{name} must be in [0, {MAX_SEED - SEED_DRAWS}] (got {value})")
+        if not 1 <= fields.get("n_permutations", 1) <= MAX_PERMUTATIONS:
+            raise ToylabError(f"n_permutations must be in [1, {MAX_PERMUTATIONS:,}] (got {fields['n_permutations']:,})")
+        if isinstance(task, Task) and isinstance(fields.get("n_eval"), int):
+            task.check_sample(fields["n_eval"], fields.get("eval_seed", 0))
+        shared = fields.get("model") if isinstance(fields.get("model"), Mapping) else {}
+        for options in models.values():
+            for key, value in shared.items():
+                if options.get(key, value) != value:
+                    raise ToylabError(f"model.{key}={value!r} has no effect: the study sets {key} itself"
+                                      + (f" (--set {key}=...)" if key in fields else ""))
+            if isinstance(task, Task):
+                task_model_config(task, options)
+
+    def training_seconds(self) -> float:
+        """About how long training the study's `models` takes (one run per model and seed, for each `TrainConfig`);
+        0 for a study that names no models of its task."""
+        config, task, models = self.config, getattr(self, "task", None), getattr(self, "models", {})
+        if not isinstance(task, Task):
+            return 0.0
+        seeds = getattr(config, "seeds", 1)
+        return sum(seeds * train_seconds(value, task_model_config(task, options)) for value in vars(config).values()
+                   if isinstance(value, TrainConfig) for options in models.values())
+
 
 def dense_and_moe(config: Any, **moe: Any) -> dict[str, dict[str, Any]]:
     """Model options of a study's dense transformer and its MoE twin, from the study config's shared `model`
     options and its `n_experts`, `top_k`, `router` and `router_label` (those a config lacks keep their defaults);
     keyed "dense" and "moe". `moe` adds or overrides MoE options (any `TransformerConfig` field: a routing
     variant's `router`, `capacity_factor`, `shared_experts`, `orthogonality_weight`, ...)."""
-    router = getattr(config, "router", "learned")
-    routing = {"router": router, "router_label": getattr(config, "router_label", None)} if router != "learned" else {}
+    router, label = getattr(config, "router", "learned"), getattr(config, "router_label", None)
+    routing = {"router": router, "router_label": label} if router != "learned" or label is not None else {}
     return {
         "dense": {**config.model, "ffn": "dense"},
         "moe": {**config.model, "ffn": "moe", "n_experts": config.n_experts, "top_k": config.top_k, **routing, **moe},
@@ -529,6 +582,7 @@ def run_study(
     workers: int = 1,
     launcher: LaunchConfig | None = None,
     budget: SeedBudget | None = None,
+    force: bool = False,
 ) -> StudyOutcome:
     """Run (or resume) a study; everything lands in `<out>/<name>/<hash of the resolved config>/`.
 
@@ -537,14 +591,15 @@ def run_study(
 
     Training runs (and other `ctx.map` calls) go to `launcher`, by default `workers` local processes.
     Local processes are spawned, so a script that uses several must guard its entry point with
-    `if __name__ == "__main__":`.
+    `if __name__ == "__main__":`. Training estimated to take more than `toylab.config.MAX_HOURS` is refused unless `force`.
     """
     launcher = launcher or build(LaunchConfig, {"workers": workers})
     start, cpu = time.perf_counter(), cpu_seconds()
     study = resolve(name, overrides, fast)
-    for value in vars(study.config).values():  # devices are checked with the other options, before any folder is written
-        if isinstance(value, TrainConfig):
-            check_devices(value)
+    study.check()  # before any folder is written
+    if not force:
+        largest = study if budget is None else resolve(name, {**(overrides or {}), "seeds": budget.max_seeds}, fast)
+        check_time(largest.training_seconds() / launcher.workers, "training this study's models", TIME_FIX)
     config = {"study": name, **to_dict(study.config)}
     if budget is not None:
         if "seeds" not in config:
@@ -555,9 +610,9 @@ def run_study(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ToylabError(f"cannot create output directory {directory}: {error.strerror}") from None
-    io.write_json(directory / "config.json", config)
-    io.write_json(directory / "code_version.json", code_version())
     with StudyContext(directory, progress, launcher=launcher, competence=getattr(study.config, "competence", None)) as ctx:
+        io.write_json(directory / "config.json", config)
+        io.write_json(directory / "code_version.json", code_version())
         results = study.run(ctx) if budget is None else run_looks(name, overrides or {}, fast, budget, ctx)
     results["failed_runs"] = ctx.failures
     results["below_competence"] = ctx.below

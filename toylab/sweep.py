@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from toylab import io
-from toylab.config import config_hash
+from toylab.config import check_time, config_hash
 from toylab.errors import ToylabError
 from toylab.executors import LaunchConfig
 from toylab.report import markdown_table
-from toylab.study import merge, nest, resolve, run_study
+from toylab.study import TIME_FIX, merge, nest, resolve, run_study
 
 
 @dataclass
@@ -44,6 +44,9 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list[str]]:
         if key in sweep:
             raise ToylabError(f"sweep key '{key}' given twice; give all its values at once: {key}=V1,V2,...")
         sweep[key] = [value.strip() for value in values.split(",")]
+        repeated = next((value for i, value in enumerate(sweep[key]) if value in sweep[key][:i]), None)
+        if repeated is not None:
+            raise ToylabError(f"sweep {key} lists {repeated!r} twice; give each value once")
     return sweep
 
 
@@ -60,14 +63,22 @@ def run_sweep(
     fast: bool = False,
     progress: bool = True,
     launcher: LaunchConfig | None = None,
+    force: bool = False,
 ) -> SweepOutcome:
-    """Run study `name` at every point of the grid `sweep` (dotted keys reach nested tables)."""
+    """Run study `name` at every point of the grid `sweep` (dotted keys reach nested tables); training estimated to
+    take more than `toylab.config.MAX_HOURS` in all is refused unless `force`."""
+    launcher = launcher or LaunchConfig()
     points = [(point, merge(overrides or {}, nest(point))) for point in grid(sweep)]
-    for _, options in points:  # every configuration is valid before any trains
-        resolve(name, options, fast)
+    estimate = 0.0
+    for done, (_, options) in enumerate(points, 1):  # every configuration is valid, and the grid not absurdly long, before any trains
+        study = resolve(name, options, fast)
+        study.check()
+        estimate += study.training_seconds() / launcher.workers
+        if not force:
+            check_time(estimate, f"training the first {done:,} of {len(points):,} configurations of the sweep", TIME_FIX)
     rows, seconds = [], 0.0
     for point, options in points:
-        outcome = run_study(name, options, out, fast, progress, launcher=launcher)
+        outcome = run_study(name, options, out, fast, progress, launcher=launcher, force=True)
         seconds += outcome.seconds
         rows += [{**point, "run": str(outcome.directory), **row} for row in outcome.summary]
     spec = {"study": name, "sweep": {key: list(values) for key, values in sweep.items()},

@@ -139,6 +139,11 @@ def check_devices(cfg: TrainConfig) -> None:
     if cfg.devices > devices[cfg.accelerator]:
         raise ToylabError(f"devices must be in [1, {devices[cfg.accelerator]}] for accelerator '{cfg.accelerator}' "
                           f"(got {cfg.devices})")
+    if cfg.devices > 1:  # Lightning would start this command again as rank 1, which waits forever for rank 0's run lock
+        raise ToylabError(f"devices={cfg.devices} would train in one process per device (DDP), which toylab does not support; "
+                          "use devices=1 (a study trains its runs in parallel: --workers)")
+    if cfg.threads > devices["cpu"]:
+        raise ToylabError(f"threads must be in [1, {devices['cpu']}] (this machine's CPU cores; got {cfg.threads})")
 
 
 def available_devices() -> dict[str, int]:
@@ -336,16 +341,34 @@ def model_config(model_options: Mapping[str, Any], **fixed: Any) -> TransformerC
 def build_model(task: Task, model_options: dict[str, Any]) -> Model:
     """A transformer or recurrent model sized for the task's vocabulary and sequence length (`max_len` may ask for more
     positions)."""
+    cfg = task_model_config(task, model_options)
+    return Recurrent(cfg) if isinstance(cfg, RecurrentConfig) else Transformer(cfg)
+
+
+def task_model_config(task: Task, model_options: dict[str, Any]) -> TransformerConfig | RecurrentConfig:
+    """The checked config of `build_model`'s model for `task`, without building it."""
+    if "vocab_size" in model_options:
+        raise ToylabError(f"vocab_size is the task's ({len(task.vocab)} tokens), not a model option; remove it")
     cfg = model_config({"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
     if cfg.max_len < task.seq_len:
         raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
     if isinstance(cfg, RecurrentConfig):
-        return Recurrent(cfg)
+        return cfg
     routable = [name for name, label in task.labels.items() if not label.multi_hot]
     if cfg.router_label is not None and cfg.router_label not in routable:
         raise ToylabError(f"router_label '{cfg.router_label}' is not a label of task '{task.name}' with one class per token; "
                           f"valid: {', '.join(routable)}")
-    return Transformer(cfg)
+    return cfg
+
+
+STEP_SECONDS, FLOPS = 0.005, 2e10
+"""A training step's fixed cost (Lightning, the optimizer) and the FLOP/s of one CPU thread, both on the fast side, so
+`train_seconds` rather under- than overestimates."""
+
+
+def train_seconds(cfg: TrainConfig, model: TransformerConfig | RecurrentConfig) -> float:
+    """About how long one run of `model` takes to train on the CPU (6 FLOPs per parameter and position of a step)."""
+    return cfg.steps * (STEP_SECONDS + 6 * model.params * cfg.batch_size * model.max_len / (FLOPS * cfg.threads))
 
 
 @dataclass

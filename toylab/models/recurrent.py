@@ -67,10 +67,14 @@ class RecurrentConfig:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if self.arch not in CELLS:
             raise ValueError(f"unknown arch '{self.arch}'; valid: {', '.join(CELLS)}")
-        d = self.d_model
-        params = 2 * self.vocab_size * d + self.n_layers * GATES[self.arch] * (2 * d * d + 2 * d)
-        check_memory(16 * params, f"a model of about {params:,} parameters (weights, gradients, Adam state)",
+        check_memory(16 * self.params, f"a model of about {self.params:,} parameters (weights, gradients, Adam state)",
                      "make it smaller (d_model, n_layers)")
+
+    @property
+    def params(self) -> int:
+        """About how many parameters the model has (embedding, unembedding, the cells' weights and biases)."""
+        d = self.d_model
+        return 2 * self.vocab_size * d + self.n_layers * GATES[self.arch] * (2 * d * d + 2 * d)
 
 
 def read_out(point: HookPoint, steps: list[tuple[torch.Tensor, ...]], index: int) -> None:

@@ -95,10 +95,7 @@ class TransformerConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         self.check_routing()
-        d, ffn = self.d_model, 2 * self.d_model * self.d_mlp
-        if self.ffn == "moe":
-            ffn = (self.n_experts + self.shared_experts) * (2 * d * self.expert_size + d)
-        params = (2 * self.vocab_size + self.max_len) * d + self.n_layers * (4 * d * d + ffn)
+        params = self.params
         check_memory(16 * params, f"a model of about {params:,} parameters (weights, gradients, Adam state)",
                      "make it smaller (d_model, d_mlp, n_layers, n_experts) or the task's sequences shorter")
 
@@ -150,6 +147,14 @@ class TransformerConfig:
     @property
     def expert_size(self) -> int:
         return self.d_expert or self.d_mlp // (self.top_k + self.shared_experts)
+
+    @property
+    def params(self) -> int:
+        """About how many parameters the model has (embeddings, attention, FFN; biases and norms left out)."""
+        d, ffn = self.d_model, 2 * self.d_model * self.d_mlp
+        if self.ffn == "moe":
+            ffn = (self.n_experts + self.shared_experts) * (2 * d * self.expert_size + d)
+        return (2 * self.vocab_size + self.max_len) * d + self.n_layers * (4 * d * d + ffn)
 
 
 class LayerNorm(nn.LayerNorm):
