@@ -62,6 +62,14 @@ def verdict_text(comparison: Mapping[str, Any], digits: int = 3) -> str:
     return f"{verdict} ({interval})"
 
 
+def margin_text(margin: dict[str, Any]) -> str:
+    """A label's margin (`label_margin`) and where it comes from."""
+    if margin["rule"] == "absolute":
+        return f"{margin['delta']:g} (absolute)"
+    share = f"{margin['fraction']:.0%} of ceiling {fmt(margin['ceiling'])}"
+    return f"{margin['delta']:.3f} ({share})" if margin["delta"] > margin["floor"] else f"{margin['delta']:g} (floor; {share} is less)"
+
+
 def training_curves(metrics_files: Mapping[str, Path], metrics: Sequence[str]) -> plt.Figure:
     """One panel per metric; one line per run, from Lightning's `metrics.csv` logs."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
