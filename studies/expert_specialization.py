@@ -29,7 +29,7 @@ from toylab.determinism import torch_threads
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, contingency_heatmaps, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci,
-    interval_bars, training_curves, verdict_text,
+    interval_bars, margin_text, training_curves, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
 from toylab.task import Task
@@ -78,14 +78,6 @@ def metric_text(task: Task) -> str:
     what = " ".join(own.split("\n\n")[-1].split()) if own else "the share of scored positions whose top prediction is the next token."
     bar = f" Models are analysed only when it reaches {task.competence:g} on held-out validation." if task.competence else ""
     return what + bar
-
-
-def margin_text(margin: dict[str, Any]) -> str:
-    """A label's margin (`label_margin`) and where it comes from."""
-    if margin["rule"] == "absolute":
-        return f"{margin['delta']:g} (absolute)"
-    share = f"{margin['fraction']:.0%} of ceiling {fmt(margin['ceiling'])}"
-    return f"{margin['delta']:.3f} ({share})" if margin["delta"] > margin["floor"] else f"{margin['delta']:g} (floor; {share} is less)"
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,53 @@ def study_run(
     typer.echo(f"finished in {outcome.seconds:.1f} s\nreport: {outcome.directory / 'report.md'} (and report.html)")
 
 
+external_app = App(help="Analyse pretrained Hugging Face MoE models on labelled text (needs the [hf] extra).", no_args_is_help=True,
+                   rich_markup_mode=None)
+app.add_typer(external_app, name="external")
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    """A comma-separated list of integers ("" for none)."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ToylabError(f"invalid --layers {value!r}; valid: comma-separated layer numbers, e.g. 0,3")
+    return tuple(int(p) for p in parts)
+
+
+@external_app.command("analyse", epilog="Examples: toylab external analyse ./tiny-mixtral --text docs --labels brackets,indent  |  "
+                      "toylab external analyse allenai/OLMoE-1B-7B-0924 --text corpus/ --labels depth,latex_env --dtype bfloat16 --layers 15")
+def external_analyse(
+    model: str = typer.Argument(..., help="A folder written by save_pretrained, or a Hugging Face hub name (Mixtral, OLMoE, "
+                                "Qwen2-MoE, Qwen3-MoE)."),
+    text: Path = typer.Option(..., "--text", parser=_path, help="A folder of text files (read recursively) or one file."),
+    labels: str = typer.Option("depth,stack_top,indent", help="Comma-separated labels: depth, stack_top, match_distance, latex_depth, "
+                               "latex_env, indent, token_class, position; 'brackets' is depth,stack_top,match_distance and "
+                               "'latex' latex_depth,latex_env."),
+    out: Path = typer.Option("runs/external", parser=_path, help="Folder for report.md, report.html and results.json."),
+    seq_len: int = typer.Option(128, min=2, help="Tokens per sequence, the BOS token included."),
+    folds: int = typer.Option(5, min=1, help="Disjoint folds of the text: the 'seeds' of the intervals (a verdict needs 3)."),
+    max_tokens: int = typer.Option(50_000, min=1, help="Most tokens read from the text."),
+    layers: str = typer.Option("", help="Comma-separated MoE layers to analyse (default: every MoE layer)."),
+    permutations: int = typer.Option(200, min=1, help="Shuffles of each permutation null."),
+    null_draws: int = typer.Option(0, min=0, help="Random linear routers drawn per fold and layer (0: no usage-matched nulls)."),
+    margin: Optional[float] = typer.Option(None, min=0, help="Equivalence margin in NMI (default: 10% of each label's linear ceiling)."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    seed: int = typer.Option(0, **SEED_RANGE, help="Seed of k-means, probes and nulls (fold f uses seed + f)."),
+) -> None:
+    """Label every token of the text, run the expert-specialization analysis on the model's router input (routing vs
+    k-means, NMI given the token, the linear ceiling, nulls) with folds of the text as seeds, and write the report."""
+    from toylab.external.analyse import AnalyseConfig, analyse
+    from toylab.external.labels import expand_labels
+
+    cfg = AnalyseConfig(labels=tuple(expand_labels(labels)), seq_len=seq_len, folds=folds, max_tokens=max_tokens,
+                        layers=_ints(layers), n_permutations=permutations, null_draws=null_draws, margin=margin, dtype=dtype,
+                        device=device, seed=seed)
+    results = analyse(model, text, out, cfg)
+    typer.echo(f"analysed {results['text']['tokens']:,} tokens in {results['seconds']:.1f} s\n"
+               f"report: {out / 'report.md'} (and report.html, results.json)")
+
+
 runs_app = App(help="Find finished study runs and show them.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(runs_app, name="runs")
 RunDir = typer.Argument(..., parser=_path, help="A study run's folder, OUT/STUDY/HASH (see `toylab runs list`).")

@@ -83,6 +83,14 @@ def legend_outside(fig: plt.Figure, ax: plt.Axes, title: str | None = None) -> N
                    frameon=False)
 
 
+def margin_text(margin: dict[str, Any]) -> str:
+    """A label's margin (`label_margin`) and where it comes from."""
+    if margin["rule"] == "absolute":
+        return f"{margin['delta']:g} (absolute)"
+    share = f"{margin['fraction']:.0%} of ceiling {fmt(margin['ceiling'])}"
+    return f"{margin['delta']:.3f} ({share})" if margin["delta"] > margin["floor"] else f"{margin['delta']:g} (floor; {share} is less)"
+
+
 def training_curves(metrics_files: Mapping[str, Path], metrics: Sequence[str]) -> plt.Figure:
     """One panel per metric; one line per run, from Lightning's `metrics.csv` logs, coloured by model (the run key
     without its `-seed<k>`, so a model's seeds share a colour)."""

@@ -249,9 +249,10 @@ def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], m
         summary[layer] = {}
         for label in per_seed[0][layer]:
             runs = [s[layer][label] for s in per_seed]
+            kinds = [kind for kind in ASSIGNMENTS if kind in runs[0]]  # no dense control for a pretrained model alone
             nulls = [kind for kind in NULL_ROUTERS if kind in runs[0]]
-            scores = {kind: [r[kind] for r in runs] for kind in (*ASSIGNMENTS, *nulls, "linear")}
-            nmis = {kind: [r["nmi"] for r in scores[kind]] for kind in (*ASSIGNMENTS, *nulls)}
+            scores = {kind: [r[kind] for r in runs] for kind in (*kinds, *nulls, "linear")}
+            nmis = {kind: [r["nmi"] for r in scores[kind]] for kind in (*kinds, *nulls)}
             routing, kmeans_moe = scores["routing"], scores["kmeans_moe"]
             linear = {metric: mean_ci([r[metric] for r in scores["linear"]], bounds=UNIT) for metric in ("accuracy", "baseline", "nmi")}
             delta = label_margin(linear["nmi"]["mean"], margin)
@@ -259,7 +260,7 @@ def summarize(per_seed: Sequence[dict[str, dict[str, dict[str, Any]]] | None], m
             summary[layer][label] = {
                 **{
                     f"{kind}_{metric}": mean_ci([r[metric] for r in scores[kind]], bounds=BOUNDS[metric])
-                    for kind in (*ASSIGNMENTS, *nulls)
+                    for kind in (*kinds, *nulls)
                     for metric in (BOUNDS if kind in ASSIGNMENTS else NULL_METRICS)
                 },
                 **{f"linear_{metric}": stat for metric, stat in linear.items()},
@@ -313,7 +314,16 @@ def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[s
     labels at the last MoE layer (or the `declared` primary labels). Everything else is secondary, in families of one
     kind of comparison.
     """
-    last, primary = (max(summary, key=int) if summary else None), set(primary_labels(task, declared))
+    members = family_members(summary, set(primary_labels(task, declared)))
+    for s in paths.values():
+        members["paths"] += [(s, key) for key in ("path_vs_layer", "path_vs_kmeans", "path_vs_null")]
+    return correct_families(members, FAMILIES, PRIMARY)
+
+
+def family_members(summary: dict[str, dict[str, dict[str, Any]]], primary: set[str]) -> dict[str, list[tuple[dict[str, Any], str]]]:
+    """The tests of `summarize`'s verdicts in each of the `FAMILIES` (`(holder, key)` pairs): the `primary` labels at the
+    last layer in the primary family, every other (label, layer) in the secondary ones."""
+    last = max(summary, key=int) if summary else None
     members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
     for layer, labels in summary.items():
         for label, s in labels.items():
@@ -324,6 +334,4 @@ def adjust_families(summary: dict[str, dict[str, dict[str, Any]]], paths: dict[s
             for kind in NULL_ROUTERS:
                 if f"vs_{kind}" in s:
                     members[kind].append((s, f"vs_{kind}"))
-    for s in paths.values():
-        members["paths"] += [(s, key) for key in ("path_vs_layer", "path_vs_kmeans", "path_vs_null")]
-    return correct_families(members, FAMILIES, PRIMARY)
+    return members
