@@ -31,7 +31,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["tasks", "show", "brackets", "-o", "depth=3"], "unknown BracketsConfig key 'depth'; valid: k, m"),
     (["tasks", "show", "brackets", "-o", "k"], "expected KEY=VALUE"),
     (["tasks", "sample", "brackets", "-n", "0"], "-n"),
-    (["study", "run", "nope"], "unknown study 'nope'; valid: ablation, calibration, causal-abstraction, dictionaries, expert-specialization"),
+    (["study", "run", "nope"], "unknown study 'nope'; valid: ablation, calibration, causal-abstraction, dictionaries, dynamics, expert-specialization"),
     (["study", "run", "expert-specialization", "--set", "bogus=1"], "unknown ExpertSpecializationConfig key 'bogus'"),
     (["study", "run", "expert-specialization", "--seeds", "x"], "invalid --seeds 'x'; valid: a number of seeds >= 1, or auto"),
     (["study", "run", "expert-specialization", "--seeds", "auto", "--sweep", "top_k=1,2"], "--seeds auto runs one study at a time"),
