@@ -43,7 +43,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["study", "run", "expert-specialization", "--task", "nope"], "unknown task 'nope'"),
     (["study", "run", "expert-specialization", "--config", "missing.toml"], "config file not found"),
     (["train", "--model", "sparse"], "unknown model 'sparse'; valid: dense, moe, lstm, gru"),
-    (["train", "--model", "lstm", "--set", "n_heads=2"], "unknown option 'n_heads'; valid: accelerator, batch_size, d_model, devices,"),
+    (["train", "--model", "lstm", "--set", "n_heads=2"], "unknown option 'n_heads'; valid: accelerator, batch_size, checkpoint_every, checkpoint_spacing, d_model, devices,"),
     (["train", "--set", "colour=red"], "unknown option 'colour'; valid:"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, args, message):

@@ -78,7 +78,7 @@ def test_a_killed_worker_is_retried_and_never_taken_for_finished(tmp_path):
         ({"launcher": "local", "address": "auto"}, "address applies to the ray launcher only"),
         ({"launcher": "ray", "partition": "cpu"}, "partition applies to the slurm launcher only"),
         ({"launcher": "slurm", "time": 0}, "time must be >= 1"),
-        ({"workers": 0}, "workers must be >= 1"),
+        ({"workers": 0}, r"workers must be in \[1, 1024\]"),
     ],
 )
 def test_bad_launch_options_are_one_line_errors(options, message):

@@ -188,8 +188,8 @@ def rerender(directory: Path) -> tuple[Path, Path]:
 
     directory = Path(directory)
     _check_run(directory)
-    results, study = read_results(directory), stored_study(directory)
-    timing = io.read_json(directory / "timing.json") if (directory / "timing.json").is_file() else None
-    with StudyContext(directory, progress=False) as ctx:
+    with StudyContext(directory, progress=False) as ctx:  # refuses a folder linked out of the run before anything is read
+        results, study = read_results(directory), stored_study(directory)
+        timing = io.read_json(directory / "timing.json") if (directory / "timing.json").is_file() else None
         write_report(study, results, ctx, timing)
     return directory / "report.md", directory / "report.html"
