@@ -18,8 +18,9 @@ from toylab import io
 from toylab.registry import list_studies
 from toylab.study import available_cpus, run_study
 
-QUICK = {"expert-specialization": {"seeds": 1}}
-"""The quick run: the quickstart's fast preset at one seed."""
+QUICK = {"expert-specialization": {"seeds": 1, "n_eval": 30, "n_permutations": 10, "null_draws": 0,
+                                   "train": {"steps": 30, "n_train": 500, "n_val": 50, "eval_every": 30}}}
+"""The quick run: the quickstart's fast preset, smaller still, at one seed."""
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -27,7 +28,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     for name in QUICK if quick else list_studies():
         with tempfile.TemporaryDirectory() as out:
             outcome = run_study(name, QUICK.get(name) if quick else None, Path(out), fast=quick, progress=False,
-                                workers=available_cpus())
+                                workers=1 if quick else available_cpus())
             timing = io.read_json(outcome.directory / "timing.json")
         phases = {phase: timing[f"{phase}_seconds"] for phase in ("training", "analysis", "report")}
         rows.append(row(name, {"wall": timing["seconds"] + timing["report_seconds"], **phases}, steps=timing["steps_trained"], cpu_busy=timing["cpu_busy"],
