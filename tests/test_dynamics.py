@@ -14,6 +14,7 @@ import pytest
 from toylab.analysis.dynamics import chance_agreement, lock_in, reached, saturation, timing
 from toylab.analysis.ood import agreement, agreement_null, class_experts, ood_routing, shared_classes
 from toylab.registry import get_task
+from toylab.schema import validate_results
 from toylab.training import build_model
 
 
@@ -76,6 +77,7 @@ def test_a_dynamics_study_killed_mid_training_resumes_to_the_results_of_an_unint
     assert results["steps"] == [0, 40, 80, 120, 160] and len(results["series"]) == 5
     assert {"learned", "labels", "saturated"} <= set(results["lock_in"])
     assert results["series"][-1]["saturation"]["0"]["mean"] == 1.0  # the final checkpoint is the final routing
+    validate_results(results, "dynamics")  # the documented schema
 
 
 def test_the_class_map_holds_off_distribution_for_planted_routing_and_sits_at_its_null_for_random_routing() -> None:
