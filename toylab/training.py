@@ -201,9 +201,6 @@ class StepBatches(Sampler[list[int]]):
             at = step % (n // size) * size
             yield order[at:at + size].tolist()
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.arange(self.cfg.n_val)), batch_size=self.cfg.n_val)
-
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the scored positions."""
