@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from toylab.analysis.sparse_probing import (
-    KS, RANKINGS, SPLITS, VARIANTS, Units, binary_targets, f1_scores, random_rotation, rank_neurons, select_unit,
+    KS, RANKINGS, SPLITS, VARIANTS, Units, binary_targets, f1_scores, random_rotation, rank_neurons, unit_rows,
 )
 from toylab.task import Label
 
@@ -101,12 +101,5 @@ def probe_units(sources: Mapping[str, Units], values: Mapping[str, np.ndarray], 
             for u, (acts, tokens) in enumerate(units):
                 used = defined[tokens]
                 results.append(sparse_probe(acts[used], targets[tokens[used]], part[tokens[used]], ks, rankings, min_count, (seed, u), n_candidates))
-            for i, cls in enumerate(classes):
-                if not any(result["kept"][i] for result in results):
-                    continue
-                skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
-                for variant, by_ranking in results[0]["f1"].items():
-                    for ranking in by_ranking:
-                        rows.append({"label": name, "class": label.classes[cls], "units": source, "variant": variant, "ranking": ranking,
-                                     **select_unit(results, i, variant, ranking), "n_units": len(units), "skipped": skipped})
+            rows += unit_rows(name, label, classes, source, results)
     return rows

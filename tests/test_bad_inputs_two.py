@@ -6,7 +6,6 @@ case runs in this process (with a 30 s alarm), except those that need an environ
 """
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from toylab import io
-from toylab.cli import app
 from toylab.errors import ToylabError
+
+from test_bad_inputs import run
 
 SECONDS = 30
 FAST = ["--fast", "--no-progress", "-j", "1"]
@@ -30,10 +30,6 @@ FILES = {
     "moe.toml": '[model]\nffn = "moe"\n',
     "vocab.toml": "[model]\nvocab_size = 5\n",
 }
-
-
-class Hung(Exception):
-    """A command that did not return in time."""
 
 
 def folders(root: Path) -> set[str]:
@@ -51,20 +47,10 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(capsys, args: list[str]) -> tuple[int, str]:
+def refusal(capsys, args: list[str]) -> tuple[int, str]:
     """Exit code and stderr of `toylab ARGS` in this process, within `SECONDS`."""
-    def hung(*_):
-        raise Hung(f"{args} did not return within {SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(SECONDS)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            app(args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return exit_info.value.code, capsys.readouterr().err
+    code, _, err = run(capsys, args, SECONDS)
+    return code, err
 
 
 def check_refused(workdir: Path, code: int, err: str, message: str, before: set[str]) -> None:
@@ -95,7 +81,7 @@ HANGS_AND_CRASHES = [
 def test_hangs_and_crashes_are_refused_first(workdir, capsys, monkeypatch, args, message):
     monkeypatch.setenv("PATH", str(workdir))  # no SLURM here
     before = folders(workdir)
-    check_refused(workdir, *run(capsys, args), message, before)
+    check_refused(workdir, *refusal(capsys, args), message, before)
 
 
 CONFIG_FILES = [
@@ -113,7 +99,7 @@ CONFIG_FILES = [
 @pytest.mark.parametrize("args,message", CONFIG_FILES, ids=[" ".join(a)[:60] for a, _ in CONFIG_FILES])
 def test_config_files_nested_deeply_or_with_huge_integers(workdir, capsys, args, message):
     before = folders(workdir)
-    check_refused(workdir, *run(capsys, args), message, before)
+    check_refused(workdir, *refusal(capsys, args), message, before)
 
 
 BEFORE_WRITING = [
@@ -134,7 +120,7 @@ BEFORE_WRITING = [
 @pytest.mark.parametrize("args,message", BEFORE_WRITING, ids=[" ".join(a)[:60] for a, _ in BEFORE_WRITING])
 def test_study_configs_are_checked_before_the_directory_is_made(workdir, capsys, args, message):
     before = folders(workdir)
-    check_refused(workdir, *run(capsys, args), message, before)
+    check_refused(workdir, *refusal(capsys, args), message, before)
 
 
 DID_NOTHING = [
@@ -161,7 +147,7 @@ DID_NOTHING = [
 @pytest.mark.parametrize("args,message", DID_NOTHING, ids=[" ".join(a)[:60] for a, _ in DID_NOTHING])
 def test_options_that_would_do_nothing_are_refused(workdir, capsys, args, message):
     before = folders(workdir)
-    check_refused(workdir, *run(capsys, args), message, before)
+    check_refused(workdir, *refusal(capsys, args), message, before)
 
 
 @pytest.mark.parametrize("env,message", [({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc'"),
@@ -223,7 +209,7 @@ def test_nothing_is_written_out_of_a_run_or_unpickled_from_a_shared_folder(workd
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after `open_launcher_folder` extends it
     args = setup(workdir)
     before = folders(workdir)
-    check_refused(workdir, *run(capsys, args), message, before)
+    check_refused(workdir, *refusal(capsys, args), message, before)
 
 
 def test_reading_a_fifo_run_file_is_refused_at_once(tmp_path):

@@ -374,15 +374,23 @@ def probe_units(
     found = iter(sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates))
     rows = []
     for name, classes, source, n_units in probed:
-        results = [next(found) for _ in range(n_units)]
-        for i, cls in enumerate(classes):
-            if not any(result["kept"][i] for result in results):
-                continue
-            skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
-            for variant, by_ranking in results[0]["f1"].items():
-                for ranking in by_ranking:
-                    rows.append({"label": name, "class": labels[name].classes[cls], "units": source, "variant": variant, "ranking": ranking,
-                                 **select_unit(results, i, variant, ranking), "n_units": n_units, "skipped": skipped})
+        rows += unit_rows(name, labels[name], classes, source, [next(found) for _ in range(n_units)])
+    return rows
+
+
+def unit_rows(name: str, label: Label, classes: Sequence[int], source: str, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of one label's probes over one source's units (`results`, one per unit): per class kept by some unit,
+    variant and ranking, the unit chosen on the selection split and its scores (`select_unit`), and the units that
+    skipped the class."""
+    rows = []
+    for i, cls in enumerate(classes):
+        if not any(result["kept"][i] for result in results):
+            continue
+        skipped = [u for u, result in enumerate(results) if not result["kept"][i]]
+        for variant, by_ranking in results[0]["f1"].items():
+            for ranking in by_ranking:
+                rows.append({"label": name, "class": label.classes[cls], "units": source, "variant": variant, "ranking": ranking,
+                             **select_unit(results, i, variant, ranking), "n_units": len(results), "skipped": skipped})
     return rows
 
 
