@@ -9,13 +9,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from toylab.analysis.causal_abstraction import ARMS, FAMILIES, abstraction_scores, adjust_abstraction, summarize_abstraction
+from toylab.analysis.causal_abstraction import (
+    ARMS, FAMILIES, TRANSFORMERS, abstraction_scores, adjust_abstraction, summarize_abstraction,
+)
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_state, mean_ci
 from toylab.determinism import torch_threads
 from toylab.errors import ToylabError
 from toylab.registry import get_task, register_study
 from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, families_section, fmt, fmt_ci, interval_bars, verdict_text
-from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
+from toylab.models.recurrent import CELLS
+from toylab.study import Study, StudyContext, TrainJob, architecture_models
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 QUESTION = ("The study's one primary question: is each variable of the task's planted causal model represented alike in the "
@@ -26,7 +29,8 @@ QUESTION = ("The study's one primary question: is each variable of the task's pl
 NOTES = """\
 - **Interchange pairs**: for a variable V the task draws a *base* and a *source* sequence, both from the held-out part of its sequence space, and gives what its causal model outputs for the base with V set to the source's value (`Task.counterfactuals`; checked against independent implementations in the tests). {n_pairs} pairs per variable, cut into three disjoint thirds.
 - **DAS** (distributed alignment search, Geiger et al. 2024): at a site (activations `[batch, pos, d]`, every position), an orthonormal basis Q of rank {rank} is fit on the first third ({steps} Adam steps, the model frozen) so that replacing the base's component in span(Q) by the source's makes the model output the counterfactual. **IIA** is the share of scored positions where the intervened model's top prediction is the counterfactual output, counted only where that output differs from the base's (doing nothing scores 0 there).
-- **Sites** of each layer l: `blocks.l.hook_resid_mid` (after attention), `blocks.l.hook_mlp_out` (the FFN's output: the dense MLP, or the MoE's weighted experts), `blocks.l.hook_resid_post` (after the block).
+- **Sites** of each transformer layer l: `blocks.l.hook_resid_mid` (after attention), `blocks.l.hook_mlp_out` (the FFN's output: the dense MLP, or the MoE's weighted experts), `blocks.l.hook_resid_post` (after the block); of each recurrent layer: `blocks.l.hook_hidden` (the hidden states it adds to the stream; an intervention there changes what the layer passes on, not the state its recurrence carries) and `blocks.l.hook_resid_post`.
+- **Recurrent models** (`architectures` naming lstm or gru: as wide and deep as the transformers, trained alike) answer the same question apart: DAS at their chosen site vs dense's, and found vs the random subspace and the untrained twin, in their own family, so the transformers' families and verdicts are the same with or without them.
 - **Chosen site**: the site with the best IIA on the second third; every reported IIA is scored on the last third, so the chosen site's score is not the largest of noisy scores.
 - **Controls** at every site: a random subspace of the same rank (DAS's starting point), the full swap of the site (it moves every variable of the source, so it is an upper reference only where the pairs differ in V alone, as brackets' do; in `modes` it also brings the source's query), no intervention; at the chosen site, DAS on the same architecture untrained.
 - **Verdicts** (paired by seed, at least 3 seeds): *more* / *less* / *equivalent* within ±{margin} IIA / *inconclusive*, each corrected for multiplicity within its family (Benjamini–Hochberg). Claims read *supported*, *contradicted* or *not shown*.
@@ -40,6 +44,9 @@ class CausalAbstractionConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     variables: tuple[str, ...] = ()
     """Causal variables to look for (empty: every one the task names)."""
+    architectures: tuple[str, ...] = ("dense", "moe")
+    """Models to train: the dense and MoE transformers (both required: the primary question compares them), and any of
+    lstm, gru (recurrent models as wide and deep, compared with dense in their own family)."""
     seeds: int = 3
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
     """Options shared by the dense and the MoE transformer (see `TransformerConfig`)."""
@@ -61,6 +68,11 @@ class CausalAbstractionConfig:
             raise ValueError("seeds must be >= 1, n_pairs >= 30, das_steps and n_eval >= 1")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1) IIA (got {self.margin})")
+        valid = (*TRANSFORMERS, *CELLS)
+        if not set(TRANSFORMERS) <= set(self.architectures) or not set(self.architectures) <= set(valid) \
+                or len(set(self.architectures)) < len(self.architectures):
+            raise ValueError(f"architectures must hold dense and moe and may add {', '.join(CELLS)}, each once; valid: "
+                             f"{', '.join(valid)} (got {', '.join(self.architectures)})")
 
 
 @register_study("causal-abstraction")
@@ -81,7 +93,7 @@ class CausalAbstraction(Study):
         for variable in self.variables:
             if variable not in self.task.causal_variables:
                 raise ToylabError(f"unknown causal variable '{variable}' of task '{config.task}'; valid: {', '.join(self.task.causal_variables)}")
-        self.models = dense_and_moe(config)
+        self.models = architecture_models(config, config.architectures)
         d_model = build_model(self.task, self.models["dense"]).cfg.d_model
         for options in self.models.values():  # fail early on a bad model option
             build_model(self.task, options)
@@ -145,6 +157,8 @@ class CausalAbstraction(Study):
                               for kind in s["chosen_iia"])
             lines.append(f"- `{variable}`: IIA at the chosen site: {found}. MoE vs dense: **{verdict_text(c)}**; \"both architectures "
                          f"represent it alike\" is **{claim_state(c['verdict'], ('equivalent',))}**.")
+            lines += [f"  - {kind} vs dense (its own family): **{verdict_text(v)}**; \"{kind} represents it like the dense "
+                      f"transformer\" is **{claim_state(v['verdict'], ('equivalent',))}**." for kind, v in s.get("vs_dense", {}).items()]
         return lines or ["- Nothing was analysed."]
 
     def report(self, results: dict[str, Any], ctx: StudyContext) -> Document:
@@ -162,13 +176,15 @@ class CausalAbstraction(Study):
             figures.append(Figure(ctx.figure("iia_by_site", interval_bars(pd.DataFrame(bars), "site", "arm", "panel", "IIA")),
                                   "IIA by site for each architecture side by side (mean, 95% CI over seeds; scored on the last third of the pairs)"))
         perf = [{"model": kind, **{m: fmt_ci(v, 4) for m, v in metrics.items()}} for kind, metrics in results["performance"].items()]
+        recurrent = [kind for kind in self.models if kind not in TRANSFORMERS]
+        others = (f" Recurrent models ({', '.join(recurrent)}) of the same width and depth, trained alike." if recurrent else "")
         blocks = [
             Section("Bottom line", [Text("\n".join(self.bottom_line(results)))]),
             families_section(QUESTION, results.get("test_families", {}), order=FAMILIES),
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()} Causal variables: "
                 + ", ".join(f"`{v}`" for v in results["variables"]) + f". A dense transformer and an MoE ({cfg.n_experts} experts, "
-                f"top-{cfg.top_k}) with shared options `{cfg.model}`, each trained for {cfg.train.steps} steps with {cfg.seeds} seeds.")]),
+                f"top-{cfg.top_k}) with shared options `{cfg.model}`, each trained for {cfg.train.steps} steps with {cfg.seeds} seeds." + others)]),
             Section("IIA at the chosen site", [Table(self.summary(results))]),
             Section("IIA at every site", [Table(rows)]),
             Section("Is the variable in an expert?", [Text(

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from toylab import get_task
-from toylab.analysis.causal_abstraction import PARTS, adjust_abstraction, summarize_abstraction, thirds
+from toylab.analysis.causal_abstraction import PARTS, abstraction_scores, adjust_abstraction, summarize_abstraction, thirds
 from toylab.errors import ToylabError
 from toylab.study import resolve, run_study
+from toylab.training import build_model
 
 
 def fake_run(rng: np.random.Generator, best: float, sites: int = 3) -> dict:
@@ -30,6 +31,28 @@ def test_alike_architectures_are_equivalent_and_unlike_ones_differ():
     assert alike["chosen"]["moe"] == ["s0"] * 6 and alike["chosen_iia"]["dense"]["das"]["mean"] > 0.85
 
 
+def test_a_recurrent_model_is_compared_with_dense_in_its_own_family():
+    """Adding an LSTM leaves the transformers' families as they were; its own tests (vs dense, found) form another."""
+    rng = np.random.default_rng(2)
+    runs = {kind: [fake_run(rng, best, sites) for _ in range(6)] for kind, best, sites in
+            (("dense", 0.9, 3), ("moe", 0.9, 3), ("lstm", 0.5, 2))}
+    alone = adjust_abstraction({"v": summarize_abstraction({k: runs[k] for k in ("dense", "moe")}, 0.05)})
+    both = summarize_abstraction(runs, 0.05)
+    families = adjust_abstraction({"v": both})
+    assert both["vs_dense"]["lstm"]["verdict"] == "less" and len(both["sites"]["lstm"]) == 2
+    assert {k: families[k] for k in alone} == alone and families["recurrent"]["tests"] == 3
+
+
+def test_interventions_run_at_every_site_of_a_recurrent_model():
+    task = get_task("brackets")
+    model = build_model(task, {"arch": "lstm", "d_model": 8, "n_layers": 2})
+    scores = abstraction_scores(model, build_model(task, {"arch": "lstm", "d_model": 8, "n_layers": 2}),
+                                task.counterfactuals(30, 0, "stack_top"), rank=2, steps=2, seed=0)
+    assert list(scores["sites"]) == [f"blocks.{layer}.{site}" for layer in (0, 1) for site in ("hook_hidden", "hook_resid_post")]
+    assert scores["chosen"] in scores["sites"] and scores["experts"] == {}
+    assert all(0 <= arm["iia"] <= 1 for site in scores["sites"].values() for arm in site.values())
+
+
 def test_a_failed_seed_drops_out_of_every_comparison():
     rng = np.random.default_rng(1)
     runs = {"dense": [fake_run(rng, 0.9) for _ in range(4)], "moe": [fake_run(rng, 0.9) for _ in range(3)] + [None]}
@@ -48,6 +71,8 @@ def test_the_pairs_are_cut_into_three_disjoint_thirds():
     ({"variables": ["depth"]}, "unknown causal variable 'depth' of task 'brackets'; valid: stack_top"),
     ({"rank": 64}, r"rank must be in \[1, d_model=32\] \(got 64\)"),
     ({"task": "superposition"}, "names no causal variables"),
+    ({"architectures": ["dense", "lstm"]}, "architectures must hold dense and moe and may add lstm, gru"),
+    ({"architectures": ["dense", "moe", "drc"]}, "valid: dense, moe, lstm, gru"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(ToylabError, match=message) as error:

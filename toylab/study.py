@@ -330,6 +330,18 @@ def dense_and_moe(config: Any, **moe: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+RECURRENT_OPTIONS = ("d_model", "n_layers")
+"""The shared `model` options a study's recurrent models take (the rest describe attention and FFNs)."""
+
+
+def architecture_models(config: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Model options of each architecture in `names`: "dense" and "moe" as `dense_and_moe` builds them, "lstm" and
+    "gru" a recurrent model as wide and as deep as the transformers (the shared `d_model` and `n_layers`)."""
+    transformers = dense_and_moe(config)
+    recurrent = {key: config.model[key] for key in RECURRENT_OPTIONS if key in config.model}
+    return {name: transformers[name] if name in transformers else {"arch": name, **recurrent} for name in names}
+
+
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merge nested config mappings."""
     merged = dict(base)

@@ -1,8 +1,9 @@
 """Causal abstraction: where does a model represent each variable of the task's planted causal model?
 
 For a variable V (`Task.causal_variables`) the task gives held-out interchange pairs and the causal model's
-counterfactual output (`Task.counterfactuals`). At every site of a transformer (`SITES`: the residual stream after
-attention, the FFN's output, the residual stream after the block, per layer) distributed alignment search
+counterfactual output (`Task.counterfactuals`). At every site of a model (`SITES`, per layer: for a transformer the
+residual stream after attention, the FFN's output and the residual stream after the block; for a recurrent model the
+layer's hidden states and the residual stream after it) distributed alignment search
 (`interchange.das_analysis`) fits a rank-r subspace on one third of the pairs; a second third chooses the site with
 the best interchange-intervention accuracy (IIA), and the last third scores every site, so the best site's score
 is not the maximum of noisy scores it was chosen by. Controls at every site: a random subspace of the same rank
@@ -24,11 +25,15 @@ from toylab.analysis.interchange import Pairs, das_analysis
 from toylab.analysis.interventions import run_args
 from toylab.analysis.specialization import EXPERTS
 from toylab.analysis.stats import UNIT, compare, correct_families, mean_ci
-from toylab.models import Transformer
+from toylab.models import Recurrent, Transformer
 from toylab.task import Counterfactuals
 
 SITES = ("hook_resid_mid", "hook_mlp_out", "hook_resid_post")
-"""The sites of each layer, in the order the forward pass writes them."""
+"""The sites of each transformer layer, in the order the forward pass writes them."""
+RECURRENT_SITES = ("hook_hidden", "hook_resid_post")
+"""The sites of each recurrent layer: its output (the hidden states it adds to the stream) and the stream after it."""
+TRANSFORMERS = ("dense", "moe")
+"""The architectures the primary question compares; any other (a recurrent model) is compared with dense apart."""
 PARTS = ("fit", "select", "score")
 """The three disjoint thirds of the interchange pairs: DAS fits on one, chooses the site on one, scores on one."""
 ARMS = ("das", "random", "full", "none")
@@ -38,12 +43,15 @@ FAMILIES = {
              "architecture, per architecture and variable",
     "sites": "DAS IIA, MoE vs dense, at every site",
     "experts": "MoE: DAS IIA on one expert's tokens (the expert chosen on held-out pairs) vs on the whole FFN output, per MoE layer",
+    "recurrent": "Each recurrent architecture: DAS IIA at its chosen site vs dense's, vs a random subspace of the same rank "
+                 "and vs DAS on the untrained architecture, per variable",
 }
 
 
-def site_names(model: Transformer) -> list[str]:
+def site_names(model: Transformer | Recurrent) -> list[str]:
     """Every site of the model, layer by layer in forward order."""
-    return [f"blocks.{layer}.{site}" for layer in range(model.cfg.n_layers) for site in SITES]
+    sites = RECURRENT_SITES if isinstance(model, Recurrent) else SITES
+    return [f"blocks.{layer}.{site}" for layer in range(model.cfg.n_layers) for site in sites]
 
 
 def as_pairs(pairs: Counterfactuals, model: Transformer) -> Pairs:
@@ -102,11 +110,11 @@ def expert_scores(model: Transformer, parts: Mapping[str, Pairs], rank: int, ste
 def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], margin: float) -> dict[str, Any]:
     """Over seeds, per architecture (`runs[kind]`, one entry per seed, None for a failed run): the IIA of every arm
     at every site (mean, 95% CI), the chosen sites, the chosen site's IIA, and the verdicts (paired by seed): MoE vs
-    dense at the chosen sites and at every site, and per architecture DAS vs the random subspace and vs the
-    untrained twin at its chosen site."""
+    dense at the chosen sites and at every site, each other (recurrent) architecture vs dense at the chosen sites
+    (`vs_dense`), and per architecture DAS vs the random subspace and vs the untrained twin at its chosen site."""
     seeds = [i for i in range(min(len(r) for r in runs.values())) if all(r[i] for r in runs.values())]
     kinds = list(runs)
-    sites = list(runs[kinds[0]][seeds[0]]["sites"]) if seeds else []
+    sites = {kind: list(runs[kind][seeds[0]]["sites"]) if seeds else [] for kind in kinds}
     chosen = {kind: [runs[kind][i]["chosen"] for i in seeds] for kind in kinds}
     at_chosen = {kind: {arm: [runs[kind][i]["sites"][runs[kind][i]["chosen"]][arm]["iia"] for i in seeds] for arm in ARMS}
                  for kind in kinds}
@@ -114,7 +122,7 @@ def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], m
     summary: dict[str, Any] = {
         "seeds": seeds,
         "sites": {kind: {site: {arm: mean_ci([runs[kind][i]["sites"][site][arm]["iia"] for i in seeds], bounds=UNIT) for arm in ARMS}
-                         for site in sites} for kind in kinds},
+                         for site in sites[kind]} for kind in kinds},
         "chosen": chosen,
         "chosen_iia": {kind: {**{arm: mean_ci(v, bounds=UNIT) for arm, v in at_chosen[kind].items()},
                               "untrained": mean_ci(untrained[kind], bounds=UNIT)} for kind in kinds},
@@ -132,7 +140,10 @@ def summarize_abstraction(runs: Mapping[str, Sequence[dict[str, Any] | None]], m
     if {"moe", "dense"} <= set(kinds):
         summary["moe_vs_dense"] = compare(at_chosen["moe"]["das"], at_chosen["dense"]["das"], margin)
         summary["by_site"] = {site: compare([runs["moe"][i]["sites"][site]["das"]["iia"] for i in seeds],
-                                            [runs["dense"][i]["sites"][site]["das"]["iia"] for i in seeds], margin) for site in sites}
+                                            [runs["dense"][i]["sites"][site]["das"]["iia"] for i in seeds], margin) for site in sites["moe"]}
+    if "dense" in kinds:
+        summary["vs_dense"] = {kind: compare(at_chosen[kind]["das"], at_chosen["dense"]["das"], margin)
+                               for kind in kinds if kind not in TRANSFORMERS}
     return summary
 
 
@@ -143,6 +154,8 @@ def adjust_abstraction(summaries: Mapping[str, dict[str, Any]]) -> dict[str, dic
         if "moe_vs_dense" in s:
             members["primary"].append((s, "moe_vs_dense"))
             members["sites"] += [(s["by_site"], site) for site in s["by_site"]]
-        members["found"] += [(s["found"][kind], key) for kind in s["found"] for key in ("vs_random", "vs_untrained")]
+        for kind in s["found"]:
+            members["found" if kind in TRANSFORMERS else "recurrent"] += [(s["found"][kind], key) for key in ("vs_random", "vs_untrained")]
+        members["recurrent"] += [(s["vs_dense"], kind) for kind in s.get("vs_dense", {})]
         members["experts"] += [(e, "vs_ffn") for e in s.get("experts", {}).values()]
     return correct_families(members, FAMILIES)
