@@ -81,6 +81,7 @@ class Brackets(Task):
     Config = BracketsConfig
     primary_metric = "closing_accuracy"
     competence = 0.95
+    target = 0.99
     causal_variables = ("stack_top",)
     config: BracketsConfig
 

@@ -171,6 +171,7 @@ class Gridworld(Task):
     Config = GridworldConfig
     primary_metric = "maze_accuracy"
     competence = 0.9
+    target = 0.95
     config: GridworldConfig
 
     @property

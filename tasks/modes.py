@@ -93,6 +93,7 @@ class Modes(Task):
     Config = ModesConfig
     primary_metric = "sequence_accuracy"
     competence = 0.9
+    target = 0.99
     causal_variables = ("mode",)
     config: ModesConfig
 

@@ -86,3 +86,14 @@ def test_a_run_with_a_target_stops_once_it_has_held_and_keeps_its_last_weights(t
     assert kept_steps(tmp_path / "run")[-1] == final["steps"]
     assert train(TASK, MOE, replace(cfg, target=1.1), tmp_path / "cap", progress=False).metrics  # never reached: the cap
     assert json.loads((tmp_path / "cap" / "final.json").read_text())["steps"] == 400
+
+
+def test_target_task_stops_at_the_tasks_own_target(tmp_path, monkeypatch) -> None:
+    cfg = replace(CFG, steps=400, eval_every=20, patience=2, checkpoint_every=0)
+    monkeypatch.setattr(type(TASK), "target", 0.3)
+    own = json.loads((train(TASK, MOE, replace(cfg, target="task"), tmp_path / "own", progress=False).run_dir / "final.json").read_text())
+    given = json.loads((train(TASK, MOE, replace(cfg, target=0.3), tmp_path / "given", progress=False).run_dir / "final.json").read_text())
+    assert own["stopped_at_target"] and own["steps"] == given["steps"] < 400 and own["weights_sha256"] == given["weights_sha256"]
+    monkeypatch.setattr(type(TASK), "target", None)  # a task without a target trains every step
+    assert json.loads((train(TASK, MOE, replace(cfg, target="task"), tmp_path / "none", progress=False).run_dir
+                       / "final.json").read_text())["steps"] == 400

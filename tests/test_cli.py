@@ -45,6 +45,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     (["train", "--model", "sparse"], "unknown model 'sparse'; valid: dense, moe, lstm, gru"),
     (["train", "--model", "lstm", "--set", "n_heads=2"], "unknown option 'n_heads'; valid: accelerator, batch_size, checkpoint_every, checkpoint_spacing, d_model, devices,"),
     (["train", "--set", "colour=red"], "unknown option 'colour'; valid:"),
+    (["train", "--set", "target=high"], "invalid value 'high' for 'target'; expected float or 'task'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, args, message):
     code, out, err = run(capsys, *args)

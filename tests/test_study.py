@@ -8,7 +8,7 @@ import pytest
 
 from toylab import get_task
 from toylab.io import load_tensors
-from toylab.study import StudyContext, TrainJob
+from toylab.study import StudyContext, TrainJob, target_note
 from toylab.training import TrainConfig
 
 TINY = TrainConfig(steps=6, n_train=64, n_val=16, eval_every=6, batch_size=16)
@@ -129,3 +129,14 @@ def test_study_list_reads_every_registered_study_without_importing_it() -> None:
 
     assert STUDIES.summaries() == {name: STUDIES.get(name).describe() for name in STUDIES.names()}
     assert list(TASKS.summaries()) == TASKS.names()
+
+
+def test_the_target_note_counts_the_runs_that_stopped_and_their_steps_per_kind():
+    assert target_note({}) == []
+    runs = {"dense-seed0": {"steps": 400, "cap": 1000, "stopped_at_target": True},
+            "dense-seed1": {"steps": 600, "cap": 1000, "stopped_at_target": True},
+            "moe-seed0": {"steps": 1000, "cap": 1000, "stopped_at_target": False}}
+    (section,) = target_note(runs)
+    text = section.blocks[0].markdown
+    assert "`dense` 2 of 2 at its target, after 400–600 steps (mean 500) of a cap of 1000" in text
+    assert "`moe` 0 of 1 at its target, after 1000–1000 steps (mean 1000)" in text

@@ -37,7 +37,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
-        return _coerce(value, options[0], key)
+        if len(options) == 1:
+            return _coerce(value, options[0], key)
+        for option in options:  # the first type that takes the value, in the annotation's order
+            try:
+                return _coerce(value, option, key)
+            except ToylabError:
+                pass
+        kinds = [", ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal else o.__name__ for o in options]
+        raise ToylabError(f"invalid value {value!r} for '{key}'; expected {' or '.join(kinds)}")
     if origin is typing.Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:

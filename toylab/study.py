@@ -95,6 +95,8 @@ class StudyContext:
         """Wall time spent in `train` (the rest of a study's run is analysis)."""
         self.steps_trained = 0
         """Optimizer steps of the runs this context trained."""
+        self.run_steps: dict[str, dict[str, Any]] = {}
+        """Steps of every finished run trained to a target (`TrainConfig.target`), trained here or reused."""
         self._executor: Executor | None = None
         for folder in ("models", "figures", "launcher"):  # what a study writes below its directory stays below it
             io.below(self.directory, folder)
@@ -181,8 +183,11 @@ class StudyContext:
             self.failures.append({"run": key, "error": error})
             tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
         models = {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
-        self.steps_trained += sum(io.read_json(self.run_dir(job.key) / "final.json").get("steps", job.config.steps)
-                                  for job in jobs if job.key not in failed and found[job.key] is None)
+        finals = {job.key: io.read_json(self.run_dir(job.key) / "final.json") for job in jobs if job.key not in failed}
+        self.steps_trained += sum(finals[job.key].get("steps", job.config.steps) for job in jobs if job.key in finals and found[job.key] is None)
+        self.run_steps |= {job.key: {"steps": finals[job.key]["steps"], "cap": job.config.steps,
+                                     "stopped_at_target": finals[job.key]["stopped_at_target"]}
+                           for job in jobs if job.key in finals and job.config.target is not None}
         self.training_seconds += time.perf_counter() - start
         below = [b for job in jobs if models[job.key] is not None and (b := self.competent(job, models[job.key])) is not None]
         if below and len(below) + len(failed) == len(jobs):
@@ -437,6 +442,23 @@ def competence_note(results: Mapping[str, Any], config: Any) -> list[Section]:
         "analyse them.")])]
 
 
+def target_note(run_steps: Mapping[str, Mapping[str, Any]]) -> list[Section]:
+    """The report's first lines on training to a target: how many steps the runs took, per kind of run, of their cap."""
+    if not run_steps:
+        return []
+    kinds: dict[str, list[Mapping[str, Any]]] = {}
+    for key, run in run_steps.items():
+        kinds.setdefault(key.rsplit("-seed", 1)[0], []).append(run)
+    lines = "; ".join(f"`{kind}` {sum(r['stopped_at_target'] for r in runs)} of {len(runs)} at its target, after "
+                      f"{min(r['steps'] for r in runs)}–{max(r['steps'] for r in runs)} steps (mean "
+                      f"{sum(r['steps'] for r in runs) / len(runs):.0f}) of a cap of {max(r['cap'] for r in runs)}"
+                      for kind, runs in kinds.items())
+    return [Section("Trained to a target", [Text(
+        "Runs stopped once their task's primary metric on held-out validation had reached the target at `patience` "
+        f"validations in a row (`train.target`; each run's `final.json` records its steps): {lines}. A run that never "
+        "reached it trained to the cap.")])]
+
+
 def sequential_note(sequential: Mapping[str, Any]) -> Section:
     """The report's first section under `--seeds auto`: the stopping rule, every look and why it stopped."""
     rows = [{"look": i + 1, "seeds": look["seeds"], "alpha at this look": f"{look['alpha']:.2g}",
@@ -474,7 +496,7 @@ def write_report(study: Study, results: dict[str, Any], ctx: StudyContext, timin
     notes = [heldout_note(results["heldout"])] if results.get("heldout") else []
     if timing is not None:
         notes.append(timing_note(timing))
-    competence = competence_note(results, study.config)
+    competence = competence_note(results, study.config) + target_note(results.get("run_steps") or {})
     first = competence + ([sequential_note(results["sequential"])] if results.get("sequential") else [])
     written = Written(bottom_line(document), [f"**{section.title}.** " + " ".join(block.markdown for block in section.blocks
                                                                                 if isinstance(block, Text)) for section in competence], summary)
@@ -629,6 +651,7 @@ def run_study(
     results["failed_runs"] = ctx.failures
     results["below_competence"] = ctx.below
     results["heldout"] = ctx.heldout_batches
+    results["run_steps"] = ctx.run_steps
     io.write_json(directory / "results.json", results)
     ran = time.perf_counter() - start
     timing = {"seconds": round(ran, 2), "cpus": available_cpus(), "launcher": launcher.launcher,

@@ -143,6 +143,9 @@ class Task(ABC):
     competence: ClassVar[float | None] = 0.9
     """The `primary_metric` a model must reach on held-out validation before a study analyses it (a model that has not
     learned the task says nothing about how it solves it); None: no threshold (e.g. a loss)."""
+    target: ClassVar[float | None] = None
+    """The `primary_metric` at which training has learned the task and may stop (`TrainConfig.target = "task"`);
+    None: train every step."""
     causal_variables: ClassVar[tuple[str, ...]] = ()
     """Variables of the task's planted causal model that `interchange` can set from another input."""
 

@@ -76,9 +76,10 @@ class TrainConfig:
     """Keep the weights every this many steps (0: only the final ones); a killed run resumes from the last kept."""
     checkpoint_spacing: Literal["linear", "log"] = "linear"
     """`log`: keep them at checkpoint_every · 2^i steps instead, dense early, where training moves fastest."""
-    target: float | None = None
+    target: float | Literal["task"] | None = None
     """Stop once the task's primary metric on validation has been at or above this at `patience` validations in a
-    row (None: train every step); `steps` is then the cap, and `final.json` records the steps trained."""
+    row ("task": the task's own `Task.target`; None: train every step); `steps` is then the cap, and `final.json`
+    records the steps trained."""
     patience: int = 2
 
     def __post_init__(self) -> None:
@@ -92,8 +93,8 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
-        if self.target is not None and not math.isfinite(self.target):
-            raise ValueError(f"target must be a finite number or None (got {self.target})")
+        if isinstance(self.target, str) and self.target != "task" or isinstance(self.target, float) and not math.isfinite(self.target):
+            raise ValueError(f"target must be a finite number, \"task\" (the task's own) or None (got {self.target})")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
         if self.checkpoint_spacing not in ("linear", "log"):
@@ -470,7 +471,8 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     torch.set_num_threads(cfg.threads)
     model = build_model(task, model_options)
     kept = checkpoint_steps(cfg)
-    stop = [StopAtTarget(task.primary_metric, cfg.target, cfg.patience)] if cfg.target is not None else []
+    target = task.target if cfg.target == "task" else cfg.target
+    stop = [StopAtTarget(task.primary_metric, target, cfg.patience)] if target is not None else []
     callbacks = [*([StepBudgetBar()] if progress else []), *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else []), *stop]
     trainer = pl.Trainer(
         max_steps=cfg.steps,
