@@ -206,10 +206,10 @@ class TransferStudy(Study):
 
     def similarity_rows(self, results: dict[str, Any], every_layer: bool) -> list[dict[str, Any]]:
         """Per pair of architectures, layer (the last only unless `every_layer`), metric and seed-to-seed reference: the
-        score across the pair, the reference level, and the verdict."""
+        verdict, the score across the pair and the reference level."""
         return [
-            {"pair": pair_name(pair), "layer": layer, "metric": metric.upper(), "across": fmt_ci(s[pair]),
-             "reference": kind_name(kind), "reference level": fmt_ci(s[kind]), "verdict": v["verdict"]}
+            {"pair": pair_name(pair), "layer": layer, "metric": metric.upper(), "reference": f"{NAMES[kind.split('-')[0]]} seeds",
+             "verdict": v["verdict"], "across": fmt_ci(s[pair]), "reference level": fmt_ci(s[kind])}
             for pair, summary in ordered(results) for layer in (layers(summary) if every_layer else layers(summary)[-1:])
             for metric, s in summary["similarity"][layer].items() for kind in references(pair) for v in [s["verdicts"][kind]]
         ]
