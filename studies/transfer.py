@@ -300,9 +300,9 @@ class TransferStudy(Study):
         cfg, task, compared = self.config, self.task, ordered(results)
         figures = []
         if compared:
-            figures.append(("Every pair of architectures at the last layer: the mean over replicates between two seeds of one "
-                            "architecture (diagonal) and across two (off it), each off-diagonal cell with its corrected verdict "
-                            "against the seed-to-seed level of its row's architecture",
+            figures.append(("Every pair of architectures at the last layer (mean over replicates): two seeds of one architecture "
+                            "on the diagonal, two architectures off it, with the corrected verdict against the seed-to-seed level "
+                            "of the row's architecture",
                             ctx.figure("similarity_matrix", matrix_heatmaps(*self.similarity_matrices(results),
                                                                             "Similarity at the last layer", "mean over replicates",
                                                                             "architecture"))))
