@@ -181,6 +181,24 @@ def contingency_heatmaps(tables: Mapping[str, np.ndarray], class_names: Mapping[
     return fig
 
 
+def matrix_heatmaps(values: Mapping[str, pd.DataFrame], notes: Mapping[str, pd.DataFrame], title: str, label: str,
+                    axis: str) -> plt.Figure:
+    """Square matrices of similarity scores (e.g. CKA; coloured from 0 to 1) as heatmaps, one panel per entry of `values` (a
+    frame whose index and columns are the same `axis` values), each cell written with its value and the same cell of
+    `notes` (e.g. a verdict); `label` names the colour scale. A NaN cell stays blank."""
+    fig, axes = plt.subplots(1, len(values), figsize=(0.8 + 3.8 * len(values), 3.6), squeeze=False)
+    for i, (ax, (name, frame)) in enumerate(zip(axes[0], values.items())):
+        text = np.where(frame.isna(), "", frame.map(lambda v: f"{v:.2f}") + "\n" + notes[name])
+        sns.heatmap(frame.astype(float), ax=ax, vmin=0, vmax=1, cmap="viridis", annot=text, fmt="", square=True,
+                    annot_kws={"fontsize": 7}, cbar=i == len(values) - 1, cbar_kws={"label": label})
+        ax.set_title(name, fontsize=9)
+        ax.set(xlabel=axis, ylabel=axis)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 @dataclass(frozen=True)
 class Text:
     """Paragraphs or a list, in markdown."""

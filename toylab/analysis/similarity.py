@@ -8,8 +8,10 @@
 - `probe_transfer`: a logistic probe fit on model A's activations, scored on A (in-architecture) and on
   model B's activations mapped into A's space by orthogonal Procrustes (with one isotropic scale), fit on
   tokens disjoint from the probe's test set, and on the same map fit to shuffled token correspondences.
-- `adjust_families`: the verdicts of `summarize_similarity` in families (the primary first), each corrected for
-  multiplicity on its own.
+- `summarize_pairs`: `summarize_similarity` for every pair of several architectures, each against both of its
+  architectures' seed-to-seed levels.
+- `adjust_families`: the verdicts of `summarize_pairs` in families (the primary pair's first, every other pair's in
+  their twins), each corrected for multiplicity on its own.
 
 All three are invariant to rotations of either representation: a rotated copy scores CKA = RSA = 1 and
 transfers exactly.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ from toylab.analysis.probes import logistic_classifier, split
 from toylab.analysis.specialization import analysable_labels, token_activations
 from toylab.analysis.stats import MARGIN, UNIT, compare, correct_families, mean_ci
 from toylab.errors import ToylabError
-from toylab.models import Transformer
+from toylab.models import Recurrent, Transformer
 from toylab.task import IGNORE, Batch, Task
 
 
@@ -141,9 +144,10 @@ def probe_transfer(
     )
 
 
-def residual_streams(model: Transformer, task: Task, batch: Batch) -> np.ndarray:
+def residual_streams(model: Transformer | Recurrent, task: Task, batch: Batch) -> np.ndarray:
     """The residual stream `[n_layers + 1, n_tokens, d_model]` at the batch's real tokens: the embeddings
-    (`blocks.0.hook_resid_pre`), then after each block (`blocks.{l}.hook_resid_post`)."""
+    (`blocks.0.hook_resid_pre`), then after each block (`blocks.{l}.hook_resid_post`), alike for a transformer and a
+    recurrent model (whose layers add their hidden states to the stream)."""
     names = ["blocks.0.hook_resid_pre", *(f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers))]
     acts = token_activations(model, task, batch, names)
     return np.stack([acts[name] for name in names])
@@ -153,7 +157,10 @@ def pair_similarity(a: np.ndarray, b: np.ndarray, task: Task, batch: Batch, n_to
                     min_rows: int = 40) -> list[dict[str, Any]]:
     """Per layer of two models' residual streams `[layers, n_tokens, d]` on the batch's real tokens: linear CKA
     (debiased) and RSA on a fixed random subset of `n_tokens` tokens, and for every analysable label with at least
-    `min_rows` defined tokens the probe transfer both ways (`a_to_b`: fit on a, applied to b), split by sequence."""
+    `min_rows` defined tokens the probe transfer both ways (`a_to_b`: fit on a, applied to b), split by sequence.
+    Layer l of one model is compared with layer l of the other, so both need the same depth."""
+    if len(a) != len(b):
+        raise ToylabError(f"models compared layer by layer need the same depth (got {len(a) - 1} and {len(b) - 1} layers)")
     keep = task.positions(batch)
     sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
     subset = np.sort(np.random.default_rng(seed).permutation(len(sequences))[:n_tokens])
@@ -219,9 +226,28 @@ def summarize_similarity(replicates: Sequence[dict[str, list[list[dict[str, Any]
     return {"similarity": similarity, "probes": probes}
 
 
+def architecture_pairs(architectures: Sequence[str]) -> list[tuple[str, str]]:
+    """Every pair of two different `architectures`, each once, in their order: `(a, b)` with a listed before b."""
+    return list(combinations(architectures, 2))
+
+
+def summarize_pairs(replicates: Sequence[Mapping[str, list[list[dict[str, Any]]]]], architectures: Sequence[str],
+                    margin: float = MARGIN) -> dict[str, dict[str, Any]]:
+    """`summarize_similarity` for every pair `(a, b)` of `architectures` (`architecture_pairs`), keyed `a-b`: each replicate
+    is `{kind: [pair_similarity rows, ...]}` with kinds `x-x` (two seeds of architecture x) and `x-y` (x listed before y),
+    and each pair is summarized over the replicates that hold its three kinds (`a-a`, `b-b`, `a-b`; a failed run leaves
+    some out), their number under `replicates`. A pair that no replicate completes is left out."""
+    out = {}
+    for a, b in architecture_pairs(architectures):
+        complete = [r for r in replicates if {f"{a}-{a}", f"{b}-{b}", f"{a}-{b}"} <= set(r)]
+        if complete:
+            out[f"{a}-{b}"] = {"replicates": len(complete), **summarize_similarity(complete, a, b, margin)}
+    return out
+
+
 PRIMARY = "CKA at the last layer"
-"""The family that answers "do the two architectures learn the same representation?"."""
-FAMILIES = {
+"""The family that answers "do the two architectures of the primary pair learn the same representation?"."""
+PAIR_FAMILIES = {
     PRIMARY: "across-architecture linear CKA at the last layer vs each seed-to-seed reference (one per architecture)",
     "CKA, earlier layers": "across-architecture linear CKA vs each seed-to-seed reference, every earlier layer",
     "RSA": "across-architecture RSA vs each seed-to-seed reference, every layer",
@@ -230,24 +256,32 @@ FAMILIES = {
     "probe transfer vs seed transfer": "transferred accuracy across architectures vs between two seeds of the probe's own "
                                        "architecture, every (label, layer, direction)",
 }
-"""The families of tests of `summarize_similarity`, the primary first, each corrected for multiplicity on its own."""
+"""The families of tests of one pair's `summarize_similarity`, the primary first."""
+OTHER_PAIRS = "other pairs"
+FAMILIES = {**PAIR_FAMILIES, **{f"{name}, {OTHER_PAIRS}": f"{question}; every pair of architectures but the primary one"
+                                for name, question in PAIR_FAMILIES.items()}}
+"""The families of tests of `summarize_pairs`, each corrected for multiplicity on its own: the primary pair's (`PAIR_FAMILIES`,
+the primary first), then their twins `<name>, other pairs` holding every other pair's tests together."""
 PROBE_FAMILIES = {"vs_in_architecture": "probe transfer vs in-architecture", "vs_shuffled": "probe transfer vs shuffled alignment",
                   "vs_seed_transfer": "probe transfer vs seed transfer"}
 
 
-def adjust_families(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Correct the verdicts of `summarize_similarity` within the `FAMILIES` (in place; each keeps its `raw_verdict`) and
-    return per family its role (primary or secondary, and what it compares), number of tests and verdict counts before
-    and after. The primary layer is fixed in advance (the last), not picked from the results."""
+def adjust_families(pairs: Mapping[str, Mapping[str, Any]], primary: str) -> dict[str, dict[str, Any]]:
+    """Correct the verdicts of `summarize_pairs` within the `FAMILIES` (in place; each keeps its `raw_verdict`): the
+    `primary` pair's (e.g. "dense-moe") in `PAIR_FAMILIES`, every other pair's together in the twin families; return per
+    non-empty family its role (primary or secondary, and what it compares), number of tests and verdict counts before
+    and after. The primary layer is fixed in advance (each pair's last), not picked from the results."""
     members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
-    last = max(summary["similarity"], key=int, default=None)
-    for layer, metrics in summary["similarity"].items():
-        for metric, s in metrics.items():
-            name = "RSA" if metric == "rsa" else PRIMARY if layer == last else "CKA, earlier layers"
-            members[name] += [(s["verdicts"], kind) for kind in s["verdicts"]]
-    for layers in summary["probes"].values():
-        for directions in layers.values():
-            for p in directions.values():
-                for key, name in PROBE_FAMILIES.items():
-                    members[name].append((p, key))
+    for pair, summary in pairs.items():
+        suffix = "" if pair == primary else f", {OTHER_PAIRS}"
+        last = max(summary["similarity"], key=int, default=None)
+        for layer, metrics in summary["similarity"].items():
+            for metric, s in metrics.items():
+                name = "RSA" if metric == "rsa" else PRIMARY if layer == last else "CKA, earlier layers"
+                members[name + suffix] += [(s["verdicts"], kind) for kind in s["verdicts"]]
+        for layers in summary["probes"].values():
+            for directions in layers.values():
+                for p in directions.values():
+                    for key, name in PROBE_FAMILIES.items():
+                        members[name + suffix].append((p, key))
     return correct_families(members, FAMILIES, PRIMARY)
