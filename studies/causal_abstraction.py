@@ -17,8 +17,7 @@ from toylab.determinism import torch_threads
 from toylab.errors import ToylabError
 from toylab.registry import get_task, register_study
 from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, families_section, fmt, fmt_ci, interval_bars, verdict_text
-from toylab.models.recurrent import CELLS
-from toylab.study import Study, StudyContext, TrainJob, architecture_models
+from toylab.study import Study, StudyContext, TrainJob, architecture_models, check_architectures
 from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 QUESTION = ("The study's one primary question: is each variable of the task's planted causal model represented alike in the "
@@ -68,11 +67,7 @@ class CausalAbstractionConfig:
             raise ValueError("seeds must be >= 1, n_pairs >= 30, das_steps and n_eval >= 1")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1) IIA (got {self.margin})")
-        valid = (*TRANSFORMERS, *CELLS)
-        if not set(TRANSFORMERS) <= set(self.architectures) or not set(self.architectures) <= set(valid) \
-                or len(set(self.architectures)) < len(self.architectures):
-            raise ValueError(f"architectures must hold dense and moe and may add {', '.join(CELLS)}, each once; valid: "
-                             f"{', '.join(valid)} (got {', '.join(self.architectures)})")
+        check_architectures(self.architectures)
 
 
 @register_study("causal-abstraction")

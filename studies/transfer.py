@@ -21,8 +21,8 @@ from toylab.report import (
     matrix_heatmaps, training_curves,
 )
 from toylab.report import verdict_text as seed_verdict_text
-from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
-from toylab.training import TrainConfig, build_model, evaluate, load_trained, task_model_config
+from toylab.study import Study, StudyContext, TrainJob, architecture_models, check_architectures
+from toylab.training import TrainConfig, build_model, evaluate, load_trained
 
 def verdict_text(comparison: dict[str, Any]) -> str:
     """`report.verdict_text`, counting replicates (the unit paired here) rather than seeds."""
@@ -124,9 +124,7 @@ class TransferConfig:
             raise ValueError("replicates must be >= 1, n_eval >= 8 and n_tokens >= 10")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1) (got {self.margin})")
-        if not {"dense", "moe"} <= set(self.architectures) or len(set(self.architectures)) != len(self.architectures):
-            raise ValueError(f"architectures must name dense and moe (the primary question compares them), each architecture "
-                             f"once (got {', '.join(self.architectures)})")
+        check_architectures(self.architectures)
 
 
 @register_study("transfer")
@@ -142,10 +140,7 @@ class TransferStudy(Study):
     def __init__(self, config: TransferConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        transformers = dense_and_moe(config)
-        shape = task_model_config(self.task, transformers["dense"])  # the recurrent models take the transformers' width and depth
-        self.models = {arch: transformers.get(arch, {"arch": arch, "d_model": shape.d_model, "n_layers": shape.n_layers})
-                       for arch in ARCHITECTURES if arch in config.architectures}
+        self.models = architecture_models(config, [arch for arch in ARCHITECTURES if arch in config.architectures])
         for options in self.models.values():  # fail early on a bad model option or a real-valued task
             build_model(self.task, options)
 

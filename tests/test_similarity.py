@@ -235,7 +235,7 @@ def test_identical_representations_read_as_two_seeds_and_random_ones_less() -> N
 def test_architectures_must_hold_the_primary_pair_and_name_known_models() -> None:
     with pytest.raises(ToylabError, match="architectures must name dense and moe"):
         resolve("transfer", {"architectures": "dense,lstm"})
-    with pytest.raises(ToylabError, match="each architecture once"):
+    with pytest.raises(ToylabError, match="each once"):
         resolve("transfer", {"architectures": "dense,moe,moe"})
     with pytest.raises(ToylabError, match="invalid value 'rnn' for 'architectures'"):
         resolve("transfer", {"architectures": "dense,moe,rnn"})

@@ -15,7 +15,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -39,6 +39,8 @@ from toylab.splits import HELDOUT_FRACTION, in_heldout, sequence_hashes  # noqa:
 from toylab.formatting import csv_text, fmt, table_json  # noqa: E402
 from toylab.report import Document, Section, Table, Text, bottom_line, table_files, to_html, to_markdown  # noqa: E402
 from toylab.task import MAX_SEED, Batch, Task  # noqa: E402
+from toylab.models import TransformerConfig  # noqa: E402
+from toylab.models.recurrent import CELLS  # noqa: E402
 from toylab.training import (  # noqa: E402
     TrainConfig, TrainedModel, check_devices, is_finished, load_trained, task_model_config, train, train_seconds, trained_run,
 )
@@ -335,15 +337,25 @@ def dense_and_moe(config: Any, **moe: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+ARCHITECTURES = ("dense", "moe", *CELLS)
+"""What a study's `architectures` may name: the dense and MoE transformers, and the recurrent models."""
 RECURRENT_OPTIONS = ("d_model", "n_layers")
 """The shared `model` options a study's recurrent models take (the rest describe attention and FFNs)."""
+
+
+def check_architectures(names: Sequence[str]) -> None:
+    """A study's `architectures`: dense and moe (the primary questions compare them), any recurrent model, each once."""
+    if not {"dense", "moe"} <= set(names) or not set(names) <= set(ARCHITECTURES) or len(set(names)) < len(names):
+        raise ValueError(f"architectures must name dense and moe (the primary question compares them) and may add "
+                         f"{', '.join(CELLS)}, each once; valid: {', '.join(ARCHITECTURES)} (got {', '.join(names)})")
 
 
 def architecture_models(config: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Model options of each architecture in `names`: "dense" and "moe" as `dense_and_moe` builds them, "lstm" and
     "gru" a recurrent model as wide and as deep as the transformers (the shared `d_model` and `n_layers`)."""
     transformers = dense_and_moe(config)
-    recurrent = {key: config.model[key] for key in RECURRENT_OPTIONS if key in config.model}
+    defaults = {f.name: f.default for f in fields(TransformerConfig)}
+    recurrent = {key: config.model.get(key, defaults[key]) for key in RECURRENT_OPTIONS}
     return {name: transformers[name] if name in transformers else {"arch": name, **recurrent} for name in names}
 
 
