@@ -257,6 +257,16 @@ def browser_or_skip():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
+def no_errors_and_a_screenshot(driver, path: Path) -> None:
+    """No error in the browser's console; the page's screenshot at `path`, copied into TOYLAB_SCREENSHOT_DIR if set."""
+    severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, severe
+    assert driver.save_screenshot(str(path))
+    if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
+        Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / path.name)
+
+
 def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -308,13 +318,8 @@ def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
         shown = [t for t in tokens if "dim" not in t.get_attribute("class").split()]
         assert len(shown) == len(data["sequences"]) and {t.text for t in shown} == {"<bos>"}
 
-        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert not severe, severe
         driver.execute_script("document.querySelector('.expert-map-block').scrollIntoView()")
-        assert driver.save_screenshot(str(tmp_path / "expert_map.png"))
-        if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
-            Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "expert_map.png", Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / "expert_map.png")
+        no_errors_and_a_screenshot(driver, tmp_path / "expert_map.png")
     finally:
         driver.quit()
 
@@ -380,12 +385,7 @@ def test_the_ood_tab_in_a_real_browser(ood_page, tmp_path) -> None:
         assert selected()[0] == ("true", "0", True) and driver.switch_to.active_element == tabs[0]
         ActionChains(driver).send_keys(Keys.ARROW_LEFT).perform()  # wraps around
         assert selected()[1] == ("true", "0", True)
-        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert not severe, severe
-        assert driver.save_screenshot(str(tmp_path / "expert_map_ood.png"))
-        if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
-            Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "expert_map_ood.png", Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / "expert_map_ood.png")
+        no_errors_and_a_screenshot(driver, tmp_path / "expert_map_ood.png")
     finally:
         driver.quit()
 
