@@ -119,7 +119,7 @@
       numbers.replaceChildren(
         el("table", {"data-table": "labels"}, [el("caption", {text: "Agreement with the in-distribution class → expert map, layer " + state.layer + " (the study's numbers, mean [95% CI] over seeds)"}),
           row(["label", "in distribution", "off distribution", "shuffled null", "map holds"], "th")].concat(study)),
-        el("table", {"data-table": "classes"}, [el("caption", {text: "`" + state.marked + "`, seed " + state.seed + ": each class's in-distribution expert and the share of its shifted tokens sent there"}),
+        el("table", {"data-table": "classes"}, [el("caption", {text: "Label " + state.marked + ", seed " + state.seed + ": each class's in-distribution expert and the share of its shifted tokens sent there"}),
           row(["class", "in-distribution expert", "agreement off distribution"], "th")].concat(classes)));
     }
     function drawGrids(routed) {
