@@ -8,17 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from toylab.analysis.dynamics import chance_agreement, expert_sets, lock_in, reached, saturation, timing
+from toylab.analysis.expert_map import N_SHOWN, ood_map, ood_view, routing_view, write_expert_map
 from toylab.analysis.ood import ood_routing, summarize_ood
 from toylab.analysis.specialization import adjust_families, primary_labels, specialization, summarize
 from toylab.analysis.stats import UNIT, mean_ci, verdict_label
 from toylab.determinism import torch_threads
 from toylab.models.routing import RouterName
 from toylab.registry import get_task, register_study
-from toylab.report import Document, Figure, Section, Table, Text, failed_runs_section, fmt, fmt_ci, interval_lines
+from toylab.report import Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, fmt, fmt_ci, interval_lines
 from toylab.study import Study, StudyContext, TrainJob, dense_and_moe
-from toylab.training import TrainConfig, build_model, checkpoint_steps, evaluate, kept_steps, load_checkpoint, load_trained
+from toylab.training import TrainConfig, build_model, checkpoint_steps, evaluate, load_checkpoint, load_trained
 
 SCORES = {"routing_nmi": "routing", "kmeans_moe_nmi": "k-means (router input)", "linear_nmi": "linear probe (ceiling)",
           "null_nmi": "shuffled null"}
@@ -97,45 +99,58 @@ class Dynamics(Study):
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
-        ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
+        batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
         models = ctx.train([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
                             for seed in range(cfg.seeds) for kind, options in self.models.items()])
         pairs = [seed for seed in range(cfg.seeds) if models[f"moe-seed{seed}"] and models[f"dense-seed{seed}"]]
-        per_seed = ctx.map(self.analyse, pairs, [ctx.run_dir(f"moe-seed{s}") for s in pairs],
-                           [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing checkpoints")
-        steps = checkpoint_steps(cfg.train)
-        series = [self.at_step([found["steps"][i] for found in per_seed]) for i in range(len(steps))] if pairs else []
-        ood = {**summarize_ood([found["ood"] for found in per_seed], cfg.ood_margin), "task_options": self.shifted.options,
-               "metrics": {kind: {metric: mean_ci([found["ood_metrics"][kind][metric] for found in per_seed], bounds=None if metric == "loss" else UNIT)
-                                  for metric in per_seed[0]["ood_metrics"][kind]} for kind in ("moe", "dense")}} if self.shifted and pairs else {}
+        steps, runs = checkpoint_steps(cfg.train), {seed: (ctx.run_dir(f"moe-seed{seed}"), ctx.run_dir(f"dense-seed{seed}")) for seed in pairs}
+        calls = [(seed, step, *runs[seed]) for seed in pairs for step in steps]  # one call per checkpoint keeps every worker busy
+        found = ctx.map(self.analyse_step, *zip(*calls), description="analysing checkpoints")
+        series = [self.at_step(found[i::len(steps)]) for i in range(len(steps))] if pairs else []
+        finals = ctx.map(self.analyse_final, pairs, *zip(*runs.values()), description="final models")
+        ood = {**summarize_ood([final["ood"] for final in finals], cfg.ood_margin), "task_options": self.shifted.options,
+               "metrics": {kind: {metric: mean_ci([final["ood_metrics"][kind][metric] for final in finals], bounds=None if metric == "loss" else UNIT)
+                                  for metric in finals[0]["ood_metrics"][kind]} for kind in ("moe", "dense")}} if self.shifted and pairs else {}
+        if pairs:
+            shifted = ood_map(self.shifted, task.shifted_sample(cfg.n_eval, cfg.eval_seed), self.shifted_change(ood),
+                              {str(s): final["ood_map"] for s, final in zip(pairs, finals)}, ood["labels"]) if ood else None
+            write_expert_map(ctx.directory / "expert_map.json", task, batch, {str(s): final["map"] for s, final in zip(pairs, finals)},
+                             cfg.n_experts, cfg.top_k, ood=shifted)
         return {"task": {"name": task.name, "options": task.options, "primary_metric": task.primary_metric},
                 "steps": steps, "seeds_analysed": pairs, "threshold": self.threshold, "series": series,
                 "lock_in": self.lock_ins(steps, series) if series else {}, "ood": ood,
                 "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models}}
 
-    def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
-        """One seed's scores at every kept step (in a worker, on one torch thread): both models' task metrics, the
-        MoE's saturation against its final routing and the specialization scores of `expert-specialization`; with
-        shifted inputs, the final models' metrics and routing on them (`ood_routing`)."""
+    def analyse_step(self, seed: int, step: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
+        """One seed's scores at one kept step (in a worker, on one thread): both models' task metrics, the MoE's
+        saturation against its final routing and the specialization scores of `expert-specialization`."""
         cfg = self.config
         batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
-        found = []
-        with torch_threads(1):
+        with torch_threads(1), threadpool_limits(1):
             final = expert_sets(moe_run.model, self.task, batch)
-            for step in kept_steps(moe_dir):
-                moe, dense = load_checkpoint(moe_run, step), load_checkpoint(dense_run, step)
-                experts = expert_sets(moe, self.task, batch)
-                found.append({
-                    "metrics": {"moe": evaluate(moe, self.task, batch), "dense": evaluate(dense, self.task, batch)},
-                    "saturation": {layer: saturation(e, final[layer]) for layer, e in experts.items()},
-                    "chance": {layer: chance_agreement(e, final[layer]) for layer, e in experts.items()},
-                    "scores": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
-                })
+            moe, dense = load_checkpoint(moe_run, step), load_checkpoint(dense_run, step)
+            experts = expert_sets(moe, self.task, batch)
+            return {
+                "metrics": {"moe": evaluate(moe, self.task, batch), "dense": evaluate(dense, self.task, batch)},
+                "saturation": {layer: saturation(e, final[layer]) for layer, e in experts.items()},
+                "chance": {layer: chance_agreement(e, final[layer]) for layer, e in experts.items()},
+                "scores": specialization(moe, dense, self.task, batch, cfg.n_permutations, seed),
+            }
+
+    def analyse_final(self, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
+        """One seed's final models (in a worker, on one thread): the MoE's expert map; with shifted inputs, both
+        models' metrics on them, the MoE's routing on them (`ood_routing`) and its map of them (`ood_view`)."""
+        cfg = self.config
+        batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
+        moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
+        with torch_threads(1), threadpool_limits(1):
+            view = routing_view(moe_run.model, self.task, batch, N_SHOWN, seed)
             if self.shifted is None:
-                return {"steps": found}
+                return {"map": view}
             shifted = self.task.shifted_sample(cfg.n_eval, cfg.eval_seed)
-            return {"steps": found, "ood": ood_routing(moe_run.model, self.task, batch, self.shifted, shifted, cfg.n_permutations, seed),
+            ood = ood_routing(moe_run.model, self.task, batch, self.shifted, shifted, cfg.n_permutations, seed)
+            return {"map": view, "ood": ood, "ood_map": ood_view(moe_run.model, self.task, self.shifted, shifted, ood, N_SHOWN, seed),
                     "ood_metrics": {kind: evaluate(run.model, self.shifted, shifted) for kind, run in (("moe", moe_run), ("dense", dense_run))}}
 
     def at_step(self, seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,5 +305,8 @@ class Dynamics(Study):
                 "last MoE layer, with the (corrected) verdict at that checkpoint."), Table(self.step_rows(results))]),
             *self.ood_section(results),
             Section("Figures", figures),
+            *expert_map_section(ctx.directory, N_SHOWN, "The map shows the final MoE models."
+                                + (" Its second tab routes the same number of shifted sequences and marks each token whose class goes "
+                                   "to its in-distribution expert, with the agreement numbers above." if results["ood"] else "")),
         ]
         return Document(f"Training dynamics of routing on `{task.name}`", blocks + failed_runs_section(results["failed_runs"]))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from toylab.analysis.dynamics import chance_agreement, lock_in, reached, saturation, timing
-from toylab.analysis.ood import agreement, agreement_null, class_experts, ood_routing, shared_classes
+from toylab.analysis.ood import agreement, agreement_null, agrees, class_agreement, class_experts, ood_routing, shared_classes
+from toylab.analysis.stats import verdict_label
 from toylab.registry import get_task
 from toylab.schema import validate_results
 from toylab.training import build_model
@@ -78,6 +79,12 @@ def test_a_dynamics_study_killed_mid_training_resumes_to_the_results_of_an_unint
     assert {"learned", "labels", "saturated"} <= set(results["lock_in"])
     assert results["series"][-1]["saturation"]["0"]["mean"] == 1.0  # the final checkpoint is the final routing
     validate_results(results, "dynamics")  # the documented schema
+    expert_map = json.loads((done.parent / "expert_map.json").read_text())  # the final MoEs, in and off distribution
+    assert set(expert_map["seeds"]) == set(expert_map["ood"]["seeds"]) == {"0", "1"}
+    for layer, labels in results["ood"]["labels"].items():
+        for name, scores in labels.items():
+            assert expert_map["ood"]["agreement"][layer][name]["holds"] == verdict_label(scores["holds"])
+    assert 'class="em-ood-key"' in (done.parent / "report.html").read_text()  # the page explains the OOD tab's marks
 
 
 def test_the_class_map_holds_off_distribution_for_planted_routing_and_sits_at_its_null_for_random_routing() -> None:
@@ -86,10 +93,15 @@ def test_the_class_map_holds_off_distribution_for_planted_routing_and_sits_at_it
     mapping = class_experts(label % 4, label, 5, 4)
     assert mapping.tolist() == [0, 1, 2, 3, 0]
     assert agreement(shifted % 4, shifted, mapping) == 1.0  # positive control: routed by class, in and off distribution
+    assert (agrees(shifted % 4, shifted, mapping) == 1).all() and class_agreement(shifted % 4, shifted, mapping) == [1.0] * 5
     noise = rng.integers(0, 4, 4000)  # negative control: routing that ignores the class
     null = agreement_null(noise, shifted, mapping, 200, 0)
     assert abs(agreement(noise, shifted, mapping) - null.mean()) < 3 * null.std() + 1e-9
     assert abs(null.mean() - 0.25) < 0.02
+    assert all(abs(share - 0.25) < 0.05 for share in class_agreement(noise, shifted, mapping))
+    partial = np.array([0, 1, -1])  # class 2 is not in the map, -1 marks an undefined label
+    assert agrees(np.array([0, 2, 1, 3]), np.array([0, 1, 2, -1]), partial).tolist() == [1, 0, -1, -1]
+    assert class_agreement(np.array([0, 2, 1]), np.array([0, 1, 2]), partial) == [1.0, 0.0, None]
 
 
 def test_shifted_inputs_are_deeper_or_longer_and_share_the_classes_by_name() -> None:

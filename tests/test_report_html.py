@@ -3,7 +3,9 @@
 The browser test loads a tiny study's report.html in headless Chromium (Debian's `chromium` and
 `chromium-driver`, driven by Selenium): no console error, every token of the expert map drawn, the
 layer switch recolours them as the stored routing says, hovering shows a token's labels, and the
-label filter dims the others. Set TOYLAB_SCREENSHOT_DIR to keep its screenshot.
+label filter dims the others. A second one loads a map with an off-distribution part (a depth-routed
+MoE, and the same with its shifted routing shuffled) and switches its tabs by keyboard. Set
+TOYLAB_SCREENSHOT_DIR to keep their screenshots.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from toylab.analysis.expert_map import matched_clusters
+from toylab.analysis.expert_map import N_SHOWN, matched_clusters, ood_map, ood_view, routing_view, write_expert_map
+from toylab.analysis.ood import ood_routing, summarize_ood
 from toylab.cli import app
 from toylab.report import Document, ExpertMap, Figure, Section, Table, Text, to_html, to_markdown
 from toylab.errors import ToylabError
 from toylab.formatting import TERMINAL_WIDTH, plain_text, terminal_summary
 from toylab.report import contingency_heatmaps, interval_bars, interval_lines, training_curves
 from toylab.schema import results_schema, validate_results
+from toylab.registry import get_task
 from toylab.study import StudyOutcome, run_study
+from toylab.training import build_model
 
 TINY = {"competence": 0, "seeds": 2, "train": {"steps": 16, "n_train": 128, "n_val": 32, "eval_every": 8}, "n_eval": 24,
         "n_permutations": 20, "model": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2},
@@ -45,6 +51,34 @@ def tiny_outcome(tmp_path_factory, checked_figures) -> StudyOutcome:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_outcome) -> Path:
     return tiny_outcome.directory
+
+
+@pytest.fixture(scope="module")
+def ood_page(tmp_path_factory) -> Path:
+    """A folder with `expert_map.json` and `report.html` of a map with an off-distribution part: seed "planted" is an
+    MoE routed by `depth`, in and off distribution; seed "shuffled" is the same model with its off-distribution
+    routing label shuffled among the tokens (the labels shown stay true)."""
+    task = get_task("brackets")
+    shifted = task.shifted()
+    model = build_model(task, {"ffn": "moe", "router": "label", "router_label": "depth", "n_experts": 4, "d_model": 16,
+                               "n_heads": 2, "d_mlp": 32, "n_layers": 1, "max_len": shifted.seq_len})
+    batch, shifted_batch = task.sample_split(60, 1, "heldout"), task.shifted_sample(60, 2)
+    found = {"planted": ood_routing(model, task, batch, shifted, shifted_batch, 20, 0, ["depth", "stack_top"])}
+    views = {"planted": ood_view(model, task, shifted, shifted_batch, found["planted"], N_SHOWN, 0)}
+    depth = shifted_batch.labels["depth"]
+    shuffled = depth.copy()
+    shuffled[depth != -1] = np.random.default_rng(0).permutation(depth[depth != -1])
+    route = model.route_input
+    model.route_input = lambda labels: torch.from_numpy(shuffled) if labels is shifted_batch.labels else route(labels)
+    found["shuffled"] = ood_routing(model, task, batch, shifted, shifted_batch, 20, 0, ["depth", "stack_top"])
+    views["shuffled"] = ood_view(model, task, shifted, shifted_batch, found["shuffled"], N_SHOWN, 0)
+    del model.route_input
+    folder = tmp_path_factory.mktemp("ood-map")
+    summary = summarize_ood(list(found.values()))["labels"]
+    write_expert_map(folder / "expert_map.json", task, batch, {seed: routing_view(model, task, batch, N_SHOWN, 0) for seed in views},
+                     4, 1, ood=ood_map(shifted, shifted_batch, "m=6", views, summary))
+    (folder / "report.html").write_text(to_html(Document("OOD", [Section("Map", [ExpertMap("expert_map.json")])]), folder))
+    return folder
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -109,6 +143,26 @@ def test_maze_grid_geometry_matches_the_maze_read_back_from_the_tokens() -> None
         cells = [(r, c) for _, r, c in grid["path"]]
         assert cells[0] == start and cells[-1] == goal and all(maze.has_edge(u, v) for u, v in zip(cells, cells[1:]))
         assert [task.vocab[tokens[p]] for p, _, _ in grid["path"]] == [f"({r},{c})" for r, c in cells]
+
+
+def test_the_ood_map_marks_a_planted_routing_as_agreeing_everywhere_and_a_shuffled_one_not(ood_page) -> None:
+    data = json.loads((ood_page / "expert_map.json").read_text())
+    ood = data["ood"]
+    assert ood["labels"]["depth"] == ["0", "1", "2", "3", "4", "5", "6"] and len(ood["sequences"]) == N_SHOWN
+    for seed, layers in ood["seeds"].items():
+        for layer, view in layers.items():
+            depth = view["map"]["depth"]
+            assert depth["class_experts"] == [0, 1, 2, 3, 0, -1, -1]  # the label router's map; depths 5, 6 never occur in distribution
+            marks = [m for sequence in depth["agrees"] for m in sequence]
+            classes = [c for sequence in ood["sequences"] for c in sequence["labels"]["depth"]]
+            assert len(marks) == len(classes) and all((m == -1) == (c < 0 or c >= 5) for m, c in zip(marks, classes))
+            mapped = [m for m in marks if m >= 0]
+            if seed == "planted":  # positive control: every mapped token agrees, every class entirely
+                assert set(mapped) == {1} and depth["class_agreement"] == [1.0] * 5 + [None] * 2
+            else:  # negative control: shuffled routing off-distribution disagrees for many tokens
+                assert mapped.count(0) > len(mapped) / 3 and max(depth["class_agreement"][:5]) < 1.0
+    summary = ood["agreement"]["0"]["depth"]  # the study's numbers over both "seeds", as its report prints them
+    assert summary["in"].startswith("1.000 ") and float(summary["off"].split()[0]) < 1 and summary["holds"] == "inconclusive"
 
 
 def test_study_writes_an_html_report_with_every_figure_and_the_expert_map(tiny_run) -> None:
@@ -203,6 +257,16 @@ def browser_or_skip():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
+def no_errors_and_a_screenshot(driver, path: Path) -> None:
+    """No error in the browser's console; the page's screenshot at `path`, copied into TOYLAB_SCREENSHOT_DIR if set."""
+    severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, severe
+    assert driver.save_screenshot(str(path))
+    if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
+        Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / path.name)
+
+
 def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -247,19 +311,81 @@ def test_expert_map_in_a_real_browser(tiny_run, tmp_path) -> None:
         ActionChains(driver).send_keys(Keys.ESCAPE).perform()
         assert not tooltip.is_displayed()
         assert driver.find_element(By.CSS_SELECTOR, ".em-legend .em-key").is_displayed()
+        assert not driver.find_elements(By.CSS_SELECTOR, "[role=tab]")  # a map without an off-distribution part: no tabs
 
         wanted = data["labels"]["token_type"].index("<bos>")
         Select(driver.find_element(By.CSS_SELECTOR, "select[data-control=token_type]")).select_by_value(str(wanted))
         shown = [t for t in tokens if "dim" not in t.get_attribute("class").split()]
         assert len(shown) == len(data["sequences"]) and {t.text for t in shown} == {"<bos>"}
 
-        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert not severe, severe
         driver.execute_script("document.querySelector('.expert-map-block').scrollIntoView()")
-        assert driver.save_screenshot(str(tmp_path / "expert_map.png"))
-        if os.environ.get("TOYLAB_SCREENSHOT_DIR"):
-            Path(os.environ["TOYLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "expert_map.png", Path(os.environ["TOYLAB_SCREENSHOT_DIR"]) / "expert_map.png")
+        no_errors_and_a_screenshot(driver, tmp_path / "expert_map.png")
+    finally:
+        driver.quit()
+
+
+def test_the_ood_tab_in_a_real_browser(ood_page, tmp_path) -> None:
+    """The tabs switch by click and by arrow keys (WAI-ARIA roles, one tab in the Tab order); the off-distribution tab
+    draws every shown shifted token coloured by its stored expert, with the stored agreement mark and the study's numbers."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    data = json.loads((ood_page / "expert_map.json").read_text())
+    ood = data["ood"]
+    driver = browser_or_skip()
+    try:
+        driver.get((ood_page / "report.html").as_uri())
+        tabs = driver.find_elements(By.CSS_SELECTOR, "[role=tablist] [role=tab]")
+        panels = driver.find_elements(By.CSS_SELECTOR, "[role=tabpanel]")
+        assert [t.text for t in tabs] == ["In distribution", "Off distribution (m=6)"] and len(panels) == 2
+        assert [p.get_attribute("aria-labelledby") for p in panels] == [t.get_attribute("id") for t in tabs]
+        assert [t.get_attribute("aria-controls") for t in tabs] == [p.get_attribute("id") for p in panels]
+
+        def selected() -> list[tuple[str, str, bool]]:
+            return [(t.get_attribute("aria-selected"), t.get_attribute("tabindex"), p.is_displayed()) for t, p in zip(tabs, panels)]
+
+        assert selected() == [("true", "0", True), ("false", "-1", False)]
+        tokens = panels[1].find_elements(By.CSS_SELECTOR, "[data-panel=experts] .tok")
+        assert len(tokens) == sum(len(s["tokens"]) for s in ood["sequences"]) and not tokens[0].is_displayed()
+
+        def chips() -> list[tuple[str, int, int]]:  # every chip's text, expert and mark, in one round trip
+            return [tuple(c) for c in driver.execute_script(
+                "return Array.from(arguments[0].querySelectorAll('[data-panel=experts] .tok'), "
+                "t => [t.innerText, Number(t.dataset.id), Number(t.dataset.agree)])", panels[1])]
+
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", tabs[0])
+        tabs[0].click()
+        ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()  # the keyboard switches to the off-distribution tab
+        assert selected() == [("false", "-1", False), ("true", "0", True)] and driver.switch_to.active_element == tabs[1]
+        for seed in ("planted", "shuffled"):
+            Select(panels[1].find_element(By.CSS_SELECTOR, "select[data-control=seed]")).select_by_value(seed)
+            view = ood["seeds"][seed]["0"]
+            texts, experts, marks = (list(column) for column in zip(*chips()))
+            assert texts == [token for s in ood["sequences"] for token in s["tokens"]]  # the glyph is no part of the text
+            assert experts == [e[0] for s in view["experts"] for e in s]
+            assert marks == [m for s in view["map"]["depth"]["agrees"] for m in s]
+            glyphs = {m: driver.execute_script("return getComputedStyle(arguments[0], '::after').content", tokens[marks.index(m)])
+                      for m in set(marks)}
+            assert glyphs == ({1: '"✓"', -1: "none"} if seed == "planted" else {1: '"✓"', 0: '"✗"', -1: "none"})
+        rows = panels[1].find_elements(By.CSS_SELECTOR, "table[data-table=labels] tr")
+        assert [r.text.split()[0] for r in rows[1:]] == list(ood["agreement"]["0"])
+        assert ood["agreement"]["0"]["depth"]["off"] in rows[1].text and ood["agreement"]["0"]["depth"]["holds"] in rows[1].text
+
+        wrong = marks.index(0)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", tokens[wrong])
+        ActionChains(driver).move_to_element(tokens[wrong]).perform()
+        tooltip = driver.find_element(By.ID, "expert-map-tooltip")
+        assert tooltip.is_displayed() and "disagrees with the in-distribution map" in tooltip.text and "✗ disagrees" in tooltip.text
+
+        ActionChains(driver).move_to_element(tabs[0]).perform()
+        tabs[1].click()
+        ActionChains(driver).send_keys(Keys.HOME).perform()
+        assert selected()[0] == ("true", "0", True) and driver.switch_to.active_element == tabs[0]
+        ActionChains(driver).send_keys(Keys.ARROW_LEFT).perform()  # wraps around
+        assert selected()[1] == ("true", "0", True)
+        no_errors_and_a_screenshot(driver, tmp_path / "expert_map_ood.png")
     finally:
         driver.quit()
 

@@ -6,6 +6,11 @@ input (`blocks.{l}.ln2.hook_normalized`) of the whole held-out batch as in `spec
 are renamed to the experts they overlap most (Hungarian matching), so one colour means one group in both
 views. The sequences' tokens and ground-truth labels (and, for tasks with a `grid`, the grid geometry) are
 stored once. `toylab.report.ExpertMap` draws the file in `report.html`.
+
+A study that routes shifted inputs (`Task.shifted`, see `toylab.analysis.ood`) adds an optional `ood` part, drawn
+in its own tab: the same for a few shifted sequences routed by the same models, and per layer and label the
+in-distribution class → expert map, each shown token's agreement with it, and the study's agreement numbers.
+Maps without it (older runs) draw as before.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from scipy.optimize import linear_sum_assignment
 
 from toylab import io
 from toylab.analysis.clustering import contingency, kmeans
+from toylab.analysis.ood import agrees, shared_classes
 from toylab.analysis.specialization import EXPERTS, ROUTER_INPUT, token_activations, top_expert
+from toylab.analysis.stats import verdict_label
+from toylab.formatting import fmt, fmt_ci
 from toylab.models import Transformer
 from toylab.task import IGNORE, Batch, Task
 
@@ -88,10 +96,45 @@ def sample_view(task: Task, batch: Batch, n_shown: int) -> dict[str, Any]:
             "sequences": sequences, "grids": grids}
 
 
+def ood_view(moe: Transformer, task: Task, shifted: Task, shifted_batch: Batch, ood: Mapping[str, Mapping[str, Mapping[str, Any]]],
+             n_shown: int, seed: int) -> dict[str, dict[str, Any]]:
+    """One model's map of shifted inputs: `routing_view` of `shifted_batch`, each layer with `"map": {label: ...}` for
+    the labels of `ood` (this model's `ood_routing`): `class_experts` (its in-distribution map by class id of
+    `shifted`: the expert, -1 for a class not in the map, n_experts for "no expert"), `class_agreement` (each class's
+    share of shifted tokens sent to its mapped expert, None where not mapped) and `agrees` (per shown token: 1, 0, or
+    -1 where its class is not in the map)."""
+    view = routing_view(moe, shifted, shifted_batch, n_shown, seed)
+    shown = shifted_batch[:n_shown]
+    keep = shifted.positions(shown)
+    for layer, labels in ood.items():
+        routed = top_expert(np.concatenate([np.asarray(e, dtype=np.int64) for e in view[layer]["experts"]]), moe.cfg.n_experts)
+        view[layer]["map"] = {}
+        for name, scores in labels.items():
+            translate = shared_classes(task, shifted, name)
+            mapping = np.where(translate >= 0, np.asarray(scores["class_experts"])[np.maximum(translate, 0)], -1)
+            view[layer]["map"][name] = {
+                "class_experts": mapping.tolist(),
+                "class_agreement": [scores["class_agreement"][c] if c >= 0 else None for c in translate.tolist()],
+                "agrees": _per_sequence(agrees(routed, shown.labels[name][keep], mapping), keep.sum(1)),
+            }
+    return view
+
+
+def ood_map(shifted: Task, shifted_batch: Batch, change: str, views: Mapping[str, dict[str, Any]], summary: Mapping[str, Any],
+            n_shown: int = N_SHOWN) -> dict[str, Any]:
+    """The map's `ood` part: the first `n_shown` shifted sequences (`sample_view`), what the shift `change`s, `views`
+    (`{seed: ood_view(...)}`) and per (layer, label) the agreement the study reports across seeds (`summary`:
+    `summarize_ood(...)["labels"]`) as text: in and off distribution with their intervals, the null, whether the map holds."""
+    agreement = {layer: {name: {"in": fmt_ci(s["agreement_id"]), "off": fmt_ci(s["agreement_ood"]), "null": fmt(s["agreement_null"]["mean"]),
+                                "holds": verdict_label(s["holds"])} for name, s in labels.items()} for layer, labels in summary.items()}
+    return {**sample_view(shifted, shifted_batch, n_shown), "change": change, "seeds": dict(views), "agreement": agreement}
+
+
 def write_expert_map(path: Path, task: Task, batch: Batch, views: Mapping[str, dict[str, Any]], n_experts: int,
-                     top_k: int, n_shown: int = N_SHOWN) -> None:
-    """Save the map (compact JSON, atomically): the shown sequences and `views` (`{seed: routing_view(...)}`)."""
+                     top_k: int, n_shown: int = N_SHOWN, ood: Mapping[str, Any] | None = None) -> None:
+    """Save the map (compact JSON, atomically): the shown sequences, `views` (`{seed: routing_view(...)}`) and, for
+    shifted inputs, the `ood` part (`ood_map`)."""
     layers = list(next(iter(views.values()))) if views else []
     data = {**sample_view(task, batch, n_shown), "n_experts": n_experts, "top_k": top_k, "layers": layers,
-            "seeds": dict(views)}
+            "seeds": dict(views), **({"ood": dict(ood)} if ood else {})}
     io.write_text(Path(path), json.dumps(data, separators=(",", ":")))

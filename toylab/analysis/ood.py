@@ -5,7 +5,8 @@ fitted on one half of the in-distribution sequences. On the other half (`agreeme
 shifted inputs (`Task.shifted_sample`, `agreement_ood`), the agreement is the share of tokens of the classes both
 distributions have that go to their class's mapped expert; its null shuffles the experts among the shifted tokens
 (`agreement_null`). Beside it, the routing's NMI with the label on the shifted tokens against k-means refitted on
-their router inputs, with as many clusters as experts, and the shuffled null.
+their router inputs, with as many clusters as experts, and the shuffled null. The map itself and each class's
+agreement off-distribution are kept for the expert map's OOD tab (`toylab.analysis.expert_map.ood_view`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,23 @@ def class_experts(experts: np.ndarray, label: np.ndarray, n_classes: int, n_expe
     return np.where(table.sum(1) > 0, table.argmax(1), -1)
 
 
+def agrees(experts: np.ndarray, label: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Per token: 1 if it goes to its class's expert in `mapping`, 0 if not, -1 if its class is unmapped or undefined
+    (a negative class id)."""
+    expected = np.where(label >= 0, mapping[np.maximum(label, 0)], -1)
+    return np.where(expected >= 0, (experts == expected).astype(np.int64), -1)
+
+
 def agreement(experts: np.ndarray, label: np.ndarray, mapping: np.ndarray) -> float:
     """The share of tokens of mapped classes that go to their class's expert in `mapping`."""
-    mapped = mapping[label] >= 0
-    return float((experts[mapped] == mapping[label[mapped]]).mean()) if mapped.any() else float("nan")
+    marks = agrees(experts, label, mapping)
+    return float(marks[marks >= 0].mean()) if (marks >= 0).any() else float("nan")
+
+
+def class_agreement(experts: np.ndarray, label: np.ndarray, mapping: np.ndarray) -> list[float | None]:
+    """`agreement` within each class of `mapping` (None for a class that is unmapped or has no token)."""
+    marks = agrees(experts, label, mapping)
+    return [float(marks[label == c].mean()) if mapping[c] >= 0 and (label == c).any() else None for c in range(len(mapping))]
 
 
 def agreement_null(experts: np.ndarray, label: np.ndarray, mapping: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
@@ -58,7 +72,9 @@ def routed(model: Transformer, task: Task, batch: Batch) -> tuple[dict[int, np.n
 
 def ood_routing(model: Transformer, task: Task, batch: Batch, shifted: Task, shifted_batch: Batch, n_permutations: int,
                 seed: int, labels: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{layer: {label: scores}}` of one MoE (see the module docstring), over `labels` (default: every analysable one)."""
+    """`{layer: {label: scores}}` of one MoE (see the module docstring), over `labels` (default: every analysable one);
+    beside the scores, `class_experts` (the map, by class id of `task`: -1 unmapped, n_experts "no expert") and
+    `class_agreement` (per class of `task`, off-distribution)."""
     experts, _, sequences = routed(model, task, batch)
     shifted_experts, shifted_inputs, _ = routed(model, shifted, shifted_batch)
     fit, held = sequences < len(batch) // 2, sequences >= len(batch) // 2
@@ -85,6 +101,8 @@ def ood_routing(model: Transformer, task: Task, batch: Batch, shifted: Task, shi
                 "kmeans_nmi_ood": nmi(kmeans(shifted_inputs[layer][both], model.cfg.n_experts, seed), truth),
                 "null_nmi_ood": float(permutation_nmi(assignment, truth, n_permutations, seed).mean()),
                 "shifted_tokens": int(both.sum()),
+                "class_experts": mapping.tolist(),
+                "class_agreement": class_agreement(assignment, truth, mapping),
             }
     return results
 
