@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from threadpoolctl import threadpool_limits
 
 from toylab.analysis.dynamics import chance_agreement, expert_sets, lock_in, reached, saturation, timing
 from toylab.analysis.expert_map import N_SHOWN, ood_map, ood_view, routing_view, write_expert_map
@@ -127,7 +126,7 @@ class Dynamics(Study):
         cfg = self.config
         batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
-        with torch_threads(1), threadpool_limits(1):
+        with torch_threads(1):
             final = expert_sets(moe_run.model, self.task, batch)
             moe, dense = load_checkpoint(moe_run, step), load_checkpoint(dense_run, step)
             experts = expert_sets(moe, self.task, batch)
@@ -144,7 +143,7 @@ class Dynamics(Study):
         cfg = self.config
         batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         moe_run, dense_run = load_trained(moe_dir), load_trained(dense_dir)
-        with torch_threads(1), threadpool_limits(1):
+        with torch_threads(1):
             view = routing_view(moe_run.model, self.task, batch, N_SHOWN, seed)
             if self.shifted is None:
                 return {"map": view}

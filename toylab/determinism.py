@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 
 def data_seed(seed: int, split: str) -> int:
@@ -25,10 +26,13 @@ def step_seed(seed: int, step: int) -> int:
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with `n` torch intra-op threads, then restore the previous number."""
+    """Run a block with `n` torch intra-op threads and `n` BLAS/OpenMP threads (what scikit-learn's k-means and numpy
+    use), then restore the previous numbers. On a loaded machine one thread per worker keeps them from fighting over
+    the cores (k-means of one seed took 15.1 s with its default threads against 2.9 s with one)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(n):
+            yield
     finally:
         torch.set_num_threads(previous)
