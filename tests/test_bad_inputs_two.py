@@ -111,7 +111,11 @@ BEFORE_WRITING = [
     (STUDY + ["--set", "train.devices=3"], "devices"),
     (STUDY + ["--set", "train.accelerator=mps"], "accelerator 'mps' is not available here"),
     (STUDY + ["--set", "n_permutations=100000000000000"], "n_permutations must be in [1, 100,000]"),
-    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=5"], "token_layer=5 names no MoE layer"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=5"],
+     "hook point 'blocks.5.ln2.hook_normalized' does not exist in the study's model of brackets"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=-1"], "hook point 'blocks.-1.ln2.hook_normalized' does not exist"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_model.ffn=dense"],
+     "hook point 'blocks.1.mlp.hook_expert_indices' does not exist in the study's model of brackets (ffn='dense', n_layers=2)"),
     (["study", "run", "dictionaries", *FAST, "--set", "token_task=superposition"], "real-valued inputs, not tokens"),
     (STUDY + ["--sweep", "eval_seed=1,-1"], "eval_seed must be in [0, "),
 ]
@@ -141,6 +145,9 @@ DID_NOTHING = [
     (["tasks", "show", "brackets", "-o", "k=\u0663\u0663"], "expected int"),
     (TRAIN + ["--set", "steps=\u0663"], "expected int"),
     (STUDY + ["--seeds", "\u0663"], "invalid --seeds"),
+    (STUDY[:-2] + ["-j", "\u0663"], "Invalid value for '--workers' / '-j'"),
+    (["tasks", "show", "brackets", "-n", "\u0663"], "Invalid value for '-n'"),
+    (STUDY + ["--sweep", "n_experts=\u0662,\u0664"], "expected int"),
 ]
 
 
