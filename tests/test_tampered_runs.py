@@ -90,6 +90,9 @@ STUDY_FILES = [  # (file, tamper, what the one line says, the commands that read
     ("expert_map.json", edit("expert_map.json", lambda d: d.update(seeds=[1])), "key 'seeds' must be an object", "report"),
     ("expert_map.json", edit("expert_map.json", lambda d: d.pop("layers")), "key 'layers' is missing", "report"),
     ("expert_map.json", fifo("expert_map.json"), "it is not a regular file", "report"),
+    ("summary.json", fifo("summary.json"), "cannot write", "report"),  # what `report` replaces: refused before any figure
+    ("report.html", folder("report.html"), "it is a folder", "report"),
+    ("figures/nmi_comparison.png", fifo("figures/nmi_comparison.png"), "it is not a regular file", "report"),
 ]
 COMMANDS = {"report": lambda run: ["report", str(run)], "show": lambda run: ["runs", "show", str(run)]}
 REFUSED = [(command, *case[:3]) for case in STUDY_FILES for command in COMMANDS if command in case[3].split()]

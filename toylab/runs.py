@@ -180,11 +180,10 @@ def rerender(directory: Path) -> tuple[Path, Path]:
     """Write a finished run's `report.md` and `report.html` again, from its results (no training); return their paths.
 
     Bad input (not a run; a missing, unreadable or corrupt file; a run file that does not fit its schema in
-    `toylab.schema`) raises ToylabError before anything is written.
+    `toylab.schema`; a FIFO or a folder where a report file goes) raises ToylabError before anything is written.
     """
-    from toylab.study import StudyContext, stored_study, write_report
-
     from toylab.schema import read_checked
+    from toylab.study import StudyContext, stored_study, write_report
 
     directory = Path(directory)
     _check_run(directory)
@@ -193,5 +192,8 @@ def rerender(directory: Path) -> tuple[Path, Path]:
         timing = read_checked(directory / "timing.json", "timing") if (directory / "timing.json").exists() else None
         if (directory / "expert_map.json").exists():  # read again by the HTML writer
             read_checked(directory / "expert_map.json", "expert-map")
+        for path in [directory / name for name in ("summary.json", "report.md", "report.html")] + [
+                *directory.glob("figures/*.png"), *directory.glob("tables/*.csv")]:  # what it replaces: no FIFO or folder in the way
+            io.check_writable(path)
         write_report(study, results, ctx, timing)
     return directory / "report.md", directory / "report.html"
