@@ -67,17 +67,17 @@ def folder(name: str) -> Callable[[Path], None]:
     return apply
 
 
-STUDY_FILES = [  # (file, tamper, what the one line says, the commands that read the file)
+STUDY_FILES = [  # (file, tamper, what the one line says, the commands that read it: list and show read results' envelope)
     ("results.json", write("results.json", {}), "key 'failed_runs' is missing", "report show list"),
     ("results.json", edit("results.json", lambda d: d.update(failed_runs=3)), "key 'failed_runs' must be an array, not an integer",
      "report show list"),
-    ("results.json", edit("results.json", lambda d: d.pop("specialization")), "key 'specialization' is missing", "report show list"),
+    ("results.json", edit("results.json", lambda d: d.pop("specialization")), "key 'specialization' is missing", "report"),
     ("results.json", edit("results.json", lambda d: d["task"].update(name=5)), "key 'task.name' must be a string", "report show list"),
     ("results.json", fifo("results.json"), "it is not a regular file", "report show list"),
     ("config.json", edit("config.json", lambda d: d.update(study=5)), "key 'study' must be a string, not an integer",
      "report show list"),
     ("results.json", edit("config.json", lambda d: d.update(study="superposition")), "results.json: key 'claims' is missing",
-     "report show list"),
+     "report"),
     ("config.json", edit("config.json", lambda d: d.update(seeds="many")), "key 'seeds'", "report show list"),
     ("config.json", folder("config.json"), "it is not a regular file", "report show list"),
     ("config.json", fifo("config.json"), "it is not a regular file", "report show list"),

@@ -66,25 +66,27 @@ def study_config(directory: Path) -> dict[str, Any]:
     return read_checked(Path(directory) / "config.json", "study-config")
 
 
-def read_results(directory: Path) -> dict[str, Any]:
-    """A finished run's results, checked against the results schema of its study (`toylab.schema`), as is its config:
-    a one-line ToylabError naming the file and the offending key if either does not fit, or if the study did not finish."""
+def read_results(directory: Path, whole: bool = True) -> dict[str, Any]:
+    """A finished run's results, checked against the results schema (`toylab.schema`): the envelope every study writes
+    and, if `whole`, the keys its study always writes (what the study reads); its config is checked too. A one-line
+    ToylabError names the file and the offending key if either does not fit, or says that the study did not finish."""
     from toylab.schema import read_checked
 
     study, path = study_config(directory)["study"], Path(directory) / "results.json"
     if not (path.exists() or path.is_symlink()):
         raise ToylabError(f"{directory} has no results.json: the study did not finish (rerun `toylab study run` to resume it)")
-    return read_checked(path, "results", study)
+    return read_checked(path, "results", study if whole else None)
 
 
 def summary_rows(directory: Path) -> list[dict[str, Any]]:
     """The study's summary table of a finished run."""
     _check_run(directory)
-    return _summary(directory, read_results(directory))
+    read_results(directory, whole=False)
+    return _summary(directory)
 
 
-def _summary(directory: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """A run's summary table: its `summary.json`, else rebuilt from its `results` by its study."""
+def _summary(directory: Path) -> list[dict[str, Any]]:
+    """A run's summary table: its `summary.json`, else rebuilt by its study from its results (checked whole)."""
     from toylab.schema import read_checked
 
     path = Path(directory) / "summary.json"
@@ -92,7 +94,7 @@ def _summary(directory: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
         return table_rows(read_checked(path, "summary"))
     from toylab.study import stored_study
 
-    return stored_study(directory).summary(results)
+    return stored_study(directory).summary(read_results(directory))
 
 
 def headline(rows: list[dict[str, Any]]) -> str:
@@ -132,13 +134,13 @@ def describe(directory: Path) -> Run:
         config = study_config(directory)
         study, task, seeds = config["study"], str(config.get("task", task)), str(config.get("seeds", ""))
         if results_path.exists() or results_path.is_symlink():
-            results = read_results(directory)
+            results = read_results(directory, whole=False)  # the envelope: the study's own keys are its report's
             task = results["task"]["name"] if "task" in results else task
             failed, total = len(results["failed_runs"]), len(results.get("runs", {}))
             status = f"partial ({failed} of {total or '?'} training runs failed)" if failed else "finished"
             if seeds == "auto" and "sequential" in results:
                 seeds = f"auto: {results['sequential']['looks'][-1]['seeds']}"
-            text = headline(_summary(directory, results))
+            text = headline(_summary(directory))
     except (ToylabError, KeyError, AttributeError) as error:  # a corrupt file, or a run of an older toylab
         status, text = "corrupt", f"(cannot summarize: {' '.join(str(error).split())})"
     return Run(directory, study, task, date, directory.name, status, text, seeds, config=flatten(config))
