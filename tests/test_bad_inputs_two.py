@@ -229,3 +229,15 @@ def test_a_private_launcher_folder_is_made_private(tmp_path):
     from toylab.executors import private_folder
 
     assert private_folder(tmp_path / "launcher").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_worker_whose_parent_dies_while_it_starts_exits_at_once(tmp_path):
+    """Orphans at start-up: the parent-watch thread runs before the worker imports torch (here made to take 60 s)."""
+    slow_torch = tmp_path / "torch.py"
+    slow_torch.write_text("import time\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", "pass"])
+    parent.wait()  # a pid that is no longer our parent
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from toylab.executors import start_worker; start_worker({parent.pid})"
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, timeout=SECONDS, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr

@@ -129,19 +129,19 @@ def start_worker(parent: int) -> None:
     """Set up a local worker process: one torch thread, Ctrl-C left to the parent, death with the parent.
 
     A thread polls the parent's pid: when the parent dies (even by SIGKILL), the worker exits within
-    a second instead of training on as an orphan that could write into a run directory later.
+    a second instead of training on as an orphan that could write into a run directory later. It starts
+    first, so a parent killed while its workers still import torch (seconds) leaves none behind.
     """
-    import torch
-
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="toylab-parent-watch").start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class LocalProcesses(Executor):
