@@ -19,6 +19,7 @@ from typing import Any
 from toylab import io
 from toylab.errors import ToylabError
 from toylab.formatting import fmt, table_rows
+from toylab.schema import read_checked
 
 HEADLINE_COLUMNS = 3
 """Columns of the summary's first row shown as a run's headline numbers (besides its row names)."""
@@ -61,8 +62,6 @@ def _check_run(directory: Path) -> None:
 
 def study_config(directory: Path) -> dict[str, Any]:
     """A study run's `config.json`, checked against its schema (`toylab.schema`)."""
-    from toylab.schema import read_checked
-
     return read_checked(Path(directory) / "config.json", "study-config")
 
 
@@ -70,8 +69,6 @@ def read_results(directory: Path, whole: bool = True) -> dict[str, Any]:
     """A finished run's results, checked against the results schema (`toylab.schema`): the envelope every study writes
     and, if `whole`, the keys its study always writes (what the study reads); its config is checked too. A one-line
     ToylabError names the file and the offending key if either does not fit, or says that the study did not finish."""
-    from toylab.schema import read_checked
-
     study, path = study_config(directory)["study"], Path(directory) / "results.json"
     if not (path.exists() or path.is_symlink()):
         raise ToylabError(f"{directory} has no results.json: the study did not finish (rerun `toylab study run` to resume it)")
@@ -87,8 +84,6 @@ def summary_rows(directory: Path) -> list[dict[str, Any]]:
 
 def _summary(directory: Path) -> list[dict[str, Any]]:
     """A run's summary table: its `summary.json`, else rebuilt by its study from its results (checked whole)."""
-    from toylab.schema import read_checked
-
     path = Path(directory) / "summary.json"
     if path.exists():
         return table_rows(read_checked(path, "summary"))
@@ -149,8 +144,6 @@ def describe(directory: Path) -> Run:
 def trained_model(directory: Path, date: str) -> Run:
     """A model trained by `toylab train`: finished when its `final.json` exists, with its held-out metrics (both files
     checked against their schemas)."""
-    from toylab.schema import read_checked
-
     config, final = read_checked(directory / "config.json", "train-config"), directory / "final.json"
     metrics = read_checked(final, "final")["metrics"] if final.exists() else {}
     text = ", ".join(f"{key} {fmt(value)}" for key, value in list(metrics.items())[:HEADLINE_COLUMNS])
@@ -184,7 +177,6 @@ def rerender(directory: Path) -> tuple[Path, Path]:
     Bad input (not a run; a missing, unreadable or corrupt file; a run file that does not fit its schema in
     `toylab.schema`; a FIFO or a folder where a report file goes) raises ToylabError before anything is written.
     """
-    from toylab.schema import read_checked
     from toylab.study import StudyContext, stored_study, write_report
 
     directory = Path(directory)
