@@ -165,12 +165,13 @@ def test_a_tampered_trained_model_is_retrained_with_one_line_saying_why_and_list
     assert " corrupt " in out and str(model / file) in out and message in out, out
 
 
-@pytest.mark.parametrize("tamper", [fifo("config.json"), folder("config.json")], ids=["FIFO", "folder"])
-def test_training_over_a_config_that_is_not_a_file_is_refused_before_anything_changes(finished, tmp_path, tamper):
+@pytest.mark.parametrize("file", ["config.json", "final.json"])
+@pytest.mark.parametrize("tamper", [fifo, folder])
+def test_training_over_a_run_file_that_is_not_a_file_is_refused_before_anything_changes(finished, tmp_path, tamper, file):
     model, job = trained_model(finished, tmp_path)
-    tamper(model)
+    tamper(file)(model)
     before = snapshot(model)
-    with pytest.raises(ToylabError, match=f"cannot write {model / 'config.json'}: it is "):
+    with pytest.raises(ToylabError, match=f"^cannot write {model / file}: it is "):
         train(*job, model, progress=False)
     assert snapshot(model) == before
 

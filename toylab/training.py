@@ -452,6 +452,8 @@ def train(
     """
     run_dir = Path(run_dir)
     check_devices(cfg)
+    for name in ("config.json", "final.json"):  # a FIFO or a folder in place of a run file: refused before it is read
+        io.check_writable(run_dir / name)
     with run_lock(run_dir):
         found = trained_run(task, model_options, cfg, run_dir)
         return found if found is not None else _fit(task, model_options, cfg, run_dir, progress)
@@ -459,7 +461,6 @@ def train(
 
 def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainedModel:
     config = run_config(task, model_options, cfg)
-    io.check_writable(run_dir / "config.json")  # a FIFO or a folder in its place: refused before anything changes
     (run_dir / "final.json").unlink(missing_ok=True)  # a stale marker must never vouch for the new run
     for stale in run_dir.glob(".attempt-*"):  # logs of attempts that died
         shutil.rmtree(stale, ignore_errors=True)
