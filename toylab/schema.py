@@ -55,10 +55,21 @@ def validate(data: Any, name: str, definition: str | None = None) -> None:
         raise ToylabError(f"key '{'.'.join([*path, missing])}' is missing")
     where = f"key '{'.'.join(path)}'" if path else "the top level"
     if error.validator == "type":
-        expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        found = JSON_TYPES[PYTHON_TYPES[type(error.instance)]]
-        raise ToylabError(f"{where} must be {' or '.join(JSON_TYPES[kind] for kind in expected)}, not {found}")
+        raise ToylabError(f"{where} must be {expected(error.schema)}, not {JSON_TYPES[PYTHON_TYPES[type(error.instance)]]}")
+    if error.validator in ("anyOf", "oneOf", "enum", "const"):
+        alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else [error.schema]
+        raise ToylabError(f"{where} must be {' or '.join(expected(rule) for rule in alternatives)}, not {json.dumps(error.instance)[:40]}")
     raise ToylabError(f"{where}: {' '.join(error.message.split())[:160]}")
+
+
+def expected(rule: dict[str, Any]) -> str:
+    """What a schema's `rule` accepts, in words: "an integer", "a string or null", '"auto"'."""
+    if "const" in rule:
+        return json.dumps(rule["const"])
+    if "enum" in rule:
+        return " or ".join(json.dumps(value) for value in rule["enum"])
+    kinds = rule.get("type", [])
+    return " or ".join(JSON_TYPES[kind] for kind in (kinds if isinstance(kinds, list) else [kinds])) or "something else"
 
 
 def validate_results(data: Any, study: str | None = None) -> None:
