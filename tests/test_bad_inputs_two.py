@@ -241,3 +241,15 @@ def test_a_worker_whose_parent_dies_while_it_starts_exits_at_once(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=environment, timeout=SECONDS, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
+
+
+def test_the_hooks_a_study_reads_are_checked_against_its_model():
+    from toylab.registry import get_task
+    from toylab.study import check_hooks
+
+    task, moe = get_task("brackets"), {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2, "ffn": "moe"}
+    check_hooks(task, moe, ["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_expert_indices"])  # they exist: accepted
+    with pytest.raises(ToylabError, match=r"valid: blocks\.0\.mlp\.hook_expert_indices, blocks\.1\.mlp\.hook_expert_indices$"):
+        check_hooks(task, moe, ["blocks.2.mlp.hook_expert_indices"])
+    with pytest.raises(ToylabError, match=r"\(arch='gru', n_layers=1\); valid: none of that kind$"):
+        check_hooks(task, {"arch": "gru", "d_model": 8, "n_layers": 1}, ["blocks.0.mlp.hook_post"])
