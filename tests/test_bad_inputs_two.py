@@ -118,6 +118,8 @@ BEFORE_WRITING = [
      "hook point 'blocks.1.mlp.hook_expert_indices' does not exist in the study's model of brackets (ffn='dense', n_layers=2)"),
     (["study", "run", "dictionaries", *FAST, "--set", "token_task=superposition"], "real-valued inputs, not tokens"),
     (STUDY + ["--sweep", "eval_seed=1,-1"], "eval_seed must be in [0, "),
+    (STUDY + ["--launcher", "ray", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (STUDY + ["--sweep", "n_experts=2,4", "--launcher", "ray", "--address", "ray://127.0.0.1:1"], "cannot reach a Ray cluster"),
 ]
 
 

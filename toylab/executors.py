@@ -79,6 +79,12 @@ class LaunchConfig:
             raise ValueError("the slurm launcher needs SLURM's sbatch, which is not on this machine's PATH; "
                              "run on a SLURM login node, or use --launcher local or ray")
 
+    def check(self) -> None:
+        """Refuse (one-line ToylabError) a launcher that cannot run anything, before a study's directory is made: a Ray
+        address where nothing listens (the slurm launcher's sbatch is checked on construction)."""
+        if self.launcher == "ray" and self.address not in (None, "auto"):
+            reachable(self.address)
+
     def executor(self, folder: Path) -> Executor:
         """An executor for this launcher; SLURM jobs keep their logs under `folder`."""
         if self.launcher == "ray":

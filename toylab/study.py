@@ -622,6 +622,7 @@ def run_study(
     start, cpu = time.perf_counter(), cpu_seconds()
     study = resolve(name, overrides, fast)
     study.check()  # before any folder is written
+    launcher.check()
     if not force:
         largest = study if budget is None else resolve(name, {**(overrides or {}), "seeds": budget.max_seeds}, fast)
         check_time(largest.training_seconds() / launcher.workers, "training this study's models", TIME_FIX)
