@@ -47,7 +47,8 @@ def write_runs(out: Path, n: int = N_RUNS) -> None:
         run = out / "expert-specialization" / f"run{i:02d}"
         run.mkdir(parents=True)
         (run / "config.json").write_text(json.dumps({"study": "expert-specialization", "task": "brackets", "seeds": 5}))
-        (run / "results.json").write_text(json.dumps({"task": {"name": "brackets"}, "failed_runs": [], "runs": {"a": "b"}}))
+        (run / "results.json").write_text(json.dumps({"task": {"name": "brackets", "options": {}}, "failed_runs": [], "runs": {"a": "b"},
+                                                      "below_competence": [], "heldout": []}))
         (run / "summary.json").write_text(json.dumps(table_json([{"layer": "1", "label": "depth", "NMI routing": f"0.{i:03d}"}])))
 
 

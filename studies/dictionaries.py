@@ -17,7 +17,6 @@ from toylab.analysis.dictionary import (
 from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.specialization import ROUTER_INPUT, analysable_labels, token_activations
 from toylab.analysis.stats import INTERVAL_NOTE, UNIT, compare, mean_ci
-from toylab.errors import ToylabError
 from toylab.models.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, encode, train_sae
 from toylab.models.superposition import ToyModelConfig, ToyTrainConfig, build_toy_model, train_toy_model
 from toylab.registry import get_task, register_study
@@ -26,7 +25,7 @@ from toylab.report import (
     series_colours, verdict_text,
 )
 from toylab.study import Study, StudyContext, TrainJob
-from toylab.task import IGNORE
+from toylab.task import IGNORE, Task
 from toylab.training import TrainConfig, task_model_config
 
 METHODS = ("sae", "switch")
@@ -174,14 +173,19 @@ class Dictionaries(Study):
         self.token_task = get_task(config.token_task) if config.token_task else None
 
     def check(self) -> None:
-        """Besides the generic checks: the token model fits the token task and has an MoE layer `token_layer` to read."""
+        """Besides the generic checks (the hooks read at `token_layer` among them): the token model fits the token task."""
         super().check()
         if self.token_task is not None:
-            model = task_model_config(self.token_task, self.config.token_model)
+            task_model_config(self.token_task, self.config.token_model)
             self.token_task.check_sample(self.config.n_eval, self.config.eval_seed)
-            if model.ffn != "moe" or not 0 <= self.config.token_layer < model.n_layers:
-                raise ToylabError(f"token_layer={self.config.token_layer} names no MoE layer of token_model (ffn='{model.ffn}', "
-                                  f"n_layers={model.n_layers}); valid: 0..{model.n_layers - 1} with ffn='moe'")
+
+    def token_sites(self) -> list[str]:
+        """The hooks read from the token model at `token_layer`: router input, neurons, chosen experts, router logits."""
+        layer = self.config.token_layer
+        return [ROUTER_INPUT.format(layer=layer), *(f"blocks.{layer}.mlp.hook_{site}" for site in ("post", "expert_indices", "router_logits"))]
+
+    def hooks(self) -> list[tuple[Task, dict[str, Any], list[str]]]:
+        return [(self.token_task, self.config.token_model, self.token_sites())] if self.token_task is not None else []
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg = self.config
@@ -224,14 +228,12 @@ class Dictionaries(Study):
         cfg, task = self.config, self.token_task
         jobs = [TrainJob(f"moe-seed{seed}", task, cfg.token_model, replace(cfg.token_train, seed=seed)) for seed in range(cfg.seeds)]
         models = ctx.train(jobs)
-        site = ROUTER_INPUT.format(layer=cfg.token_layer)
-        neurons, chosen = f"blocks.{cfg.token_layer}.mlp.hook_post", f"blocks.{cfg.token_layer}.mlp.hook_expert_indices"
+        site, neurons, chosen, logits = self.token_sites()
         train_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)  # the dictionaries' training tokens
         eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed + 1, exclude=[train_batch])
         ctx.expert_map(jobs, eval_batch)
         keep = task.positions(eval_batch)
         labels = {name: eval_batch.labels[name][keep] for name in analysable_labels(task)}
-        logits = f"blocks.{cfg.token_layer}.mlp.hook_router_logits"
         subset = np.sort(np.random.default_rng(cfg.eval_seed).permutation(int(keep.sum()))[:cfg.rsa_tokens])
         seeds = [seed for seed in range(cfg.seeds) if models[f"moe-seed{seed}"] is not None]
         inputs, routing = [], []

@@ -111,9 +111,15 @@ BEFORE_WRITING = [
     (STUDY + ["--set", "train.devices=3"], "devices"),
     (STUDY + ["--set", "train.accelerator=mps"], "accelerator 'mps' is not available here"),
     (STUDY + ["--set", "n_permutations=100000000000000"], "n_permutations must be in [1, 100,000]"),
-    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=5"], "token_layer=5 names no MoE layer"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=5"],
+     "hook point 'blocks.5.ln2.hook_normalized' does not exist in the study's model of brackets"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_layer=-1"], "hook point 'blocks.-1.ln2.hook_normalized' does not exist"),
+    (["study", "run", "dictionaries", *FAST, "--set", "token_model.ffn=dense"],
+     "hook point 'blocks.1.mlp.hook_expert_indices' does not exist in the study's model of brackets (ffn='dense', n_layers=2)"),
     (["study", "run", "dictionaries", *FAST, "--set", "token_task=superposition"], "real-valued inputs, not tokens"),
     (STUDY + ["--sweep", "eval_seed=1,-1"], "eval_seed must be in [0, "),
+    (STUDY + ["--launcher", "ray", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (STUDY + ["--sweep", "n_experts=2,4", "--launcher", "ray", "--address", "ray://127.0.0.1:1"], "cannot reach a Ray cluster"),
 ]
 
 
@@ -141,6 +147,9 @@ DID_NOTHING = [
     (["tasks", "show", "brackets", "-o", "k=\u0663\u0663"], "expected int"),
     (TRAIN + ["--set", "steps=\u0663"], "expected int"),
     (STUDY + ["--seeds", "\u0663"], "invalid --seeds"),
+    (STUDY[:-2] + ["-j", "\u0663"], "Invalid value for '--workers' / '-j'"),
+    (["tasks", "show", "brackets", "-n", "\u0663"], "Invalid value for '-n'"),
+    (STUDY + ["--sweep", "n_experts=\u0662,\u0664"], "expected int"),
 ]
 
 
@@ -222,3 +231,27 @@ def test_a_private_launcher_folder_is_made_private(tmp_path):
     from toylab.executors import private_folder
 
     assert private_folder(tmp_path / "launcher").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_worker_whose_parent_dies_while_it_starts_exits_at_once(tmp_path):
+    """Orphans at start-up: the parent-watch thread runs before the worker imports torch (here made to take 60 s)."""
+    slow_torch = tmp_path / "torch.py"
+    slow_torch.write_text("import time\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", "pass"])
+    parent.wait()  # a pid that is no longer our parent
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from toylab.executors import start_worker; start_worker({parent.pid})"
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, timeout=SECONDS, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+
+
+def test_the_hooks_a_study_reads_are_checked_against_its_model():
+    from toylab.registry import get_task
+    from toylab.study import check_hooks
+
+    task, moe = get_task("brackets"), {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2, "ffn": "moe"}
+    check_hooks(task, moe, ["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_expert_indices"])  # they exist: accepted
+    with pytest.raises(ToylabError, match=r"valid: blocks\.0\.mlp\.hook_expert_indices, blocks\.1\.mlp\.hook_expert_indices$"):
+        check_hooks(task, moe, ["blocks.2.mlp.hook_expert_indices"])
+    with pytest.raises(ToylabError, match=r"\(arch='gru', n_layers=1\); valid: none of that kind$"):
+        check_hooks(task, {"arch": "gru", "d_model": 8, "n_layers": 1}, ["blocks.0.mlp.hook_post"])

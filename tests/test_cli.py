@@ -264,14 +264,16 @@ def test_runs_list_tells_runs_apart_aligns_and_speaks_json(tmp_path, capsys):
         run_dir = tmp_path / "expert-specialization" / name
         io.write_json(run_dir / "config.json", {"study": "expert-specialization", "task": "modes", "router": router, "seeds": seeds,
                                                 "train": {"steps": 1000}})
-        results = {"task": {"name": "modes"}, "runs": {}, "failed_runs": []}
+        results = {"task": {"name": "modes", "options": {}}, "runs": {}, "failed_runs": [], "below_competence": [], "heldout": []}
         if seeds == "auto":
-            results["sequential"] = {"looks": [{"seeds": 5}, {"seeds": 10}]}
+            looks = [{"seeds": n, "alpha": 0.025, "verdicts": [], "settled": False} for n in (5, 10)]
+            results["sequential"] = {"max_seeds": 10, "batch": 5, "alpha": 0.05, "rule": "obrien_fleming", "schedule": [5, 10],
+                                     "looks": looks, "stopped": "budget spent"}
         io.write_json(run_dir / "results.json", results)
         io.write_json(run_dir / "summary.json", {"rows": [[["label", "mode"], ["verdict", "more"]]]})
     model = tmp_path / "train" / "modes-moe-0123456789"
     io.write_json(model / "config.json", {"task": "modes", "task_options": {}, "model": {"ffn": "moe"}, "train": {"seed": 3}})
-    io.write_json(model / "final.json", {"metrics": {"sequence_accuracy": 1.0}})
+    io.write_json(model / "final.json", {"metrics": {"sequence_accuracy": 1.0}, "weights_sha256": "0" * 64})
     code, out, _ = run(capsys, "runs", "list", "--out", str(tmp_path))
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:6] == ["study", "task", "date", "hash", "seeds", "status"] and len(lines) == 4

@@ -79,6 +79,12 @@ class LaunchConfig:
             raise ValueError("the slurm launcher needs SLURM's sbatch, which is not on this machine's PATH; "
                              "run on a SLURM login node, or use --launcher local or ray")
 
+    def check(self) -> None:
+        """Refuse (one-line ToylabError) a launcher that cannot run anything, before a study's directory is made: a Ray
+        address where nothing listens (the slurm launcher's sbatch is checked on construction)."""
+        if self.launcher == "ray" and self.address not in (None, "auto"):
+            reachable(self.address)
+
     def executor(self, folder: Path) -> Executor:
         """An executor for this launcher; SLURM jobs keep their logs under `folder`."""
         if self.launcher == "ray":
@@ -129,19 +135,19 @@ def start_worker(parent: int) -> None:
     """Set up a local worker process: one torch thread, Ctrl-C left to the parent, death with the parent.
 
     A thread polls the parent's pid: when the parent dies (even by SIGKILL), the worker exits within
-    a second instead of training on as an orphan that could write into a run directory later.
+    a second instead of training on as an orphan that could write into a run directory later. It starts
+    first, so a parent killed while its workers still import torch (seconds) leaves none behind.
     """
-    import torch
-
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="toylab-parent-watch").start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class LocalProcesses(Executor):

@@ -134,7 +134,8 @@ def sha256(path: Path) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save a state dict as safetensors, atomically."""
+    """Save a state dict as safetensors, atomically; a write that fails (a full disk) is a one-line ToylabError."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -145,6 +146,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
             os.chmod(tmp, 0o666 & ~UMASK)  # safetensors makes 0600
             os.replace(tmp, path)
+        except SafetensorError as error:  # its I/O errors are not OSErrors: "Error while serializing: I/O error: <why>"
+            tmp.unlink(missing_ok=True)
+            raise ToylabError(f"cannot write {path}: {str(error).split('I/O error: ')[-1]}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

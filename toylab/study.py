@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io as _io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from toylab import io  # noqa: E402
@@ -42,7 +44,8 @@ from toylab.task import MAX_SEED, Batch, Task  # noqa: E402
 from toylab.models import TransformerConfig  # noqa: E402
 from toylab.models.recurrent import CELLS  # noqa: E402
 from toylab.training import (  # noqa: E402
-    TrainConfig, TrainedModel, check_devices, is_finished, load_trained, task_model_config, train, train_seconds, trained_run,
+    TrainConfig, TrainedModel, build_model, check_devices, is_finished, load_trained, task_model_config, train, train_seconds,
+    trained_run,
 )
 
 R = TypeVar("R")
@@ -312,6 +315,13 @@ class Study(ABC):
                                       + (f" (--set {key}=...)" if key in fields else ""))
             if isinstance(task, Task):
                 task_model_config(task, options)
+        for hooked, options, names in self.hooks():
+            check_hooks(hooked, options, names)
+
+    def hooks(self) -> list[tuple[Task, dict[str, Any], list[str]]]:
+        """The hook points the study reads by name from a model it trains, as (task, model options, names): `check`
+        refuses a name that model lacks (a layer it does not have, an expert hook of a dense model). None by default."""
+        return []
 
     def training_seconds(self) -> float:
         """About how long training the study's `models` takes (one run per model and seed, for each `TrainConfig`);
@@ -322,6 +332,21 @@ class Study(ABC):
         seeds = getattr(config, "seeds", 1)
         return sum(seeds * train_seconds(value, task_model_config(task, options)) for value in vars(config).values()
                    if isinstance(value, TrainConfig) for options in models.values())
+
+
+def check_hooks(task: Task, options: dict[str, Any], names: Sequence[str]) -> None:
+    """Refuse (one-line ToylabError) hook `names` that the model of `options` for `task` does not have, naming the ones
+    it has at other layers; the model is built on the meta device, so no weights are allocated."""
+    with torch.device("meta"):
+        model = build_model(task, options)
+    available = model.hook_names()
+    for name in names:
+        if name not in available:
+            site = re.sub(r"^blocks\.[^.]+\.", "", name)
+            others = [n for n in available if n == site or n.endswith(f".{site}")]
+            shape = ", ".join(f"{key}={getattr(model.cfg, key)!r}" for key in ("arch", "ffn", "n_layers") if hasattr(model.cfg, key))
+            raise ToylabError(f"hook point '{name}' does not exist in the study's model of {task.name} ({shape}); "
+                              f"valid: {', '.join(others) or 'none of that kind'}")
 
 
 def dense_and_moe(config: Any, **moe: Any) -> dict[str, dict[str, Any]]:
@@ -643,6 +668,7 @@ def run_study(
     start, cpu = time.perf_counter(), cpu_seconds()
     study = resolve(name, overrides, fast)
     study.check()  # before any folder is written
+    launcher.check()
     if not force:
         largest = study if budget is None else resolve(name, {**(overrides or {}), "seeds": budget.max_seeds}, fast)
         check_time(largest.training_seconds() / launcher.workers, "training this study's models", TIME_FIX)

@@ -40,6 +40,7 @@ from toylab.errors import DivergenceError, ToylabError
 from toylab.models import Recurrent, RecurrentConfig, Transformer, TransformerConfig
 from toylab.models.recurrent import CELLS
 from toylab.registry import get_task
+from toylab.schema import read_checked
 from toylab.splits import overlap
 from toylab.task import MAX_SEED, Batch, Task
 
@@ -452,6 +453,8 @@ def train(
     """
     run_dir = Path(run_dir)
     check_devices(cfg)
+    for name in ("config.json", "final.json"):  # a FIFO or a folder in place of a run file: refused before it is read
+        io.check_writable(run_dir / name)
     with run_lock(run_dir):
         found = trained_run(task, model_options, cfg, run_dir)
         return found if found is not None else _fit(task, model_options, cfg, run_dir, progress)
@@ -557,17 +560,13 @@ def load_trained(run_dir: Path) -> TrainedModel:
     """Load a finished run: its task, model weights (safetensors) and final metrics.
 
     A one-line ToylabError names the file when anything is missing or corrupt: `final.json` or
-    `config.json` not of their shape, an empty `metrics.csv`, weights that are another model's
+    `config.json` not of their schemas (`toylab.schema`), an empty `metrics.csv`, weights that are another model's
     (checked by their SHA-256 and shapes) or not finite.
     """
     run_dir = Path(run_dir)
     if not is_finished(run_dir):
         raise ToylabError(f"no finished run in {run_dir} (final.json missing)")
-    config, final = io.read_json(run_dir / "config.json"), io.read_json(run_dir / "final.json")
-    if not (isinstance(final, dict) and isinstance(final.get("metrics"), dict) and "weights_sha256" in final):
-        raise ToylabError(f"corrupt {run_dir / 'final.json'}: expected metrics and weights_sha256")
-    if not (isinstance(config, dict) and {"task", "task_options", "model"} <= set(config)):
-        raise ToylabError(f"corrupt {run_dir / 'config.json'}: expected task, task_options and model")
+    config, final = read_checked(run_dir / "config.json", "train-config"), read_checked(run_dir / "final.json", "final")
     logs = run_dir / "metrics.csv"
     if not logs.is_file() or len(logs.read_bytes().splitlines()) < 2:
         raise ToylabError(f"{logs} is missing or empty")
@@ -592,16 +591,13 @@ def with_weights(model: Model, path: Path, sha256: str) -> Model:
 
 def kept_steps(run_dir: Path) -> list[int]:
     """The steps of a finished run's kept weights (`checkpoint_steps`; none without `checkpoint_every`)."""
-    found = io.read_json(Path(run_dir) / "final.json").get("checkpoints", {})
-    if not isinstance(found, dict):
-        raise ToylabError(f"corrupt {Path(run_dir) / 'final.json'}: checkpoints must map steps to SHA-256")
-    return sorted(int(step) for step in found)
+    return sorted(int(step) for step in read_checked(Path(run_dir) / "final.json", "final").get("checkpoints", {}))
 
 
 def load_checkpoint(run: TrainedModel, step: int) -> Model:
     """The model of a finished run as it was at a kept `step`."""
-    found = io.read_json(run.run_dir / "final.json").get("checkpoints", {})
+    found = read_checked(run.run_dir / "final.json", "final").get("checkpoints", {})
     if str(step) not in found:
         raise ToylabError(f"no checkpoint at step {step} in {run.run_dir}; kept: {', '.join(map(str, kept_steps(run.run_dir))) or 'none'}")
-    config = io.read_json(run.run_dir / "config.json")
+    config = read_checked(run.run_dir / "config.json", "train-config")
     return with_weights(build_model(run.task, config["model"]), checkpoint_path(run.run_dir, step), found[str(step)])
