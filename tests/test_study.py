@@ -140,3 +140,15 @@ def test_the_target_note_counts_the_runs_that_stopped_and_their_steps_per_kind()
     text = section.blocks[0].markdown
     assert "`dense` 2 of 2 at its target, after 400–600 steps (mean 500) of a cap of 1000" in text
     assert "`moe` 0 of 1 at its target, after 1000–1000 steps (mean 1000)" in text
+
+
+def test_a_key_set_over_a_studys_default_keeps_the_rest_of_that_default():
+    """`--set train.lr=...` changes the learning rate of the study's own training setup (planning: 2500 steps on 160,000
+    mazes, no learning-rate floor), not of TrainConfig's class defaults; likewise one key of `model`."""
+    from toylab.study import resolve
+
+    default = resolve("planning", {}).config
+    changed = resolve("planning", {"train": {"lr": 1e-3}, "model": {"n_layers": 1}}).config
+    assert changed.train == replace(default.train, lr=1e-3)
+    assert changed.model == {**default.model, "n_layers": 1}
+    assert resolve("planning", {"train": {"steps": 1500}}, fast=True).config.train.lr_floor == 0.0  # the preset over it too

@@ -91,6 +91,26 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge nested config mappings."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_table(field: dataclasses.Field) -> dict[str, Any]:
+    """A table field's default as a table (a study's `TrainConfig(steps=1000)`, its `model` options), so keys set over
+    it keep the rest of that default rather than the nested class's own defaults; empty when the field has none."""
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if dataclasses.is_dataclass(default):
+        return to_dict(default)
+    return dict(default) if isinstance(default, Mapping) else {}
+
+
 def build(cls: type[C], options: Mapping[str, Any] | None = None, **overrides: Any) -> C:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and coercing types.
 
@@ -112,10 +132,10 @@ def build(cls: type[C], options: Mapping[str, Any] | None = None, **overrides: A
     kwargs = {}
     for key, value in values.items():
         annotation = hints[key]
-        if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
-            kwargs[key] = build(annotation, value)
+        if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):  # over the field's default, not the class's
+            kwargs[key] = build(annotation, merge(default_table(fields[key]), value))
         elif isinstance(value, Mapping) and _is_table(annotation):
-            kwargs[key] = dict(value)
+            kwargs[key] = merge(default_table(fields[key]), value)
         else:
             kwargs[key] = _coerce(value, annotation, key)
     try:

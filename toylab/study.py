@@ -31,7 +31,7 @@ from toylab import io  # noqa: E402
 from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map  # noqa: E402
 from toylab.analysis.sequential import RULES, decide, look_alphas, looks, stopping_rule_text  # noqa: E402
 from toylab.analysis.stats import MIN_SEEDS  # noqa: E402
-from toylab.config import build, check_time, config_hash, to_dict  # noqa: E402
+from toylab.config import build, check_time, config_hash, merge, to_dict  # noqa: E402
 from toylab.errors import DivergenceError, Interrupted, ToylabError  # noqa: E402
 from toylab.executors import Executor, LaunchConfig, WorkerLost  # noqa: E402
 from toylab.determinism import torch_threads  # noqa: E402
@@ -382,17 +382,6 @@ def architecture_models(config: Any, names: Sequence[str]) -> dict[str, dict[str
     defaults = {f.name: f.default for f in fields(TransformerConfig)}
     recurrent = {key: config.model.get(key, defaults[key]) for key in RECURRENT_OPTIONS}
     return {name: transformers[name] if name in transformers else {"arch": name, **recurrent} for name in names}
-
-
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge nested config mappings."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def nest(assignments: Mapping[str, Any]) -> dict[str, Any]:
