@@ -450,7 +450,9 @@ def layer_sources(
     return sources
 
 
-def ffn_activations(model: Transformer, task: Task, batch: Batch, sites: Sequence[str] = ()) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
+def ffn_activations(
+    model: Transformer, task: Task, batch: Batch, sites: Sequence[str] = ()
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
     """Every layer's FFN activations at the task's real positions, dense `(post [n, d_mlp], None)` or MoE
     `(post [n, k, d_expert], expert indices [n, k])`, and the activations at hook points `sites`: one forward pass."""
     moe = [isinstance(block.mlp, MoE) for block in model.blocks]
