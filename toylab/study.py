@@ -96,7 +96,7 @@ class StudyContext:
         self.reused_keys: set[str] = set()
         self.heldout_batches: list[dict[str, Any]] = []
         self.training_seconds = 0.0
-        """Wall time spent in `train` (the rest of a study's run is analysis)."""
+        """Wall time in `train` and `train_and_analyse` until their last run finished (the rest of a study's run is analysis)."""
         self.steps_trained = 0
         """Optimizer steps of the runs this context trained."""
         self._executor: Executor | None = None
