@@ -82,12 +82,10 @@ def probing(quick: bool) -> list[dict[str, Any]]:
     keep = task.positions(batch)
     part = batched.sequence_splits(np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep], 0, batched.FRACTIONS)
     values = {name: batch.labels[name][keep] for name in task.labels}
-    layers = []
-    for layer in range(moe.cfg.n_layers):
-        (post, routing), (dense_post, _) = (batched.ffn_activations(model, task, batch, layer) for model in (moe, dense))
-        site = ROUTER_INPUT.format(layer=layer)
-        router_input = token_activations(dense, task, batch, [site])[site]
-        layers.append(batched.layer_sources(post, routing, moe.cfg.n_experts, dense_post, router_input, 0))
+    sites = [ROUTER_INPUT.format(layer=layer) for layer in range(moe.cfg.n_layers)]
+    (moe_layers, _), (dense_layers, router_inputs) = batched.ffn_activations(moe, task, batch), batched.ffn_activations(dense, task, batch, sites)
+    layers = [batched.layer_sources(post, routing, moe.cfg.n_experts, dense_post, router_inputs[site], 0)
+              for (post, routing), (dense_post, _), site in zip(moe_layers, dense_layers, sites)]
     options = (config.ks, batched.RANKINGS[:1], config.min_count, config.max_classes, study.n_candidates, 0)
     found: dict[str, list] = {}
 

@@ -138,8 +138,9 @@ class ExpertSpecialization(Study):
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
         eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
-        models = ctx.train([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
-                          for seed in range(cfg.seeds) for kind, options in self.models.items()])
+        models, analysed = ctx.train_and_analyse([TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))
+                                                  for seed in range(cfg.seeds) for kind, options in self.models.items()],
+                                                 self.analyse, self.analyses)
         trained = {(seed, kind): models[f"{kind}-seed{seed}"] for seed in range(cfg.seeds) for kind in self.models}
         performance = {
             kind: {
@@ -148,9 +149,7 @@ class ExpertSpecialization(Study):
             }
             for kind in self.models
         }
-        pairs = [seed for seed in range(cfg.seeds) if trained[seed, "moe"] and trained[seed, "dense"]]
-        analysed = dict(zip(pairs, ctx.map(self.analyse, pairs, [ctx.run_dir(f"moe-seed{s}") for s in pairs],
-                                           [ctx.run_dir(f"dense-seed{s}") for s in pairs], description="analysing")))
+        pairs = list(analysed)
         per_seed = [analysed[seed][0] if seed in analysed else None for seed in range(cfg.seeds)]
         given_token = [analysed[seed][1] for seed in pairs]
         paths = [analysed[seed][2] for seed in pairs if analysed[seed][2] is not None]
@@ -179,6 +178,11 @@ class ExpertSpecialization(Study):
             "per_seed": per_seed,
             "runs": {key: str(ctx.run_dir(key).relative_to(ctx.directory)) for key in models},
         }
+
+    def analyses(self, seed: int, runs: dict[str, Path]) -> list[tuple[int, tuple[int, Path, Path]]]:
+        """A seed's analysis (`StudyContext.train_and_analyse`), once its MoE and dense runs are both usable."""
+        moe, dense = runs.get(f"moe-seed{seed}"), runs.get(f"dense-seed{seed}")
+        return [(seed, (seed, moe, dense))] if moe and dense else []
 
     def analyse(self, seed: int, moe_dir: Path, dense_dir: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None, dict[str, Any]]:
         """One seed's analysis (in a worker, on one torch thread): its specialization scores, H(expert | token),

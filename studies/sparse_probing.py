@@ -9,12 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from toylab.analysis.expert_map import N_SHOWN
+from toylab.analysis.expert_map import N_SHOWN, routing_view, write_expert_map
 from toylab.analysis.sparse_probing import (
     BOUNDS, FRACTIONS, KS, PSEUDO, RANKINGS, adjust_comparisons, class_scores, compare_gaps, gap_trend, gaps, macro_scores, skipped_pairs, sparse_probing,
 )
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, mean_ci
 from toylab.config import build
+from toylab.determinism import torch_threads
 from toylab.errors import ToylabError
 from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
@@ -22,7 +23,7 @@ from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars, training_curves,
 )
 from toylab.study import Study, StudyContext, TrainJob
-from toylab.training import TrainConfig, evaluate, is_finished, load_trained
+from toylab.training import TrainConfig, evaluate, load_trained
 
 LABEL_ROUTER = "label-router"
 PRIMARY = "partition"
@@ -142,30 +143,37 @@ class SparseProbing(Study):
         if max(config.ks) > self.n_candidates:
             raise ToylabError(f"ks go up to {max(config.ks)} but a unit has only {self.n_candidates} candidate neurons")
 
-    def analyse(self, job: TrainJob, run_dir: Path, dense_dir: Path | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def analyses(self, seed: int, runs: dict[str, Path]) -> list[tuple[str, tuple[str, Path, Path | None]]]:
+        """A seed's analyses (`StudyContext.train_and_analyse`): one per usable run, with the seed's dense run when usable."""
+        dense = runs.get(f"dense-seed{seed}")
+        return [(key, (key, run_dir, None if run_dir == dense else dense)) for key, run_dir in runs.items()]
+
+    def analyse(self, key: str, run_dir: Path, dense_dir: Path | None) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any] | None]:
         """One finished run (in a worker): its task metrics and k-sparse probing rows on the held-out sequences, with
-        pseudo-experts from the dense run of the same seed (`dense_dir`, None when it failed or for the dense model)."""
+        pseudo-experts from the dense run of the same seed (`dense_dir`, None when it failed or for the dense model), and
+        for the headline MoE its expert-map view."""
         cfg, model = self.config, load_trained(run_dir).model
         batch = self.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
-        name, seed = job.key.rsplit("-seed", 1)
+        name, seed = key.rsplit("-seed", 1)
         rankings = RANKINGS if name in cfg.robustness else RANKINGS[:1]
         dense = load_trained(dense_dir).model if dense_dir is not None else None
-        rows = sparse_probing(model, self.task, batch, cfg.ks, rankings, cfg.min_count, cfg.max_classes, FRACTIONS,
-                              self.n_candidates, int(seed), dense)
-        return evaluate(model, self.task, batch), [{"model": name, "seed": int(seed), **row} for row in rows]
+        with torch_threads(1):
+            rows = sparse_probing(model, self.task, batch, cfg.ks, rankings, cfg.min_count, cfg.max_classes, FRACTIONS,
+                                  self.n_candidates, int(seed), dense)
+            view = routing_view(model, self.task, batch, N_SHOWN, int(seed)) if name == self.headline() else None
+            return evaluate(model, self.task, batch), [{"model": name, "seed": int(seed), **row} for row in rows], view
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg = self.config
         jobs = [TrainJob(f"{name}-seed{seed}", self.task, options, replace(cfg.train, seed=seed))
                 for seed in range(cfg.seeds) for name, options in reversed(self.models.items())]
-        ctx.train(jobs)
-        finished = [job for job in jobs if is_finished(ctx.run_dir(job.key))]
-        dense_dirs = [None if job.key.startswith("dense-") or not is_finished(d := ctx.run_dir(f"dense-seed{job.config.seed}")) else d
-                      for job in finished]
-        analysed = dict(zip([job.key for job in finished],
-                            ctx.map(self.analyse, finished, [ctx.run_dir(job.key) for job in finished], dense_dirs, description="probing")))
-        ctx.expert_map([job for job in jobs if job.key.rsplit("-seed", 1)[0] == self.headline()], ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed))
-        rows = sorted((row for _, found in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
+        batch = ctx.heldout(self.task, cfg.n_eval, cfg.eval_seed)
+        _, analysed = ctx.train_and_analyse(jobs, self.analyse, self.analyses, description="probing")
+        views = {key.rsplit("-seed", 1)[1]: view for key, (_, _, view) in analysed.items() if view is not None}
+        if views:
+            headline = self.models[self.headline()]
+            write_expert_map(ctx.directory / "expert_map.json", self.task, batch, views, headline["n_experts"], headline["top_k"])
+        rows = sorted((row for _, found, _ in analysed.values() for row in found), key=lambda r: (list(self.models).index(r["model"]), r["seed"]))
         scores = class_scores(rows, cfg.ks)
         scores["kind"] = scores["label"].map({n: l.kind for n, l in self.task.labels.items()})
         comparisons, trends = {}, {}

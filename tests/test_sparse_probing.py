@@ -302,6 +302,27 @@ def test_model_probing_covers_every_expert_and_its_pseudo_experts() -> None:
     assert {r["units"] for r in dense_rows} == {"dense"}
 
 
+def test_labels_on_the_same_tokens_are_probed_together_as_each_alone() -> None:
+    """Three labels (a planted one, a noise one, one defined on half the tokens) over experts: the rows of one call
+    equal those of each label alone, in the same order, and the planted label is read at k=1 by the planted expert."""
+    rng = np.random.default_rng(0)
+    n, d = 1600, 8
+    values = {"planted": rng.integers(0, 3, n), "noise": rng.integers(0, 3, n), "half": np.where(rng.random(n) < 0.5, rng.integers(0, 2, n), IGNORE)}
+    labels = {name: Label(name, "function", "", ("a", "b", "c")) for name in values}
+    routing = rng.integers(0, 2, (n, 1))
+    post = rng.normal(size=(n, 1, d))
+    post[routing[:, 0] == 1, 0, :3] += 4.0 * (values["planted"][routing[:, 0] == 1, None] == np.arange(3))
+    part, sources = sequences(n, 10, 0), layer_sources(post, routing, 2)
+    options = {"ks": (1, 2), "rankings": ("mean_difference",), "min_count": 10, "n_candidates": d, "seed": 0}
+    with torch_threads(1):
+        together = probe_units(sources, values, labels, part, **options)
+        alone = [row for name in labels for row in probe_units(sources, {name: values[name]}, {name: labels[name]}, part, **options)]
+    assert json.dumps(together) == json.dumps(alone) and {row["label"] for row in together} == set(labels)
+    planted = [r for r in together if r["label"] == "planted" and r["variant"] == "neurons"]
+    assert all(r["unit"][0] == 1 and r["f1"][0] > 0.95 for r in planted)
+    assert all(r["lift"][0] < 0.2 for r in together if r["label"] == "noise" and r["variant"] == "neurons")
+
+
 BINARY = Label("y", "function", "", ("a", "b", "c", "d"))
 
 

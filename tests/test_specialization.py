@@ -157,3 +157,23 @@ def test_families_put_function_labels_of_the_last_layer_first_and_correct_each_f
         adjusted += sum(f["adjusted"]["more"] + f["adjusted"]["less"] > 0 for f in families.values())
         assert all("raw_verdict" in s["verdict"] for labels in summary.values() for s in labels.values())
     assert raw >= 90 and adjusted <= 0.1 * 100 * 4  # at most about 5% of the 400 families, with room for chance
+
+
+def test_activations_past_the_memory_bound_are_refused_in_one_line(monkeypatch) -> None:
+    """`token_activations` collects every hook point in one forward pass, within `ACTIVATION_BYTES`."""
+    from toylab.analysis import specialization as module
+    from toylab.errors import ToylabError
+    from toylab.models import Transformer, TransformerConfig
+
+    task = get_task("brackets")
+    model = Transformer(TransformerConfig(vocab_size=len(task.vocab), max_len=task.seq_len, d_model=16, n_heads=2, d_mlp=16, n_layers=1,
+                                          ffn="moe", n_experts=2)).eval()
+    batch, names = task.sample(8, 0), ["blocks.0.mlp.hook_post", "blocks.0.ln2.hook_normalized"]
+    calls = []
+    monkeypatch.setattr(type(model), "forward", lambda self, *args, _f=type(model).forward: calls.append(1) or _f(self, *args))
+    found = module.token_activations(model, task, batch, names)
+    assert len(calls) == 2 and [found[name].shape[0] for name in names] == [int(task.positions(batch).sum())] * 2  # one sequence, then all
+    monkeypatch.setattr(module, "ACTIVATION_BYTES", 1024)
+    with pytest.raises(ToylabError, match=r"activations of 8 sequences at 2 hook point\(s\) would take .* GiB, above the bound") as error:
+        module.token_activations(model, task, batch, names)
+    assert "\n" not in str(error.value)

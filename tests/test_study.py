@@ -3,6 +3,7 @@
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,51 @@ def test_map_keeps_the_order_of_its_arguments_and_raises_their_errors(tmp_path, 
         with pytest.raises(ValueError, match="math domain error"):
             ctx.map(math.sqrt, [4, -1, 9], description="roots")
         assert ctx.map(abs, [-1, -2], description="the workers still serve") == [1, 2]
+
+
+def weight_sum(*run_dirs) -> float:
+    """A stand-in analysis of a group's runs (in a worker): the sum of their weights."""
+    return float(sum(t.double().sum() for d in run_dirs for t in load_tensors(Path(d) / "model.safetensors").values()))
+
+
+def seed_plan(seed: int, runs: dict) -> list:
+    """One analysis per seed of the runs usable there, one more per usable MoE run."""
+    return [(f"seed{seed}", tuple(runs.values())), *((key, (d,)) for key, d in runs.items() if key.startswith("moe"))]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_and_analyse_gives_the_models_of_train_and_analyses_in_plan_order(tmp_path, workers) -> None:
+    """Each seed's analysis runs once its runs are done; results and their order do not depend on the workers, a
+    diverged run is left out of its group's plan as `train` leaves it out, and a rerun reuses every run."""
+    runs = jobs()
+    runs[1] = replace(runs[1], config=replace(runs[1].config, lr=1e12, grad_clip=1e12, steps=40, eval_every=40))  # moe-seed0 diverges
+    with StudyContext(tmp_path / "pipelined", progress=False, workers=workers, competence=0) as ctx:
+        models, analysed = ctx.train_and_analyse(runs, weight_sum, seed_plan)
+    with StudyContext(tmp_path / "trained", progress=False, competence=0) as alone:
+        trained = alone.train(runs)
+    assert list(analysed) == ["seed0", "seed1", "moe-seed1"]
+    assert [f["run"] for f in ctx.failures] == [f["run"] for f in alone.failures] == ["moe-seed0"]
+    assert {key: m is None for key, m in models.items()} == {key: m is None for key, m in trained.items()}
+    assert analysed["seed0"] == weight_sum(ctx.run_dir("dense-seed0"))
+    assert analysed["seed1"] == weight_sum(ctx.run_dir("dense-seed1"), ctx.run_dir("moe-seed1"))
+    assert ctx.training_seconds > 0 and ctx.steps_trained == 6 * 3
+    with StudyContext(tmp_path / "pipelined", progress=False, competence=0) as again:
+        assert again.train_and_analyse(runs, weight_sum, seed_plan)[1] == analysed
+    assert (again.trained, again.reused) == (1, 3)  # the diverged run is tried again
+
+
+def test_train_and_analyse_leaves_below_competence_runs_out_and_raises_analysis_errors(tmp_path) -> None:
+    with StudyContext(tmp_path, progress=False, competence=0) as ctx:
+        scores = {key: model.metrics["closing_accuracy"] for key, model in ctx.train(jobs()).items()}
+    middle = (min(scores.values()) + max(scores.values())) / 2
+    with StudyContext(tmp_path, progress=False, competence=middle) as ctx:
+        models, analysed = ctx.train_and_analyse(jobs(), weight_sum, seed_plan)
+    kept = [key for key, value in scores.items() if value >= middle]
+    assert sorted(key for key, model in models.items() if model is not None) == sorted(kept)
+    assert set(analysed) == {f"seed{seed}" for seed in (0, 1) if any(k.endswith(f"seed{seed}") for k in kept)} | {
+        k for k in kept if k.startswith("moe")}
+    with StudyContext(tmp_path, progress=False, competence=0) as ctx, pytest.raises(ValueError, match="math domain"):
+        ctx.train_and_analyse(jobs(), math.sqrt, lambda seed, runs: [(seed, (-1,))])
 
 
 SEQUENTIAL = {"task": "modes", "primary_labels": ["mode"], "null_draws": 0, "n_permutations": 30,

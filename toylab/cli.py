@@ -370,7 +370,8 @@ def study_run(
     """
     from toylab.executors import LaunchConfig
     from toylab.formatting import markdown_table, terminal_summary
-    from toylab.study import SeedBudget, available_cpus, merge, nest, run_study
+    from toylab.config import merge
+    from toylab.study import SeedBudget, available_cpus, nest, run_study
     from toylab.sweep import parse_sweep, run_sweep
 
     assignments = parse_assignments(set_)

@@ -1,9 +1,11 @@
 """Where a study's calls run: in this process, in local worker processes, on Ray, or as SLURM jobs.
 
-`StudyContext.map` hands its calls to an `Executor`, which yields `(index, error, result)` as each
-call finishes. Every backend runs a call through `capture`, so a call's own exception comes back as
-its `error` the same way everywhere; a worker that dies (killed, out of memory, a lost node, a job
-past its time limit) comes back as `WorkerLost`. Ctrl-C stops everything in flight.
+`StudyContext` hands its calls to an `Executor`: `submit` starts one call (or queues it) and `next_done` waits for
+any of them to finish, so a caller may start new calls while others run (`StudyContext.train_and_analyse`); `run`
+starts a list of calls and yields `(index, error, result)` as each finishes (`StudyContext.map`). Every backend runs a
+call through `capture`, so a call's own exception comes back as its `error` the same way everywhere; a worker that
+dies (killed, out of memory, a lost node, a job past its time limit) comes back as `WorkerLost`. Ctrl-C stops
+everything in flight.
 
     LaunchConfig(launcher="local", workers=4)                  # spawned processes (the default)
     LaunchConfig(launcher="ray", address="auto")               # tasks on a running Ray cluster
@@ -29,8 +31,9 @@ import stat
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +110,33 @@ def capture(function: Callable[..., Any], args: Call, threads: int | None = None
 
 
 class Executor(ABC):
-    """Runs calls somewhere and yields them as they finish."""
+    """Runs calls somewhere and hands them back as they finish."""
 
     parallel: int = 1
-    """How many calls may run at once (for the progress bar)."""
+    """How many calls may run at once (a caller keeps this many in flight; the progress bar says it)."""
+    _submitted: int = 0
+
+    def submit(self, function: Callable[..., Any], args: Call) -> int:
+        """Start `function(*args)` (or queue it); its number, counting the calls submitted to this executor from 0."""
+        number = self._submitted
+        self._submitted += 1
+        self.start(number, function, args)
+        return number
 
     @abstractmethod
+    def start(self, number: int, function: Callable[..., Any], args: Call) -> None:
+        """Start call `number` (`submit`)."""
+
+    @abstractmethod
+    def next_done(self) -> Done:
+        """Wait for a submitted call to finish and hand it back: `(its number, error, result)`, each call once."""
+
     def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
-        """Start every call and yield `(index, error, result)` as each finishes."""
+        """Start every call and yield `(index in calls, error, result)` as each finishes."""
+        index = {self.submit(function, args): i for i, args in enumerate(calls)}
+        for _ in calls:
+            number, error, result = self.next_done()
+            yield index[number], error, result
 
     def stop(self) -> None:
         """Stop what is in flight now (after Ctrl-C or an error)."""
@@ -124,11 +146,20 @@ class Executor(ABC):
 
 
 class InProcess(Executor):
-    """One call after another in this process."""
+    """One call after another in this process, each when it is waited for."""
 
-    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
-        for index, args in enumerate(calls):
-            yield index, *capture(function, args)
+    def __init__(self) -> None:
+        self._queue: deque[tuple[int, Callable[..., Any], Call]] = deque()
+
+    def start(self, number: int, function: Callable[..., Any], args: Call) -> None:
+        self._queue.append((number, function, args))
+
+    def next_done(self) -> Done:
+        number, function, args = self._queue.popleft()
+        return number, *capture(function, args)
+
+    def stop(self) -> None:
+        self._queue.clear()
 
 
 def start_worker(parent: int) -> None:
@@ -156,24 +187,32 @@ class LocalProcesses(Executor):
     def __init__(self, workers: int) -> None:
         self.parallel = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict[Future, int] = {}
 
-    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+    def pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.parallel, mp_context=context, initializer=start_worker,
-                                             initargs=(os.getpid(),))
-        futures = {self._pool.submit(capture, function, args): index for index, args in enumerate(calls)}
-        broken = False
-        for future in as_completed(futures):
-            try:
-                yield futures[future], *future.result()
-            except BrokenProcessPool as error:  # a worker died: every call still in the pool is lost with it
-                broken = True
-                yield futures[future], WorkerLost(f"a worker process died ({error})"), None
-        if broken:
-            self.stop()  # the next run starts a fresh pool
+            self._pool = ProcessPoolExecutor(self.parallel, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
+        return self._pool
 
-    def stop(self) -> None:
+    def start(self, number: int, function: Callable[..., Any], args: Call) -> None:
+        try:
+            future = self.pool().submit(capture, function, args)
+        except BrokenProcessPool:  # a worker died: the calls in flight come back lost (`next_done`); a fresh pool takes this one
+            self._kill()
+            future = self.pool().submit(capture, function, args)
+        self._futures[future] = number
+
+    def next_done(self) -> Done:
+        done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+        future = min(done, key=self._futures.__getitem__)
+        number = self._futures.pop(future)
+        try:
+            return number, *future.result()
+        except (BrokenProcessPool, CancelledError) as error:  # a worker died: every call still in the pool is lost with it
+            return number, WorkerLost(f"a worker process died ({error or 'its pool was shut down'})"), None
+
+    def _kill(self) -> None:
         """Cancel what has not started and kill the processes running the rest."""
         if self._pool is None:
             return
@@ -184,6 +223,11 @@ class LocalProcesses(Executor):
         for process in processes:
             process.join()
         self._pool = None
+
+    def stop(self) -> None:
+        """Kill the workers and forget every call in flight."""
+        self._kill()
+        self._futures.clear()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -213,7 +257,7 @@ class RayTasks(Executor):
             raise ToylabError('the ray launcher needs Ray: pip install "toylab[ray]"') from None
         self.ray, self.parallel = ray, workers
         self._started = False
-        self._pending: list[Any] = []
+        self._refs: dict[Any, int] = {}
         if not ray.is_initialized():
             if address not in (None, "auto"):
                 reachable(address)
@@ -227,22 +271,23 @@ class RayTasks(Executor):
             if address:
                 self.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
-        ray = self.ray
-        remote = ray.remote(num_cpus=1, max_retries=0)(capture)
-        refs = {remote.remote(function, args, 1): index for index, args in enumerate(calls)}
-        self._pending = list(refs)
-        while self._pending:
-            (ready,), self._pending = ray.wait(self._pending, num_returns=1)
-            try:
-                yield refs[ready], *ray.get(ready)
-            except ray.exceptions.RayError as error:  # the worker or its node died
-                yield refs[ready], WorkerLost(f"a Ray worker died ({str(error).splitlines()[0]})"), None
+        self._remote = ray.remote(num_cpus=1, max_retries=0)(capture)
+
+    def start(self, number: int, function: Callable[..., Any], args: Call) -> None:
+        self._refs[self._remote.remote(function, args, 1)] = number
+
+    def next_done(self) -> Done:
+        (ready,), _ = self.ray.wait(list(self._refs), num_returns=1)
+        number = self._refs.pop(ready)
+        try:
+            return number, *self.ray.get(ready)
+        except self.ray.exceptions.RayError as error:  # the worker or its node died
+            return number, WorkerLost(f"a Ray worker died ({str(error).splitlines()[0]})"), None
 
     def stop(self) -> None:
-        for ref in self._pending:
+        for ref in self._refs:
             self.ray.cancel(ref, force=True)
-        self._pending = []
+        self._refs = {}
         self.close()
 
     def close(self) -> None:
@@ -279,24 +324,32 @@ class SlurmJobs(Executor):
             parameters["slurm_partition"] = partition
         self.executor.update_parameters(**parameters)
         self.parallel = 1_000_000  # the scheduler decides
-        self._jobs: list[Any] = []
+        self._jobs: list[tuple[Any, int]] = []
 
-    def run(self, function: Callable[..., Any], calls: Sequence[Call]) -> Iterator[Done]:
+    def start(self, number: int, function: Callable[..., Any], args: Call) -> None:
         try:
-            self._jobs = [self.executor.submit(capture, function, args, 1) for args in calls]
+            self._jobs.append((self.executor.submit(capture, function, args, 1), number))
         except Exception as error:  # noqa: BLE001 - sbatch missing or refusing: one line
             raise ToylabError(f"cannot submit SLURM jobs: {str(error).splitlines()[0]}") from None
-        index = {id(job): i for i, job in enumerate(self._jobs)}
-        for job in self.submitit.helpers.as_completed(self._jobs, poll_frequency=0.5):
-            try:
-                yield index[id(job)], *job.result()
-            except self.submitit.core.utils.UncompletedJobError as error:  # killed, preempted, out of time
-                yield index[id(job)], WorkerLost(f"SLURM job {job.job_id} did not finish ({str(error).splitlines()[0]})"), None
-            except self.submitit.core.utils.FailedJobError as error:
-                yield index[id(job)], WorkerLost(f"SLURM job {job.job_id} failed ({str(error).splitlines()[0]})"), None
-        self._jobs = []
+
+    def next_done(self) -> Done:
+        while True:
+            for at, (job, number) in enumerate(self._jobs):
+                if job.done():
+                    del self._jobs[at]
+                    return number, *self.result(job)
+            time.sleep(0.5)
+
+    def result(self, job: Any) -> tuple[BaseException | None, Any]:
+        """A finished job's `capture` result, or `WorkerLost` when SLURM killed it or it failed outside the call."""
+        try:
+            return job.result()
+        except self.submitit.core.utils.UncompletedJobError as error:  # killed, preempted, out of time
+            return WorkerLost(f"SLURM job {job.job_id} did not finish ({str(error).splitlines()[0]})"), None
+        except self.submitit.core.utils.FailedJobError as error:
+            return WorkerLost(f"SLURM job {job.job_id} failed ({str(error).splitlines()[0]})"), None
 
     def stop(self) -> None:
-        for job in self._jobs:
+        for job, _ in self._jobs:
             job.cancel(check=False)
         self._jobs = []

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -49,6 +50,9 @@ from toylab.training import (  # noqa: E402
 )
 
 R = TypeVar("R")
+Plan = Callable[[Hashable, dict[str, Path]], Iterable[tuple[Hashable, tuple[Any, ...]]]]
+"""`plan(group, runs)` of `StudyContext.train_and_analyse`: a finished group's usable runs (`{job key: run dir}`) to keyed
+calls `(key, args)` of its analysis function."""
 MAX_PERMUTATIONS = 100_000
 """Permutations of a null distribution: p-values resolve to 1e-5, beyond any family's corrected alpha."""
 TIME_FIX = "ask for fewer seeds, steps or sweep points"
@@ -97,7 +101,7 @@ class StudyContext:
         self.reused_keys: set[str] = set()
         self.heldout_batches: list[dict[str, Any]] = []
         self.training_seconds = 0.0
-        """Wall time spent in `train` (the rest of a study's run is analysis)."""
+        """Wall time in `train` and `train_and_analyse` until their last run finished (the rest of a study's run is analysis)."""
         self.steps_trained = 0
         """Optimizer steps of the runs this context trained."""
         self.run_steps: dict[str, dict[str, Any]] = {}
@@ -137,9 +141,7 @@ class StudyContext:
         Workers start once and serve every `map` until the context exits; Ctrl-C stops them all.
         """
         calls = list(zip(*iterables))
-        if self._executor is None:
-            self._executor = self.launcher.executor(io.below(self.directory, "launcher"))
-        executor, results = self._executor, [None] * len(calls)
+        executor, results = self.executor(), [None] * len(calls)
         parallel = f" ({min(executor.parallel, len(calls))} at once)" if executor.parallel > 1 else ""
         try:
             for index, error, result in self.bar(executor.run(function, calls), len(calls), description + parallel):
@@ -147,10 +149,15 @@ class StudyContext:
                     raise error
                 results[index] = error if error is not None else result
         except BaseException:  # an error or Ctrl-C: stop everything in flight
-            executor.stop()
-            self._executor = None
+            self.abandon()
             raise
         return results
+
+    def executor(self) -> Executor:
+        """The study's executor: its workers start with the first call that needs them and serve every later one."""
+        if self._executor is None:
+            self._executor = self.launcher.executor(io.below(self.directory, "launcher"))
+        return self._executor
 
     def train(self, jobs: Sequence[TrainJob]) -> dict[str, TrainedModel | None]:
         """Train (or reuse) every job; a run that diverges or whose worker dies twice is recorded and gives None.
@@ -158,51 +165,129 @@ class StudyContext:
         Unfinished jobs train on the study's launcher (one torch thread each by default); every run is
         seeded on its own, so the results are the same whatever the launcher and number of workers.
         Ctrl-C raises `Interrupted` saying how many runs finished; if every job fails, ToylabError.
+        A run below its competence threshold (`competent`) is recorded in `below` and gives None.
+        """
+        return self.train_and_analyse(jobs)[0]
+
+    def train_and_analyse(
+        self, jobs: Sequence[TrainJob], function: Callable[..., R] | None = None, plan: Plan | None = None,
+        group_by: Callable[[TrainJob], Hashable] = lambda job: job.config.seed, description: str = "analysing",
+    ) -> tuple[dict[str, TrainedModel | None], dict[Hashable, R]]:
+        """`train(jobs)`, and each group's analysis on the same workers as soon as the group's runs are done.
+
+        The jobs fall in groups by `group_by` (by default their seed). Once every run of a group has finished, failed or
+        been reused, `plan(group, runs)` (here) turns the group's usable runs, `{key: run dir}` of those `train` gives a
+        model for (failed and below-competence runs left out), into keyed calls `(key, args)`, and `function(*args)` runs
+        in the workers, before any training still queued: no worker idles while runs remain, and the analysis of the
+        last group is all that follows the last run. Returns `train`'s models and `{key: result}` in the order of the
+        groups (first job first) and of each plan, so the results are the same whatever the number of workers and the
+        order in which calls finish. An analysis's exception stops everything and propagates (a call lost with its
+        worker is retried once, as a run is); Ctrl-C raises `Interrupted`, and a rerun reuses the finished runs.
         """
         start = time.perf_counter()
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
         pending = [job for job in jobs if found[job.key] is None]
         self.reused_keys |= {job.key for job in jobs if found[job.key] is not None} - self.trained_keys
         self.trained_keys |= {job.key for job in pending}
+        groups: dict[Hashable, list[TrainJob]] = {}
+        for job in jobs:
+            groups.setdefault(group_by(job), []).append(job)
+        waiting = {group: {job.key for job in members if found[job.key] is None} for group, members in groups.items()}
+        models: dict[str, TrainedModel | None] = {key: model for key, model in found.items() if model is not None}
         failed: dict[str, str] = {}
+        planned: dict[Hashable, list[Hashable]] = {}
+        analysed: dict[Hashable, Any] = {}
+        calls: deque[tuple[Hashable, tuple[Any, ...]]] = deque()
+        queue, lost = deque(pending), set()
+        in_flight: dict[int, tuple[TrainJob | None, Hashable, tuple[Any, ...]]] = {}
+        trained_at = start
+
+        def ready(group: Hashable) -> None:
+            if plan is not None and not waiting[group]:
+                runs = {job.key: self.run_dir(job.key) for job in groups[group]
+                        if models.get(job.key) is not None and self.competent(job, models[job.key]) is None}
+                planned[group] = []
+                for key, args in plan(group, runs) if runs else ():
+                    planned[group].append(key)
+                    calls.append((key, args))
+                bar.total += len(planned[group])
+                bar.refresh()
+
+        executor = self.executor()
+        parallel = f" ({executor.parallel} at once)" if executor.parallel > 1 else ""
+        bar = tqdm(total=len(pending), desc=("training" if plan is None else f"training and {description}") + parallel,
+                   disable=not self.progress, leave=False)
         try:
-            for attempt in range(2):  # a lost worker takes its calls (with a local pool, all in flight) with it: retry once
-                errors = self.map(train_or_fail, pending, [self.run_dir(job.key) for job in pending],
-                                  description="training" if attempt == 0 else "retraining after a lost worker", errors="return")
-                for job, error in zip(pending, errors):
-                    if error is None:
-                        failed.pop(job.key, None)  # a retried run that finished has not failed
-                    elif isinstance(error, (DivergenceError, WorkerLost)):
-                        failed[job.key] = str(error)
+            for group in groups:
+                ready(group)
+            while calls or queue or in_flight:
+                while len(in_flight) < executor.parallel and calls:  # analyses first: their runs are done
+                    key, args = calls.popleft()
+                    in_flight[executor.submit(function, args)] = (None, key, args)
+                while len(in_flight) < executor.parallel and queue:
+                    job = queue.popleft()
+                    in_flight[executor.submit(train_or_fail, (job, self.run_dir(job.key)))] = (job, job.key, ())
+                number, error, result = executor.next_done()
+                job, key, args = in_flight.pop(number)
+                if isinstance(error, WorkerLost) and (job is None, key) not in lost:  # a lost worker takes its calls: retry once
+                    lost.add((job is None, key))
+                    if job is None:
+                        calls.appendleft((key, args))
                     else:
+                        queue.appendleft(job)
+                    continue
+                bar.update()
+                if job is None:
+                    if error is not None:
                         raise error
-                pending = [job for job, error in zip(pending, errors) if isinstance(error, WorkerLost)]
-                if not pending:
-                    break
+                    analysed[key] = result
+                    continue
+                if error is None:
+                    models[job.key] = load_trained(self.run_dir(job.key))
+                elif isinstance(error, (DivergenceError, WorkerLost)):
+                    failed[job.key] = str(error)
+                else:
+                    raise error
+                trained_at = time.perf_counter()
+                waiting[group_by(job)].discard(job.key)
+                ready(group_by(job))
         except KeyboardInterrupt:
+            self.abandon()
             done = sum(is_finished(self.run_dir(job.key)) for job in jobs)
             raise Interrupted(f"interrupted: {done} of {len(jobs)} training runs finished; rerun the same command to resume") from None
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            bar.close()
+        self.training_seconds += trained_at - start
         if jobs and len(failed) == len(jobs):
             raise ToylabError(f"all {len(jobs)} training runs failed; first: {jobs[0].key}: {failed[jobs[0].key]}")
-        for key, error in failed.items():
-            self.failures.append({"run": key, "error": error})
-            tqdm.write(f"run {key} failed: {error}", file=sys.stderr)
-        models = {job.key: None if job.key in failed else found[job.key] or load_trained(self.run_dir(job.key)) for job in jobs}
+        for job in jobs:  # in the jobs' order, whatever the order they failed in
+            if job.key in failed:
+                self.failures.append({"run": job.key, "error": failed[job.key]})
+                tqdm.write(f"run {job.key} failed: {failed[job.key]}", file=sys.stderr)
         finals = {job.key: io.read_json(self.run_dir(job.key) / "final.json") for job in jobs if job.key not in failed}
-        self.steps_trained += sum(finals[job.key].get("steps", job.config.steps) for job in jobs if job.key in finals and found[job.key] is None)
+        self.steps_trained += sum(finals[job.key].get("steps", job.config.steps) for job in pending if job.key in finals)
         self.run_steps |= {job.key: {"steps": finals[job.key]["steps"], "cap": job.config.steps,
                                      "stopped_at_target": finals[job.key]["stopped_at_target"]}
                            for job in jobs if job.key in finals and job.config.target is not None}
-        self.training_seconds += time.perf_counter() - start
-        below = [b for job in jobs if models[job.key] is not None and (b := self.competent(job, models[job.key])) is not None]
+        below = [b for job in jobs if job.key not in failed and (b := self.competent(job, models[job.key])) is not None]
         if below and len(below) + len(failed) == len(jobs):
             best = max(below, key=lambda b: b["value"])
             raise ToylabError(f"no model reached the competence threshold of task '{best['task']}' ({best['metric']} >= "
                               f"{best['threshold']:g} on held-out validation; best {best['value']:.3f}, run {best['run']}): train "
                               "longer (--set train.steps=...), or --set competence=0 for a smoke test whose verdicts mean nothing")
         self.below += below
-        left_out = {b["run"] for b in below}
-        return {key: None if key in left_out else model for key, model in models.items()}
+        left_out = {b["run"] for b in below} | set(failed)
+        return ({job.key: None if job.key in left_out else models[job.key] for job in jobs},
+                {key: analysed[key] for group in groups for key in planned.get(group, ())})
+
+    def abandon(self) -> None:
+        """Stop every call in flight (after Ctrl-C or an error); the next call starts fresh workers."""
+        if self._executor is not None:
+            self._executor.stop()
+            self._executor = None
 
     def competent(self, job: TrainJob, trained: TrainedModel) -> dict[str, Any] | None:
         """None when the run reaches its competence threshold (or the task has none), else what it missed by."""

@@ -22,7 +22,8 @@ from toylab.config import check_time, config_hash
 from toylab.errors import ToylabError
 from toylab.executors import LaunchConfig
 from toylab.report import markdown_table
-from toylab.study import TIME_FIX, merge, nest, resolve, run_study
+from toylab.config import merge
+from toylab.study import TIME_FIX, nest, resolve, run_study
 
 
 @dataclass

@@ -362,19 +362,31 @@ def probe_units(
     candidates from `(seed, u)`, the same for every source. One row per (label, class, source, variant,
     ranking): `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too
     few positives or negatives). A class no unit of a source can probe is left out of that source.
+
+    Labels defined on the same tokens are probed together, their classes side by side as the columns of one set of
+    targets, so each unit's activations are prepared (candidates drawn, rotated, standardized, ranked) once for all of them.
     """
-    probed, inputs = [], []  # (label, classes, source, number of units); sparse_probes inputs
-    for name, label in labels.items():
-        targets, defined, classes = binary_targets(values[name], label, max_classes)
+    targets = {name: binary_targets(values[name], label, max_classes) for name, label in labels.items()}
+    together: dict[bytes, list[str]] = {}
+    for name, (_, defined, _) in targets.items():
+        together.setdefault(np.packbits(defined).tobytes(), []).append(name)
+    inputs, spans = [], {}  # sparse_probes inputs; (label, source) -> (first input, its columns)
+    for names in together.values():
+        defined, joined = targets[names[0]][1], np.concatenate([targets[name][0] for name in names], 1)
+        ends = np.cumsum([targets[name][0].shape[1] for name in names])
         for source, units in sources.items():
-            probed.append((name, classes, source, len(units)))
+            spans.update({(name, source): (len(inputs), slice(end - targets[name][0].shape[1], end)) for name, end in zip(names, ends)})
             for u, (acts, tokens) in enumerate(units):
                 used = defined[tokens]
-                inputs.append((acts[used], targets[tokens[used]], part[tokens[used]], (seed, u)))
-    found = iter(sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates))
+                inputs.append((acts[used], joined[tokens[used]], part[tokens[used]], (seed, u)))
+    found = sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates)
     rows = []
-    for name, classes, source, n_units in probed:
-        rows += unit_rows(name, labels[name], classes, source, [next(found) for _ in range(n_units)])
+    for name in labels:
+        for source, units in sources.items():
+            first, columns = spans[name, source]
+            rows += unit_rows(name, labels[name], targets[name][2], source, [
+                {"kept": r["kept"][columns], "f1": {v: {rank: f1[columns] for rank, f1 in by.items()} for v, by in r["f1"].items()}}
+                for r in found[first : first + len(units)]])
     return rows
 
 
@@ -438,14 +450,17 @@ def layer_sources(
     return sources
 
 
-def ffn_activations(model: Transformer, task: Task, batch: Batch, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """A layer's FFN activations at the task's real positions: dense `(post [n, d_mlp], None)`, MoE
-    `(post [n, k, d_expert], expert indices [n, k])`."""
-    if not isinstance(model.blocks[layer].mlp, MoE):
-        return token_activations(model, task, batch, [NEURONS.format(layer=layer)])[NEURONS.format(layer=layer)], None
-    names = [NEURONS.format(layer=layer), EXPERTS.format(layer=layer)]
+def ffn_activations(
+    model: Transformer, task: Task, batch: Batch, sites: Sequence[str] = ()
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
+    """Every layer's FFN activations at the task's real positions, dense `(post [n, d_mlp], None)` or MoE
+    `(post [n, k, d_expert], expert indices [n, k])`, and the activations at hook points `sites`: one forward pass."""
+    moe = [isinstance(block.mlp, MoE) for block in model.blocks]
+    names = [NEURONS.format(layer=layer) for layer in range(len(moe))]
+    names += [EXPERTS.format(layer=layer) for layer in range(len(moe)) if moe[layer]] + list(sites)
     acts = token_activations(model, task, batch, names)
-    return acts[names[0]], acts[names[1]]
+    layers = [(acts[NEURONS.format(layer=layer)], acts[EXPERTS.format(layer=layer)] if moe[layer] else None) for layer in range(len(moe))]
+    return layers, {site: acts[site] for site in sites}
 
 
 def sparse_probing(
@@ -465,22 +480,24 @@ def sparse_probing(
 
     A dense model gives source `dense`; an MoE gives `experts` and, with `dense` (a dense model of the same
     architecture, run on the same batch), the `PSEUDO` pseudo-experts made of its neurons. The splits are by sequence.
+    Each model runs once over the batch (`ffn_activations`), every layer's activations collected together.
     """
     keep = task.positions(batch)
     sequence = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
     part = sequence_splits(sequence, seed, fractions)
     values = {name: batch.labels[name][keep] for name in task.labels}
+    layers, _ = ffn_activations(model, task, batch)
+    if dense is not None and any(routing is not None for _, routing in layers):
+        sites = [ROUTER_INPUT.format(layer=layer) for layer in range(len(layers))]
+        dense_layers, router_inputs = ffn_activations(dense, task, batch, sites)
+        if any(routing is not None for _, routing in dense_layers):
+            raise ToylabError("pseudo-experts need a dense model; got an MoE")
     rows = []
-    for layer in range(model.cfg.n_layers):
-        post, routing = ffn_activations(model, task, batch, layer)
+    for layer, (post, routing) in enumerate(layers):
         dense_post = router_input = None
         n_experts = model.blocks[layer].mlp.n_experts if routing is not None else 1
         if routing is not None and dense is not None:
-            dense_post, dense_routing = ffn_activations(dense, task, batch, layer)
-            if dense_routing is not None:
-                raise ToylabError("pseudo-experts need a dense model; got an MoE")
-            site = ROUTER_INPUT.format(layer=layer)
-            router_input = token_activations(dense, task, batch, [site])[site]
+            dense_post, router_input = dense_layers[layer][0], router_inputs[ROUTER_INPUT.format(layer=layer)]
         sources = layer_sources(post, routing, n_experts, dense_post, router_input, seed)
         rows += [{"layer": layer, **row} for row in
                  probe_units(sources, values, task.labels, part, ks, rankings, min_count, max_classes, n_candidates, seed)]

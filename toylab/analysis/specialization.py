@@ -64,6 +64,8 @@ MARGIN_FRACTION = 0.1
 """The default equivalence margin of a label's verdicts, as a share of its linear ceiling's NMI (`label_margin`)."""
 MARGIN_FLOOR = 0.01
 """The smallest default margin in NMI, for labels a linear probe barely reads."""
+ACTIVATION_BYTES = 2**31
+"""The most memory (bytes) the activations one `token_activations` call collects may take; more is refused."""
 
 
 def top_expert(indices: np.ndarray, n_experts: int) -> np.ndarray:
@@ -79,11 +81,18 @@ def analysable_labels(task: Task) -> list[str]:
 
 @torch.no_grad()
 def token_activations(model: Transformer, task: Task, batch: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Activations at hook points, flattened over the task's real positions: `[n_tokens, ...]`.
+    """Activations at hook points, flattened over the task's real positions: `[n_tokens, ...]`, all in one forward pass.
 
-    A label-routed model is fed its label from `batch.labels`, as in training.
+    A label-routed model is fed its label from `batch.labels`, as in training. The whole batch runs at once (a router
+    may route each token by the others: expert choice, capacity), so its activations must fit in `ACTIVATION_BYTES`,
+    estimated from the first sequence's: a larger batch is refused in one line.
     """
     tokens = torch.from_numpy(batch.inputs)
+    _, first = model.run_with_cache(tokens[:1], model.route_input({k: v[:1] for k, v in batch.labels.items()}), names=list(names))
+    needed = len(batch) * sum(t.element_size() * t.numel() for t in first.values())
+    if needed > ACTIVATION_BYTES:
+        raise ToylabError(f"the activations of {len(batch):,} sequences at {len(names)} hook point(s) would take about "
+                          f"{needed / 2**30:.1f} GiB, above the bound of {ACTIVATION_BYTES / 2**30:g} GiB; analyse fewer sequences")
     _, cache = model.run_with_cache(tokens, model.route_input(batch.labels), names=list(names))
     keep = torch.from_numpy(task.positions(batch))
     return {name: cache[name][keep].numpy() for name in names}
