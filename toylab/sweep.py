@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from toylab import io
-from toylab.config import check_time, config_hash
+from toylab.config import check_time, config_hash, merge
 from toylab.errors import ToylabError
 from toylab.executors import LaunchConfig
 from toylab.report import markdown_table
-from toylab.config import merge
 from toylab.study import TIME_FIX, nest, resolve, run_study
 
 
