@@ -120,6 +120,7 @@ BEFORE_WRITING = [
     (STUDY + ["--sweep", "eval_seed=1,-1"], "eval_seed must be in [0, "),
     (STUDY + ["--launcher", "ray", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
     (STUDY + ["--sweep", "n_experts=2,4", "--launcher", "ray", "--address", "ray://127.0.0.1:1"], "cannot reach a Ray cluster"),
+    (STUDY + ["--launcher", "ray", "--address", "auto"], "--address auto found no running Ray cluster"),  # none runs here
 ]
 
 

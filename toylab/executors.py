@@ -84,9 +84,10 @@ class LaunchConfig:
 
     def check(self) -> None:
         """Refuse (one-line ToylabError) a launcher that cannot run anything, before a study's directory is made: a Ray
-        address where nothing listens (the slurm launcher's sbatch is checked on construction)."""
-        if self.launcher == "ray" and self.address not in (None, "auto"):
-            reachable(self.address)
+        address where nothing listens, or `auto` where Ray finds no running cluster (the slurm launcher's sbatch is
+        checked on construction)."""
+        if self.launcher == "ray" and self.address is not None:
+            reachable(running_cluster() if self.address == "auto" else self.address)
 
     def executor(self, folder: Path) -> Executor:
         """An executor for this launcher; SLURM jobs keep their logs under `folder`."""
@@ -233,6 +234,21 @@ class LocalProcesses(Executor):
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+
+
+def running_cluster() -> str:
+    """The address `auto` connects to, found by Ray's own search (`RAY_ADDRESS`, then the cluster this machine last
+    started); a one-line error when there is none (Ray would say so only after the study's directory is made)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        address = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        address = None
+    if not address:
+        raise ToylabError("--address auto found no running Ray cluster (none started on this machine, no RAY_ADDRESS); "
+                          "start one (ray start --head), give its HOST:PORT, or leave --address out for a local instance")
+    return address
 
 
 def reachable(address: str, seconds: float = 5.0) -> None:
