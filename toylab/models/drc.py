@@ -36,7 +36,6 @@ read-outs, recorded after the recurrence used them: a hook may read them, not re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,8 +45,8 @@ from torch import nn
 
 from toylab.config import check_memory
 from toylab.errors import ToylabError
-from toylab.models.hooks import HookedModule, HookPoint
-from toylab.models.recurrent import read_out
+from toylab.models.hooks import HookPoint
+from toylab.models.recurrent import Unrouted, read_out
 
 READ_OUTS = ("input_gate", "forget_gate", "candidate", "output_gate", "cell", "hidden")
 """The per-layer read-outs at the last tick of each position, in the order `ConvLSTM.step` returns them."""
@@ -130,7 +129,7 @@ class ConvLSTM(nn.Module):
         return i, f, g, o, c, o * c.tanh()
 
 
-class DRC(HookedModule):
+class DRC(Unrouted):
     """DRC(D, N) over token ids `[batch, pos]` returning logits `[batch, pos, vocab]`, like `Transformer`."""
 
     def __init__(self, cfg: DRCConfig, token_cells: np.ndarray) -> None:
@@ -206,14 +205,3 @@ class DRC(HookedModule):
             for index, name in enumerate((*READ_OUTS, "hidden_ticks")):
                 read_out(getattr(layer, f"hook_{name}"), steps[d], index, cell_major)
         return torch.stack([step[READ_OUTS.index("hidden")] for step in steps[-1]], 1)
-
-    def route_input(self, labels: Mapping[str, np.ndarray]) -> None:
-        """`forward`'s `route` from a batch's labels: none, as for a transformer without label routing."""
-        return None
-
-    def aux_loss(self) -> torch.Tensor:
-        """No auxiliary losses (0), as for a dense transformer."""
-        return torch.zeros(())
-
-    def moe_layers(self) -> list[int]:
-        return []

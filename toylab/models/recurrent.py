@@ -155,7 +155,23 @@ class GRUBlock(RecurrentBlock):
 BLOCKS: dict[str, type[RecurrentBlock]] = {"lstm": LSTMBlock, "gru": GRUBlock}
 
 
-class Recurrent(HookedModule):
+class Unrouted(HookedModule):
+    """A model the training and the analyses treat as a dense transformer without label routing: no route input, no
+    auxiliary loss, no MoE layers (the recurrent models and the DRC)."""
+
+    def route_input(self, labels: Mapping[str, np.ndarray]) -> None:
+        """`forward`'s `route` from a batch's labels: none, as for a transformer without label routing."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor:
+        """No auxiliary losses (0), as for a dense transformer."""
+        return torch.zeros(())
+
+    def moe_layers(self) -> list[int]:
+        return []
+
+
+class Recurrent(Unrouted):
     """Recurrent language model over token ids `[batch, pos]` returning logits `[batch, pos, vocab]`, like `Transformer`."""
 
     def __init__(self, cfg: RecurrentConfig) -> None:
@@ -177,14 +193,3 @@ class Recurrent(HookedModule):
         for block in self.blocks:
             x = block(x)
         return self.W_U(self.ln_final(x))
-
-    def route_input(self, labels: Mapping[str, np.ndarray]) -> None:
-        """`forward`'s `route` from a batch's labels: none, as for a transformer without label routing."""
-        return None
-
-    def aux_loss(self) -> torch.Tensor:
-        """No auxiliary losses (0), as for a dense transformer."""
-        return torch.zeros(())
-
-    def moe_layers(self) -> list[int]:
-        return []
