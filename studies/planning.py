@@ -99,8 +99,8 @@ class PlanningConfig:
     compare them with the main dense model, e.g. `(0,)` for no thinking time."""
     drc: bool = False
     """Also train a DRC (stacked ConvLSTMs over the maze's grid, `drc_model`) beside the transformers, probe it per layer
-    and per tick, and measure its thinking time (`extra_ticks`). Off by default: on a CPU a DRC step costs about 20
-    transformer steps (D × N ConvLSTM steps per position, in sequence)."""
+    and per tick, and measure its thinking time (`extra_ticks`). Off by default: on a CPU a DRC step costs as much as
+    10 to 20 transformer steps (measured; D × N ConvLSTM steps per position, in sequence)."""
     drc_model: dict[str, Any] = field(default_factory=lambda: {"channels": 16, "d_obs": 16, "depth": 2, "ticks": 2})
     """The DRC's options (see `DRCConfig`)."""
     drc_steps: int | None = None
