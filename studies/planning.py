@@ -14,12 +14,13 @@ from toylab.analysis.expert_map import N_SHOWN
 from toylab.analysis.planning import FAMILIES, PRIMARY, adjust_families
 from toylab.analysis.probes import (
     SCORES, ahead, probe_residual_stream, residual_stream, summarize_against, summarize_conditional_probes, summarize_probes,
+    tick_states,
 )
 from toylab.analysis.specialization import ASSIGNMENTS, specialization, summarize
 from toylab.analysis.stats import INTERVAL_NOTE, MARGIN, UNIT, claim_somewhere, compare, mean_ci
 from toylab.config import build
 from toylab.errors import ToylabError
-from toylab.models import Transformer, TransformerConfig
+from toylab.models import TransformerConfig
 from toylab.registry import get_task, register_study
 from toylab.report import (
     Document, Figure, Section, Table, Text, expert_map_section, failed_runs_section, families_section, fmt, fmt_ci, interval_bars,
@@ -27,13 +28,15 @@ from toylab.report import (
 )
 from toylab.study import Study, StudyContext, TrainJob
 from toylab.task import IGNORE, Batch, Task
-from toylab.training import TrainConfig, build_model, evaluate, load_trained
+from toylab.training import Model, TrainConfig, build_model, evaluate, load_trained, task_model_config
 
 PLAN_POSITIONS = ("pause", "path", "step")
 """Position types where the agent has a current cell: thinking pauses, `<path>`, and the path cells."""
 TRAINED, UNTRAINED = "trained", "random init"
 """Values of the probe rows' `weights`: the trained network, and the same architecture with the weights it started from."""
 PROBE_KEYS = ["model", "weights", "target", "offset", "position", "layer"]
+TICK_KEYS = [*PROBE_KEYS, "tick"]
+"""The keys of the DRC's probes at the ticks before a position's last (those at the last tick are the main probes')."""
 QUESTION = (
     "The one primary question: do the trained models plan beyond the next move? It is answered by one comparison, "
     f"the family *{PRIMARY}*: at path cells, the probe of the optimal move k cells later with the next move set as extra "
@@ -94,12 +97,27 @@ class PlanningConfig:
     pauses: tuple[int, ...] = ()
     """Thinking time: also train dense models with these numbers of pause tokens (same budget) and
     compare them with the main dense model, e.g. `(0,)` for no thinking time."""
+    drc: bool = False
+    """Also train a DRC (stacked ConvLSTMs over the maze's grid, `drc_model`) beside the transformers, probe it per layer
+    and per tick, and measure its thinking time (`extra_ticks`). Off by default: on a CPU a DRC step costs as much as
+    10 to 20 transformer steps (measured; D × N ConvLSTM steps per position, in sequence)."""
+    drc_model: dict[str, Any] = field(default_factory=lambda: {"channels": 16, "d_obs": 16, "depth": 2, "ticks": 2})
+    """The DRC's options (see `DRCConfig`)."""
+    drc_steps: int | None = None
+    """The DRC's training steps (None: `train.steps`); its other training options are `train`'s."""
+    extra_ticks: tuple[int, ...] = (1, 2, 4, 8)
+    """The DRC's thinking time: held-out solve rates with this many extra ticks at `<path>`, before the first move, each
+    compared with none (the pause tokens' counterpart, at test time)."""
     n_permutations: int = 200
     eval_seed: int = 20261121
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.n_eval < 8 or self.n_permutations < 1 or self.ahead < 0:
             raise ValueError("seeds and n_permutations must be >= 1, n_eval >= 8, ahead >= 0")
+        if any(k < 1 for k in self.extra_ticks) or len(set(self.extra_ticks)) < len(self.extra_ticks):
+            raise ValueError(f"extra_ticks must be distinct and >= 1 (got {self.extra_ticks})")
+        if self.drc_steps is not None and self.drc_steps < 1:
+            raise ValueError(f"drc_steps must be >= 1 (got {self.drc_steps})")
 
 
 def probe_targets(steps_ahead: int) -> list[tuple[str, str, str, int, tuple[str, ...]]]:
@@ -113,10 +131,9 @@ def probe_targets(steps_ahead: int) -> list[tuple[str, str, str, int, tuple[str,
     ]
 
 
-def probe_plan(model: Transformer, task: Task, batch: Batch, steps_ahead: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Probe rows for every target, layer and position type of one model, and the rows of move +k (k = 1 ..
-    `steps_ahead`) at path cells given the next move (`conditional_probe`)."""
-    resid = residual_stream(model, torch.from_numpy(batch.inputs))
+def probe_plan(resid: torch.Tensor, task: Task, batch: Batch, steps_ahead: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Probe rows for every target, layer and position type of one model's stack of activations `resid` `[layers, batch,
+    pos, d]`, and the rows of move +k (k = 1 .. `steps_ahead`) at path cells given the next move (`conditional_probe`)."""
     types, type_names = batch.labels["token_type"], task.labels["token_type"].classes
     rows = []
     for target, label, kind, offset, positions in probe_targets(steps_ahead):
@@ -179,40 +196,64 @@ class Planning(Study):
         }
         built = [build(TransformerConfig, options, vocab_size=len(self.task.vocab)) for options in self.models.values()]
         self.n_layers = built[0].n_layers  # building fails early on a bad model option
+        if config.drc:
+            self.models["drc"] = {**config.drc_model, "arch": "drc", "max_len": max(lengths)}
+            task_model_config(self.task, self.models["drc"])
 
-    def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, Any]]]:
+    def evaluate(self, job: TrainJob, run_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]], ...]:
         """One finished run (in a worker process): teacher-forced metrics, loss and greedy solve rates on the held-out
-        mazes (and on the larger ones), and, for the main task, its probe rows and those given the next move, for the
-        trained network and for the same architecture with untrained weights (drawn with the run's seed, as in training)."""
+        mazes (and on the larger ones; a DRC's also with extra ticks), and, for the main task, its probe rows and those
+        given the next move, for the trained network and for the same architecture with untrained weights (drawn with
+        the run's seed, as in training); then those of a trained DRC at the ticks before each position's last."""
         cfg, model = self.config, load_trained(run_dir).model
         batch = job.task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
         scores = {**evaluate(model, job.task, batch), **job.task.solve_rate(model, batch)}
         if job.task.options != self.task.options:
-            return scores, [], []
+            return scores, [], [], [], []
         if self.larger is not None:
             found = self.larger.solve_rate(model, self.larger.sample_split(cfg.n_eval, cfg.eval_seed, "heldout"))
             scores.update({f"larger_{name}": value for name, value in found.items()})
         kind, seed = job.key.split("-")[0], job.config.seed
+        if kind == "drc":
+            scores.update(self.thinking_time(model, batch))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             networks = {TRAINED: model, UNTRAINED: build_model(job.task, job.model).eval()}
-        rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        rows: tuple[list[dict[str, Any]], ...] = ([], [], [], [])
+        tokens = torch.from_numpy(batch.inputs)
         for weights, network in networks.items():
-            for found, out in zip(probe_plan(network, job.task, batch, cfg.ahead, seed), rows):
-                out += [{"model": kind, "weights": weights, "seed": seed, **row} for row in found]
+            if kind != "drc":
+                stacks = [(None, residual_stream(network, tokens), 0)]
+            else:  # the last tick as the main rows; the trained network's earlier ticks apart, from layer 1 (i_t is tick-free)
+                states = tick_states(network, tokens)
+                stacks = [(None, states[:, -1], 0)]
+                stacks += [(n + 1, states[1:, n], 1) for n in range(states.shape[1] - 1) if weights == TRAINED]
+            for tick, resid, first in stacks:
+                for found, out in zip(probe_plan(resid, job.task, batch, cfg.ahead, seed), rows[2 * (tick is not None):]):
+                    out += [{"model": kind, "weights": weights, "seed": seed, **row, "layer": row["layer"] + first,
+                             **({} if tick is None else {"tick": tick})} for row in found]
         return scores, *rows
+
+    def thinking_time(self, model: Model, batch: Batch) -> dict[str, float]:
+        """A DRC's held-out solve rate with each number of `extra_ticks` at `<path>`, before its first move."""
+        marker = self.task.vocab.index("<path>")
+        return {f"solve_rate_{k}_extra_ticks": self.task.solve_rate(
+                    lambda tokens, k=k: model(tokens, extra_ticks=k * (tokens == marker)), batch)["solve_rate"]
+                for k in self.config.extra_ticks}
 
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
         eval_batch = ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
-        jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed))  # the slower MoE first
-                for seed in range(cfg.seeds) for kind, options in reversed(self.models.items())]
+        steps = {"drc": {"steps": cfg.drc_steps} if cfg.drc_steps else {}}
+        jobs = [TrainJob(f"{kind}-seed{seed}", task, options, replace(cfg.train, seed=seed, **steps.get(kind, {})))
+                for seed in range(cfg.seeds) for kind, options in reversed(self.models.items())]  # the slowest first
         jobs += [TrainJob(f"dense-pause{p}-seed{seed}", paused, self.models["dense"], replace(cfg.train, seed=seed))
                  for p, paused in self.paused.items() for seed in range(cfg.seeds)]
         trained = ctx.train(jobs)
         evaluated = ctx.analyse_runs(jobs, self.evaluate, "evaluating")
         performance = {job.key: evaluated[job.key][0] if job.key in evaluated else None for job in jobs}
-        probes, conditional = ([row for found in evaluated.values() for row in found[i]] for i in (1, 2))
+        probes, conditional, tick_probes, tick_conditional = ([row for found in evaluated.values() for row in found[i]]
+                                                              for i in (1, 2, 3, 4))
         probes.sort(key=lambda row: list(self.models).index(row["model"]))
         conditional.sort(key=lambda row: list(self.models).index(row["model"]))
 
@@ -246,6 +287,10 @@ class Planning(Study):
                 }
                 for p in cfg.pauses
             },
+            "drc_thinking_time": {
+                str(k): compare(settings["drc"][f"solve_rate_{k}_extra_ticks"], settings["drc"]["solve_rate"], MARGIN)
+                for k in cfg.extra_ticks if f"solve_rate_{k}_extra_ticks" in settings.get("drc", {})
+            },
             "probes": probes,
             "probe_summary": summarize_probes(probes, PROBE_KEYS),
             "vs_random_init": summarize_against(probes, keys, "weights", UNTRAINED),
@@ -253,11 +298,22 @@ class Planning(Study):
             "plan": summarize_against(conditional, keys, "weights", UNTRAINED, given="given_only"),
             "conditional_summary": summarize_conditional_probes(conditional, PROBE_KEYS),
             "conditional_vs_random_init": summarize_against(conditional, keys, "weights", UNTRAINED),
+            "tick_probes": tick_probes,
+            "tick_probe_summary": summarize_probes(tick_probes, TICK_KEYS),
+            "tick_conditional_probes": tick_conditional,
+            "tick_conditional_summary": summarize_conditional_probes(tick_conditional, TICK_KEYS),
             "specialization": summarize(per_seed) if any(per_seed) else {},
             "per_seed_specialization": per_seed,
             "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
         }
         return {**results, "test_families": adjust_families(results, TRAINED)}
+
+    def tick_curve(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """The DRC's held-out solve rate (mean and 95% CI) by extra ticks at `<path>`, 0 first."""
+        drc, size = results["performance_summary"].get("drc", {}), self.task.config.size
+        names = {0: "solve_rate", **{k: f"solve_rate_{k}_extra_ticks" for k in self.config.extra_ticks}}
+        return [{"extra ticks": k, "model": "drc", "maze size": f"{size}×{size}", **drc[name]}
+                for k, name in names.items() if name in drc]
 
     @staticmethod
     def trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -341,6 +397,9 @@ class Planning(Study):
                 c = metrics["solve_rate"]
                 lines.append(f"**Thinking time**: with {p} pause tokens instead of {self.task.config.pause}, the dense solve rate "
                              f"is {verdict_text(c)}.")
+        for k, c in results["drc_thinking_time"].items():
+            lines.append(f"**DRC thinking time**: with {k} extra ticks at `<path>` instead of none, the DRC's solve rate is "
+                         f"{verdict_text(c)}.")
         questions = [("plan ahead, at path cells", "step", [f"move +{k}" for k in range(1, cfg.ahead + 1)]),
                      ("before the path, at `<path>`", "path", ["next move", "distance"]),
                      ("while reading the maze, at edge tokens", "edge", ["on path"])]
@@ -417,6 +476,12 @@ class Planning(Study):
             )
             figures.append(Figure(ctx.figure("specialization", interval_bars(frame, "label", "assignment", "layer", "NMI")),
                                   "Expert specialization: NMI of each label with routing, k-means and the null (mean, 95% CI)"))
+        ticks = self.tick_curve(results)
+        if ticks:
+            figures.append(Figure(ctx.figure("thinking_time_drc", interval_bars(pd.DataFrame(ticks), "extra ticks", "model", "maze size",
+                                                                                "solve rate")),
+                                  "DRC thinking time: held-out solve rate with extra ticks at `<path>`, before the first move "
+                                  "(mean, 95% CI over seeds)"))
         logs = {run: ctx.directory / path / "metrics.csv" for run, path in results["runs"].items()
                 if (ctx.directory / path / "metrics.csv").is_file()}
         if logs:
@@ -469,7 +534,11 @@ class Planning(Study):
                 f"each trained for {cfg.train.steps} steps (batch {cfg.train.batch_size}, lr {cfg.train.lr}) with {cfg.seeds} seeds. "
                 f"Everything is measured on {cfg.n_eval} held-out mazes (seed {cfg.eval_seed})"
                 + (f"; larger mazes: size {cfg.larger_size} on the same canvas, whose positions beyond the training length "
-                   "exist in every model but are never trained." if self.larger else "."))]),
+                   "exist in every model but are never trained." if self.larger else ".")
+                + (f"\n\nA DRC (ConvLSTMs over the maze's grid) with options `{cfg.drc_model}`, trained for "
+                   f"{cfg.drc_steps or cfg.train.steps} steps with the same seeds and options, is probed per layer (at the "
+                   "last tick of each position) and per tick; its thinking time is measured with "
+                   f"{', '.join(map(str, cfg.extra_ticks))} extra ticks at `<path>`." if cfg.drc else ""))]),
             Section("Findings", [Text("\n".join(self.findings(results)))]),
             Section("Solving mazes (held-out, mean [95% CI] over seeds)", [Table(perf_rows)]),
         ]
@@ -480,6 +549,31 @@ class Planning(Study):
                  "verdict": c["verdict"]}
                 for p, metrics in results["thinking_time"].items() for metric, c in metrics.items()
             ])]))
+        if results["drc_thinking_time"]:
+            drc = results["performance_summary"]["drc"]
+            blocks.append(Section("DRC thinking time: extra ticks before the first move", [Table([
+                {"extra ticks": k, "solve rate": fmt_ci(drc[f"solve_rate_{k}_extra_ticks"], 4),
+                 "Δ vs 0 extra ticks (90% CI)": fmt_ci(c), "p": fmt(c["p_value"]), "p adjusted": fmt(c["p_adjusted"]),
+                 "detectable": fmt(c["detectable"]), "uncorrected verdict": c["raw_verdict"], "verdict": c["verdict"]}
+                for k, c in results["drc_thinking_time"].items()
+            ], caption=f"0 extra ticks: {fmt_ci(drc['solve_rate'], 4)}. The DRC is trained with none; the extra ticks "
+                       "are given at test time only.")]))
+        if results["tick_probe_summary"]:
+            last = {(r["target"], r["position"], r["layer"]): r for r in self.trained(results["probe_summary"]) if r["model"] == "drc"}
+            blocks.append(Section("DRC probes per tick", [Table([
+                {"target": r["target"], "position": r["position"], "layer": r["layer"], "tick": r["tick"],
+                 "accuracy": fmt_ci(r["accuracy"]), "at the last tick": fmt_ci(final["accuracy"]) if final else "n/a",
+                 "given the next move": "", "vs controls": r["verdict"]["verdict"]}
+                for r in results["tick_probe_summary"]
+                for final in [last.get((r["target"], r["position"], r["layer"]))]
+            ] + [
+                {"target": r["target"], "position": r["position"], "layer": r["layer"], "tick": r["tick"],
+                 "accuracy": fmt_ci(r["accuracy"]), "at the last tick": "", "given the next move": fmt_ci(r["given_only"]),
+                 "vs controls": r["verdict"]["verdict"]}
+                for r in results["tick_conditional_summary"]
+            ], caption=("The DRC's hidden states at the ticks before each position's last (the last tick's are in the "
+                        "tables above, model drc); *vs controls*: against the stronger of the majority class and the "
+                        "shuffled-label probe, or, given the next move, against the next move alone."))]))
         blocks += [
             Section("Where the plan appears: linear probes", [Table(probe_rows, caption=(
                 "Trained networks; *random init* is the same probe on the same architecture with untrained weights, and *vs random "

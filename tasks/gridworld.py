@@ -331,6 +331,17 @@ class Gridworld(Task):
         r, c = divmod(index - m * (m - 1), m)
         return (r, c), (r + 1, c)
 
+    def token_cells(self) -> np.ndarray:
+        """A cell token names its cell on the canvas, an edge token its two cells, the markers none (`Task.token_cells`)."""
+        m = self.canvas
+        out = np.zeros((len(self.vocab), m, m), dtype=bool)
+        for token in range(CELL, CELL + m * m):
+            out[(token, *self.cell_of(token))] = True
+        for token in range(CELL + m * m, len(self.vocab)):
+            for cell in self.edge_of(token):
+                out[(token, *cell)] = True
+        return out
+
     def mazes(self, inputs: np.ndarray) -> list[tuple[nx.Graph, Cell, Cell]]:
         """`(maze, start, goal)` of each sequence, read back from its tokens."""
         edge_min, edge_max = CELL + self.canvas**2, len(self.vocab)

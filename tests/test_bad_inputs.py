@@ -46,6 +46,7 @@ CASES = [
     (["tasks", "sample", "brackets", "--seed", str(2**40)], "'--seed'"),
     (["tasks", "list", "extra"], "unexpected extra argument"),
     (["train", "--seed", "-1"], "'--seed'"),
+    (["train", "--model", "drc"], "reads the input as a grid, and task 'brackets' has none"),
     (["study", "run"], "Missing argument"),
     (["study", "run", "expert-specialization", "-j", "0"], "'--workers'"),
     # output paths

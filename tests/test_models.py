@@ -1,10 +1,11 @@
 """Transformer and MoE: sorted dispatch against a naive reference, 1-expert equivalence, hooks; every model is causal."""
 
+import numpy as np
 import pytest
 import torch
 
 from toylab.errors import ToylabError
-from toylab.models import MLP, MoE, Recurrent, RecurrentConfig, Transformer, TransformerConfig
+from toylab.models import DRC, DRCConfig, MLP, MoE, Recurrent, RecurrentConfig, Transformer, TransformerConfig
 from toylab.models.moe import grouped_mm_supported, reference_forward
 
 
@@ -108,9 +109,16 @@ def test_hooks_can_patch_activations():
     assert torch.equal(model(tokens), clean)  # hooks are removed afterwards
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "lstm", "gru"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "lstm", "gru", "drc"])
 def test_model_is_causal(kind):
-    model = small(kind) if kind in ("dense", "moe") else Recurrent(RecurrentConfig(vocab_size=9, max_len=12, arch=kind, d_model=16))
+    if kind == "drc":  # over a 2×2 grid: token v names cell v mod 4, tokens 0 and 1 also the next cell
+        cells = np.zeros((9, 4), dtype=bool)
+        cells[np.arange(9), np.arange(9) % 4] = cells[[0, 1], [1, 2]] = True
+        model = DRC(DRCConfig(vocab_size=9, max_len=12, rows=2, cols=2, channels=4, d_obs=4), cells.reshape(9, 2, 2))
+    elif kind in ("dense", "moe"):
+        model = small(kind)
+    else:
+        model = Recurrent(RecurrentConfig(vocab_size=9, max_len=12, arch=kind, d_model=16))
     tokens = torch.randint(0, 9, (2, 12))
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 9

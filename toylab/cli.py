@@ -245,48 +245,48 @@ def _table(file: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 
 @app.command(epilog="Examples: toylab train --task brackets --model moe  |  "
              "toylab train --task brackets --model dense -o m=6 --set steps=2000 --set d_model=64  |  "
-             "toylab train --task brackets --model lstm --set d_model=32")
+             "toylab train --task brackets --model lstm --set d_model=32  |  toylab train --task gridworld --model drc")
 def train(
     task: str = typer.Option("brackets", help="Task name: any token task (`toylab tasks list`)."),
-    model: str = typer.Option("dense", help="Model: dense or moe (transformers), lstm or gru (recurrent)."),
+    model: str = typer.Option("dense", help="Model: dense or moe (transformers), lstm or gru (recurrent), drc (ConvLSTMs "
+                              "over a task's grid)."),
     option: list[str] = TaskOptions,
     set_: list[str] = typer.Option([], "--set", "-s", help="Model or training option KEY=VALUE (a field of TrainConfig or "
-                                    "of the model's config: TransformerConfig, or RecurrentConfig for lstm and gru)."),
+                                    "of the model's config: TransformerConfig, RecurrentConfig for lstm and gru, DRCConfig for drc)."),
     config: Optional[Path] = typer.Option(None, parser=_path, help="JSON/TOML file with `task_options`, `model` and `train` tables."),
     seed: Optional[int] = typer.Option(None, **SEED_RANGE, help="Training seed (default 0)."),
     out: Path = typer.Option("runs/train", parser=_path, help="Parent directory of the run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar (on stderr)."),
     force: bool = typer.Option(False, "--force", help="Train even where the estimate says it takes more than 12 hours."),
 ) -> None:
-    """Train one model (a dense or MoE transformer, an LSTM or a GRU) on a task; print its held-out metrics.
+    """Train one model (a dense or MoE transformer, an LSTM, a GRU or a DRC) on a task; print its held-out metrics.
 
     A run directory that already holds this finished run is reused (it says so on stderr).
     """
     import contextlib
 
-    from toylab.models import RecurrentConfig, TransformerConfig
+    from toylab.models import DRCConfig, RecurrentConfig, TransformerConfig
     from toylab.models.recurrent import CELLS
     from toylab.registry import get_task
     from toylab.report import markdown_table
-    from toylab.training import TrainConfig, check_devices, is_trained, model_config, train_seconds
+    from toylab.training import TrainConfig, check_devices, is_trained, task_model_config, train_seconds
     from toylab.training import train as train_model
 
-    if model not in ("dense", "moe", *CELLS):
-        raise ToylabError(f"unknown model '{model}'; valid: {', '.join(('dense', 'moe', *CELLS))}")
-    recurrent = model in CELLS
-    chosen = "arch" if recurrent else "ffn"  # the model option --model sets
+    if model not in ("dense", "moe", *CELLS, "drc"):
+        raise ToylabError(f"unknown model '{model}'; valid: {', '.join(('dense', 'moe', *CELLS, 'drc'))}")
+    chosen = "ffn" if model in ("dense", "moe") else "arch"  # the model option --model sets
     file = load_file(config) if config else {}
     if set(file) - {"task_options", "model", "train"}:
         unknown = sorted(set(file) - {"task_options", "model", "train"})[0]
         raise ToylabError(f"unknown config key '{unknown}'; valid: task_options, model, train")
     the_task = get_task(task, {**_table(file, "task_options", config), **parse_assignments(option)})
-    vocab_size = len(the_task.vocab)  # a one-line error for a task with real-valued inputs
-    model_fields = (RecurrentConfig if recurrent else TransformerConfig).__dataclass_fields__
-    train_fields, fixed = TrainConfig.__dataclass_fields__, {"vocab_size", "max_len", chosen}
+    the_task.vocab  # a one-line error for a task with real-valued inputs
+    model_fields = (DRCConfig if model == "drc" else RecurrentConfig if model in CELLS else TransformerConfig).__dataclass_fields__
+    train_fields, fixed = TrainConfig.__dataclass_fields__, {"vocab_size", "max_len", "rows", "cols", chosen}
     model_options, train_options = dict(_table(file, "model", config)), dict(_table(file, "train", config))
-    for key in set(model_options) & {"vocab_size", "max_len", "ffn", "arch"}:
+    for key in set(model_options) & {"vocab_size", "max_len", "rows", "cols", "ffn", "arch"}:
         raise ToylabError(f"'{key}' in the model table of {config} does nothing: "
-                          + ("choose the model with --model dense|moe|lstm|gru" if key in ("ffn", "arch") else "the task sets it"))
+                          + ("choose the model with --model dense|moe|lstm|gru|drc" if key in ("ffn", "arch") else "the task sets it"))
     assignments = parse_assignments(set_)
     if seed is not None:
         _once(assignments, "seed", f"--seed {seed}")
@@ -300,8 +300,8 @@ def train(
             valid = sorted({*model_fields, *train_fields} - fixed)
             raise ToylabError(f"unknown option '{key}'; valid: {', '.join(valid)}")
     model_options[chosen] = model
-    model_cfg = model_config(model_options, vocab_size=vocab_size, max_len=the_task.seq_len)
-    model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len")}
+    model_cfg = task_model_config(the_task, model_options)
+    model_options = {k: v for k, v in to_dict(model_cfg).items() if k not in ("vocab_size", "max_len", "rows", "cols")}
     train_cfg = build(TrainConfig, train_options)
     the_task.check_sample(train_cfg.n_train + train_cfg.n_val, train_cfg.seed)
     check_devices(train_cfg)

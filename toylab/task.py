@@ -214,6 +214,11 @@ class Task(ABC):
         as `[r, c]`, and `path` as `[position, r, c]` for the positions that walk it. None for tasks without a grid."""
         return None
 
+    def token_cells(self) -> np.ndarray | None:
+        """Optional grid geometry for models that read the input as a grid (`arch=drc`): bool `[vocab, rows, cols]`, the
+        cells each token names (none for a token that names no cell). None for tasks without a grid."""
+        return None
+
     def decode(self, inputs: np.ndarray) -> list[str]:
         """Readable strings for one sequence's inputs."""
         return [self.vocab[t] for t in inputs]

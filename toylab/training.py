@@ -37,7 +37,7 @@ from toylab import io
 from toylab.config import build, config_hash, to_dict
 from toylab.determinism import data_seed, step_seed
 from toylab.errors import DivergenceError, ToylabError
-from toylab.models import Recurrent, RecurrentConfig, Transformer, TransformerConfig
+from toylab.models import DRC, DRCConfig, Recurrent, RecurrentConfig, Transformer, TransformerConfig
 from toylab.models.recurrent import CELLS
 from toylab.registry import get_task
 from toylab.schema import read_checked
@@ -45,8 +45,9 @@ from toylab.splits import overlap
 from toylab.task import MAX_SEED, Batch, Task
 
 log = logging.getLogger(__name__)
-Model = Transformer | Recurrent
-"""The models `build_model` builds; both take `(tokens, route)` and return logits `[batch, pos, vocab]`."""
+Model = Transformer | Recurrent | DRC
+"""The models `build_model` builds; all take `(tokens, route)` and return logits `[batch, pos, vocab]`."""
+ModelConfig = TransformerConfig | RecurrentConfig | DRCConfig
 
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -322,36 +323,47 @@ class SequenceModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-ARCHS = ("transformer", *CELLS)
+ARCHS = ("transformer", *CELLS, "drc")
 """What `model_options["arch"]` may name; without the key a model is a transformer (so older run configs read as before)."""
 
 
-def model_config(model_options: Mapping[str, Any], **fixed: Any) -> TransformerConfig | RecurrentConfig:
+def model_config(model_options: Mapping[str, Any], **fixed: Any) -> ModelConfig:
     """The config of the model `model_options` (plus `fixed` keys) describe: a `RecurrentConfig` when its `arch` names
-    a recurrent cell, else a `TransformerConfig` (whose options carry no `arch`)."""
+    a recurrent cell, a `DRCConfig` for `drc` (whose `fixed` keys include the grid's rows and cols), else a
+    `TransformerConfig` (whose options carry no `arch`)."""
     arch = model_options.get("arch", "transformer")
     if arch not in ARCHS:
         raise ToylabError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     if arch == "transformer":
         return build(TransformerConfig, {k: v for k, v in model_options.items() if k != "arch"}, **fixed)
-    return build(RecurrentConfig, model_options, **fixed)
+    return build(DRCConfig if arch == "drc" else RecurrentConfig, model_options, **fixed)
 
 
 def build_model(task: Task, model_options: dict[str, Any]) -> Model:
-    """A transformer or recurrent model sized for the task's vocabulary and sequence length (`max_len` may ask for more
-    positions)."""
+    """A transformer, recurrent model or DRC sized for the task's vocabulary and sequence length (`max_len` may ask for
+    more positions), a DRC over the task's grid."""
     cfg = task_model_config(task, model_options)
+    if isinstance(cfg, DRCConfig):
+        return DRC(cfg, task.token_cells())
     return Recurrent(cfg) if isinstance(cfg, RecurrentConfig) else Transformer(cfg)
 
 
-def task_model_config(task: Task, model_options: dict[str, Any]) -> TransformerConfig | RecurrentConfig:
+def task_model_config(task: Task, model_options: dict[str, Any]) -> ModelConfig:
     """The checked config of `build_model`'s model for `task`, without building it."""
     if "vocab_size" in model_options:
         raise ToylabError(f"vocab_size is the task's ({len(task.vocab)} tokens), not a model option; remove it")
-    cfg = model_config({"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab))
+    for key in set(model_options) & {"rows", "cols"}:
+        raise ToylabError(f"{key} is the task's grid's (token_cells), not a model option; remove it")
+    grid = {}
+    if model_options.get("arch") == "drc":
+        cells = task.token_cells()
+        if cells is None:
+            raise ToylabError(f"arch drc reads the input as a grid, and task '{task.name}' has none (no token_cells)")
+        grid = {"rows": cells.shape[1], "cols": cells.shape[2]}
+    cfg = model_config({"max_len": task.seq_len, **model_options}, vocab_size=len(task.vocab), **grid)
     if cfg.max_len < task.seq_len:
         raise ToylabError(f"max_len={cfg.max_len} is shorter than the task's sequences ({task.seq_len})")
-    if isinstance(cfg, RecurrentConfig):
+    if not isinstance(cfg, TransformerConfig):
         return cfg
     routable = [name for name, label in task.labels.items() if not label.multi_hot]
     if cfg.router_label is not None and cfg.router_label not in routable:
@@ -365,7 +377,7 @@ STEP_SECONDS, FLOPS = 0.005, 2e10
 `train_seconds` rather under- than overestimates."""
 
 
-def train_seconds(cfg: TrainConfig, model: TransformerConfig | RecurrentConfig) -> float:
+def train_seconds(cfg: TrainConfig, model: ModelConfig) -> float:
     """About how long one run of `model` takes to train on the CPU (6 FLOPs per parameter and position of a step)."""
     return cfg.steps * (STEP_SECONDS + 6 * model.params * cfg.batch_size * model.max_len / (FLOPS * cfg.threads))
 

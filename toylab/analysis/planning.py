@@ -23,6 +23,11 @@ FAMILIES = {
     "untrained, given the next move vs the next move alone": "as *given the next move vs the next move alone*, on the "
                                                              "untrained networks",
     "thinking time": "dense models with other numbers of pause tokens vs the main dense model; every (pauses, metric)",
+    "DRC thinking time": "the DRC's solve rate with k extra ticks at `<path>` vs none; every k",
+    "DRC earlier ticks: probes vs controls": "as *probes vs controls*, on the DRC's hidden states at the ticks before a "
+                                             "position's last; every (target, position, layer, tick)",
+    "DRC earlier ticks: given the next move vs the next move alone": "as *given the next move vs the next move alone*, "
+                                                                     "on the same states; every (k, layer, tick)",
     "experts vs k-means": "top-1 routing vs k-means on the router input, NMI; every (label, layer)",
     "experts vs k-means, given the token": "the same, NMI given the token; every (label, layer) the token does not determine",
     "experts vs null, given the token": "routing's NMI given the token vs its within-token null; the same (label, layer)s",
@@ -36,7 +41,8 @@ def adjust_families(results: Mapping[str, Any], trained: str) -> dict[str, dict[
     verdict counts before and after, the primary first.
 
     Reads the keys `plan` (the primary comparisons), `probe_summary` and `conditional_summary` (split by whether their
-    `weights` are `trained`), `vs_random_init`, `conditional_vs_random_init`, `thinking_time` and `specialization`.
+    `weights` are `trained`), `vs_random_init`, `conditional_vs_random_init`, `thinking_time`, `drc_thinking_time`,
+    `tick_probe_summary`, `tick_conditional_summary` and `specialization`.
     Where a report picks the best layer or position, the pick is one of the family's candidates, all corrected together.
     """
     members: dict[str, list[tuple[dict[str, Any], str]]] = {name: [] for name in FAMILIES}
@@ -49,6 +55,10 @@ def adjust_families(results: Mapping[str, Any], trained: str) -> dict[str, dict[
     members["probes vs random init"] = [(r, "verdict") for r in results["vs_random_init"]]
     members["given the next move vs random init"] = [(r, "verdict") for r in results["conditional_vs_random_init"]]
     members["thinking time"] = [(metrics, metric) for metrics in results["thinking_time"].values() for metric in metrics]
+    members["DRC thinking time"] = [(results["drc_thinking_time"], k) for k in results["drc_thinking_time"]]
+    members["DRC earlier ticks: probes vs controls"] = [(r, "verdict") for r in results["tick_probe_summary"]]
+    members["DRC earlier ticks: given the next move vs the next move alone"] = [
+        (r, "verdict") for r in results["tick_conditional_summary"]]
     for labels in results["specialization"].values():
         for s in labels.values():
             members["experts vs k-means"].append((s, "verdict"))

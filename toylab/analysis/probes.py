@@ -335,6 +335,16 @@ def residual_stream(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tenso
     return torch.stack(layers)
 
 
+@torch.no_grad()
+def tick_states(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A DRC's states `[depth + 1, ticks, batch, pos, d]`: its encoding i_t (the same at every tick), then each layer's
+    hidden state at each of the N ticks of every position, read from `hook_encoded` and `blocks.{d}.hook_hidden_ticks`.
+    `[:, -1]`, the last tick, is the stack `residual_stream` gives a transformer: layer l = after l layers."""
+    _, cache = model.run_with_cache(tokens, names=["hook_encoded", "blocks.*.hook_hidden_ticks"])
+    ticks = [cache[f"blocks.{d}.hook_hidden_ticks"].movedim(2, 0) for d in range(len(cache) - 1)]
+    return torch.stack([cache["hook_encoded"].expand_as(ticks[0]), *ticks])
+
+
 def probe_residual_stream(
     resid: torch.Tensor,
     labels: np.ndarray,

@@ -31,7 +31,7 @@ is the gated recurrence), so experts would be a new architecture rather than a s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -77,11 +77,14 @@ class RecurrentConfig:
         return 2 * self.vocab_size * d + self.n_layers * GATES[self.arch] * (2 * d * d + 2 * d)
 
 
-def read_out(point: HookPoint, steps: list[tuple[torch.Tensor, ...]], index: int) -> None:
-    """Record item `index` of every step `[batch, d]` at `point` as `[batch, pos, d]`, when a hook reads it."""
+def read_out(point: HookPoint, steps: list[tuple[torch.Tensor, ...]], index: int,
+             layout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Record item `index` of every step `[batch, ...]` at `point` as `[batch, pos, ...]` (rearranged by `layout`), when
+    a hook reads it."""
     if not point.active:
         return
     value = torch.stack([step[index] for step in steps], 1)
+    value = value if layout is None else layout(value)
     if point(value) is not value:
         raise ToylabError(f"{point.name} is a read-out, recorded after the time loop used it: a hook may read it, "
                           f"not replace it (edit the layer's output, hook_hidden)")
@@ -152,7 +155,23 @@ class GRUBlock(RecurrentBlock):
 BLOCKS: dict[str, type[RecurrentBlock]] = {"lstm": LSTMBlock, "gru": GRUBlock}
 
 
-class Recurrent(HookedModule):
+class Unrouted(HookedModule):
+    """A model the training and the analyses treat as a dense transformer without label routing: no route input, no
+    auxiliary loss, no MoE layers (the recurrent models and the DRC)."""
+
+    def route_input(self, labels: Mapping[str, np.ndarray]) -> None:
+        """`forward`'s `route` from a batch's labels: none, as for a transformer without label routing."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor:
+        """No auxiliary losses (0), as for a dense transformer."""
+        return torch.zeros(())
+
+    def moe_layers(self) -> list[int]:
+        return []
+
+
+class Recurrent(Unrouted):
     """Recurrent language model over token ids `[batch, pos]` returning logits `[batch, pos, vocab]`, like `Transformer`."""
 
     def __init__(self, cfg: RecurrentConfig) -> None:
@@ -174,14 +193,3 @@ class Recurrent(HookedModule):
         for block in self.blocks:
             x = block(x)
         return self.W_U(self.ln_final(x))
-
-    def route_input(self, labels: Mapping[str, np.ndarray]) -> None:
-        """`forward`'s `route` from a batch's labels: none, as for a transformer without label routing."""
-        return None
-
-    def aux_loss(self) -> torch.Tensor:
-        """No auxiliary losses (0), as for a dense transformer."""
-        return torch.zeros(())
-
-    def moe_layers(self) -> list[int]:
-        return []
