@@ -145,6 +145,10 @@ def test_the_sequential_note_says_why_it_stopped() -> None:
     assert "the primary verdict is **inconclusive**" in text and "| 2 | 5 |" in text
 
 
+def run_key(job: TrainJob, run_dir) -> str:
+    return job.key
+
+
 def test_models_below_the_task_competence_are_not_analysed_and_none_left_is_one_line(tmp_path) -> None:
     """Issue 27 §1: a run below its task's threshold gives None and is named; when none is left, a one-line error."""
     from toylab.errors import ToylabError
@@ -158,8 +162,10 @@ def test_models_below_the_task_competence_are_not_analysed_and_none_left_is_one_
     middle = (scores[0] + scores[-1]) / 2
     with StudyContext(tmp_path, progress=False, competence=middle) as ctx:
         kept = ctx.train(jobs())
+        analysed = ctx.analyse_runs(jobs(), run_key, "analysing")
     below = {b["run"] for b in ctx.below}
     assert below and all(kept[key] is None for key in below) and all(kept[key] is not None for key in kept if key not in below)
+    assert set(analysed) == {key for key in kept if key not in below}  # what the report says: not analysed
     assert all(b["value"] < middle and b["metric"] == "closing_accuracy" for b in ctx.below)
     text = to_markdown(Document("t", competence_note({"below_competence": ctx.below}, None)))
     assert "## Models below the task's competence threshold" in text and sorted(below)[0] in text

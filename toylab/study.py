@@ -301,9 +301,11 @@ class StudyContext:
     def analyse_runs(self, jobs: Sequence[TrainJob], function: Callable[[TrainJob, Path], R], description: str) -> dict[str, R]:
         """`function(job, run_dir)` for every job whose run finished (in the workers), by job key.
 
-        The jobs must have been trained (`train`); a failed run is left out.
+        The jobs must have been trained (`train`); a failed run is left out, and so is a run below its competence
+        threshold (what `train` gives None for: the report says it was not analysed).
         """
-        finished = [job for job in jobs if is_finished(self.run_dir(job.key))]
+        below = {b["run"] for b in self.below}
+        finished = [job for job in jobs if is_finished(self.run_dir(job.key)) and job.key not in below]
         results = self.map(function, finished, [self.run_dir(job.key) for job in finished], description=description)
         return dict(zip([job.key for job in finished], results))
 
