@@ -532,6 +532,14 @@ def heldout_note(batches: Sequence[dict[str, Any]]) -> Section:
         "shared by all seeds, `stats.sequence_resamples`).")])
 
 
+def by_kind(runs: Iterable[tuple[str, R]]) -> dict[str, list[R]]:
+    """`(run key, item)` pairs grouped by the kind of model (`dense-seed3` -> `dense`), in their order."""
+    kinds: dict[str, list[R]] = {}
+    for key, item in runs:
+        kinds.setdefault(key.rsplit("-seed", 1)[0], []).append(item)
+    return kinds
+
+
 def competence_note(results: Mapping[str, Any], config: Any) -> list[Section]:
     """The report's first lines on competence: a smoke test (threshold 0) says its verdicts mean nothing; runs below
     their task's threshold are named, not analysed."""
@@ -543,9 +551,7 @@ def competence_note(results: Mapping[str, Any], config: Any) -> list[Section]:
     below = results.get("below_competence") or []
     if not below:
         return []
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for b in below:
-        kinds.setdefault(b["run"].rsplit("-seed", 1)[0], []).append(b)
+    kinds = by_kind((b["run"], b) for b in below)
     lines = "; ".join(f"{len(runs)} `{kind}` run(s) (" + ", ".join(f"{r['run']}: {r['value']:.3f}" for r in runs) + ")"
                       for kind, runs in kinds.items())
     first = below[0]
@@ -559,9 +565,7 @@ def target_note(run_steps: Mapping[str, Mapping[str, Any]]) -> list[Section]:
     """The report's first lines on training to a target: how many steps the runs took, per kind of run, of their cap."""
     if not run_steps:
         return []
-    kinds: dict[str, list[Mapping[str, Any]]] = {}
-    for key, run in run_steps.items():
-        kinds.setdefault(key.rsplit("-seed", 1)[0], []).append(run)
+    kinds = by_kind(run_steps.items())
     lines = "; ".join(f"`{kind}` {sum(r['stopped_at_target'] for r in runs)} of {len(runs)} at its target, after "
                       f"{min(r['steps'] for r in runs)}–{max(r['steps'] for r in runs)} steps (mean "
                       f"{sum(r['steps'] for r in runs) / len(runs):.0f}) of a cap of {max(r['cap'] for r in runs)}"
