@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from toylab import training
 from toylab.config import build
 from toylab.determinism import data_seed
 from toylab.errors import ToylabError
@@ -90,14 +89,14 @@ def test_the_logged_stability_is_the_least_share_over_layers_of_tokens_keeping_t
 def test_a_resumed_run_keeps_the_last_expert_sets_and_stops_where_an_uninterrupted_one_does(tmp_path, monkeypatch) -> None:
     cfg = replace(STILL, checkpoint_every=10)
     whole = train(TASK, MOE, cfg, tmp_path / "whole", progress=False)
-    keep = training.Checkpoints.on_train_batch_end
+    step = SequenceModel.training_step
 
-    def killed_after_step_20(self, trainer, module, *args) -> None:  # after the validation at 20, before the one at 30
-        keep(self, trainer, module, *args)
-        if trainer.global_step == 25:
+    def killed_at_step_25(self, batch, batch_idx):  # after the validation at 20 and its checkpoint, before the one at 30
+        if self.global_step == 25:
             raise RuntimeError("killed")
+        return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(training.Checkpoints, "on_train_batch_end", killed_after_step_20)
+    monkeypatch.setattr(SequenceModel, "training_step", killed_at_step_25)
     with pytest.raises(RuntimeError, match="killed"):
         train(TASK, MOE, cfg, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
