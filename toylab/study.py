@@ -270,7 +270,7 @@ class StudyContext:
         finals = {job.key: io.read_json(self.run_dir(job.key) / "final.json") for job in jobs if job.key not in failed}
         self.steps_trained += sum(finals[job.key].get("steps", job.config.steps) for job in pending if job.key in finals)
         self.run_steps |= {job.key: {"steps": finals[job.key]["steps"], "cap": job.config.steps,
-                                     "stopped_at_target": finals[job.key]["stopped_at_target"]}
+                                     **{key: finals[job.key][key] for key in ("stopped_at_target", "routing_stable") if key in finals[job.key]}}
                            for job in jobs if job.key in finals and job.config.target is not None}
         below = [b for job in jobs if job.key not in failed and (b := self.competent(job, models[job.key])) is not None]
         if below and len(below) + len(failed) == len(jobs):
@@ -573,7 +573,10 @@ def target_note(run_steps: Mapping[str, Mapping[str, Any]]) -> list[Section]:
     return [Section("Trained to a target", [Text(
         "Runs stopped once their task's primary metric on held-out validation had reached the target at `patience` "
         f"validations in a row (`train.target`; each run's `final.json` records its steps): {lines}. A run that never "
-        "reached it trained to the cap.")])]
+        "reached it trained to the cap."
+        + (" Runs with MoE layers also waited, at the same validations, for their routing to settle (`train.settle`: the "
+           "share of validation tokens keeping their expert set from the validation before, `routing_stable` in "
+           "`final.json`)." if any("routing_stable" in r for r in run_steps.values()) else ""))])]
 
 
 def sequential_note(sequential: Mapping[str, Any]) -> Section:

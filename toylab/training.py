@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from toylab import io
+from toylab.analysis.dynamics import as_sets, expert_hooks, stability
 from toylab.config import build, config_hash, to_dict
 from toylab.determinism import data_seed, step_seed
 from toylab.errors import DivergenceError, ToylabError
@@ -83,6 +85,10 @@ class TrainConfig:
     row ("task": the task's own `Task.target`; None: train every step); `steps` is then the cap, and `final.json`
     records the steps trained."""
     patience: int = 2
+    settle: float | None = None
+    """With a target, a model with MoE layers stops only once its routing has settled too: at the same validations,
+    every MoE layer gives at least this share of validation tokens the expert set it gave them at the validation
+    before (`val_routing_stable`). Dense and recurrent models ignore it."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads", "patience"):
@@ -97,6 +103,10 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
         if isinstance(self.target, str) and self.target != "task" or isinstance(self.target, float) and not math.isfinite(self.target):
             raise ValueError(f"target must be a finite number, \"task\" (the task's own) or None (got {self.target})")
+        if self.settle is not None and not 0 < self.settle <= 1:
+            raise ValueError(f"settle must be in (0, 1] (got {self.settle})")
+        if self.settle is not None and self.target is None:
+            raise ValueError("settle adds a condition to stopping at a target: set target too")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
         if self.checkpoint_spacing not in ("linear", "log"):
@@ -228,15 +238,21 @@ class StepBudgetBar(RichProgressBar):
         return f"epoch {step // (cfg.n_train // cfg.batch_size)}, step {step}/{self.trainer.max_steps}"
 
 
-class StopAtTarget(pl.Callback):
-    """Stops training once the validation `metric` has been at or above `target` at `patience` validations in a row."""
+ROUTING_STABLE = "val_routing_stable"
+"""The validation metric of settled routing (`TrainConfig.settle`, `toylab.analysis.dynamics.stability`)."""
 
-    def __init__(self, metric: str, target: float, patience: int) -> None:
-        self.metric, self.target, self.patience, self.held = f"val_{metric}", target, patience, 0
+
+class StopAtTarget(pl.Callback):
+    """Stops training once every validation metric of `targets` has been at or above its target at the same
+    `patience` validations in a row (a metric not logged at a validation is not at its target there)."""
+
+    def __init__(self, targets: Mapping[str, float], patience: int) -> None:
+        self.targets, self.patience, self.held = dict(targets), patience, 0
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.metric)
-        self.held = self.held + 1 if value is not None and float(value) >= self.target else 0
+        values = {metric: trainer.callback_metrics.get(metric) for metric in self.targets}
+        met = all(value is not None and float(value) >= self.targets[metric] for metric, value in values.items())
+        self.held = self.held + 1 if met else 0
         trainer.should_stop = trainer.should_stop or self.held >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
@@ -248,9 +264,11 @@ class StopAtTarget(pl.Callback):
 
 class Checkpoints(pl.Callback):
     """Keeps the weights at `steps` in `folder/step-NNNNNN.safetensors` and, after each but the last, what a killed
-    run resumes from: `folder/resume.ckpt`, Lightning's checkpoint (weights, optimizer, schedule, loops), written
-    atomically and loaded with `weights_only`. (The batches and the global RNG of a step depend on the step alone:
-    `StepBatches`, `step_seed`.)"""
+    run resumes from: `folder/resume.ckpt`, Lightning's checkpoint (weights, optimizer, schedule, loops, the other
+    callbacks' state), written atomically and loaded with `weights_only`, and written again after a validation at
+    that step (a resumed run does not validate at the step it resumes from, so it must have seen it). (The batches
+    and the global RNG of a step depend on the step alone: `StepBatches`, `step_seed`.) List it after the callbacks
+    whose state it saves."""
 
     def __init__(self, folder: Path, steps: list[int]) -> None:
         self.folder, self.steps = folder, steps
@@ -259,7 +277,10 @@ class Checkpoints(pl.Callback):
         step = trainer.global_step
         self.folder.mkdir(exist_ok=True)
         io.save_tensors(self.folder / f"step-{step:06d}.safetensors", module.model.state_dict())
-        if step < self.steps[-1]:
+        self.resume_point(trainer)
+
+    def resume_point(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step < self.steps[-1]:
             partial = self.folder / ".resume.ckpt.tmp"
             trainer.save_checkpoint(partial)
             os.replace(partial, self.folder / RESUME)
@@ -272,6 +293,10 @@ class Checkpoints(pl.Callback):
         if trainer.global_step in self.steps:
             self.keep(trainer, module)
 
+    def on_validation_end(self, trainer: pl.Trainer, module: SequenceModel) -> None:
+        if trainer.global_step in self.steps:
+            self.resume_point(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, module: SequenceModel) -> None:
         """A run stopped at its target keeps its last weights too (as the last step it trained)."""
         if trainer.global_step not in self.steps:
@@ -279,11 +304,19 @@ class Checkpoints(pl.Callback):
 
 
 class SequenceModel(pl.LightningModule):
-    """A hooked transformer or recurrent model trained on next-token prediction plus its MoE auxiliary losses."""
+    """A hooked transformer or recurrent model trained on next-token prediction plus its MoE auxiliary losses.
+
+    With `settle`, each validation also reads the expert set of every validation token in each MoE layer, in the same
+    forward pass, and logs `val_routing_stable` against the previous validation's (kept in a resumed run's checkpoint);
+    the first validation of a run has nothing to compare with and logs none.
+    """
 
     def __init__(self, model: Model, task: Task, cfg: TrainConfig) -> None:
         super().__init__()
         self.model, self.task, self.cfg = model, task, cfg
+        self.expert_hooks = expert_hooks(model) if cfg.settle is not None else {}
+        self.expert_sets: dict[str, np.ndarray] = {}
+        """The last validation's expert sets per MoE layer (`toylab.analysis.dynamics.as_sets`)."""
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
@@ -305,9 +338,21 @@ class SequenceModel(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
         val = self.trainer.datamodule.val_batch[batch[0].cpu().numpy()]
         tokens, targets, mask = (t.to(self.device) for t in val.tensors())
-        logits = self.model(tokens, self.model.route_input(val.labels))
+        logits, cache = self.model.run_with_cache(tokens, self.model.route_input(val.labels), names=list(self.expert_hooks.values()))
         metrics = {f"val_{k}": v for k, v in self.task.metrics(logits.cpu(), val).items()}
+        if self.expert_hooks:
+            keep = torch.from_numpy(self.task.positions(val))
+            sets = as_sets({name: found.cpu()[keep].numpy() for name, found in cache.items()}, self.expert_hooks)
+            if self.expert_sets:
+                metrics[ROUTING_STABLE] = stability(self.expert_sets, sets)
+            self.expert_sets = sets
         self.log_dict({"val_loss": sequence_loss(logits, targets, mask), **metrics}, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["expert_sets"] = {layer: torch.from_numpy(sets) for layer, sets in self.expert_sets.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.expert_sets = {layer: sets.numpy() for layer, sets in checkpoint["expert_sets"].items()}
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -487,8 +532,10 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     model = build_model(task, model_options)
     kept = checkpoint_steps(cfg)
     target = task.target if cfg.target == "task" else cfg.target
-    stop = [StopAtTarget(task.primary_metric, target, cfg.patience)] if target is not None else []
-    callbacks = [*([StepBudgetBar()] if progress else []), *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else []), *stop]
+    module = SequenceModel(model, task, cfg)
+    targets = {f"val_{task.primary_metric}": target, **({ROUTING_STABLE: cfg.settle} if module.expert_hooks else {})}
+    stop = [StopAtTarget(targets, cfg.patience)] if target is not None else []
+    callbacks = [*([StepBudgetBar()] if progress else []), *stop, *([Checkpoints(run_dir / CHECKPOINTS, kept)] if kept else [])]
     trainer = pl.Trainer(
         max_steps=cfg.steps,
         accelerator=cfg.accelerator,
@@ -508,7 +555,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     )
     data = TaskDataModule(task, cfg, model)
     with lightning_interrupts():
-        trainer.fit(SequenceModel(model, task, cfg), datamodule=data, ckpt_path=resume, weights_only=True)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     model.cpu().eval()
     metrics = evaluate(model, task, data.val_batch)
     io.save_tensors(run_dir / "model.safetensors", model.state_dict())
@@ -518,6 +565,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
     kept = [step for step in kept if step < trainer.global_step] + [trainer.global_step] if kept else []
     final = {"metrics": metrics, "val_overlap": data.val_overlap, "config_hash": config_hash(config), "steps": trainer.global_step,
              "stopped_at_target": trainer.global_step < cfg.steps,
+             **({"routing_stable": float(trainer.callback_metrics[ROUTING_STABLE])} if ROUTING_STABLE in trainer.callback_metrics else {}),
              "weights_sha256": io.sha256(run_dir / "model.safetensors"),
              "checkpoints": {str(step): io.sha256(checkpoint_path(run_dir, step)) for step in kept}}
     io.write_json(run_dir / "final.json", final)

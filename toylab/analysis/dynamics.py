@@ -10,26 +10,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from toylab.analysis.specialization import EXPERTS, token_activations
-from toylab.models import Transformer
+from toylab.models import DRC, Recurrent, Transformer
 from toylab.task import Batch, Task
 
 
+def expert_hooks(model: Transformer | Recurrent | DRC) -> dict[str, str]:
+    """`{layer: hook name}`: the expert indices of each MoE layer (none for a dense or recurrent model)."""
+    return {str(layer): EXPERTS.format(layer=layer) for layer in model.moe_layers()}
+
+
+def as_sets(found: Mapping[str, np.ndarray], hooks: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """`{layer: [n_tokens, k]}` from the activations `found` at `hooks` (`expert_hooks`): each token's experts,
+    sorted (the set, whatever the order of slots; -1 marks an empty slot)."""
+    return {layer: np.sort(found[name], axis=-1) for layer, name in hooks.items()}
+
+
 def expert_sets(model: Transformer, task: Task, batch: Batch) -> dict[str, np.ndarray]:
-    """`{layer: [n_tokens, k]}`: each analysed token's experts per MoE layer, sorted (the set, whatever the order of
-    slots; -1 marks an empty slot)."""
-    names = {str(layer): EXPERTS.format(layer=layer) for layer in model.moe_layers()}
-    found = token_activations(model, task, batch, list(names.values()))
-    return {layer: np.sort(found[name], axis=-1) for layer, name in names.items()}
+    """`{layer: [n_tokens, k]}`: each analysed token's expert set per MoE layer (`as_sets`)."""
+    hooks = expert_hooks(model)
+    return as_sets(token_activations(model, task, batch, list(hooks.values())), hooks)
 
 
 def saturation(experts: np.ndarray, final: np.ndarray) -> float:
     """The share of tokens whose set of experts `[n, k]` is the one they get at the final checkpoint."""
     return float((experts == final).all(axis=-1).mean())
+
+
+def stability(previous: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
+    """The least share, over MoE layers, of tokens whose expert set (`as_sets`) in `current` is the one in `previous`
+    (the saturation of one routing against the one before it)."""
+    return min(saturation(current[layer], previous[layer]) for layer in current)
 
 
 def chance_agreement(experts: np.ndarray, final: np.ndarray) -> float:
