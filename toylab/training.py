@@ -352,7 +352,7 @@ class SequenceModel(pl.LightningModule):
         checkpoint["expert_sets"] = {layer: torch.from_numpy(sets) for layer, sets in self.expert_sets.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.expert_sets = {layer: sets.numpy() for layer, sets in checkpoint["expert_sets"].items()}
+        self.expert_sets = {layer: sets.numpy() for layer, sets in checkpoint.get("expert_sets", {}).items()}  # older checkpoints: none
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
