@@ -115,6 +115,18 @@ def test_padded_and_warm_started_fits_match_scikit_learn_on_planted_data() -> No
                 assert (their_f1 > chance + 0.1) if signal else (abs(their_f1 - chance) < 0.1)
 
 
+def test_a_problem_fits_the_same_in_a_batch_as_alone() -> None:
+    """Problems that stop at different steps (planted rules of three strengths, clean and noisy, and labels independent
+    of the features) fitted together give each one's own fit: a stopped problem stays put until it leaves the batch."""
+    x, y, noise = planted_problems(600, 8, seed=5)
+    xs, ys = torch.from_numpy(np.concatenate([x, x])), torch.from_numpy(np.concatenate([y, noise]))
+    w, b = fit_binary_logistic(xs, ys)
+    for i in range(len(xs)):
+        alone = fit_binary_logistic(xs[i : i + 1], ys[i : i + 1])
+        np.testing.assert_allclose(w[i].numpy(), alone[0][0].numpy(), atol=1e-7)
+        assert float(b[i]) == pytest.approx(float(alone[1][0]), abs=1e-7)
+
+
 def sklearn_sparse_probe(acts: np.ndarray, targets: np.ndarray, part: np.ndarray, ks: tuple[int, ...], seed: tuple[int, int],
                          n_candidates: int, min_count: int) -> dict:
     """`sparse_probe` written out one scikit-learn fit at a time (mean-difference ranking): the reference for the batched path."""
