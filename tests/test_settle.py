@@ -111,3 +111,16 @@ def test_the_target_note_says_when_runs_waited_for_their_routing_to_settle() -> 
             "moe-seed0": {"steps": 700, "cap": 1000, "stopped_at_target": True, "routing_stable": 0.97}}
     assert "`train.settle`" in target_note(runs)[0].blocks[0].markdown
     assert "`train.settle`" not in target_note({"dense-seed0": runs["dense-seed0"]})[0].blocks[0].markdown
+
+
+def test_a_run_without_settle_keeps_the_config_and_hash_it_had_before_settle_existed(tmp_path) -> None:
+    """`settle` at its default is left out of a run's config (`OMIT_AT_DEFAULT`), so runs saved before it existed are
+    reused; set, it is part of the config. (A new option without that metadata would change every run's hash.)"""
+    from toylab.config import config_hash, to_dict
+
+    assert config_hash(to_dict(TrainConfig())) == "dd64641c99"  # TrainConfig() before settle existed (commit 2f0deba)
+    assert "settle" not in to_dict(TrainConfig()) and "target" in to_dict(TrainConfig())
+    assert to_dict(TrainConfig(steps=60, target=0.5, settle=0.9))["settle"] == 0.9
+    trained = train(TASK, MOE, replace(STILL, settle=None, steps=10), tmp_path / "run", progress=False)
+    saved = json.loads((trained.run_dir / "config.json").read_text())
+    assert "settle" not in saved["train"] and saved["train"]["target"] == 0.0

@@ -167,9 +167,25 @@ def check_time(seconds: float, what: str, fix: str) -> None:
         raise ToylabError(f"{what} would take about {estimate} (more than {MAX_HOURS}); {fix}, or pass --force to run it anyway")
 
 
+OMIT_AT_DEFAULT = {"omit_at_default": True}
+"""Field metadata of an option added after runs were saved: `to_dict` leaves it out while it has its default, so the
+configs (and hashes) of runs saved before it existed stay what they were, and those runs are reused."""
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a (nested) dataclass config."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+    """A JSON-ready dict of a (nested) dataclass config, without fields at their default that say `OMIT_AT_DEFAULT`."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                    if not (f.metadata.get("omit_at_default") and getattr(value, f.name) == f.default)}
+        if isinstance(value, Mapping):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return json.loads(json.dumps(plain(config), default=list))
 
 
 def config_hash(config: Any, length: int = 10) -> str:

@@ -21,7 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from toylab import io
 from toylab.analysis.dynamics import as_sets, expert_hooks, stability
-from toylab.config import build, config_hash, to_dict
+from toylab.config import OMIT_AT_DEFAULT, build, config_hash, to_dict
 from toylab.determinism import data_seed, step_seed
 from toylab.errors import DivergenceError, ToylabError
 from toylab.models import DRC, DRCConfig, Recurrent, RecurrentConfig, Transformer, TransformerConfig
@@ -85,10 +85,11 @@ class TrainConfig:
     row ("task": the task's own `Task.target`; None: train every step); `steps` is then the cap, and `final.json`
     records the steps trained."""
     patience: int = 2
-    settle: float | None = None
+    settle: float | None = field(default=None, metadata=OMIT_AT_DEFAULT)
     """With a target, a model with MoE layers stops only once its routing has settled too: at the same validations,
     every MoE layer gives at least this share of validation tokens the expert set it gave them at the validation
-    before (`val_routing_stable`). Dense and recurrent models ignore it."""
+    before (`val_routing_stable`). Dense and recurrent models ignore it. Left out of a run's config while None, so runs
+    saved before it existed are reused."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "n_train", "n_val", "eval_every", "threads", "patience"):
