@@ -32,9 +32,8 @@ DEFAULT_BUDGET = 360.0
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    rows = []
+    rows, keep = [], os.environ.get("TOYLAB_BENCH_RUNS")
     for name in QUICK if quick else list_studies():
-        keep = os.environ.get("TOYLAB_BENCH_RUNS")
         with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory() as out:
             outcome = run_study(name, QUICK.get(name) if quick else None, Path(out), fast=quick, progress=False,
                                 workers=1 if quick else available_cpus())
