@@ -172,11 +172,12 @@ class Brackets(Task):
         return Counterfactuals(variable, base, source, source.targets, base.loss_mask & (base.targets >= OPEN + k))
 
     def _generate(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run the sampler for `n` sequences, vectorized over the batch, tracking the stack."""
+        """Run the sampler for `n` sequences, vectorized over the batch, tracking the stack (arrays are `[position,
+        batch]` while it runs, so that each step writes one contiguous row)."""
         k, m, length = self.config.k, self.config.m, self.config.max_length
         rows = np.arange(n)
-        tokens = np.full((n, length + 2), PAD)
-        tokens[:, 0] = BOS
+        tokens = np.full((length + 2, n), PAD)
+        tokens[0] = BOS
         stack_types = np.zeros((n, m), dtype=np.int64)
         stack_positions = np.zeros((n, m), dtype=np.int64)
         depth = np.zeros(n, dtype=np.int64)
@@ -184,7 +185,7 @@ class Brackets(Task):
         depths = np.full(tokens.shape, IGNORE)
         tops = np.full(tokens.shape, IGNORE)
         distances = np.full(tokens.shape, IGNORE)
-        depths[:, 0], tops[:, 0] = 0, k
+        depths[0], tops[0] = 0, k
         for t in range(1, length + 2):
             opens = (rng.random(n) < 0.5) & (depth < m) & alive
             kinds = rng.integers(k, size=n)
@@ -192,18 +193,17 @@ class Brackets(Task):
             ends = ~opens & (depth == 0) & alive
             if t == length + 1:  # no room for another bracket: the string is cut here
                 opens[:] = closes[:] = False
-            top = stack_types[rows, np.maximum(depth - 1, 0)]
-            distances[closes, t] = t - stack_positions[rows, np.maximum(depth - 1, 0)][closes]
+            below = np.maximum(depth - 1, 0)
+            distances[t] = np.where(closes, t - stack_positions[rows, below], IGNORE)
+            tokens[t] = np.select([opens, closes, ends], [OPEN + kinds, OPEN + k + stack_types[rows, below], EOS], PAD)
             stack_types[rows[opens], depth[opens]] = kinds[opens]
             stack_positions[rows[opens], depth[opens]] = t
-            tokens[opens, t] = OPEN + kinds[opens]
-            tokens[closes, t] = OPEN + k + top[closes]
-            tokens[ends, t] = EOS
             depth += opens.astype(np.int64) - closes
             written = opens | closes | ends
-            depths[written, t] = depth[written]
-            tops[written, t] = np.where(depth > 0, stack_types[rows, np.maximum(depth - 1, 0)], k)[written]
+            depths[t] = np.where(written, depth, IGNORE)
+            tops[t] = np.where(written, np.where(depth > 0, stack_types[rows, np.maximum(depth - 1, 0)], k), IGNORE)
             alive &= ~ends
+        tokens, depths, tops, distances = (np.ascontiguousarray(a.T) for a in (tokens, depths, tops, distances))
         written = tokens != PAD
         labels = {
             "token_type": np.where(written, tokens, IGNORE),

@@ -320,7 +320,8 @@ class SequenceModel(pl.LightningModule):
         """The last validation's expert sets per MoE layer (`toylab.analysis.dynamics.as_sets`)."""
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
+        seed = step_seed(self.cfg.seed, self.global_step)  # on CPU the CPU generator alone: torch.manual_seed also queues a
+        torch.default_generator.manual_seed(seed) if self.device.type == "cpu" else torch.manual_seed(seed)  # CUDA seeding, with a traceback, each step
         tokens, targets, mask, *route = trim_unscored(*batch)
         lm_loss = sequence_loss(self.model(tokens, *route), targets, mask)
         aux = self.model.aux_loss()
@@ -356,7 +357,7 @@ class SequenceModel(pl.LightningModule):
         self.expert_sets = {layer: sets.numpy() for layer, sets in checkpoint.get("expert_sets", {}).items()}  # older checkpoints: none
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True)
         warmup, total, floor = self.cfg.warmup_steps, self.cfg.steps, self.cfg.lr_floor
 
         def schedule(step: int) -> float:

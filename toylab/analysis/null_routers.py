@@ -27,10 +27,11 @@ def _bias_matching(scores: np.ndarray, counts: np.ndarray, rounds: int) -> np.nd
     for _ in range(rounds):
         for e in range(k):
             others = np.delete(scores + bias, e, axis=1).max(1)
-            margin = np.sort(scores[:, e] - others)[::-1]  # a token prefers e when margin + b_e > 0
-            c = int(counts[e])
-            upper = margin[c - 1] if c > 0 else margin[0] + 1.0
-            lower = margin[c] if c < n else margin[-1] - 1.0
+            margin = scores[:, e] - others  # a token prefers e when margin + b_e > 0
+            c = int(counts[e])  # b_e halfway between the c-th and the (c+1)-th largest margin (ascending: n - c, n - c - 1)
+            ranks = np.partition(margin, [max(n - c - 1, 0), min(n - c, n - 1)])
+            upper = ranks[n - c] if c > 0 else ranks[n - 1] + 1.0
+            lower = ranks[n - c - 1] if c < n else ranks[0] - 1.0
             bias[e] = -(upper + lower) / 2
         if (np.bincount((scores + bias).argmax(1), minlength=k) == counts).all():
             break
