@@ -555,6 +555,7 @@ def _fit(task: Task, model_options: dict[str, Any], cfg: TrainConfig, run_dir: P
         deterministic=True,
         default_root_dir=attempt,
     )
+    torch.utils.deterministic.fill_uninitialized_memory = False  # `deterministic` also NaN-fills every new tensor (3% of a step)
     data = TaskDataModule(task, cfg, model)
     with lightning_interrupts():
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
