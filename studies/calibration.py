@@ -59,7 +59,7 @@ class CalibrationConfig:
     """The dial's settings, ascending from 0 (empty: `GRIDS[dial]`)."""
     seeds: int = 10
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 32, "n_heads": 2, "d_mlp": 64, "n_layers": 2})
-    """Options shared by the dense and every MoE transformer (see `TransformerConfig`)."""
+    """Options of every MoE transformer (see `TransformerConfig`)."""
     n_experts: int = 4
     train: TrainConfig = TrainConfig(steps=1000, lr=3e-3)
     competence: float | None = None
@@ -103,9 +103,8 @@ class Calibration(Study):
     def __init__(self, config: CalibrationConfig) -> None:
         super().__init__(config)
         self.task = get_task(config.task, config.task_options)
-        self.models = {"dense": {**config.model, "ffn": "dense"}, **{self.key(v): self.moe(v) for v in config.settings}}
-        for options in self.models.values():  # fail early on a bad model option or label
-            build_model(self.task, options)
+        for value in config.settings:  # fail early on a bad model option or label
+            build_model(self.task, self.moe(value))
 
     def key(self, value: float) -> str:
         return f"{self.config.dial}={value:g}"
@@ -115,15 +114,17 @@ class Calibration(Study):
         dial = {self.config.dial: value, "router_label": self.config.label} if value else {}
         return {**self.config.model, "ffn": "moe", "n_experts": self.config.n_experts, **dial}
 
-    def analyse(self, value: float, seed: int, moe_dir: Path, dense_dir: Path) -> dict[str, Any]:
-        """One MoE (in a worker, one torch thread): its performance, the label's scores at every layer and along paths,
-        and at the dial's zero the primary verdict's scores for random labels."""
+    def analyse(self, value: float, seed: int, moe_dir: Path) -> dict[str, Any]:
+        """One MoE (in a worker, one torch thread, as soon as it is trained): its performance, the label's scores at the
+        last MoE layer (what every analysis reads; no dense control, which none reads) and along paths, and at the
+        dial's zero the primary verdict's scores for random labels."""
         cfg, task = self.config, self.task
         batch = task.sample_split(cfg.n_eval, cfg.eval_seed, "heldout")
-        moe, dense = load_trained(moe_dir).model, load_trained(dense_dir).model
+        moe = load_trained(moe_dir).model
         with torch_threads(1):
             found = {"performance": evaluate(moe, task, batch),
-                     "scores": specialization(moe, dense, task, batch, cfg.n_permutations, seed, cfg.null_draws, [cfg.label]),
+                     "scores": specialization(moe, None, task, batch, cfg.n_permutations, seed, cfg.null_draws, [cfg.label],
+                                              moe.moe_layers()[-1:]),
                      "paths": routing_paths(moe, task, batch, cfg.n_permutations, seed, [cfg.label]) if len(moe.moe_layers()) > 1 else None}
             if value == 0:
                 found["random_labels"] = model_random_label_scores(moe, task, batch, task.labels[cfg.label].n_classes, cfg.random_labels,
@@ -133,13 +134,11 @@ class Calibration(Study):
     def run(self, ctx: StudyContext) -> dict[str, Any]:
         cfg, task = self.config, self.task
         ctx.heldout(task, cfg.n_eval, cfg.eval_seed)
-        jobs = [TrainJob(f"{name}-seed{seed}", task, options, replace(cfg.train, seed=seed))
-                for seed in range(cfg.seeds) for name, options in self.models.items()]
-        trained = ctx.train(jobs)
-        work = [(v, s) for v in cfg.settings for s in range(cfg.seeds) if trained[f"{self.key(v)}-seed{s}"] and trained[f"dense-seed{s}"]]
-        analysed = dict(zip(work, ctx.map(self.analyse, [v for v, _ in work], [s for _, s in work],
-                                          [ctx.run_dir(f"{self.key(v)}-seed{s}") for v, s in work],
-                                          [ctx.run_dir(f"dense-seed{s}") for _, s in work], description="analysing")))
+        jobs = {(v, s): TrainJob(f"{self.key(v)}-seed{s}", task, self.moe(v), replace(cfg.train, seed=s))
+                for s in range(cfg.seeds) for v in cfg.settings}
+        setting_seed = {job.key: key for key, job in jobs.items()}
+        _, analysed = ctx.train_and_analyse(list(jobs.values()), self.analyse, lambda key, runs: [(key, (*key, *runs.values()))],
+                                            group_by=lambda job: setting_seed[job.key])
         points = [self.point(v, [analysed[v, s] for s in range(cfg.seeds) if (v, s) in analysed]) for v in cfg.settings]
         points = [p for p in points if p is not None]
         zero = [analysed[0.0, s]["random_labels"] for s in range(cfg.seeds) if (0.0, s) in analysed]
@@ -159,7 +158,7 @@ class Calibration(Study):
             "ceiling_share": {str(p["dial"]): mean_ci(p["ceiling_share"]) for p in points},
             "specificity": random_label_verdicts(zero) if len(zero) >= 2 else None,
             "test_families": families,
-            "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs},
+            "runs": {job.key: str(ctx.run_dir(job.key).relative_to(ctx.directory)) for job in jobs.values()},
         }
 
     def point(self, value: float, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -254,7 +253,7 @@ class Calibration(Study):
             Section("What was run", [Text(
                 f"Task `{task.name}` with options `{task.options}`. {task.describe()} An MoE ({cfg.n_experts} experts, top-1, options "
                 f"`{cfg.model}`) at each of {len(cfg.settings)} settings of `{cfg.dial}` ({', '.join(f'{v:g}' for v in cfg.settings)}) on "
-                f"`{cfg.label}`, and a dense twin (the dense k-means control), each trained for {cfg.train.steps} steps with "
+                f"`{cfg.label}`, each trained for {cfg.train.steps} steps with "
                 f"{cfg.seeds} seeds; {cfg.n_eval} held-out sequences analysed (seed {cfg.eval_seed}).")]),
             Section("Sensitivity per analysis (realized NMI detected in ≥ 80% of studies)", [Table(self.summary(results))]),
             Section("Dose–response per analysis", [Table(points)]),

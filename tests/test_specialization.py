@@ -177,3 +177,21 @@ def test_activations_past_the_memory_bound_are_refused_in_one_line(monkeypatch) 
     with pytest.raises(ToylabError, match=r"activations of 8 sequences at 2 hook point\(s\) would take .* GiB, above the bound") as error:
         module.token_activations(model, task, batch, names)
     assert "\n" not in str(error.value)
+
+
+def test_one_layer_without_a_dense_twin_scores_as_the_full_analysis_does() -> None:
+    """`specialization(dense=None, layers=...)` (what calibration reads): that layer alone, no dense control, and the
+    same scores as in the full analysis of both models."""
+    from toylab.analysis.specialization import specialization
+    from toylab.training import build_model
+
+    task = get_task("brackets", k=2, m=3, max_length=10)
+    model = {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 2}
+    moe, dense = build_model(task, {**model, "ffn": "moe", "n_experts": 4}), build_model(task, model)
+    batch = task.sample(60, 0)
+    full = specialization(moe, dense, task, batch, 20, 0, null_draws=2)
+    part = specialization(moe, None, task, batch, 20, 0, null_draws=2, layers=[1])
+    assert list(full) == ["0", "1"] and list(part) == ["1"]
+    for name, scores in full["1"].items():
+        assert "kmeans_dense" in scores and "kmeans_dense" not in part["1"][name]
+        assert repr(part["1"][name]) == repr({kind: s for kind, s in scores.items() if kind != "kmeans_dense"})

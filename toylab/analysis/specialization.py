@@ -171,27 +171,28 @@ def label_scores(
 
 
 def specialization(
-    moe: Transformer, dense: Transformer, task: Task, batch: Batch, n_permutations: int, seed: int, null_draws: int = 0,
-    labels: Sequence[str] | None = None,
+    moe: Transformer, dense: Transformer | None, task: Task, batch: Batch, n_permutations: int, seed: int, null_draws: int = 0,
+    labels: Sequence[str] | None = None, layers: Sequence[int] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """`{layer: {label: {assignment, null router or "linear": scores}}}` for one seed's pair of models (see
-    `label_scores`), over `labels` (default: every `analysable_labels`). With `null_draws` > 0 the `NULL_ROUTERS`
+    `label_scores`), over `labels` (default: every `analysable_labels`) and the MoE layers `layers` (default: all).
+    Without a `dense` model there is no dense control (`kmeans_dense`). With `null_draws` > 0 the `NULL_ROUTERS`
     are scored too, fitted to every analysed token with the routing's expert usage over them: one size-balanced
     k-means and `null_draws` random linear routers."""
     keep = task.positions(batch)
     tokens = batch.inputs[keep]
     sequences = np.broadcast_to(np.arange(len(batch))[:, None], keep.shape)[keep]
-    layers = moe.moe_layers()
+    layers = moe.moe_layers() if layers is None else list(layers)
     inputs = [ROUTER_INPUT.format(layer=layer) for layer in layers]
     moe_acts = token_activations(moe, task, batch, inputs + [EXPERTS.format(layer=layer) for layer in layers])
-    dense_acts = token_activations(dense, task, batch, inputs)
+    dense_acts = token_activations(dense, task, batch, inputs) if dense is not None else {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for layer, site in zip(layers, inputs):
         routing = top_expert(moe_acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts)
         assignments = {
             "routing": routing,
             "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed),
-            "kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed),
+            **({"kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed)} if dense is not None else {}),
         }
         usage = np.bincount(routing, minlength=moe.cfg.n_experts)
         nulls = {"kmeans_balanced": balanced_kmeans(moe_acts[site], usage, seed)[None],
