@@ -188,8 +188,9 @@ class StudyContext:
         last group is all that follows the last run. Runs train longest first (`TrainJob.cost`), so that those still
         training when the queue empties are short and the workers finish together. Returns `train`'s models and
         `{key: result}` in the order of the groups (first job first) and of each plan, so the results are the same
-        whatever the number of workers and the order in which calls finish. An analysis's exception stops everything and propagates (a call lost with its
-        worker is retried once, as a run is); Ctrl-C raises `Interrupted`, and a rerun reuses the finished runs.
+        whatever the number of workers and the order in which calls finish. An analysis's exception stops everything
+        and propagates (a call lost with its worker is retried once, as a run is); Ctrl-C raises `Interrupted`, and a
+        rerun reuses the finished runs.
         """
         start = time.perf_counter()
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
@@ -205,7 +206,7 @@ class StudyContext:
         planned: dict[Hashable, list[Hashable]] = {}
         analysed: dict[Hashable, Any] = {}
         calls: deque[tuple[Hashable, tuple[Any, ...]]] = deque()
-        queue, lost = deque(sorted(pending, key=lambda job: job.cost, reverse=True)), set()  # longest first: the last to finish is short
+        queue, lost = deque(sorted(pending, key=lambda job: job.cost, reverse=True)), set()  # longest first
         in_flight: dict[int, tuple[TrainJob | None, Hashable, tuple[Any, ...]]] = {}
         trained_at = start
 

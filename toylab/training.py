@@ -320,8 +320,11 @@ class SequenceModel(pl.LightningModule):
         """The last validation's expert sets per MoE layer (`toylab.analysis.dynamics.as_sets`)."""
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        seed = step_seed(self.cfg.seed, self.global_step)  # on CPU the CPU generator alone: torch.manual_seed also queues a
-        torch.default_generator.manual_seed(seed) if self.device.type == "cpu" else torch.manual_seed(seed)  # CUDA seeding, with a traceback, each step
+        seed = step_seed(self.cfg.seed, self.global_step)
+        if self.device.type == "cpu":  # torch.manual_seed would also queue a CUDA seeding, with a traceback, at each step
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
         tokens, targets, mask, *route = trim_unscored(*batch)
         lm_loss = sequence_loss(self.model(tokens, *route), targets, mask)
         aux = self.model.aux_loss()
