@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from toylab import get_task, study
+from toylab import get_task
 from toylab.io import load_tensors
 from toylab.study import StudyContext, TrainJob, target_note
 from toylab.training import TrainConfig
@@ -87,16 +87,6 @@ def test_train_and_analyse_gives_the_models_of_train_and_analyses_in_plan_order(
     with StudyContext(tmp_path / "pipelined", progress=False, competence=0) as again:
         assert again.train_and_analyse(runs, weight_sum, seed_plan)[1] == analysed
     assert (again.trained, again.reused) == (1, 3)  # the diverged run is tried again
-
-
-def test_runs_train_longest_first_then_moe_before_dense(tmp_path, monkeypatch) -> None:
-    order, real = [], study.train_or_fail
-    monkeypatch.setattr(study, "train_or_fail", lambda job, run_dir: (order.append(job.key), real(job, run_dir))[1])
-    runs = jobs()  # dense-seed0, moe-seed0, dense-seed1, moe-seed1
-    runs[2] = replace(runs[2], config=replace(runs[2].config, steps=8, eval_every=8))
-    with StudyContext(tmp_path, progress=False, competence=0) as ctx:
-        ctx.train(runs)
-    assert order == ["dense-seed1", "moe-seed0", "moe-seed1", "dense-seed0"]
 
 
 def test_train_and_analyse_leaves_below_competence_runs_out_and_raises_analysis_errors(tmp_path) -> None:

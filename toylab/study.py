@@ -70,12 +70,6 @@ class TrainJob:
     model: dict[str, Any]
     config: TrainConfig
 
-    @property
-    def cost(self) -> tuple[int, bool]:
-        """How long the job trains, to order a queue longest first: its steps, then MoE before dense (a training step of
-        the quickstart's MoE took 16.3 ms on one core, its dense twin's 12.3 ms)."""
-        return self.config.steps, self.model.get("ffn") == "moe"
-
 
 def train_or_fail(job: TrainJob, run_dir: Path) -> None:
     """Train one job (in a worker); it raises DivergenceError if the run diverges."""
@@ -185,12 +179,10 @@ class StudyContext:
         been reused, `plan(group, runs)` (here) turns the group's usable runs, `{key: run dir}` of those `train` gives a
         model for (failed and below-competence runs left out), into keyed calls `(key, args)`, and `function(*args)` runs
         in the workers, before any training still queued: no worker idles while runs remain, and the analysis of the
-        last group is all that follows the last run. Runs train longest first (`TrainJob.cost`), so that those still
-        training when the queue empties are short and the workers finish together. Returns `train`'s models and
-        `{key: result}` in the order of the groups (first job first) and of each plan, so the results are the same
-        whatever the number of workers and the order in which calls finish. An analysis's exception stops everything
-        and propagates (a call lost with its worker is retried once, as a run is); Ctrl-C raises `Interrupted`, and a
-        rerun reuses the finished runs.
+        last group is all that follows the last run. Returns `train`'s models and `{key: result}` in the order of the
+        groups (first job first) and of each plan, so the results are the same whatever the number of workers and the
+        order in which calls finish. An analysis's exception stops everything and propagates (a call lost with its
+        worker is retried once, as a run is); Ctrl-C raises `Interrupted`, and a rerun reuses the finished runs.
         """
         start = time.perf_counter()
         found = {job.key: trained_run(job.task, job.model, job.config, self.run_dir(job.key), note=False) for job in jobs}
@@ -206,7 +198,7 @@ class StudyContext:
         planned: dict[Hashable, list[Hashable]] = {}
         analysed: dict[Hashable, Any] = {}
         calls: deque[tuple[Hashable, tuple[Any, ...]]] = deque()
-        queue, lost = deque(sorted(pending, key=lambda job: job.cost, reverse=True)), set()  # longest first
+        queue, lost = deque(pending), set()
         in_flight: dict[int, tuple[TrainJob | None, Hashable, tuple[Any, ...]]] = {}
         trained_at = start
 
