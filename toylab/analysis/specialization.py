@@ -185,15 +185,13 @@ def specialization(
     layers = moe.moe_layers() if layers is None else list(layers)
     inputs = [ROUTER_INPUT.format(layer=layer) for layer in layers]
     moe_acts = token_activations(moe, task, batch, inputs + [EXPERTS.format(layer=layer) for layer in layers])
-    dense_acts = token_activations(dense, task, batch, inputs) if dense is not None else {}
+    dense_acts = token_activations(dense, task, batch, inputs) if dense is not None else None
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for layer, site in zip(layers, inputs):
         routing = top_expert(moe_acts[EXPERTS.format(layer=layer)], moe.cfg.n_experts)
-        assignments = {
-            "routing": routing,
-            "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed),
-            **({"kmeans_dense": kmeans(dense_acts[site], moe.cfg.n_experts, seed)} if dense is not None else {}),
-        }
+        assignments = {"routing": routing, "kmeans_moe": kmeans(moe_acts[site], moe.cfg.n_experts, seed)}
+        if dense_acts is not None:
+            assignments["kmeans_dense"] = kmeans(dense_acts[site], moe.cfg.n_experts, seed)
         usage = np.bincount(routing, minlength=moe.cfg.n_experts)
         nulls = {"kmeans_balanced": balanced_kmeans(moe_acts[site], usage, seed)[None],
                  "random_linear": random_linear_routers(moe_acts[site], usage, null_draws, seed)} if null_draws else {}
