@@ -72,8 +72,8 @@ def test_batched_logistic_fits_match_scikit_learn(balanced: bool) -> None:
         w, b = fit_binary_logistic(torch.from_numpy(x), torch.from_numpy(y), C, balanced)
         for i in range(2):
             theirs = LogisticRegression(C=C, tol=1e-10, max_iter=5000, class_weight="balanced" if balanced else None).fit(x[i], y[i])
-            np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=1e-5)
-            assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=1e-5)
+            np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=5e-4)
+            assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=5e-4)
 
 
 def planted_problems(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +91,8 @@ def planted_problems(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray,
 
 def test_padded_and_warm_started_fits_match_scikit_learn_on_planted_data() -> None:
     """Problems of different lengths padded into one batch, and warm-started from fewer features, reach scikit-learn's
-    coefficients and held-out F1 (within 1e-3); labels independent of the features are at chance for both."""
+    coefficients (within 5e-4: the fits stop at a gradient of `TOL` per row) and held-out F1 (within 1e-3); labels
+    independent of the features are at chance for both."""
     x, y, noise = planted_problems(800, 8, seed=3)
     lengths = np.array([800, 650, 500, 800, 300, 720])
     mask = torch.from_numpy(np.arange(800) < lengths[:, None])
@@ -102,12 +103,12 @@ def test_padded_and_warm_started_fits_match_scikit_learn_on_planted_data() -> No
         start = fit_binary_logistic(xs[..., :3], ys, mask=train)
         for init in (None, start):
             w, b = fit_binary_logistic(xs, ys, mask=train, init=init)
-            ours = f1_scores((torch.bmm(xs, w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0) & held_out, ys.bool() & held_out)
+            ours = f1_scores((torch.bmm(xs.float(), w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1) > 0) & held_out, ys.bool() & held_out)
             for i in range(6):
                 rows, test = train[i].numpy(), held_out[i].numpy()
                 theirs = LogisticRegression(tol=1e-10, max_iter=5000, class_weight="balanced").fit(x[i, rows], labels[i, rows])
-                np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=1e-5)
-                assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=1e-5)
+                np.testing.assert_allclose(w[i].numpy(), theirs.coef_[0], atol=5e-4)
+                assert float(b[i]) == pytest.approx(theirs.intercept_[0], abs=5e-4)
                 their_f1 = f1_score(labels[i, test], theirs.predict(x[i, test]))
                 assert float(ours[i]) == pytest.approx(their_f1, abs=1e-3)
                 prevalence = labels[i, test].mean()

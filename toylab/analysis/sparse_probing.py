@@ -18,9 +18,9 @@ The same selection runs on E **pseudo-experts** of the dense model (its neurons 
 tokens): a random partition of matched sizes, the MoE's own partition, and k-means on the dense model's
 router-input site; comparing experts with them is the test of "expert neurons are less polysemantic".
 The old design's quantity (the largest F1 over units, chosen on the split it is scored on) is kept as
-`max_f1`, to show the selection bias. The logistic fits are batched Newton steps (scikit-learn's
-objective, checked against it in the tests; float64 but for the Hessian, summed in float32), every probe of every
-unit, class and k of a layer together (`sparse_probes`, `probe_scores`).
+`max_f1`, to show the selection bias. The logistic fits are batched Newton steps in float32 (scikit-learn's
+objective to a gradient of `TOL` per row, checked against it in the tests), every probe of every unit, class and k
+of a layer together (`sparse_probes`, `probe_scores`).
 """
 
 from __future__ import annotations
@@ -57,10 +57,14 @@ LIFT = BOUNDS["lift"]
 """Bounds of an F1 minus its control."""
 NEURONS = "blocks.{layer}.mlp.hook_post"
 EXPERTS = "blocks.{layer}.mlp.hook_expert_indices"
-BATCH_BYTES = 2**27
+BATCH_BYTES = 2**25
 """About the most working memory (bytes) of one batch of probe fits (`probe_scores`)."""
 PADDING = 0.5
 """A batch of probes pads their training rows to the longest; a probe joins only with at least this share of them."""
+
+TOL = 1e-6
+"""A logistic fit stops when its gradient's largest entry is at most this times its row count: coefficients within
+about 1e-5 of the optimum, far above float32's rounding of the gradient (about 1e-7 / sqrt(n) of it)."""
 
 Units = list[tuple[np.ndarray, np.ndarray]]
 """Probed units: `(activations [n_u, d] or [n_u, k, d] slots already selected, token index [n_u])` each."""
@@ -68,77 +72,117 @@ Units = list[tuple[np.ndarray, np.ndarray]]
 
 def fit_binary_logistic(
     x: torch.Tensor, y: torch.Tensor, C: float = 1.0, balanced: bool = True, mask: torch.Tensor | None = None,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100, tol: float = 1e-8,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100, tol: float = TOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Many binary logistic regressions at once by Newton's method with backtracking: `x [B, n, k]`, `y [B, n]` 0/1,
-    `mask [B, n]` each problem's rows (None: all; the others are padding).
-
-    Minimizes scikit-learn's objective `|w|^2 / 2 + C * sum_i s_i * logloss_i` (intercept not penalized), with
-    `s_i = n / (2 n_class(i))` when `balanced` (its `class_weight="balanced"`), else 1. The objective, gradient, line
-    search and stopping rule are float64; only the Hessian, which sets each step's direction and costs k times more
-    than the rest, is summed in float32 (a direction accurate to ~1e-6 converges as Newton's does). A problem stops
-    when its gradient's largest entry is below `tol` times its row count; stopped problems leave the batch once they
-    are half of it. `init`: weights on the first k' <= k features and intercepts to start from (zeros elsewhere).
-    Returns weights `[B, k]` and intercepts `[B]`.
-    """
-    x, y = x.double(), y.double()
+    """Many binary logistic regressions at once: `x [B, n, k]`, `y [B, n]` 0/1, `mask [B, n]` each problem's rows
+    (None: all; the others are padding); `init`: weights on the first k' <= k features and intercepts to start from
+    (zeros elsewhere). Returns weights `[B, k]` and intercepts `[B]` (`fit_logistic`)."""
     batch, n, k = x.shape
+    design = torch.cat([torch.ones(batch, 1, n), x.float().transpose(1, 2)], 1)
+    theta = None if init is None else torch.cat([init[1].unsqueeze(1), init[0]], 1)
+    theta = fit_logistic(design, y, *sample_weights(y, mask, C, balanced), theta, max_iter, tol)
+    return theta[:, 1:], theta[:, 0]
+
+
+def sample_weights(y: torch.Tensor, mask: torch.Tensor | None, C: float = 1.0, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's weight in the loss `[B, n]` (0 off `mask`) and each problem's row count `[B]`: `C` times
+    scikit-learn's `class_weight="balanced"` (`n / (2 n_class)`) when `balanced`, else `C`."""
+    y = y.double()
     rows = torch.ones_like(y) if mask is None else mask.double()
     count = rows.sum(1)
     s = rows
     if balanced:
         positives = torch.minimum((y * rows).sum(1), count - 1).clamp_min(1).unsqueeze(1)
         s = rows * torch.where(y > 0, count.unsqueeze(1) / (2 * positives), count.unsqueeze(1) / (2 * (count.unsqueeze(1) - positives)))
-    s = C * s
-    design = torch.cat([torch.ones(batch, 1, n, dtype=x.dtype), x.transpose(1, 2)], 1)  # [B, 1 + k, n]: intercept first
-    single = design.float()  # the Hessian's copy
-    weighted = torch.empty_like(single)  # single * s p (1 - p) at each step, in one buffer: fresh memory is slow
-    penalty = torch.ones(k + 1, dtype=x.dtype)
-    penalty[0] = 0
-    theta = torch.zeros(batch, k + 1, dtype=x.dtype)
-    if init is not None:
-        theta[:, 0], theta[:, 1 : init[0].shape[1] + 1] = init[1], init[0]
-    out, live, stopped = theta.clone(), torch.arange(batch), torch.zeros(batch, dtype=torch.bool)
+    return C * s, count
 
-    def objective(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return (s * (torch.nn.functional.softplus(z) - y * z)).sum(1) + 0.5 * (penalty * theta**2).sum(1)
+
+def fit_logistic(
+    design: torch.Tensor, y: torch.Tensor, s: torch.Tensor, count: torch.Tensor,
+    init: torch.Tensor | None = None, max_iter: int = 100, tol: float = TOL,
+) -> torch.Tensor:
+    """Binary logistic regressions by Newton's method in float32 on `design [B, 1 + k, n]` (intercept row first),
+    `y [B, n]` 0/1, row weights `s` and counts (`sample_weights`); returns `theta [B, 1 + k]`, intercept first.
+    `init [B, 1 + k']`, k' <= k: where to start (zeros elsewhere).
+
+    Minimizes scikit-learn's objective `|w|^2 / 2 + sum_i s_i * logloss_i` (intercept not penalized) until the
+    gradient's largest entry is at most `tol` times the row count (`newton`).
+    """
+    batch, width, _ = design.shape
+    penalty = torch.ones(width)
+    penalty[0] = 0
+    theta = torch.zeros(batch, width)
+    if init is not None:
+        theta[:, : init.shape[1]] = init
+    return newton(design, y.float(), s.float(), penalty, count.float(), theta, tol, max_iter)
+
+
+def newton(
+    design: torch.Tensor, y: torch.Tensor, s: torch.Tensor, penalty: torch.Tensor,
+    count: torch.Tensor, theta: torch.Tensor, tol: float, max_iter: int, halvings: int = 30,
+) -> torch.Tensor:
+    """Newton steps on `B` logistic problems (`fit_logistic`) from `theta [B, 1 + k]`; returns `theta`.
+
+    A problem stops when its gradient's largest entry is at most `tol * count`; stopped problems leave the batch once
+    they are half of it. Each step backtracks on the squared gradient norm (Newton's direction lowers it, and the
+    gradient at the accepted point is the next step's, so no objective is evaluated); a problem whose step is
+    refused `halvings` times stops where it is (rounding's floor). Hessians are solved in float64.
+    """
+    out, live, stopped = theta.clone(), torch.arange(len(theta)), torch.zeros(len(theta), dtype=torch.bool)
+    weighted = torch.empty_like(design)  # design * s p (1 - p) at each step, in one buffer: fresh memory is slow
+    ridge, sy = torch.diag(penalty.double() + 1e-10), s * y
+
+    def gradient_at(theta: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sp = s * torch.sigmoid(z)
+        return sp, torch.baddbmm((penalty * theta).unsqueeze(1), (sp - sy).unsqueeze(1), design.transpose(1, 2)).squeeze(1)
 
     z = torch.bmm(theta.unsqueeze(1), design).squeeze(1)  # row vectors times [1 + k, n]: faster than design' theta
-    loss = objective(theta, z)
-    for _ in range(max_iter):
-        p = torch.sigmoid(z)
-        gradient = torch.bmm((s * (p - y)).unsqueeze(1), design.transpose(1, 2)).squeeze(1) + penalty * theta
+    sp, gradient = gradient_at(theta, z)
+    merit, floor = (gradient**2).sum(1), (tol * count / 2) ** 2  # below the floor a problem has converged anyway
+    for _ in range(max_iter + 1):
         done = (gradient.abs().amax(1) <= tol * count) & ~stopped
         if done.any():
             out[live[done]] = theta[done]
             stopped |= done
             if stopped.all():
-                return out[:, 1:], out[:, 0]
+                return out
             if 2 * stopped.sum() >= len(live):  # copying the live problems costs about a step: only once half have stopped
                 keep = ~stopped
-                live, design, single, y, s, count, theta, z, p, loss, gradient, stopped = (
-                    t[keep] for t in (live, design, single, y, s, count, theta, z, p, loss, gradient, stopped))
-        weights = torch.mul(single, (s * p * (1 - p)).float().unsqueeze(1), out=weighted[: len(live)])
-        hessian = torch.bmm(weights, single.transpose(1, 2)).double() + torch.diag(penalty + 1e-10)
-        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1) * ~stopped.unsqueeze(1)  # stopped: stay
-        moved, decrease = torch.bmm(step.unsqueeze(1), design).squeeze(1), (gradient * step).sum(1)
-        size = torch.ones(len(live), dtype=x.dtype)
-        for _ in range(30):  # backtracking per problem (Armijo, with room for rounding)
+                live, design, sy, s, count, floor, theta, z, sp, gradient, merit, stopped = (
+                    t[keep] for t in (live, design, sy, s, count, floor, theta, z, sp, gradient, merit, stopped))
+        weights = torch.mul(design, (sp - sp * sp / s.clamp_min(1e-30)).unsqueeze(1), out=weighted[: len(live)])  # s p (1 - p)
+        hessian = torch.bmm(weights, design.transpose(1, 2)).double() + ridge
+        step = torch.linalg.solve(hessian, gradient.double().unsqueeze(-1)).squeeze(-1).float() * ~stopped.unsqueeze(1)
+        moved = torch.bmm(step.unsqueeze(1), design).squeeze(1)
+        size = torch.ones(len(live))
+        for _ in range(halvings):
             candidate, candidate_z = theta - size.unsqueeze(-1) * step, z - size.unsqueeze(-1) * moved
-            new_loss = objective(candidate, candidate_z)
-            accepted = new_loss <= loss - 1e-4 * size * decrease + 1e-12 * loss.abs()
+            new_sp, new_gradient = gradient_at(candidate, candidate_z)
+            new_merit = (new_gradient**2).sum(1)
+            accepted = (new_merit <= (1 - 1e-4 * size) * merit) | (new_merit <= floor) | stopped
             if accepted.all():
                 break
             size = torch.where(accepted, size, size / 2)
-        theta, z, loss = candidate, candidate_z, new_loss
+        if accepted.all():
+            theta, z, sp, gradient, merit = candidate, candidate_z, new_sp, new_gradient, new_merit
+            continue
+        out[live[~accepted]] = theta[~accepted]  # no step found: rounding's floor
+        stopped |= ~accepted
+        keep = accepted.unsqueeze(1)
+        theta, z, sp = torch.where(keep, candidate, theta), torch.where(keep, candidate_z, z), torch.where(keep, new_sp, sp)
+        gradient, merit = torch.where(keep, new_gradient, gradient), torch.where(accepted, new_merit, merit)
     out[live[~stopped]] = theta[~stopped]
-    return out[:, 1:], out[:, 0]
+    return out
 
 
 def f1_scores(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """F1 of the positive class along the last axis of bool `[..., n]` arrays (0 where there is no positive)."""
-    tp = (predicted & truth).sum(-1).double()
-    return 2 * tp / (predicted.sum(-1) + truth.sum(-1)).double().clamp_min(1)
+    return f1_from_counts((predicted & truth).sum(-1), predicted.sum(-1), truth.sum(-1))
+
+
+def f1_from_counts(true_positives: torch.Tensor, predicted: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """F1 of the positive class from counts of true positives, predicted positives and positives (0 where there are none)."""
+    return 2 * true_positives.double() / (predicted + positives).double().clamp_min(1)
 
 
 def binned_mutual_info(x: np.ndarray, targets: np.ndarray, bins: int = 16) -> np.ndarray:
@@ -267,8 +311,9 @@ def sparse_probes(
         truth = targets[rows][:, kept]
         views = {"neurons": (neurons, truth), "shuffled": (neurons, targets[permutation[rows]][:, kept]), "random_basis": (rotated, truth)}
         for variant, (x, t) in views.items():
+            features = np.ascontiguousarray(x.T, dtype=np.float32)  # [d, n], as probe_scores gathers them
             for ranking in f1[variant]:
-                blocks.append((x, t, part[rows], rank_neurons(x[:n_train], t[:n_train], ranking), f1[variant][ranking], kept))
+                blocks.append((features, t, part[rows], rank_neurons(x[:n_train], t[:n_train], ranking), f1[variant][ranking], kept))
     for (*_, out, kept), scores in zip(blocks, probe_scores([block[:4] for block in blocks], ks, C)):
         out[kept] = scores
     return results
@@ -277,7 +322,7 @@ def sparse_probes(
 def probe_scores(
     blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], ks: Sequence[int] = KS, C: float = 1.0
 ) -> list[np.ndarray]:
-    """F1 on select and on report `[C, 2, len(ks)]` of the k-sparse probes of each block `(x [n, d], targets [n, C] bool,
+    """F1 on select and on report `[C, 2, len(ks)]` of the k-sparse probes of each block `(x [d, n], targets [n, C] bool,
     part [n] sorted, order [C, d])`: for every column c and k, a balanced logistic probe (`fit_binary_logistic`) on the
     training rows of neurons `order[c, :k]` (k clipped to d), scored on the select and report rows.
 
@@ -285,41 +330,47 @@ def probe_scores(
     `BATCH_BYTES` (a larger block on its own); in a batch, each k starts from the previous k's fit, whose neurons come first.
     """
     top = max(ks)
-    width = [min(top, x.shape[1]) for x, *_ in blocks]
+    width = [min(top, len(x)) for x, *_ in blocks]
     n_train = [int((part == 0).sum()) for _, _, part, _ in blocks]
     queue = sorted(range(len(blocks)), key=lambda b: (-width[b], -n_train[b]))
     scores: list[np.ndarray] = [np.empty(0)] * len(blocks)
     while queue:
         first = queue[0]
-        n_rows = max(len(blocks[first][0]), 1)
+        n_rows = max(blocks[first][0].shape[1], 1)
         batch, problems = [], 0
-        row_bytes = 8 * (3 * width[first] + 17)  # float64 features, design and weighted design ([1 + k, n]), ~15 [n] vectors
+        row_bytes = 4 * (2 * width[first] + 17)  # float32 design and weighted design ([1 + k, n]), ~15 [n] vectors
         for b in queue:
             fits = problems + blocks[b][3].shape[0]
             if batch and (width[b] != width[first] or n_train[b] < PADDING * n_train[first]
-                          or fits * max(n_rows, len(blocks[b][0])) * row_bytes > BATCH_BYTES):
+                          or fits * max(n_rows, blocks[b][0].shape[1]) * row_bytes > BATCH_BYTES):
                 break
             batch.append(b)
-            problems, n_rows = fits, max(n_rows, len(blocks[b][0]))
+            problems, n_rows = fits, max(n_rows, blocks[b][0].shape[1])
         queue = queue[len(batch):]
-        x = torch.zeros(problems, width[first], n_rows, dtype=torch.float64)  # features [k, n]: row vectors times it are fast
+        design = torch.empty(problems, 1 + width[first], n_rows)  # intercept row, then features [k, n]
+        design[:, 0] = 1
         y = torch.zeros(problems, n_rows, dtype=torch.bool)
         part = torch.full((problems, n_rows), -1)
         at = np.cumsum([0] + [blocks[b][3].shape[0] for b in batch])
         for b, start, end in zip(batch, at[:-1], at[1:]):
-            acts, targets, block_part, order = blocks[b]
-            x[start:end, :, : len(acts)] = torch.from_numpy(acts[:, order[:, : width[first]]]).permute(1, 2, 0)
-            y[start:end, : len(acts)] = torch.from_numpy(targets.T)
-            part[start:end, : len(acts)] = torch.from_numpy(block_part)
-        fitted, rows = None, n_train[first]
-        scored = [(part == s, y & (part == s)) for s in (1, 2)]  # select and report rows, and their positives
-        found = np.empty((problems, 2, len(ks)))
+            features, targets, block_part, order = blocks[b]
+            n = features.shape[1]
+            design[start:end, 1:, :n] = torch.from_numpy(features[order[:, : width[first]]])  # [C, k, n]
+            design[start:end, 1:, n:] = 0
+            y[start:end, :n] = torch.from_numpy(targets.T)
+            part[start:end, :n] = torch.from_numpy(block_part)
+        rows = n_train[first]
+        train = (design[..., :rows], y[:, :rows], *sample_weights(y[:, :rows], part[:, :rows] == 0, C))
+        scored = torch.stack([part == 1, part == 2, (part == 1) & y, (part == 2) & y], 2).float()  # select, report rows; their positives
+        positives = scored[..., 2:].sum(1)
+        found, theta = np.empty((problems, 2, len(ks))), None
         for j, k in enumerate(ks):
             k = min(k, width[first])
-            if fitted is None or fitted[0].shape[1] != k:
-                fitted = fit_binary_logistic(x[:, :k, :rows].transpose(1, 2), y[:, :rows], C, mask=part[:, :rows] == 0, init=fitted)
-                predicted = torch.bmm(fitted[0].unsqueeze(1), x[:, :k]).squeeze(1) + fitted[1].unsqueeze(-1) > 0
-                f1 = torch.stack([f1_scores(predicted & where, truth) for where, truth in scored], 1)
+            if theta is None or theta.shape[1] != 1 + k:
+                theta = fit_logistic(train[0][:, : 1 + k], *train[1:], init=theta)
+                predicted = (torch.bmm(theta.unsqueeze(1), design[:, : 1 + k]) > 0).float()  # [B, 1, n]
+                counts = torch.bmm(predicted, scored).squeeze(1)  # predicted positives on select and report, then true positives
+                f1 = f1_from_counts(counts[:, 2:], counts[:, :2], positives)
             found[:, :, j] = f1.numpy()
         for b, start, end in zip(batch, at[:-1], at[1:]):
             scores[b] = found[start:end]
