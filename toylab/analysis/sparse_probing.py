@@ -132,12 +132,13 @@ def newton(
     weighted = torch.empty_like(design)  # design * s p (1 - p) at each step, in one buffer: fresh memory is slow
     ridge, sy = torch.diag(penalty.double() + 1e-10), s * y
 
-    def gradient_at(theta: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sp = s * torch.sigmoid(z)
-        return sp, torch.baddbmm((penalty * theta).unsqueeze(1), (sp - sy).unsqueeze(1), design.transpose(1, 2)).squeeze(1)
+    def gradient_at(theta: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = torch.sigmoid(z)
+        sp = s * p
+        return p, sp, torch.baddbmm((penalty * theta).unsqueeze(1), (sp - sy).unsqueeze(1), design.transpose(1, 2)).squeeze(1)
 
     z = torch.bmm(theta.unsqueeze(1), design).squeeze(1)  # row vectors times [1 + k, n]: faster than design' theta
-    sp, gradient = gradient_at(theta, z)
+    p, sp, gradient = gradient_at(theta, z)
     merit, floor = (gradient**2).sum(1), (tol * count / 2) ** 2  # below the floor a problem has converged anyway
     for _ in range(max_iter + 1):
         done = (gradient.abs().amax(1) <= tol * count) & ~stopped
@@ -148,28 +149,31 @@ def newton(
                 return out
             if 2 * stopped.sum() >= len(live):  # copying the live problems costs about a step: only once half have stopped
                 keep = ~stopped
-                live, design, sy, s, count, floor, theta, z, sp, gradient, merit, stopped = (
-                    t[keep] for t in (live, design, sy, s, count, floor, theta, z, sp, gradient, merit, stopped))
-        weights = torch.mul(design, (sp - sp * sp / s.clamp_min(1e-30)).unsqueeze(1), out=weighted[: len(live)])  # s p (1 - p)
+                live, design, sy, s, count, floor, theta, z, p, sp, gradient, merit, stopped = (
+                    t[keep] for t in (live, design, sy, s, count, floor, theta, z, p, sp, gradient, merit, stopped))
+        weights = torch.mul(design, torch.addcmul(sp, sp, p, value=-1).unsqueeze(1), out=weighted[: len(live)])  # s p (1 - p)
         hessian = torch.bmm(weights, design.transpose(1, 2)).double() + ridge
-        step = torch.linalg.solve(hessian, gradient.double().unsqueeze(-1)).squeeze(-1).float() * ~stopped.unsqueeze(1)
+        factor, failed = torch.linalg.cholesky_ex(hessian)
+        step = (torch.cholesky_solve(gradient.double().unsqueeze(-1), factor) if not failed.any()
+                else torch.linalg.solve(hessian, gradient.double().unsqueeze(-1))).squeeze(-1).float() * ~stopped.unsqueeze(1)
         moved = torch.bmm(step.unsqueeze(1), design).squeeze(1)
         size = torch.ones(len(live))
         for _ in range(halvings):
-            candidate, candidate_z = theta - size.unsqueeze(-1) * step, z - size.unsqueeze(-1) * moved
-            new_sp, new_gradient = gradient_at(candidate, candidate_z)
+            candidate, candidate_z = theta - size.unsqueeze(-1) * step, torch.addcmul(z, size.unsqueeze(-1), moved, value=-1)
+            new_p, new_sp, new_gradient = gradient_at(candidate, candidate_z)
             new_merit = (new_gradient**2).sum(1)
             accepted = (new_merit <= (1 - 1e-4 * size) * merit) | (new_merit <= floor) | stopped
             if accepted.all():
                 break
             size = torch.where(accepted, size, size / 2)
         if accepted.all():
-            theta, z, sp, gradient, merit = candidate, candidate_z, new_sp, new_gradient, new_merit
+            theta, z, p, sp, gradient, merit = candidate, candidate_z, new_p, new_sp, new_gradient, new_merit
             continue
         out[live[~accepted]] = theta[~accepted]  # no step found: rounding's floor
         stopped |= ~accepted
         keep = accepted.unsqueeze(1)
-        theta, z, sp = torch.where(keep, candidate, theta), torch.where(keep, candidate_z, z), torch.where(keep, new_sp, sp)
+        theta, z = torch.where(keep, candidate, theta), torch.where(keep, candidate_z, z)
+        p, sp = torch.where(keep, new_p, p), torch.where(keep, new_sp, sp)
         gradient, merit = torch.where(keep, new_gradient, gradient), torch.where(accepted, new_merit, merit)
     out[live[~stopped]] = theta[~stopped]
     return out
@@ -347,29 +351,31 @@ def probe_scores(
             batch.append(b)
             problems, n_rows = fits, max(n_rows, blocks[b][0].shape[1])
         queue = queue[len(batch):]
-        design = torch.empty(problems, 1 + width[first], n_rows)  # intercept row, then features [k, n]
-        design[:, 0] = 1
-        y = torch.zeros(problems, n_rows, dtype=torch.bool)
-        part = torch.full((problems, n_rows), -1)
+        width_, rows = 1 + width[first], n_train[first]  # intercept row, then features; the most training rows
+        held_out = max(blocks[b][0].shape[1] - n_train[b] for b in batch)
+        train, held = torch.empty(problems, width_, rows), torch.empty(problems, width_, held_out)  # features [k, n]
+        train[:, 0], held[:, 0] = 1, 1
+        y, mask = torch.zeros(problems, rows, dtype=torch.bool), torch.zeros(problems, rows, dtype=torch.bool)
+        scored = torch.zeros(problems, 4, held_out)  # select rows, report rows, and their positives
         at = np.cumsum([0] + [blocks[b][3].shape[0] for b in batch])
         for b, start, end in zip(batch, at[:-1], at[1:]):
             features, targets, block_part, order = blocks[b]
-            n = features.shape[1]
-            design[start:end, 1:, :n] = torch.from_numpy(features[order[:, : width[first]]])  # [C, k, n]
-            design[start:end, 1:, n:] = 0
-            y[start:end, :n] = torch.from_numpy(targets.T)
-            part[start:end, :n] = torch.from_numpy(block_part)
-        rows = n_train[first]
-        train = (design[..., :rows], y[:, :rows], *sample_weights(y[:, :rows], part[:, :rows] == 0, C))
-        scored = torch.stack([part == 1, part == 2, (part == 1) & y, (part == 2) & y], 2).float()  # select, report rows; their positives
-        positives = scored[..., 2:].sum(1)
+            n, t = features.shape[1], n_train[b]
+            gathered = torch.from_numpy(features[order[:, : width_ - 1]])  # [C, k, n]
+            train[start:end, 1:, :t], train[start:end, 1:, t:] = gathered[..., :t], 0
+            held[start:end, 1:, : n - t], held[start:end, 1:, n - t :] = gathered[..., t:], 0
+            y[start:end, :t], mask[start:end, :t] = torch.from_numpy(targets[:t].T), True
+            split, truth = torch.from_numpy(block_part[t:]), torch.from_numpy(targets[t:].T)
+            sides = torch.stack([split == 1, split == 2])  # [2, n - t]
+            scored[start:end, :2, : n - t], scored[start:end, 2:, : n - t] = sides, truth.unsqueeze(1) & sides
+        weights, positives = sample_weights(y, mask, C), scored[:, 2:].sum(-1)
         found, theta = np.empty((problems, 2, len(ks))), None
         for j, k in enumerate(ks):
-            k = min(k, width[first])
+            k = min(k, width_ - 1)
             if theta is None or theta.shape[1] != 1 + k:
-                theta = fit_logistic(train[0][:, : 1 + k], *train[1:], init=theta)
-                predicted = (torch.bmm(theta.unsqueeze(1), design[:, : 1 + k]) > 0).float()  # [B, 1, n]
-                counts = torch.bmm(predicted, scored).squeeze(1)  # predicted positives on select and report, then true positives
+                theta = fit_logistic(train[:, : 1 + k], y, *weights, init=theta)
+                predicted = (torch.bmm(theta.unsqueeze(1), held[:, : 1 + k]) > 0).float()  # [B, 1, held_out]
+                counts = torch.bmm(scored, predicted.transpose(1, 2)).squeeze(-1)  # predicted positives on select and report, then true positives
                 f1 = f1_from_counts(counts[:, 2:], counts[:, :2], positives)
             found[:, :, j] = f1.numpy()
         for b, start, end in zip(batch, at[:-1], at[1:]):
