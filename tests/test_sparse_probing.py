@@ -160,10 +160,10 @@ def test_batched_sparse_probes_match_one_scikit_learn_fit_at_a_time(monkeypatch)
     for u, n in enumerate((900, 500, 250)):
         acts, targets, _ = planted(n, 12, seed=u)
         acts[:, 2] += 0.8 * targets[:, 1]  # a weaker neuron for class 1
-        units.append((acts, targets[:, :2], sequences(n, 10, u), (7, u)))
+        units.append((acts, targets[:, :2], sequences(n, 10, u), (7, u), True))
     ks = (1, 2, 4)
     ours = sparse_probes(units, ks, ("mean_difference",), min_count=5, n_candidates=10)
-    for (acts, targets, part, seed), result in zip(units, ours):
+    for (acts, targets, part, seed, _), result in zip(units, ours):
         theirs = sklearn_sparse_probe(acts, targets, part, ks, seed, 10, 5)
         assert (result["kept"] == theirs["kept"]).all() and result["kept"].any()
         for variant in theirs["f1"]:
@@ -303,7 +303,8 @@ def test_model_probing_covers_every_expert_and_its_pseudo_experts() -> None:
     with torch_threads(1):
         rows = sparse_probing(moe, task, batch, ks=(1, 2), rankings=("mean_difference",), min_count=5, n_candidates=8, dense=dense)
         dense_rows = sparse_probing(dense, task, batch, ks=(1,), rankings=("mean_difference",), min_count=5)
-    assert {r["variant"] for r in rows} == {"neurons", "shuffled", "random_basis"}
+    assert {r["variant"] for r in rows if r["units"] == "experts"} == {"neurons", "shuffled", "random_basis"}
+    assert {r["variant"] for r in rows if r["units"] in PSEUDO} == {"neurons", "shuffled"}  # pseudo-experts: no random basis
     assert {r["units"] for r in rows} == {"experts", *PSEUDO}
     for row in rows:
         assert len(row["f1"]) == len(row["lift"]) == 2 and row["n_units"] == 4

@@ -7,9 +7,9 @@ cheap score (`mean_difference`: the difference of the class means over their poo
 or `mutual_info`, the mutual information between the neuron, in equal-frequency bins, and the target, as
 a robustness check) and a logistic probe is fit on the top k; its F1 is measured on `select` and on
 `report`. Each unit first draws the same number of candidate neurons (`n_candidates`, at random), so a
-wider unit does not win by size. Two controls run the same procedure on every unit: `shuffled` (the
-targets permuted across the unit's tokens) and `random_basis` (the candidates in a random orthonormal
-basis: is a neuron basis better than any basis?).
+wider unit does not win by size. Two controls run the same procedure: `shuffled` on every unit (the
+targets permuted across the unit's tokens) and `random_basis` on the model's own units (`OWN`: the candidates
+in a random orthonormal basis: is a neuron basis better than any basis?).
 
 A unit's **lift** is its F1 minus its own shuffled F1, computed before any maximum. Per class, the unit
 with the highest lift on `select` is chosen and its lift and F1 are scored on `report`, so the maximum
@@ -48,6 +48,9 @@ SPLITS = ("train", "select", "report")
 """Token splits by sequence: fit the probe; choose the unit; score it."""
 FRACTIONS = (0.25, 0.25)
 """Default shares of the sequences in `select` and `report` (the rest trains)."""
+OWN = ("dense", "experts")
+"""A model's own units: the only sources also probed in a random basis (pseudo-experts are the dense model's neurons,
+whose basis the dense MLP's own row already tests)."""
 PSEUDO = ("partition", "random", "kmeans")
 """Pseudo-experts of the dense model: the MoE's own token partition, a random partition of the same sizes, k-means on the router input."""
 MEASURES = ("f1", "lift", "mean_lift", "max_f1")
@@ -279,20 +282,21 @@ def sparse_probe(
     "f1": {variant: {ranking: [C, 2, len(ks)]}}}`: F1 on select and on report (NaN where skipped); the
     random basis uses the first ranking. k larger than the candidates is clipped.
     """
-    return sparse_probes([(acts, targets, part, seed)], ks, rankings, min_count, C, n_candidates)[0]
+    return sparse_probes([(acts, targets, part, seed, True)], ks, rankings, min_count, C, n_candidates)[0]
 
 
 def sparse_probes(
-    units: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int | Sequence[int]]],
+    units: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int | Sequence[int], bool]],
     ks: Sequence[int] = KS,
     rankings: Sequence[str] = RANKINGS,
     min_count: int = 10,
     C: float = 1.0,
     n_candidates: int | None = None,
 ) -> list[dict[str, Any]]:
-    """`sparse_probe` of many units `(acts, targets, part, seed)`, every probe of every unit fitted in one batched set (`probe_scores`)."""
+    """`sparse_probe` of many units `(acts, targets, part, seed, basis)`, every probe of every unit fitted in one batched set
+    (`probe_scores`); a unit whose `basis` is False skips the random-basis control."""
     results, blocks = [], []
-    for acts, targets, part, seed in units:
+    for acts, targets, part, seed, basis in units:
         targets, part = np.asarray(targets, dtype=bool), np.asarray(part)
         rng = np.random.default_rng(seed)
         d = acts.shape[1]
@@ -300,7 +304,7 @@ def sparse_probes(
         permutation = rng.permutation(len(targets))
         side = (part[:, None] == np.arange(len(SPLITS))).astype(np.int64)  # [n, 3]
         kept = ((targets.T @ side).min(1) >= min_count) & (((~targets).T @ side).min(1) >= min_count)
-        variants = dict(zip(VARIANTS, (rankings, rankings, rankings[:1])))
+        variants = dict(zip(VARIANTS if basis else VARIANTS[:2], (rankings, rankings, rankings[:1])))
         f1 = {v: {r: np.full((targets.shape[1], 2, len(ks)), np.nan) for r in rs} for v, rs in variants.items()}
         results.append({"kept": kept, "f1": f1})
         if not kept.any():
@@ -308,16 +312,20 @@ def sparse_probes(
         rows = np.argsort(part, kind="stable")  # training rows first
         n_train = int((part == 0).sum())
         neurons = np.asarray(acts)[np.ix_(rows, candidates)].astype(np.float64, copy=False)  # a copy: standardized in place
-        rotated = neurons @ random_rotation(len(candidates), rng.integers(2**32))
-        for x in (neurons, rotated):  # standardized on the training rows
+        bases = {"neurons": neurons}
+        if basis:
+            bases["random_basis"] = neurons @ random_rotation(len(candidates), rng.integers(2**32))
+        for x in bases.values():  # standardized on the training rows
             x -= x[:n_train].mean(0)
             x /= np.maximum(x[:n_train].std(0), 1e-6)
+        features = {name: np.ascontiguousarray(x.T, dtype=np.float32) for name, x in bases.items()}  # [d, n], as probe_scores gathers them
         truth = targets[rows][:, kept]
-        views = {"neurons": (neurons, truth), "shuffled": (neurons, targets[permutation[rows]][:, kept]), "random_basis": (rotated, truth)}
-        for variant, (x, t) in views.items():
-            features = np.ascontiguousarray(x.T, dtype=np.float32)  # [d, n], as probe_scores gathers them
+        views = {"neurons": ("neurons", truth), "shuffled": ("neurons", targets[permutation[rows]][:, kept]), "random_basis": ("random_basis", truth)}
+        for variant in f1:
+            base, t = views[variant]
             for ranking in f1[variant]:
-                blocks.append((features, t, part[rows], rank_neurons(x[:n_train], t[:n_train], ranking), f1[variant][ranking], kept))
+                order = rank_neurons(bases[base][:n_train], t[:n_train], ranking)
+                blocks.append((features[base], t, part[rows], order, f1[variant][ranking], kept))
     for (*_, out, kept), scores in zip(blocks, probe_scores([block[:4] for block in blocks], ks, C)):
         out[kept] = scores
     return results
@@ -424,7 +432,8 @@ def probe_units(
     values at the `n` tokens (`binary_targets`), `part [n]` their splits. Unit u of a source draws its
     candidates from `(seed, u)`, the same for every source. One row per (label, class, source, variant,
     ranking): `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too
-    few positives or negatives). A class no unit of a source can probe is left out of that source.
+    few positives or negatives). A class no unit of a source can probe is left out of that source. Only the `OWN`
+    sources are probed in a random basis.
 
     Labels defined on the same tokens are probed together, their classes side by side as the columns of one set of
     targets, so each unit's activations are prepared (candidates drawn, rotated, standardized, ranked) once for all of them.
@@ -441,7 +450,7 @@ def probe_units(
             spans.update({(name, source): (len(inputs), slice(end - targets[name][0].shape[1], end)) for name, end in zip(names, ends)})
             for u, (acts, tokens) in enumerate(units):
                 used = defined[tokens]
-                inputs.append((acts[used], joined[tokens[used]], part[tokens[used]], (seed, u)))
+                inputs.append((acts[used], joined[tokens[used]], part[tokens[used]], (seed, u), source in OWN))
     found = sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates)
     rows = []
     for name in labels:
