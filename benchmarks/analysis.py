@@ -8,7 +8,7 @@ the permutation nulls of NMI and of NMI given the token (the study's number of s
 Timings only: no target.
 
 k-sparse probing (issue 28 §3), on sparse-probing's defaults (untrained `moe-k1-e16` and `dense`, its 300 held-out
-sequences; 60 with --quick): every probe of both layers (`probe_units` on the experts and the three pseudo-experts,
+sequences; 60 with --quick): every probe of both layers (one `probe_units` call on the experts and the three pseudo-experts,
 activations and k-means done beforehand) against the code before it (`benchmarks.probing_baseline`), with the
 largest F1 difference between them on the rows both compute (the code before also probed pseudo-experts in a random
 basis, which no analysis reads); target >= 10x. Then the whole `sparse_probing` call, for its share of the time.
@@ -90,16 +90,17 @@ def probing(quick: bool) -> list[dict[str, Any]]:
     options = (config.ks, batched.RANKINGS[:1], config.min_count, config.max_classes, study.n_candidates, 0)
     found: dict[str, list] = {}
 
-    def probes(name: str, module: Any) -> Callable[[], None]:
-        return lambda: found.__setitem__(name, [module.probe_units(sources, values, task.labels, part, *options) for sources in layers])
+    def before() -> None:
+        found["before"] = [{"layer": layer, **row} for layer, sources in enumerate(layers)
+                           for row in probing_baseline.probe_units(sources, values, task.labels, part, *options)]
 
-    seconds = medians({name: probes(name, module) for name, module in (("before", probing_baseline), ("batched", batched))}, repeats, warmup=1)
-    def keyed(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-        return {tuple(r[key] for key in ("label", "class", "units", "variant", "ranking")): r for r in rows}
+    def now() -> None:
+        found["batched"] = batched.probe_units(layers, values, task.labels, part, *options)
 
-    difference = max(np.nanmax(np.abs(np.subtract(old[key][m], new[key][m], dtype=float)), initial=0.0)
-                     for before, batched_rows in zip(found["before"], found["batched"])
-                     for old, new in [(keyed(before), keyed(batched_rows))] for key in new for m in ("f1", "max_f1"))
+    seconds = medians({"before": before, "batched": now}, repeats, warmup=1)
+    old, new = ({tuple(r[key] for key in ("layer", "label", "class", "units", "variant", "ranking")): r for r in found[name]}
+                for name in ("before", "batched"))
+    difference = max(np.nanmax(np.abs(np.subtract(old[key][m], new[key][m], dtype=float)), initial=0.0) for key in new for m in ("f1", "max_f1"))
     whole = medians({"time": lambda: batched.sparse_probing(moe, task, batch, config.ks, batched.RANKINGS[:1], config.min_count, config.max_classes,
                                                            batched.FRACTIONS, study.n_candidates, 0, dense)}, repeats, warmup=0)["time"]
     return [row(f"k-sparse probes of `moe-k1-e16` and its pseudo-experts, {moe.cfg.n_layers} layers, k in {list(config.ks)}: batched vs before",

@@ -329,8 +329,8 @@ def test_labels_on_the_same_tokens_are_probed_together_as_each_alone() -> None:
     part, sources = sequences(n, 10, 0), layer_sources(post, routing, 2)
     options = {"ks": (1, 2), "rankings": ("mean_difference",), "min_count": 10, "n_candidates": d, "seed": 0}
     with torch_threads(1):
-        together = probe_units(sources, values, labels, part, **options)
-        alone = [row for name in labels for row in probe_units(sources, {name: values[name]}, {name: labels[name]}, part, **options)]
+        together = probe_units([sources], values, labels, part, **options)
+        alone = [row for name in labels for row in probe_units([sources], {name: values[name]}, {name: labels[name]}, part, **options)]
     assert json.dumps(together) == json.dumps(alone) and {row["label"] for row in together} == set(labels)
     planted = [r for r in together if r["label"] == "planted" and r["variant"] == "neurons"]
     assert all(r["unit"][0] == 1 and r["f1"][0] > 0.95 for r in planted)
@@ -355,8 +355,8 @@ def simulated_rows(seed: int, n_experts: int = 16, signal: float = 0.0, sequence
     common = {"values": {"y": y}, "labels": {"y": BINARY}, "part": part, "ks": (1,), "rankings": ("mean_difference",),
               "min_count": 10, "n_candidates": d, "seed": seed}
     with torch_threads(1):
-        moe = probe_units(layer_sources(post, routing, n_experts, dense_post, router_input, seed), **common)
-        dense = probe_units(layer_sources(dense_post, None), **common)
+        moe = probe_units([layer_sources(post, routing, n_experts, dense_post, router_input, seed)], **common)
+        dense = probe_units([layer_sources(dense_post, None)], **common)
     return [{"model": model, "seed": seed, "layer": 0, **row} for model, rows in (("moe", moe), ("dense", dense)) for row in rows]
 
 

@@ -415,7 +415,7 @@ def select_unit(results: Sequence[dict[str, Any]], column: int, variant: str, ra
 
 
 def probe_units(
-    sources: Mapping[str, Units],
+    layers: Sequence[Mapping[str, Units]],
     values: Mapping[str, np.ndarray],
     labels: Mapping[str, Label],
     part: np.ndarray,
@@ -426,39 +426,43 @@ def probe_units(
     n_candidates: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """k-sparse probing of every class of every label in every source of units, with selection (`select_unit`).
+    """k-sparse probing of every class of every label in every source of units of every layer, with selection (`select_unit`).
 
-    `sources` maps a name ("dense", "experts", a `PSEUDO` name) to its units; `values[name]` are a label's
-    values at the `n` tokens (`binary_targets`), `part [n]` their splits. Unit u of a source draws its
-    candidates from `(seed, u)`, the same for every source. One row per (label, class, source, variant,
-    ranking): `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too
-    few positives or negatives). A class no unit of a source can probe is left out of that source. Only the `OWN`
+    `layers[l]` maps a source's name ("dense", "experts", a `PSEUDO` name) to its units; `values[name]` are a label's
+    values at the `n` tokens (`binary_targets`), `part [n]` their splits. Unit u of a source draws its candidates from
+    `(seed, u)`, the same for every source and layer. One row per (layer, label, class, source, variant, ranking):
+    `layer`, `units` (the source), `select_unit`'s lists over `ks`, `n_units` and `skipped` (units with too few
+    positives or negatives). A class no unit of a source can probe is left out of that source. Only the `OWN`
     sources are probed in a random basis.
 
-    Labels defined on the same tokens are probed together, their classes side by side as the columns of one set of
-    targets, so each unit's activations are prepared (candidates drawn, rotated, standardized, ranked) once for all of them.
+    Every probe of every layer is fitted in one set (`sparse_probes`), and labels defined on the same tokens are probed
+    together, their classes side by side as the columns of one set of targets, so each unit's activations are
+    prepared (candidates drawn, rotated, standardized, ranked) once for all of them.
     """
     targets = {name: binary_targets(values[name], label, max_classes) for name, label in labels.items()}
     together: dict[bytes, list[str]] = {}
     for name, (_, defined, _) in targets.items():
         together.setdefault(np.packbits(defined).tobytes(), []).append(name)
-    inputs, spans = [], {}  # sparse_probes inputs; (label, source) -> (first input, its columns)
+    inputs, spans = [], {}  # sparse_probes inputs; (layer, label, source) -> (first input, its columns)
     for names in together.values():
         defined, joined = targets[names[0]][1], np.concatenate([targets[name][0] for name in names], 1)
         ends = np.cumsum([targets[name][0].shape[1] for name in names])
-        for source, units in sources.items():
-            spans.update({(name, source): (len(inputs), slice(end - targets[name][0].shape[1], end)) for name, end in zip(names, ends)})
-            for u, (acts, tokens) in enumerate(units):
-                used = defined[tokens]
-                inputs.append((acts[used], joined[tokens[used]], part[tokens[used]], (seed, u), source in OWN))
+        for layer, sources in enumerate(layers):
+            for source, units in sources.items():
+                spans.update({(layer, name, source): (len(inputs), slice(end - targets[name][0].shape[1], end))
+                              for name, end in zip(names, ends)})
+                for u, (acts, tokens) in enumerate(units):
+                    used = defined[tokens]
+                    inputs.append((acts[used], joined[tokens[used]], part[tokens[used]], (seed, u), source in OWN))
     found = sparse_probes(inputs, ks, rankings, min_count, n_candidates=n_candidates)
     rows = []
-    for name in labels:
-        for source, units in sources.items():
-            first, columns = spans[name, source]
-            rows += unit_rows(name, labels[name], targets[name][2], source, [
-                {"kept": r["kept"][columns], "f1": {v: {rank: f1[columns] for rank, f1 in by.items()} for v, by in r["f1"].items()}}
-                for r in found[first : first + len(units)]])
+    for layer, sources in enumerate(layers):
+        for name in labels:
+            for source, units in sources.items():
+                first, columns = spans[layer, name, source]
+                rows += [{"layer": layer, **row} for row in unit_rows(name, labels[name], targets[name][2], source, [
+                    {"kept": r["kept"][columns], "f1": {v: {rank: f1[columns] for rank, f1 in by.items()} for v, by in r["f1"].items()}}
+                    for r in found[first : first + len(units)]])]
     return rows
 
 
@@ -548,7 +552,7 @@ def sparse_probing(
     seed: int = 0,
     dense: Transformer | None = None,
 ) -> list[dict[str, Any]]:
-    """k-sparse probing of every FFN layer of `model` for every class of every label of `task` (`probe_units` rows plus `layer`).
+    """k-sparse probing of every FFN layer of `model` for every class of every label of `task` (`probe_units` rows).
 
     A dense model gives source `dense`; an MoE gives `experts` and, with `dense` (a dense model of the same
     architecture, run on the same batch), the `PSEUDO` pseudo-experts made of its neurons. The splits are by sequence.
@@ -564,16 +568,14 @@ def sparse_probing(
         dense_layers, router_inputs = ffn_activations(dense, task, batch, sites)
         if any(routing is not None for _, routing in dense_layers):
             raise ToylabError("pseudo-experts need a dense model; got an MoE")
-    rows = []
+    sources = []
     for layer, (post, routing) in enumerate(layers):
         dense_post = router_input = None
         n_experts = model.blocks[layer].mlp.n_experts if routing is not None else 1
         if routing is not None and dense is not None:
             dense_post, router_input = dense_layers[layer][0], router_inputs[ROUTER_INPUT.format(layer=layer)]
-        sources = layer_sources(post, routing, n_experts, dense_post, router_input, seed)
-        rows += [{"layer": layer, **row} for row in
-                 probe_units(sources, values, task.labels, part, ks, rankings, min_count, max_classes, n_candidates, seed)]
-    return rows
+        sources.append(layer_sources(post, routing, n_experts, dense_post, router_input, seed))
+    return probe_units(sources, values, task.labels, part, ks, rankings, min_count, max_classes, n_candidates, seed)
 
 
 def skipped_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
