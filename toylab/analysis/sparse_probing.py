@@ -195,9 +195,12 @@ def f1_from_counts(true_positives: torch.Tensor, predicted: torch.Tensor, positi
 def binned_mutual_info(x: np.ndarray, targets: np.ndarray, bins: int = 16) -> np.ndarray:
     """Mutual information (nats) `[C, d]` between each neuron of `x [n, d]`, cut into `bins` equal-frequency
     bins (`neuron_bins`), and each binary target column of `targets [n, C]`: one vectorized pass."""
-    onehot = (neuron_bins(x, bins)[..., None] == np.arange(bins)).astype(np.float64)  # [n, d, bins]
-    positive = np.einsum("nc,ndb->cdb", np.asarray(targets, dtype=np.float64), onehot)
-    return mutual_info_from_tables(np.stack([onehot.sum(0) - positive, positive], -1))
+    n, d = x.shape
+    cell = (neuron_bins(x, bins) + bins * np.arange(d)).ravel()  # each (row, neuron)'s (neuron, bin) cell
+    counts = np.bincount(cell, minlength=d * bins).reshape(d, bins)
+    positive = np.stack([np.bincount(cell, np.repeat(column, d), d * bins).reshape(d, bins)
+                         for column in np.asarray(targets, dtype=np.float64).T])  # [C, d, bins]
+    return mutual_info_from_tables(np.stack([counts - positive, positive], -1))
 
 
 def neuron_bins(x: np.ndarray, bins: int = 16) -> np.ndarray:
