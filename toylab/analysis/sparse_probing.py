@@ -142,9 +142,9 @@ def newton(
 
     z = torch.bmm(theta.unsqueeze(1), design).squeeze(1)  # row vectors times [1 + k, n]: faster than design' theta
     p, sp, gradient = gradient_at(theta, z)
-    merit, floor = (gradient**2).sum(1), (tol * count / 2) ** 2  # below the floor a problem has converged anyway
+    merit, limit = (gradient**2).sum(1), tol * count
     for _ in range(max_iter + 1):
-        done = (gradient.abs().amax(1) <= tol * count) & ~stopped
+        done = (gradient.abs().amax(1) <= limit) & ~stopped
         if done.any():
             out[live[done]] = theta[done]
             stopped |= done
@@ -152,23 +152,23 @@ def newton(
                 return out
             if 2 * stopped.sum() >= len(live):  # copying the live problems costs about a step: only once half have stopped
                 keep = ~stopped
-                live, design, sy, s, count, floor, theta, z, p, sp, gradient, merit, stopped = (
-                    t[keep] for t in (live, design, sy, s, count, floor, theta, z, p, sp, gradient, merit, stopped))
+                live, design, sy, s, limit, theta, z, p, sp, gradient, merit, stopped = (
+                    t[keep] for t in (live, design, sy, s, limit, theta, z, p, sp, gradient, merit, stopped))
         weights = torch.mul(design, torch.addcmul(sp, sp, p, value=-1).unsqueeze(1), out=weighted[: len(live)])  # s p (1 - p)
         hessian = torch.bmm(weights, design.transpose(1, 2)).double() + ridge
         factor, failed = torch.linalg.cholesky_ex(hessian)
         step = (torch.cholesky_solve(gradient.double().unsqueeze(-1), factor) if not failed.any()
                 else torch.linalg.solve(hessian, gradient.double().unsqueeze(-1))).squeeze(-1).float() * ~stopped.unsqueeze(1)
         moved = torch.bmm(step.unsqueeze(1), design).squeeze(1)
-        size = torch.ones(len(live))
+        size, candidate, candidate_z = torch.ones(len(live)), theta - step, z - moved
         for _ in range(halvings):
-            candidate, candidate_z = theta - size.unsqueeze(-1) * step, torch.addcmul(z, size.unsqueeze(-1), moved, value=-1)
             new_p, new_sp, new_gradient = gradient_at(candidate, candidate_z)
             new_merit = (new_gradient**2).sum(1)
-            accepted = (new_merit <= (1 - 1e-4 * size) * merit) | (new_merit <= floor) | stopped
+            accepted = (new_merit <= (1 - 1e-4 * size) * merit) | (new_merit <= (limit / 2) ** 2) | stopped  # or converged anyway
             if accepted.all():
                 break
             size = torch.where(accepted, size, size / 2)
+            candidate, candidate_z = theta - size.unsqueeze(-1) * step, torch.addcmul(z, size.unsqueeze(-1), moved, value=-1)
         if accepted.all():
             theta, z, p, sp, gradient, merit = candidate, candidate_z, new_p, new_sp, new_gradient, new_merit
             continue
