@@ -16,7 +16,6 @@ basis, which no analysis reads); target >= 10x. Then the whole `sparse_probing` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
