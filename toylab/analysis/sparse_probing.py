@@ -372,9 +372,9 @@ def probe_scores(
         for b, start, end in zip(batch, at[:-1], at[1:]):
             features, targets, block_part, order = blocks[b]
             n, t = features.shape[1], n_train[b]
-            gathered = torch.from_numpy(features[order[:, : width_ - 1]])  # [C, k, n]
-            train[start:end, 1:, :t], train[start:end, 1:, t:] = gathered[..., :t], 0
-            held[start:end, 1:, : n - t], held[start:end, 1:, n - t :] = gathered[..., t:], 0
+            for rows_of, out, split in ((slice(None, t), train.numpy()[start:end, 1:], t), (slice(t, None), held.numpy()[start:end, 1:], n - t)):
+                np.take(features[:, rows_of], order[:, : width_ - 1], 0, out[..., :split], "clip")  # [C, k, rows]: each column's neurons
+                out[..., split:] = 0
             y[start:end, :t], mask[start:end, :t] = torch.from_numpy(targets[:t].T), True
             split, truth = torch.from_numpy(block_part[t:]), torch.from_numpy(targets[t:].T)
             sides = torch.stack([split == 1, split == 2])  # [2, n - t]
