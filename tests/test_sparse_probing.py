@@ -20,7 +20,7 @@ from toylab.analysis.sparse_probing import (
     class_scores,
     compare_gaps,
     f1_scores,
-    fit_binary_logistic,
+    fit_logistic,
     gap_trend,
     gaps,
     layer_sources,
@@ -31,6 +31,7 @@ from toylab.analysis.sparse_probing import (
     pseudo_assignments,
     random_rotation,
     rank_neurons,
+    sample_weights,
     select_unit,
     sequence_splits,
     skipped_pairs,
@@ -61,6 +62,15 @@ def test_splits_keep_sequences_whole_in_the_given_shares() -> None:
     assert np.bincount(per_sequence[:, 0]).tolist() == [100, 40, 60]
     with pytest.raises(ToylabError, match="sum to less than 1"):
         sequence_splits(sequence, 0, (0.5, 0.5))
+
+
+def fit_binary_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, balanced: bool = True, mask: torch.Tensor | None = None,
+                        init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_logistic` on features `x [B, n, k]` (an intercept row put first): weights `[B, k]` and intercepts `[B]`."""
+    batch, n, _ = x.shape
+    design = torch.cat([torch.ones(batch, 1, n), x.float().transpose(1, 2)], 1)
+    theta = fit_logistic(design, y, *sample_weights(y, mask, C, balanced), None if init is None else torch.cat([init[1].unsqueeze(1), init[0]], 1))
+    return theta[:, 1:], theta[:, 0]
 
 
 @pytest.mark.parametrize("balanced", [True, False])
