@@ -359,9 +359,9 @@ def probe_scores(
         for b, start, end in zip(batch, at[:-1], at[1:]):
             features, targets, block_part, order = blocks[b]
             n, t = features.shape[1], n_train[b]
-            for rows_of, out, split in ((slice(None, t), train.numpy()[start:end, 1:], t), (slice(t, None), held.numpy()[start:end, 1:], n - t)):
-                np.take(features[:, rows_of], order[:, : width_ - 1], 0, out[..., :split], "clip")  # [C, k, rows]: each column's neurons
-                out[..., split:] = 0
+            for columns, design in ((features[:, :t], train), (features[:, t:], held)):  # each class's neurons, [C, k, columns]
+                np.take(columns, order[:, : width_ - 1], 0, design.numpy()[start:end, 1:, : columns.shape[1]], "clip")
+                design[start:end, 1:, columns.shape[1] :] = 0
             y[start:end, :t], mask[start:end, :t] = torch.from_numpy(targets[:t].T), True
             split, truth = torch.from_numpy(block_part[t:]), torch.from_numpy(targets[t:].T)
             sides = torch.stack([split == 1, split == 2])  # [2, n - t]
